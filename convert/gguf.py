@@ -1,0 +1,217 @@
+"""HF Qwen3-VL checkpoint -> GGUF text model (F16 + quant ladder) and mmproj, with a
+manifest. Uses llama.cpp's own converter from the runtime's sdist (one llama.cpp commit
+for converter and runtime) and `llama_cpp.llama_model_quantize` for the quants."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from verm_local.constants import (
+    GGUF_QUANTS,
+    MANIFEST_NAME,
+    MMPROJ_TYPES,
+    MODEL_ARCHITECTURE,
+    MODEL_TYPE,
+)
+from verm_local.errors import InputError, ModelError
+from verm_local.fileio import atomic_output, manifest_entry, write_json_atomic
+
+from .llama_sources import llama_cpp_dir, runtime_version
+
+# llama_ftype values (llama.h) of the quants the ladder offers.
+FTYPES = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+K_QUANT_BLOCK = 256
+
+
+def text_file_name(quant: str) -> str:
+    return f"model-{quant}.gguf"
+
+
+def mmproj_file_name(mmproj_type: str) -> str:
+    return f"mmproj-{mmproj_type}.gguf"
+
+
+def parse_quants(spec: str) -> list[str]:
+    """'Q8_0,q4_k_m' -> ['Q8_0', 'Q4_K_M'] (F16 is always written, so it is dropped here)."""
+    out: list[str] = []
+    for raw in spec.split(","):
+        q = raw.strip().upper()
+        if not q:
+            continue
+        if q not in FTYPES:
+            raise InputError(f"unknown quant {raw.strip()!r}; choose from {', '.join(GGUF_QUANTS)}")
+        if q != "F16" and q not in out:
+            out.append(q)
+    return out
+
+
+def check_checkpoint(hf_dir: Path) -> dict[str, Any]:
+    """Refuse anything that is not a complete Qwen3-VL checkpoint; return its config."""
+    if not hf_dir.is_dir():
+        raise InputError(f"{hf_dir}: not a directory")
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{hf_dir}: no config.json; not a Hugging Face checkpoint")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{cfg_path}: unreadable config ({exc.__class__.__name__})") from None
+    archs = config.get("architectures") or []
+    if MODEL_ARCHITECTURE not in archs or config.get("model_type") != MODEL_TYPE:
+        got = ", ".join(archs) or config.get("model_type") or "unknown"
+        raise ModelError(f"{hf_dir}: architecture {got} is not {MODEL_ARCHITECTURE} (Visual-ERM)")
+    _check_weights(hf_dir)
+    for name in ("tokenizer.json", "preprocessor_config.json"):
+        if not (hf_dir / name).is_file():
+            raise ModelError(f"{hf_dir}: incomplete checkpoint, {name} is missing")
+    text = config.get("text_config") or {}
+    vision = config.get("vision_config") or {}
+    n_deep = len(vision.get("deepstack_visual_indexes") or [])
+    depth = int(text.get("num_hidden_layers") or 0)
+    # llama.cpp aborts the process (GGML_ASSERT) on this; refuse it before it can.
+    if depth < n_deep:
+        raise ModelError(f"{hf_dir}: text depth {depth} is below the {n_deep} deepstack layers")
+    return config
+
+
+def _check_weights(hf_dir: Path) -> None:
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, json.JSONDecodeError, KeyError):
+            raise ModelError(f"{index}: unreadable safetensors index") from None
+        missing = sorted(s for s in shards if not (hf_dir / s).is_file())
+        if missing:
+            raise ModelError(f"{hf_dir}: incomplete checkpoint, missing {', '.join(missing)}")
+    elif not (hf_dir / "model.safetensors").is_file():
+        raise ModelError(f"{hf_dir}: incomplete checkpoint, no safetensors weights")
+
+
+def _k_quant_warning(config: dict[str, Any], quants: list[str]) -> str | None:
+    text = config.get("text_config") or {}
+    widths = {int(text.get("hidden_size", 0)), int(text.get("intermediate_size", 0))}
+    if any("_K" in q for q in quants) and any(w % K_QUANT_BLOCK for w in widths):
+        return (f"row widths {sorted(widths)} are not multiples of {K_QUANT_BLOCK}; "
+                "llama.cpp falls back to q5_0/q8_0 for those tensors in K-quants")
+    return None
+
+
+class _Steps:
+    """One line per step with elapsed time: conversion is minutes on a real model."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.n, self.quiet = total, 0, quiet
+        self.t0 = time.perf_counter()
+
+    def start(self, what: str) -> None:
+        self.n += 1
+        self.t = time.perf_counter()
+        if not self.quiet:
+            print(f"[{self.n}/{self.total}] {what} ...", file=sys.stderr, flush=True)
+
+    def done(self, path: Path) -> None:
+        if not self.quiet:
+            mb = path.stat().st_size / 1e6
+            dt = time.perf_counter() - self.t
+            print(f"      {path.name}: {mb:.1f} MB in {dt:.1f} s", file=sys.stderr, flush=True)
+
+
+def _run_converter(hf_dir: Path, out: Path, outtype: str, mmproj: bool, verbose: bool) -> None:
+    src = llama_cpp_dir()
+    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir),
+           "--outfile", str(out), "--outtype", outtype]
+    if mmproj:
+        cmd.append("--mmproj")
+    env = dict(os.environ)
+    # The converter wants its own gguf-py, not a newer one from PyPI.
+    env["PYTHONPATH"] = os.pathsep.join([str(src / "gguf-py"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(cmd, env=env, text=True,
+                          stdout=None if verbose else subprocess.PIPE,
+                          stderr=None if verbose else subprocess.STDOUT)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stdout or "").splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit code {proc.returncode}"
+        raise ModelError(f"llama.cpp converter failed on {hf_dir}: {last}")
+    # The converter names an mmproj output itself when given a path; find what it wrote.
+    if not out.is_file():
+        raise ModelError(f"llama.cpp converter wrote no {out.name}")
+
+
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int | None = None,
+                  verbose: bool = False) -> None:
+    """Quantize an F16 GGUF with llama.cpp's quantizer (atomic output)."""
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[quant]
+    params.nthread = threads or os.cpu_count() or 1
+    with atomic_output(dst) as tmp:
+        with suppress_stdout_stderr(disable=verbose):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise ModelError(f"llama.cpp failed to quantize {src.name} to {quant} (code {rc})")
+
+
+def convert_gguf(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    quants: list[str],
+    mmproj_type: str = "f16",
+    *,
+    verbose: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Write model-F16.gguf, one model-<QUANT>.gguf per quant, mmproj-<type>.gguf and
+    manifest.json to `out_dir`. Returns the manifest."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if mmproj_type not in MMPROJ_TYPES:
+        raise InputError(f"unknown mmproj type {mmproj_type!r}; choose from {', '.join(MMPROJ_TYPES)}")
+    config = check_checkpoint(hf_dir)
+    warning = _k_quant_warning(config, quants)
+    if warning and not quiet:
+        print(f"warning: {warning}", file=sys.stderr)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(2 + len(quants) + 1, quiet)
+    entries: list[dict[str, Any]] = []
+
+    f16 = out_dir / text_file_name("F16")
+    steps.start(f"text model -> F16 (llama.cpp converter {runtime_version()})")
+    with atomic_output(f16) as tmp:
+        _run_converter(hf_dir, tmp, "f16", mmproj=False, verbose=verbose)
+    steps.done(f16)
+    entries.append(manifest_entry(f16, "text", "F16"))
+
+    mmproj = out_dir / mmproj_file_name(mmproj_type)
+    steps.start(f"vision projector -> mmproj {mmproj_type}")
+    with atomic_output(mmproj) as tmp:
+        _run_converter(hf_dir, tmp, mmproj_type, mmproj=True, verbose=verbose)
+    steps.done(mmproj)
+    entries.append(manifest_entry(mmproj, "mmproj", mmproj_type))
+
+    for quant in quants:
+        dst = out_dir / text_file_name(quant)
+        steps.start(f"quantize F16 -> {quant}")
+        quantize_gguf(f16, dst, quant, verbose=verbose)
+        steps.done(dst)
+        entries.append(manifest_entry(dst, "text", quant))
+
+    steps.start("manifest with sha256")
+    manifest = {
+        "format": "gguf",
+        "architecture": MODEL_ARCHITECTURE,
+        "source": str(hf_dir.resolve()),
+        "llama_cpp_python": runtime_version(),
+        "mmproj": mmproj.name,
+        "files": entries,
+    }
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    steps.done(out_dir / MANIFEST_NAME)
+    return manifest

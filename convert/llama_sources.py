@@ -1,0 +1,109 @@
+"""The parts of the llama-cpp-python sdist that conversion needs: llama.cpp's
+`convert_hf_to_gguf.py`, its `conversion/` package, its own `gguf-py`, and the Qwen2
+test vocabulary. Taken from the sdist of the *installed* llama-cpp-python release so the
+converter and the runtime sit on one llama.cpp commit. Fetched with pip once, cached."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock
+
+from verm_local.constants import LLAMA_CPP_PYTHON_VERSION
+from verm_local.errors import VermError
+from verm_local.paths import cache_dir
+
+_WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-qwen2.gguf")
+
+
+def runtime_version() -> str:
+    """Version of the installed llama-cpp-python, else the pinned one."""
+    try:
+        from importlib.metadata import version
+
+        return version("llama_cpp_python")
+    except Exception:
+        return LLAMA_CPP_PYTHON_VERSION
+
+
+def sdist_path(version: str) -> Path:
+    """The sdist tarball: $VERM_LOCAL_SDIST if set, else downloaded into the cache by pip."""
+    env = os.environ.get("VERM_LOCAL_SDIST")
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise VermError(f"VERM_LOCAL_SDIST={env} does not exist")
+        return path
+    target = cache_dir() / "sdist"
+    name = f"llama_cpp_python-{version}.tar.gz"
+    if (target / name).is_file():
+        return target / name
+    target.mkdir(parents=True, exist_ok=True)
+    print(f"fetching llama-cpp-python {version} sources with pip (once) ...", file=sys.stderr)
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        f"llama-cpp-python=={version}", "-d", str(target),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (target / name).is_file():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise VermError(f"could not fetch the llama-cpp-python {version} sdist with pip: {last}")
+    return target / name
+
+
+def llama_cpp_dir(version: str | None = None) -> Path:
+    """Directory holding the converter, gguf-py and the qwen2 vocab, extracted once."""
+    version = version or runtime_version()
+    dest = cache_dir() / f"llama.cpp-{version}"
+    if (dest / ".complete").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if (dest / ".complete").is_file():
+            return dest
+        tarball = sdist_path(version)
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        tmp = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=dest.parent))
+        try:
+            with tarfile.open(tarball) as tar:
+                for member in tar.getmembers():
+                    if not member.name.startswith(prefix):
+                        continue
+                    rel = member.name[len(prefix) :]
+                    if not rel.startswith(_WANTED) or not (member.isfile() or member.isdir()):
+                        continue
+                    member.name = rel
+                    tar.extract(member, tmp, filter="data")
+            if not (tmp / "convert_hf_to_gguf.py").is_file():
+                raise VermError(f"{tarball} holds no llama.cpp converter")
+            (tmp / ".complete").write_text(version + "\n")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def qwen2_vocab() -> tuple[Path, Path, Path]:
+    """(gguf, .inp, .out) of llama.cpp's Qwen2 tokenizer test vocabulary."""
+    models = llama_cpp_dir() / "models"
+    gguf = models / "ggml-vocab-qwen2.gguf"
+    return gguf, Path(str(gguf) + ".inp"), Path(str(gguf) + ".out")
+
+
+def tokenizer_vectors() -> list[tuple[str, list[int]]]:
+    """llama.cpp's reference tokenizations for the Qwen2 vocabulary."""
+    _, inp, out = qwen2_vocab()
+    texts = inp.read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    if texts and texts[-1] == "":
+        texts.pop()
+    ids = out.read_text(encoding="utf-8").split("\n")
+    return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, ids)]

@@ -1,0 +1,189 @@
+"""A tiny random-weight Qwen3-VL checkpoint, built offline and deterministic for a seed.
+
+It has Visual-ERM's architecture (`Qwen3VLForConditionalGeneration`) and the real Qwen2
+tokenizer (151,936 entries, rebuilt from llama.cpp's `ggml-vocab-qwen2.gguf`, with the
+Qwen-VL special tokens at their real ids), so every stage of the pipeline (conversion,
+quantization, multimodal inference) runs for real; only the weights are random."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from verm_local.constants import MODEL_ARCHITECTURE, SPECIAL_TOKENS, VOCAB_SIZE
+from verm_local.errors import VermError
+
+from .llama_sources import qwen2_vocab, tokenizer_vectors
+
+# Widths are multiples of 256 so K-quants (256-wide super-blocks) are really exercised;
+# text depth (4) >= number of deepstack layers (3), which llama.cpp asserts.
+TEXT = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=128,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 5_000_000.0,
+        "mrope_section": [24, 20, 20],
+        "mrope_interleaved": True,
+    },
+)
+VISION = dict(
+    depth=4,
+    hidden_size=256,
+    intermediate_size=512,
+    num_heads=2,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    out_hidden_size=256,
+    num_position_embeddings=2304,
+    deepstack_visual_indexes=[1, 2, 3],
+)
+
+# Renders image parts as vision blocks (the Qwen-VL convention); text parts verbatim.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' or part['type'] == 'image_url' %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' %}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+IMAGE_PROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen3VLProcessor",
+    "do_resize": True,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "patch_size": 16,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+    "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+}
+
+
+def build_tokenizer(out_dir: Path) -> None:
+    """Write tokenizer.json/tokenizer_config.json: llama.cpp's Qwen2 vocabulary with the
+    Qwen-VL special tokens placed in the [PAD1516xx] slots at their real ids."""
+    from transformers import AutoTokenizer
+
+    gguf, _, _ = qwen2_vocab()
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(gguf, Path(tmp) / gguf.name)
+        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        tok.save_pretrained(tmp + "/out")
+        data = json.loads(Path(tmp, "out", "tokenizer.json").read_text(encoding="utf-8"))
+    by_id = {a["id"]: a for a in data["added_tokens"]}
+    vocab = data["model"]["vocab"]
+    for content, tid in SPECIAL_TOKENS.items():
+        entry = by_id.get(tid)
+        if entry is None:
+            raise VermError(f"vocabulary has no slot for id {tid}")
+        old = entry["content"]
+        entry.update(content=content, special=True, normalized=False)
+        if old in vocab and old != content:
+            vocab[content] = vocab.pop(old)
+    (out_dir / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "backend": "tokenizers",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "add_prefix_space": False,
+        "model_max_length": 262144,
+        "errors": "replace",
+        "split_special_tokens": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def check_tokenizer(model_dir: Path) -> int:
+    """Tokenize llama.cpp's reference texts; return how many matched (raises on mismatch)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    vectors = tokenizer_vectors()
+    for text, expected in vectors:
+        got = tok.encode(text, add_special_tokens=False)
+        if got != expected:
+            raise VermError(f"tokenizer mismatch on {text[:30]!r}: {got[:8]} != {expected[:8]}")
+    for content, tid in SPECIAL_TOKENS.items():
+        if tok.convert_tokens_to_ids(content) != tid:
+            raise VermError(f"special token {content} is not at id {tid}")
+    return len(vectors)
+
+
+def make_model(seed: int = 0):
+    """The tiny Qwen3VLForConditionalGeneration in bf16, weights fixed by `seed`."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(
+        text_config=dict(TEXT, bos_token_id=151643, eos_token_id=151645),
+        vision_config=dict(VISION),
+        image_token_id=SPECIAL_TOKENS["<|image_pad|>"],
+        video_token_id=SPECIAL_TOKENS["<|video_pad|>"],
+        vision_start_token_id=SPECIAL_TOKENS["<|vision_start|>"],
+        vision_end_token_id=SPECIAL_TOKENS["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    config.architectures = [MODEL_ARCHITECTURE]
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny Qwen3-VL HF checkpoint to `out_dir` (deterministic for `seed`)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        print("[1/4] tokenizer from llama.cpp's qwen2 vocabulary", file=sys.stderr)
+        build_tokenizer(tmp)
+        n = check_tokenizer(tmp)
+        print(f"      {n} reference tokenizations reproduced", file=sys.stderr)
+
+        print(f"[2/4] random weights (seed {seed})", file=sys.stderr)
+        model = make_model(seed)
+
+        print("[3/4] config and safetensors", file=sys.stderr)
+        model.save_pretrained(tmp, safe_serialization=True)
+        gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+               "do_sample": False}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+        print("[4/4] image processor and chat template", file=sys.stderr)
+        (tmp / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR, indent=2))
+        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        (tmp / "tiny-model.json").write_text(json.dumps({"seed": seed, "random_weights": True}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.replace(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

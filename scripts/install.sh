@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install verm-local with everything it needs into a virtual environment (default .venv):
+# torch 2.14.1 + torchvision 0.29.1 (pip takes them from this machine's disk), and
+# llama-cpp-python 0.3.36 built once from its sdist (about 4-7 minutes on 2 cores) and
+# kept as a wheel under the cache, so later installs take seconds. The same sdist is where
+# `verm-local convert` finds llama.cpp's converter, so converter and runtime match.
+#
+# Environment: VENV (target venv), PYTHON (interpreter for a new venv),
+# VERM_LOCAL_CACHE (cache dir, default ~/.cache/verm-local), CMAKE_ARGS (e.g.
+# "-DGGML_CUDA=on" or "-DGGML_METAL=on"; each distinct value gets its own cached wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LLAMA_VERSION=0.3.36
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+CACHE=${VERM_LOCAL_CACHE:-$HOME/.cache/verm-local}
+SDIST_DIR=$CACHE/sdist
+SDIST=$SDIST_DIR/llama_cpp_python-$LLAMA_VERSION.tar.gz
+FLAVOUR=$(printf '%s' "${CMAKE_ARGS:-cpu}" | sha256sum | cut -c1-12)
+WHEEL_DIR=$CACHE/wheels/$FLAVOUR
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+    step "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip)
+
+step "torch 2.14.1 + torchvision 0.29.1"
+"${PIP[@]}" install -q torch==2.14.1 torchvision==0.29.1
+
+if [ ! -f "$SDIST" ]; then
+    step "fetching the llama-cpp-python $LLAMA_VERSION sdist"
+    mkdir -p "$SDIST_DIR"
+    "${PIP[@]}" download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$SDIST_DIR"
+fi
+
+WHEEL=$(ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+if [ -z "$WHEEL" ]; then
+    step "building llama-cpp-python $LLAMA_VERSION from its sdist (CMAKE_ARGS='${CMAKE_ARGS:-}'), once"
+    mkdir -p "$WHEEL_DIR"
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+        "${PIP[@]}" wheel --no-deps -w "$WHEEL_DIR" "$SDIST"
+    WHEEL=$(ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -n1)
+fi
+
+step "verm-local and its dependencies"
+"${PIP[@]}" install -q "$WHEEL"
+"${PIP[@]}" install -q -e ".[convert,test]"
+"$VENV/bin/verm-local" version

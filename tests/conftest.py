@@ -1,0 +1,61 @@
+"""Shared fixtures: the tiny Qwen3-VL model is built once per test run, converted once to
+F16, Q8_0 and Q4_K_M plus mmproj, and every end-to-end test drives it through the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+CLI = Path(sys.executable).parent / "verm-local"
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `verm-local` console script in a subprocess."""
+    cmd = [str(CLI)] if CLI.exists() else [sys.executable, "-m", "verm_local.cli"]
+    full_env = dict(os.environ)
+    full_env.pop("VERM_LOCAL_DEBUG", None)
+    full_env.update(env or {})
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def draw_chart(path: Path, values: list[int], colour: str = "steelblue",
+               title: str = "Sales 2024", size: tuple[int, int] = (320, 256)) -> Path:
+    """A small bar chart; differing values/colours make a prediction with known errors."""
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    for i, v in enumerate(values):
+        d.rectangle([30 + i * 70, 230 - v * 30, 80 + i * 70, 230], fill=colour)
+    d.line([20, 230, size[0] - 20, 230], fill="black")
+    d.text((120, 10), title, fill="black")
+    img.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pair")
+    gt = draw_chart(root / "gt.png", [3, 5, 2, 6])
+    pred = draw_chart(root / "pred.png", [3, 4, 2, 6], colour="orange")
+    return gt, pred
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "tiny"
+    proc = run_cli("convert", "tiny-model", out, "--seed", "0")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_hf) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "tiny-gguf"
+    proc = run_cli("convert", "gguf", tiny_hf, out, "--quant", "Q8_0,Q4_K_M")
+    assert proc.returncode == 0, proc.stderr
+    return out

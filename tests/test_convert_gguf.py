@@ -1,0 +1,66 @@
+"""`convert gguf`: real llama.cpp conversion and quantization of the tiny model."""
+
+import json
+import shutil
+
+import pytest
+
+from verm_local.fileio import sha256_file
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _tensor_types(path):
+    from gguf import GGUFReader
+
+    return {t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def test_manifest_lists_every_file_with_sha256(tiny_gguf):
+    manifest = json.loads((tiny_gguf / "manifest.json").read_text())
+    files = {e["file"]: e for e in manifest["files"]}
+    assert set(files) == {"model-F16.gguf", "model-Q8_0.gguf", "model-Q4_K_M.gguf",
+                          "mmproj-f16.gguf"}
+    for name, entry in files.items():
+        path = tiny_gguf / name
+        assert entry["size"] == path.stat().st_size
+        assert entry["sha256"] == sha256_file(path)
+    assert manifest["mmproj"] == "mmproj-f16.gguf"
+    assert not list(tiny_gguf.glob(".*part")), "temp files left behind"
+
+
+def test_quants_are_really_what_they_say(tiny_gguf):
+    assert "F16" in _tensor_types(tiny_gguf / "model-F16.gguf")
+    assert "Q8_0" in _tensor_types(tiny_gguf / "model-Q8_0.gguf")
+    q4 = _tensor_types(tiny_gguf / "model-Q4_K_M.gguf")
+    # K-quants really used: the widths are multiples of 256, no q5_0 fallback.
+    assert "Q4_K" in q4 and "Q6_K" in q4 and "Q5_0" not in q4
+    sizes = [(tiny_gguf / f"model-{q}.gguf").stat().st_size for q in ("F16", "Q8_0", "Q4_K_M")]
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_refuses_a_checkpoint_that_is_not_qwen3_vl(tmp_path, tiny_hf):
+    fake = tmp_path / "llama"
+    shutil.copytree(tiny_hf, fake)
+    cfg = json.loads((fake / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["LlamaForCausalLM"], "llama"
+    (fake / "config.json").write_text(json.dumps(cfg))
+    proc = run_cli("convert", "gguf", fake, tmp_path / "out")
+    assert proc.returncode == 3
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LlamaForCausalLM is not Qwen3VLForConditionalGeneration" in lines[0]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_refuses_an_incomplete_checkpoint(tmp_path, tiny_hf):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_hf, broken)
+    (broken / "model.safetensors").unlink()
+    proc = run_cli("convert", "gguf", broken, tmp_path / "out")
+    assert proc.returncode == 3
+    assert proc.stderr.strip().splitlines() == [
+        f"verm-local: error: {broken}: incomplete checkpoint, no safetensors weights"]
+    proc = run_cli("convert", "gguf", tmp_path / "nowhere", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -1,0 +1,100 @@
+import io
+
+import pytest
+from PIL import Image
+
+from verm_local.errors import InputError
+from verm_local.images import fit_to_budget, load_image, visual_tokens
+
+
+def _save(img: Image.Image, path, fmt: str, **kw):
+    img.save(path, format=fmt, **kw)
+    return path
+
+
+@pytest.mark.parametrize("fmt,ext", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"),
+                                     ("BMP", "bmp"), ("GIF", "gif")])
+def test_supported_formats_load_as_rgb(tmp_path, fmt, ext):
+    p = _save(Image.new("RGB", (64, 48), (200, 10, 10)), tmp_path / f"a.{ext}", fmt)
+    img = load_image(p)
+    assert img.image.mode == "RGB" and img.size == (64, 48)
+
+
+def test_gif_uses_first_frame(tmp_path):
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    p = tmp_path / "anim.gif"
+    frames[0].save(p, save_all=True, append_images=frames[1:])
+    r, g, b = load_image(p).image.getpixel((5, 5))
+    assert r > 200 and b < 50
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    img = Image.new("RGB", (60, 30), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    p = tmp_path / "rot.jpg"
+    img.save(p, exif=exif.tobytes())
+    assert load_image(p).size == (30, 60)
+
+
+def test_alpha_is_composited_on_white(tmp_path):
+    img = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    p = _save(img, tmp_path / "t.png", "PNG")
+    assert load_image(p).image.getpixel((3, 3)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("mode", ["P", "L", "LA", "1", "I;16"])
+def test_other_modes_convert_to_rgb(tmp_path, mode):
+    img = Image.new("RGB", (16, 16), (30, 60, 90)).convert(mode)
+    p = _save(img, tmp_path / f"m_{mode.replace(';', '')}.png", "PNG")
+    assert load_image(p).image.mode == "RGB"
+
+
+def test_cmyk_jpeg_converts_to_rgb(tmp_path):
+    p = _save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), tmp_path / "c.jpg", "JPEG")
+    r, g, b = load_image(p).image.getpixel((4, 4))
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_budget_downscales_keeping_aspect(tmp_path):
+    p = _save(Image.new("RGB", (2000, 1000), "white"), tmp_path / "big.png", "PNG")
+    img = load_image(p, token_budget=256)
+    w, h = img.size
+    assert img.visual_tokens <= 256
+    assert w % 32 == 0 and h % 32 == 0
+    assert abs(w / h - 2.0) < 0.15
+    assert img.original_size == (2000, 1000)
+
+
+def test_budget_leaves_small_images_alone():
+    assert fit_to_budget(320, 256, 1024) == (320, 256)
+    assert visual_tokens(320, 256) == 80
+    assert visual_tokens(33, 1) == 2
+
+
+def test_missing_empty_and_directory(tmp_path):
+    with pytest.raises(InputError, match="file not found"):
+        load_image(tmp_path / "nope.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError, match="empty file"):
+        load_image(tmp_path / "empty.png")
+    with pytest.raises(InputError, match="directory"):
+        load_image(tmp_path)
+
+
+def test_non_image_and_truncated(tmp_path):
+    (tmp_path / "text.png").write_text("hello, not an image")
+    with pytest.raises(InputError, match="not an image"):
+        load_image(tmp_path / "text.png")
+    buf = io.BytesIO()
+    Image.effect_noise((256, 256), 50).convert("RGB").save(buf, "PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        load_image(tmp_path / "cut.png")
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    p = _save(Image.new("1", (9000, 9000)), tmp_path / "bomb.png", "PNG")
+    assert p.stat().st_size < 200_000
+    with pytest.raises(InputError, match="too large"):
+        load_image(p)

@@ -1,0 +1,150 @@
+"""`verm-local judge` end to end through llama.cpp on the tiny model, in subprocesses."""
+
+import json
+
+import jsonschema
+import pytest
+from PIL import Image
+
+from verm_local.constants import CATEGORIES, TASKS
+from verm_local.schema import judgement_schema
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _judge_json(*args):
+    proc = run_cli("judge", *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _check_judgement(out, task, quant):
+    jsonschema.validate(out, judgement_schema())
+    assert set(out) == {"task", "errors", "counts", "total_severity", "score", "model", "timings"}
+    assert out["task"] == task
+    assert set(out["counts"]) == set(CATEGORIES[task])
+    for e in out["errors"]:
+        assert e["category"] in CATEGORIES[task] and e["severity"] in (1, 2, 3)
+        assert set(e) == {"category", "severity", "location", "description"}
+    assert sum(out["counts"].values()) == len(out["errors"])
+    assert out["total_severity"] == sum(e["severity"] for e in out["errors"])
+    assert out["score"] == pytest.approx(max(0.0, 1 - out["total_severity"] / 50))
+    assert out["model"]["quant"] == quant and len(out["model"]["sha256"]) == 64
+    t = out["timings"]
+    assert t["load_s"] > 0 and t["prefill_s"] > 0 and t["decode_s"] > 0
+    # Two 320x256 images are 80 visual tokens each; they are counted in prompt_tokens.
+    assert t["prompt_tokens"] > 160 and t["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_judge_each_task_q4_k_m(tiny_gguf, pair, task):
+    gt, pred = pair
+    out = _judge_json(gt, pred, "--model", tiny_gguf, "--quant", "Q4_K_M", "--task", task)
+    _check_judgement(out, task, "Q4_K_M")
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q8_0"])
+def test_judge_other_quants_by_file(tiny_gguf, pair, quant):
+    gt, pred = pair
+    out = _judge_json(gt, pred, "--model", tiny_gguf / f"model-{quant}.gguf")
+    _check_judgement(out, "chart", quant)
+    assert out["model"]["path"].endswith(f"model-{quant}.gguf")
+
+
+def test_directory_defaults_to_best_fidelity_quant(tiny_gguf, pair):
+    out = _judge_json(*pair, "--model", tiny_gguf, "--max-tokens", "600")
+    assert out["model"]["quant"] == "F16"
+
+
+def test_greedy_is_reproducible_and_terminal_output_is_a_table(tiny_gguf, pair):
+    args = [*pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "--task", "svg"]
+    a, b = _judge_json(*args), _judge_json(*args)
+    assert a["errors"] == b["errors"] and a["score"] == b["score"]
+    proc = run_cli("judge", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "total severity" in proc.stdout and "score" in proc.stdout
+
+
+def test_free_mode_reads_with_the_tolerant_parser_or_fails_cleanly(tiny_gguf, pair):
+    proc = run_cli("judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "--free",
+                   "--json", "--max-tokens", "64")
+    if proc.returncode == 0:
+        jsonschema.validate(json.loads(proc.stdout), judgement_schema())
+    else:
+        # A random-weight model writes no JSON: one clear line, exit 4, no traceback.
+        assert proc.returncode == 4
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("verm-local: error:")
+
+
+def test_prompt_file_replaces_the_prompt(tiny_gguf, pair, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Compare image 2 with image 1. JSON only.")
+    base = _judge_json(*pair, "--model", tiny_gguf, "--quant", "Q4_K_M")
+    custom = _judge_json(*pair, "--model", tiny_gguf, "--quant", "Q4_K_M",
+                         "--prompt-file", prompt)
+    assert custom["timings"]["prompt_tokens"] < base["timings"]["prompt_tokens"]
+
+
+def _bad_inputs(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image at all")
+    Image.effect_noise((200, 200), 40).convert("RGB").save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 3])
+    Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")
+    return {
+        "missing": (tmp_path / "missing.png", "file not found"),
+        "empty": (tmp_path / "empty.png", "empty file"),
+        "non-image": (tmp_path / "text.png", "not an image"),
+        "truncated": (tmp_path / "cut.png", "truncated or corrupt"),
+        "bomb": (tmp_path / "bomb.png", "decompression bomb"),
+        "directory": (tmp_path, "is a directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "non-image", "truncated", "bomb",
+                                  "directory"])
+@pytest.mark.parametrize("position", ["gt", "pred"])
+def test_bad_input_is_one_line_and_exit_2(tiny_gguf, pair, tmp_path, case, position):
+    bad, expected = _bad_inputs(tmp_path)[case]
+    gt, pred = (bad, pair[1]) if position == "gt" else (pair[0], bad)
+    proc = run_cli("judge", gt, pred, "--model", tiny_gguf)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert str(bad) in lines[0] and expected in lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_bad_model_paths_are_one_line(tiny_gguf, pair, tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"NOTGGUF" * 100)
+    cases = [
+        (["--model", tmp_path / "none.gguf"], "model not found"),
+        (["--model", junk, "--mmproj", tiny_gguf / "mmproj-f16.gguf"], "not a GGUF file"),
+        (["--model", tiny_gguf, "--quant", "Q6_K"], "no Q6_K model"),
+        ([], "no model given"),
+    ]
+    for extra, expected in cases:
+        proc = run_cli("judge", *pair, *extra)
+        assert proc.returncode == 3, (extra, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], proc.stderr
+    proc = run_cli("judge", *pair, "--model", tiny_gguf, "--task", "poster")
+    assert proc.returncode == 2 and "unknown task" in proc.stderr
+
+
+def test_python_api_reuses_a_loaded_model(tiny_gguf, pair):
+    import verm_local
+
+    with verm_local.Judge(model=tiny_gguf, quant="Q4_K_M") as j:
+        first = j.judge(*pair, task="table")
+        second = j.judge(*pair, task="table")
+    assert isinstance(first, verm_local.Judgement)
+    assert first.errors == second.errors
+    assert first.timings.load_s == second.timings.load_s  # loaded once
+    one_shot = verm_local.judge(*pair, task="table", model=tiny_gguf, quant="Q4_K_M")
+    assert one_shot.errors == first.errors

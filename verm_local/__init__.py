@@ -1,0 +1,11 @@
+"""verm-local: quantized, verified local inference for the Visual-ERM reward model."""
+
+# `judge` the function shadows the `verm_local.judge` module on purpose: the public API is
+# `verm_local.judge(gt, pred, task=..., model=...)`. Import the module's contents with
+# `from verm_local.judge import ...`, which reads sys.modules, not this attribute.
+from .judge import Judge, judge
+from .schema import Judgement
+
+__version__ = "0.1.0"
+
+__all__ = ["Judge", "Judgement", "judge", "__version__"]

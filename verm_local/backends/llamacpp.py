@@ -1,0 +1,241 @@
+"""llama.cpp backend (GGUF text model + mmproj) through llama-cpp-python.
+
+The multimodal prompt is driven through the mtmd chunk API directly rather than
+`MTMDChatHandler`, so that image encoding, prompt prefill and decoding are timed apart and
+the image tokens are counted (llama-cpp-python's usage leaves them out)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from typing import Any
+
+from ..errors import ModelError, VermError
+from ..images import PreparedImage
+from ..modelref import ResolvedModel
+from ..schema import ModelInfo
+from .base import Generation, Sampling
+
+
+class LlamaCppBackend:
+    """A loaded GGUF model and its vision projector; reusable across judgements."""
+
+    def __init__(
+        self,
+        model: ResolvedModel,
+        *,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+        n_gpu_layers: int = 0,
+        image_max_tokens: int | None = None,
+        verbose: bool = False,
+    ):
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        self._llama_cpp, self._mtmd, self._quiet = llama_cpp, mtmd, suppress_stdout_stderr
+        self.verbose = verbose
+        self.info = ModelInfo(path=str(model.path), quant=model.quant, sha256=model.sha256)
+        threads = threads or os.cpu_count() or 1
+        t0 = time.perf_counter()
+        try:
+            with suppress_stdout_stderr(disable=verbose):
+                self.llama = llama_cpp.Llama(
+                    model_path=str(model.path),
+                    n_ctx=n_ctx,
+                    n_batch=min(n_ctx, 2048),
+                    n_ubatch=512,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    n_gpu_layers=n_gpu_layers,
+                    logits_all=False,
+                    verbose=verbose,
+                )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"{model.path}: llama.cpp could not load the model ({exc})") from None
+        self._mctx = self._init_mtmd(str(model.mmproj), threads, n_gpu_layers > 0, image_max_tokens)
+        self.load_s = time.perf_counter() - t0
+        self.n_ctx = n_ctx
+
+    def _init_mtmd(self, mmproj: str, threads: int, use_gpu: bool, max_tokens: int | None):
+        mtmd = self._mtmd
+        with self._quiet(disable=self.verbose):
+            params = mtmd.mtmd_context_params_default()
+            params.use_gpu = use_gpu
+            params.print_timings = self.verbose
+            params.n_threads = threads
+            params.warmup = False
+            if max_tokens:
+                params.image_max_tokens = max_tokens
+            ctx = mtmd.mtmd_init_from_file(mmproj.encode(), self.llama.model, params)
+        if ctx is None:
+            self.llama.close()
+            raise ModelError(f"{mmproj}: llama.cpp could not load the vision projector")
+        if not mtmd.mtmd_support_vision(ctx):
+            mtmd.mtmd_free(ctx)
+            self.llama.close()
+            raise ModelError(f"{mmproj}: this projector has no vision encoder")
+        return ctx
+
+    def close(self) -> None:
+        if getattr(self, "_mctx", None) is not None:
+            self._mtmd.mtmd_free(self._mctx)
+            self._mctx = None
+        if getattr(self, "llama", None) is not None:
+            self.llama.close()
+            self.llama = None
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- prompt -----------------------------------------------------------------------
+
+    def render_prompt(self, n_images: int, prompt: str) -> str:
+        """The GGUF's own chat template, one user turn of [image]*n + text, with mtmd's
+        media marker where each image goes."""
+        import jinja2.sandbox
+
+        marker = self._mtmd.mtmd_default_marker().decode("utf-8")
+        template = self.llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelError(f"{self.info.path}: GGUF has no chat template")
+        content: list[dict[str, Any]] = [{"type": "text", "text": marker}] * n_images
+        content = content + [{"type": "text", "text": prompt}]
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            bos_token="",
+            eos_token="<|im_end|>",
+        )
+
+    def _tokenize(self, text: str, images: list[PreparedImage]):
+        mtmd = self._mtmd
+        bitmaps = []
+        for img in images:
+            w, h = img.size
+            raw = img.rgb_bytes()
+            buf = (ctypes.c_uint8 * len(raw)).from_buffer_copy(raw)
+            bm = mtmd.mtmd_bitmap_init(w, h, buf)
+            if bm is None:
+                raise VermError(f"{img.source}: llama.cpp could not take the image")
+            bitmaps.append(bm)
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            inp = mtmd.mtmd_input_text()
+            data = text.encode("utf-8")
+            inp.text, inp.text_len = data, len(data)
+            inp.add_special, inp.parse_special = True, True
+            arr = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+            with self._quiet(disable=self.verbose):
+                rc = mtmd.mtmd_tokenize(self._mctx, chunks, ctypes.byref(inp), arr, len(bitmaps))
+            if rc != 0:
+                mtmd.mtmd_input_chunks_free(chunks)
+                raise VermError(f"llama.cpp could not tokenize the prompt (code {rc})")
+            return chunks
+        finally:
+            for bm in bitmaps:
+                mtmd.mtmd_bitmap_free(bm)
+
+    def _eval_chunks(self, chunks) -> tuple[int, int, float]:
+        """Evaluate every chunk from position 0. Returns (tokens, image tokens, vision s)."""
+        mtmd, lc, llama = self._mtmd, self._llama_cpp, self.llama
+        n_chunks = mtmd.mtmd_input_chunks_size(chunks)
+        sizes = [mtmd.mtmd_input_chunk_get_n_tokens(mtmd.mtmd_input_chunks_get(chunks, i))
+                 for i in range(n_chunks)]
+        total = sum(sizes)
+        if total + 1 > self.n_ctx:
+            raise VermError(f"prompt needs {total} tokens but the context holds {self.n_ctx}; "
+                            "lower the image token budget or raise the context size")
+        llama.reset()
+        llama._ctx.kv_cache_clear()
+        image_tokens, vision_s = 0, 0.0
+        for i in range(n_chunks):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            kind = mtmd.mtmd_input_chunk_get_type(chunk)
+            if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                llama.eval([ptr[j] for j in range(n.value)])
+                continue
+            image_tokens += sizes[i]
+            t0 = time.perf_counter()
+            with self._quiet(disable=self.verbose):
+                rc = mtmd.mtmd_encode_chunk(self._mctx, chunk)
+            vision_s += time.perf_counter() - t0
+            if rc != 0:
+                raise VermError(f"llama.cpp failed to encode an image (code {rc})")
+            embd = mtmd.mtmd_get_output_embd(self._mctx)
+            new_pos = lc.llama_pos(0)
+            with self._quiet(disable=self.verbose):
+                rc = mtmd.mtmd_helper_decode_image_chunk(
+                    self._mctx, llama._ctx.ctx, chunk, embd, lc.llama_pos(llama.n_tokens),
+                    lc.llama_seq_id(0), llama.n_batch, ctypes.byref(new_pos),
+                    mtmd.mtmd_helper_post_decode_callback(), None)
+            if rc != 0:
+                raise VermError(f"llama.cpp failed to decode image embeddings (code {rc})")
+            # Qwen3-VL advances the position by the image's n_pos, not its token count.
+            llama.n_tokens = new_pos.value
+        return total, image_tokens, vision_s
+
+    # -- generation ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        images: list[PreparedImage],
+        prompt: str,
+        sampling: Sampling,
+        schema: dict[str, Any] | None = None,
+    ) -> Generation:
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        if self.llama is None:
+            raise VermError("model is closed")
+        text = self.render_prompt(len(images), prompt)
+        t0 = time.perf_counter()
+        chunks = self._tokenize(text, images)
+        try:
+            n_prompt, n_image, vision_s = self._eval_chunks(chunks)
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+        prefill_s = time.perf_counter() - t0
+
+        grammar = None
+        if schema is not None:
+            import json
+
+            with self._quiet(disable=self.verbose):
+                grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=self.verbose)
+        room = self.n_ctx - n_prompt - 1
+        max_tokens = max(1, min(sampling.max_tokens, room))
+        t1 = time.perf_counter()
+        with self._quiet(disable=self.verbose):
+            out = self.llama.create_completion(
+                prompt=self.llama.input_ids[: self.llama.n_tokens].tolist(),
+                max_tokens=max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=0.0,
+                presence_penalty=sampling.presence_penalty,
+                repeat_penalty=sampling.repeat_penalty,
+                seed=sampling.seed,
+                grammar=grammar,
+            )
+        decode_s = time.perf_counter() - t1
+        choice = out["choices"][0]
+        return Generation(
+            text=choice["text"],
+            finish_reason=choice.get("finish_reason") or "",
+            prompt_tokens=n_prompt,
+            image_tokens=n_image,
+            completion_tokens=int(out["usage"]["completion_tokens"]),
+            vision_s=vision_s,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+        )

@@ -1,0 +1,160 @@
+"""`verm-local` command line. Thin: each verb's logic lives in its own module."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .constants import DEFAULT_IMAGE_TOKEN_BUDGET, DEFAULT_MAX_TOKENS, TASKS
+from .errors import VermError
+
+app = typer.Typer(
+    name="verm-local",
+    help="Quantized, verified local inference for the Visual-ERM reward model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+convert_app = typer.Typer(help="Build models: tiny test model, GGUF conversion and quants.",
+                          no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+def fail(message: str, code: int) -> None:
+    """One clear line on stderr and a non-zero exit; never a traceback."""
+    typer.echo(f"verm-local: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command("judge")
+def judge_cmd(
+    gt: Path = typer.Argument(..., help="Ground-truth image (shown to the model first)."),
+    pred: Path = typer.Argument(..., help="Image rendered from the prediction."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="A .gguf file or a `convert gguf` directory."),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF."),
+    quant: Optional[str] = typer.Option(None, "--quant",
+                                        help="Quant to use from a model directory."),
+    task: str = typer.Option("chart", "--task", "-t", help="chart | table | svg"),
+    as_json: bool = typer.Option(False, "--json", help="Print the Judgement as JSON."),
+    free: bool = typer.Option(False, "--free",
+                              help="Do not constrain the answer to the JSON schema."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0,
+                                      help="0 = greedy (reproducible)."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty"),
+    rl_sampling: bool = typer.Option(False, "--rl-sampling",
+                                     help="The authors' RL sampling (T 0.7, top-p 0.8, "
+                                          "top-k 20, presence 1.5)."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers to offload (-1 = all)."),
+    image_tokens: int = typer.Option(DEFAULT_IMAGE_TOKEN_BUDGET, "--image-tokens", min=1,
+                                     help="Visual-token budget per image (32x32 px each)."),
+    reward_scale: Optional[float] = typer.Option(None, "--reward-scale",
+                                                 help="S divisor of the reward (default 50)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file",
+                                               help="Prompt text, or JSON keyed by task."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own logs."),
+) -> None:
+    """Judge PRED against GT: structured discrepancies and a reward."""
+    from .backends.base import Sampling
+    from .constants import RL_SAMPLING
+    from .images import load_image
+    from .judge import Judge
+
+    if task not in TASKS:
+        fail(f"unknown task {task!r}; choose one of {', '.join(TASKS)}", 2)
+    # Images are checked before the model loads: a bad path fails fast.
+    gt_img = load_image(gt, token_budget=image_tokens)
+    pred_img = load_image(pred, token_budget=image_tokens)
+    if rl_sampling:
+        sampling = Sampling(max_tokens=max_tokens, temperature=RL_SAMPLING["temperature"],
+                            top_p=RL_SAMPLING["top_p"], top_k=RL_SAMPLING["top_k"],
+                            presence_penalty=RL_SAMPLING["presence_penalty"], seed=seed)
+    else:
+        sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, presence_penalty=presence_penalty, seed=seed)
+    with Judge(model, mmproj=mmproj, quant=quant, threads=threads, n_gpu_layers=gpu_layers,
+               image_token_budget=image_tokens, max_tokens=max_tokens,
+               reward_scale=reward_scale, verbose=verbose) as j:
+        result = j.judge(gt_img, pred_img, task, free=free, sampling=sampling,
+                         prompt_file=prompt_file)
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        from .report import print_judgement
+
+        print_judgement(result)
+
+
+@convert_app.command("tiny-model")
+def tiny_model_cmd(
+    out_dir: Path = typer.Argument(..., help="Where to write the HF checkpoint."),
+    seed: int = typer.Option(0, "--seed", help="Weights are deterministic for a seed."),
+) -> None:
+    """Write a tiny random-weight Qwen3-VL checkpoint with the real Qwen2 tokenizer."""
+    from .convert.tiny_model import build_tiny_model
+
+    path = build_tiny_model(out_dir, seed=seed)
+    typer.echo(str(path))
+
+
+@convert_app.command("gguf")
+def gguf_cmd(
+    hf_dir: Path = typer.Argument(..., help="Hugging Face Qwen3-VL checkpoint."),
+    out_dir: Path = typer.Argument(..., help="Output directory."),
+    quant: str = typer.Option("Q8_0,Q4_K_M", "--quant",
+                              help="Comma-separated quants beside F16 (Q8_0,Q6_K,Q5_K_M,Q4_K_M)."),
+    mmproj_type: str = typer.Option("f16", "--mmproj-type", help="f16 | bf16 | q8_0"),
+    verbose: bool = typer.Option(False, "--verbose", help="Show the converter's own output."),
+) -> None:
+    """Convert to GGUF (F16 + quants) and mmproj, with a sha256 manifest."""
+    from .convert.gguf import convert_gguf, parse_quants
+
+    manifest = convert_gguf(hf_dir, out_dir, parse_quants(quant), mmproj_type, verbose=verbose)
+    for entry in manifest["files"]:
+        typer.echo(f"{entry['quant']:>7}  {entry['size'] / 1e6:8.1f} MB  "
+                   f"{entry['sha256'][:12]}  {out_dir / entry['file']}")
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print versions of verm-local and llama-cpp-python."""
+    from . import __version__
+    from .convert.llama_sources import runtime_version
+
+    typer.echo(f"verm-local {__version__}; llama-cpp-python {runtime_version()}")
+
+
+def main() -> None:
+    """Entry point: run the app, mapping user errors to one line and an exit code."""
+    try:
+        app()
+    except VermError as exc:
+        typer.echo(f"verm-local: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("verm-local: interrupted", err=True)
+        sys.exit(130)
+    except MemoryError:
+        typer.echo("verm-local: error: out of memory; try a smaller quant or --image-tokens",
+                   err=True)
+        sys.exit(3)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("VERM_LOCAL_DEBUG"):
+            raise
+        typer.echo(f"verm-local: internal error: {exc.__class__.__name__}: {exc} "
+                   "(set VERM_LOCAL_DEBUG=1 for a traceback)", err=True)
+        sys.exit(70)
+
+
+if __name__ == "__main__":
+    main()

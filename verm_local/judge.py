@@ -1,0 +1,128 @@
+"""Judge a (ground truth, prediction) pair: the Python API behind `verm-local judge`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Backend, Sampling
+from .constants import DEFAULT_IMAGE_TOKEN_BUDGET, DEFAULT_MAX_TOKENS, TASKS
+from .errors import AnswerError, InputError, ModelError
+from .images import PreparedImage, load_image
+from .modelref import resolve_model
+from .prompts import load_prompt
+from .schema import Judgement, Timings, answer_schema, extract_json
+
+# Text around the images: chat preamble, prompt, and slack for a longer prompt file.
+_TEXT_TOKENS = 1024
+
+
+def context_size(image_token_budget: int, max_tokens: int) -> int:
+    """Context that fits two images at the budget, the prompt and the answer (256-aligned)."""
+    need = 2 * image_token_budget + _TEXT_TOKENS + max_tokens
+    return (need + 255) // 256 * 256
+
+
+class Judge:
+    """A loaded judge model for repeated calls without reloading.
+
+    >>> j = Judge(model="models/tiny-gguf")
+    >>> j.judge("gt.png", "pred.png", task="chart").score
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        mmproj: str | Path | None = None,
+        quant: str | None = None,
+        threads: int | None = None,
+        n_gpu_layers: int = 0,
+        image_token_budget: int = DEFAULT_IMAGE_TOKEN_BUDGET,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        reward_scale: float | None = None,
+        verbose: bool = False,
+        backend: Backend | None = None,
+    ):
+        self.image_token_budget = image_token_budget
+        self.max_tokens = max_tokens
+        self.reward_scale = reward_scale
+        if backend is not None:
+            self.backend = backend
+            return
+        model = model or os.environ.get("VERM_LOCAL_MODEL")
+        if not model:
+            raise ModelError("no model given: pass --model PATH (a .gguf file or a directory "
+                             "written by `verm-local convert gguf`)")
+        resolved = resolve_model(model, mmproj, quant)
+        from .backends.llamacpp import LlamaCppBackend
+
+        self.backend = LlamaCppBackend(
+            resolved,
+            n_ctx=context_size(image_token_budget, max_tokens),
+            threads=threads,
+            n_gpu_layers=n_gpu_layers,
+            image_max_tokens=image_token_budget,
+            verbose=verbose,
+        )
+
+    def prepare(self, image: str | Path | bytes | PreparedImage) -> PreparedImage:
+        if isinstance(image, PreparedImage):
+            return image
+        return load_image(image, token_budget=self.image_token_budget)
+
+    def judge(
+        self,
+        gt: str | Path | bytes | PreparedImage,
+        pred: str | Path | bytes | PreparedImage,
+        task: str = "chart",
+        *,
+        free: bool = False,
+        sampling: Sampling | None = None,
+        prompt_file: str | Path | None = None,
+    ) -> Judgement:
+        """Compare `pred` with the ground truth `gt`; images go to the model in that order."""
+        if task not in TASKS:
+            raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        images = [self.prepare(gt), self.prepare(pred)]
+        prompt = load_prompt(task, prompt_file)
+        sampling = sampling or Sampling(max_tokens=self.max_tokens)
+        schema = None if free else answer_schema(task)
+        gen = self.backend.generate(images, prompt, sampling, schema)
+        if gen.finish_reason == "length":
+            raise AnswerError(f"the answer was cut at {sampling.max_tokens} tokens before it "
+                              "was complete; raise --max-tokens")
+        answer = extract_json(gen.text)
+        timings = Timings(
+            load_s=round(self.backend.load_s, 4),
+            prefill_s=round(gen.prefill_s, 4),
+            decode_s=round(gen.decode_s, 4),
+            prompt_tokens=gen.prompt_tokens,
+            completion_tokens=gen.completion_tokens,
+        )
+        return Judgement.from_answer(task, answer, reward_scale=self.reward_scale,
+                                     model=self.backend.info, timings=timings)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Judge":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def judge(
+    gt: str | Path | bytes,
+    pred: str | Path | bytes,
+    task: str = "chart",
+    model: str | Path | None = None,
+    **kwargs: Any,
+) -> Judgement:
+    """One-shot judgement: load `model`, judge the pair, unload."""
+    judge_keys = {"free", "sampling", "prompt_file"}
+    call = {k: kwargs.pop(k) for k in list(kwargs) if k in judge_keys}
+    with Judge(model, **kwargs) as j:
+        return j.judge(gt, pred, task, **call)
