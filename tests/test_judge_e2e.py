@@ -148,3 +148,39 @@ def test_python_api_reuses_a_loaded_model(tiny_gguf, pair):
     assert first.timings.load_s == second.timings.load_s  # loaded once
     one_shot = verm_local.judge(*pair, task="table", model=tiny_gguf, quant="Q4_K_M")
     assert one_shot.errors == first.errors
+
+
+def test_wrong_files_are_refused_before_llama_cpp_sees_them(tiny_gguf, pair, tmp_path):
+    from verm_local.gguf_meta import read_metadata
+
+    meta = read_metadata(tiny_gguf / "model-Q4_K_M.gguf")
+    assert meta["general.architecture"] == "qwen3vl"
+    assert meta["qwen3vl.block_count"] == 4 and meta["qwen3vl.n_deepstack_layers"] == 3
+    mm = tiny_gguf / "mmproj-f16.gguf"
+    swapped = run_cli("judge", *pair, "--model", mm, "--mmproj", tiny_gguf / "model-F16.gguf")
+    assert swapped.returncode == 3 and "pass it as --mmproj" in swapped.stderr
+    data = (tiny_gguf / "model-Q4_K_M.gguf").read_bytes()
+    cut = tmp_path / "model-cut.gguf"
+    cut.write_bytes(data[:200])  # inside the header: refused by our reader
+    proc = run_cli("judge", *pair, "--model", cut, "--mmproj", mm)
+    assert proc.returncode == 3 and "truncated or corrupt" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    cut.write_bytes(data[: len(data) // 2])  # inside the tensors: llama.cpp refuses it
+    proc = run_cli("judge", *pair, "--model", cut, "--mmproj", mm)
+    assert proc.returncode == 3 and "could not load the model" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_prompt_puts_ground_truth_image_first(tiny_gguf):
+    from verm_local.backends.llamacpp import LlamaCppBackend
+    from verm_local.modelref import resolve_model
+
+    backend = LlamaCppBackend(resolve_model(tiny_gguf, quant="Q4_K_M"), n_ctx=1024)
+    try:
+        text = backend.render_prompt(2, "PROMPT")
+    finally:
+        backend.close()
+    marker = "<__media__>"
+    assert text.startswith("<|im_start|>user\n")
+    assert text.index(marker) < text.rindex(marker) < text.index("PROMPT")
+    assert text.endswith("<|im_start|>assistant\n")

@@ -10,6 +10,7 @@ from typing import Any
 from .constants import GGUF_QUANTS, MANIFEST_NAME
 from .errors import ModelError
 from .fileio import read_manifest, sha256_file
+from .gguf_meta import check_pair
 
 GGUF_MAGIC = b"GGUF"
 
@@ -81,6 +82,7 @@ def _checked(path: Path, mmproj: Path | None, entry: dict[str, Any] | None,
     if mmproj is None:
         raise ModelError(f"{path}: no vision projector found; pass --mmproj PATH")
     check_gguf_file(mmproj, _entry(manifest, mmproj.name))
+    check_pair(path, mmproj)
     if entry is not None:
         quant, sha = entry.get("quant", ""), entry.get("sha256", "")
     else:

@@ -1,0 +1,103 @@
+"""Read a GGUF file's header key/values without llama.cpp, so a file llama.cpp would abort
+on (wrong architecture, text depth below the deepstack count) is refused with one line
+before it is loaded. Pure Python, reads only the header."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .errors import ModelError
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+# Large arrays (the vocabulary) are skipped, not kept.
+_KEEP_ARRAY_MAX = 64
+
+
+def _read(f: BinaryIO, fmt: str) -> Any:
+    size = struct.calcsize(fmt)
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError
+    return struct.unpack(fmt, data)[0]
+
+
+def _string(f: BinaryIO) -> str:
+    n = _read(f, "<Q")
+    if n > 1 << 26:
+        raise ValueError("string too long")
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data.decode("utf-8", errors="replace")
+
+
+def _value(f: BinaryIO, vtype: int) -> Any:
+    if vtype in _SCALARS:
+        return _read(f, _SCALARS[vtype])
+    if vtype == _STRING:
+        return _string(f)
+    if vtype == _ARRAY:
+        etype, n = _read(f, "<I"), _read(f, "<Q")
+        if n > _KEEP_ARRAY_MAX:
+            _skip_array(f, etype, n)
+            return None
+        return [_value(f, etype) for _ in range(n)]
+    raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def _skip_array(f: BinaryIO, etype: int, n: int) -> None:
+    if etype in _SCALARS:
+        f.seek(struct.calcsize(_SCALARS[etype]) * n, 1)
+        return
+    for _ in range(n):
+        if etype == _STRING:
+            f.seek(_read(f, "<Q"), 1)
+        else:
+            _value(f, etype)
+
+
+def read_metadata(path: str | Path, stop_at: str = "tokenizer.ggml.tokens") -> dict[str, Any]:
+    """Header key/values up to (not including) `stop_at`. Raises ModelError if unreadable."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"{path}: not a GGUF file (corrupt or wrong file)")
+            _version, _n_tensors, n_kv = _read(f, "<I"), _read(f, "<Q"), _read(f, "<Q")
+            meta: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = _string(f)
+                if key == stop_at:
+                    break
+                meta[key] = _value(f, _read(f, "<I"))
+            return meta
+    except (EOFError, ValueError, struct.error, UnicodeDecodeError):
+        raise ModelError(f"{path}: GGUF header is truncated or corrupt") from None
+
+
+def check_pair(model: Path, mmproj: Path) -> None:
+    """Refuse a text model / projector pair that is not a usable Qwen3-VL."""
+    meta = read_metadata(model)
+    arch = meta.get("general.architecture")
+    if arch == "clip":
+        raise ModelError(f"{model}: this is a vision projector; pass it as --mmproj")
+    if arch != "qwen3vl":
+        raise ModelError(f"{model}: architecture {arch!r} is not qwen3vl (Visual-ERM)")
+    depth = int(meta.get("qwen3vl.block_count", 0))
+    n_deep = int(meta.get("qwen3vl.n_deepstack_layers", 0))
+    if depth < n_deep:
+        raise ModelError(f"{model}: text depth {depth} is below its {n_deep} deepstack layers")
+    proj = read_metadata(mmproj)
+    if proj.get("general.architecture") != "clip" or proj.get("clip.projector_type") not in (
+        "qwen3vl_merger", None
+    ):
+        raise ModelError(f"{mmproj}: not a Qwen3-VL vision projector")
+    width = proj.get("clip.vision.projection_dim")
+    hidden = meta.get("qwen3vl.embedding_length")
+    if width is not None and hidden is not None and int(width) != int(hidden):
+        raise ModelError(f"{mmproj}: projects to width {width} but the text model is {hidden} "
+                         "wide; they are not from the same checkpoint")
