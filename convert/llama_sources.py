@@ -47,7 +47,8 @@ def sdist_path(version: str) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     print(f"fetching llama-cpp-python {version} sources with pip (once) ...", file=sys.stderr)
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        # Only this package from source; its build tools may come as wheels (fast).
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
         f"llama-cpp-python=={version}", "-d", str(target),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)

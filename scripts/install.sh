@@ -34,7 +34,7 @@ step "torch 2.14.1 + torchvision 0.29.1"
 if [ ! -f "$SDIST" ]; then
     step "fetching the llama-cpp-python $LLAMA_VERSION sdist"
     mkdir -p "$SDIST_DIR"
-    "${PIP[@]}" download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$SDIST_DIR"
+    "${PIP[@]}" download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION" -d "$SDIST_DIR"
 fi
 
 WHEEL=$(ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n1 || true)

@@ -45,6 +45,14 @@ def judge_cmd(
     free: bool = typer.Option(False, "--free",
                               help="Do not constrain the answer to the JSON schema."),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", min=1),
+    max_errors: Optional[int] = typer.Option(None, "--max-errors", min=0,
+                                             help="Cap the constrained error list (<= 24)."),
+    backend: str = typer.Option("auto", "--backend",
+                                help="auto | llamacpp | transformers (auto: by model format)."),
+    device: Optional[str] = typer.Option(None, "--device",
+                                         help="transformers: auto | cpu | cuda | mps."),
+    dtype: Optional[str] = typer.Option(None, "--dtype",
+                                        help="transformers: auto | float32 | bfloat16."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0,
                                       help="0 = greedy (reproducible)."),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -82,11 +90,14 @@ def judge_cmd(
     else:
         sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, presence_penalty=presence_penalty, seed=seed)
+    if backend not in ("auto", "llamacpp", "transformers"):
+        fail(f"unknown backend {backend!r}; choose auto, llamacpp or transformers", 2)
     with Judge(model, mmproj=mmproj, quant=quant, threads=threads, n_gpu_layers=gpu_layers,
+               backend_name=backend, device=device, dtype=dtype,
                image_token_budget=image_tokens, max_tokens=max_tokens,
                reward_scale=reward_scale, verbose=verbose) as j:
         result = j.judge(gt_img, pred_img, task, free=free, sampling=sampling,
-                         prompt_file=prompt_file)
+                         prompt_file=prompt_file, max_errors=max_errors)
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
     else:

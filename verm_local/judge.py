@@ -12,7 +12,7 @@ from .errors import AnswerError, InputError, ModelError
 from .images import PreparedImage, load_image
 from .modelref import resolve_model
 from .prompts import load_prompt
-from .schema import Judgement, Timings, answer_schema, extract_json
+from .schema import MAX_ERRORS, Judgement, Timings, answer_schema, extract_json
 
 # Text around the images: chat preamble, prompt, and slack for a longer prompt file.
 _TEXT_TOKENS = 1024
@@ -39,6 +39,9 @@ class Judge:
         quant: str | None = None,
         threads: int | None = None,
         n_gpu_layers: int = 0,
+        backend_name: str = "auto",
+        device: str | None = None,
+        dtype: str | None = None,
         image_token_budget: int = DEFAULT_IMAGE_TOKEN_BUDGET,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         reward_scale: float | None = None,
@@ -53,9 +56,19 @@ class Judge:
             return
         model = model or os.environ.get("VERM_LOCAL_MODEL")
         if not model:
-            raise ModelError("no model given: pass --model PATH (a .gguf file or a directory "
-                             "written by `verm-local convert gguf`)")
+            raise ModelError("no model given: pass --model PATH (a .gguf file, a directory "
+                             "written by `verm-local convert`, or a Hugging Face checkpoint)")
         resolved = resolve_model(model, mmproj, quant)
+        name = resolved.backend if backend_name == "auto" else backend_name
+        if name != resolved.backend:
+            raise ModelError(f"{resolved.path}: a {resolved.format} model runs on the "
+                             f"{resolved.backend} backend, not {name}")
+        if name == "transformers":
+            from .backends.transformers import TransformersBackend
+
+            self.backend = TransformersBackend(resolved, device=device, dtype=dtype,
+                                               threads=threads, verbose=verbose)
+            return
         from .backends.llamacpp import LlamaCppBackend
 
         self.backend = LlamaCppBackend(
@@ -81,14 +94,19 @@ class Judge:
         free: bool = False,
         sampling: Sampling | None = None,
         prompt_file: str | Path | None = None,
+        max_errors: int | None = None,
     ) -> Judgement:
-        """Compare `pred` with the ground truth `gt`; images go to the model in that order."""
+        """Compare `pred` with the ground truth `gt`; images go to the model in that order.
+        `max_errors` caps the constrained answer's error list (default: the schema's cap)."""
         if task not in TASKS:
             raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         images = [self.prepare(gt), self.prepare(pred)]
         prompt = load_prompt(task, prompt_file)
         sampling = sampling or Sampling(max_tokens=self.max_tokens)
-        schema = None if free else answer_schema(task)
+        if max_errors is not None and not 0 <= max_errors <= MAX_ERRORS:
+            raise InputError(f"--max-errors must be within 0..{MAX_ERRORS}")
+        schema = None if free else answer_schema(task, MAX_ERRORS if max_errors is None
+                                                 else max_errors)
         gen = self.backend.generate(images, prompt, sampling, schema)
         if gen.finish_reason == "length":
             raise AnswerError(f"the answer was cut at {sampling.max_tokens} tokens before it "
@@ -122,7 +140,7 @@ def judge(
     **kwargs: Any,
 ) -> Judgement:
     """One-shot judgement: load `model`, judge the pair, unload."""
-    judge_keys = {"free", "sampling", "prompt_file"}
+    judge_keys = {"free", "sampling", "prompt_file", "max_errors"}
     call = {k: kwargs.pop(k) for k in list(kwargs) if k in judge_keys}
     with Judge(model, **kwargs) as j:
         return j.judge(gt, pred, task, **call)

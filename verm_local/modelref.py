@@ -17,11 +17,16 @@ GGUF_MAGIC = b"GGUF"
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    format: str  # "gguf"
+    format: str  # "gguf" | "hf" (bf16 safetensors) | "gptq"
     path: Path
     mmproj: Path | None
     quant: str
     sha256: str
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs this format: llama.cpp for GGUF, transformers otherwise."""
+        return "llamacpp" if self.format == "gguf" else "transformers"
 
 
 def resolve_model(model: str | Path, mmproj: str | Path | None = None,
@@ -31,6 +36,8 @@ def resolve_model(model: str | Path, mmproj: str | Path | None = None,
     path = Path(model)
     if not path.exists():
         raise ModelError(f"{path}: model not found")
+    if path.is_dir() and (path / "config.json").is_file():
+        return resolve_hf_dir(path)
     if path.is_dir():
         return _from_dir(path, mmproj, quant)
     if path.suffix.lower() != ".gguf":
@@ -112,3 +119,40 @@ def _quant_from_name(name: str) -> str:
         if q in upper:
             return q
     return ""
+
+
+def resolve_hf_dir(directory: Path) -> ResolvedModel:
+    """A Hugging Face checkpoint (bf16 safetensors) or a GPTQ export of one."""
+    import json
+
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ModelError(f"{directory}/config.json: unreadable") from None
+    if config.get("model_type") != "qwen3_vl":
+        raise ModelError(f"{directory}: model_type {config.get('model_type')!r} is not "
+                         "qwen3_vl (Visual-ERM)")
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        raise ModelError(f"{directory}: incomplete checkpoint, no safetensors weights")
+    qcfg = config.get("quantization_config") or {}
+    if qcfg.get("quant_method") == "gptq":
+        fmt, quant = "gptq", f"gptq-int{qcfg.get('bits', '?')}"
+    else:
+        fmt, quant = "hf", str(config.get("dtype") or config.get("torch_dtype") or "bf16")
+        quant = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(quant, quant)
+    return ResolvedModel(fmt, directory, None, quant, weights_digest(directory, weights))
+
+
+def weights_digest(directory: Path, weights: list[Path]) -> str:
+    """sha256 of one weights file, or of the sorted 'name sha256' lines of several; from
+    the manifest when one lists them, so a large checkpoint is not re-hashed per load."""
+    import hashlib
+
+    manifest = read_manifest(directory) or {}
+    known = {e.get("file"): e.get("sha256") for e in manifest.get("files", [])}
+    digests = [(w.name, known.get(w.name) or sha256_file(w)) for w in weights]
+    if len(digests) == 1:
+        return digests[0][1]
+    text = "".join(f"{name} {digest}\n" for name, digest in digests)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -77,17 +77,20 @@ class Judgement(BaseModel):
         )
 
 
-def answer_schema(task: str) -> dict[str, Any]:
-    """JSON schema of the model's answer for a task: per-category counts and the errors."""
+def answer_schema(task: str, max_errors: int = MAX_ERRORS) -> dict[str, Any]:
+    """JSON schema of the model's answer for a task: per-category counts and the errors
+    (at most `max_errors` of them; strings bounded, so the answer is always finite)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if not 0 <= max_errors <= MAX_ERRORS:
+        raise ValueError(f"max_errors must be within 0..{MAX_ERRORS}, got {max_errors}")
     cats = list(CATEGORIES[task])
     props: dict[str, Any] = {
         f"{c}_count": {"type": "integer", "enum": list(range(MAX_COUNT + 1))} for c in cats
     }
     props["errors"] = {
         "type": "array",
-        "maxItems": MAX_ERRORS,
+        "maxItems": max_errors,
         "items": {
             "type": "object",
             "properties": {

@@ -183,6 +183,53 @@ class LlamaCppBackend:
             llama.n_tokens = new_pos.value
         return total, image_tokens, vision_s
 
+    # -- teacher forcing ---------------------------------------------------------------
+
+    def answer_logprobs(self, images: list[PreparedImage], prompt: str, answer: list[int]):
+        """Log-probabilities (float32, [len(answer), vocab]) at each answer position when the
+        answer is forced after the prompt (same positions the HF model is scored at)."""
+        import numpy as np
+
+        lc, llama = self._llama_cpp, self.llama
+        chunks = self._tokenize(self.render_prompt(len(images), prompt), images)
+        try:
+            n_prompt, _, _ = self._eval_chunks(chunks)
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+        if n_prompt + len(answer) + 1 > self.n_ctx:
+            raise VermError("prompt and answer do not fit the context")
+        n_vocab = llama.n_vocab()
+        rows = [np.ctypeslib.as_array(lc.llama_get_logits_ith(llama._ctx.ctx, -1),
+                                      shape=(n_vocab,)).copy()]
+        forced = list(answer[:-1])
+        for i in range(0, len(forced), llama.n_batch):
+            part = forced[i : i + llama.n_batch]
+            llama._batch.set_batch(batch=part, n_past=llama.n_tokens, logits_all=True)
+            llama._ctx.decode(llama._batch)
+            logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(len(part) * n_vocab,))
+            rows.extend(logits.reshape(len(part), n_vocab).copy())
+            llama.n_tokens += len(part)
+        x = np.stack(rows).astype(np.float64)
+        x -= x.max(axis=1, keepdims=True)
+        x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
+        return x.astype(np.float32)
+
+    def prompt_text_tokens(self, images: list[PreparedImage], prompt: str) -> list[int]:
+        """The prompt's text token ids, image chunks left out (to compare tokenizers)."""
+        mtmd = self._mtmd
+        chunks = self._tokenize(self.render_prompt(len(images), prompt), images)
+        out: list[int] = []
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t()
+                    ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                    out.extend(ptr[j] for j in range(n.value))
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        return out
+
     # -- generation ---------------------------------------------------------------------
 
     def generate(

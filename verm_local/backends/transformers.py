@@ -1,0 +1,253 @@
+"""transformers backend: the bf16 reference (and GPTQ checkpoints) through the same
+interface as llama.cpp, with the answer constrained to the same JSON schema by xgrammar
+(the grammar engine vLLM uses).
+
+dtype: bf16 on CUDA and MPS. On a CPU the default is float32 over the bf16 weights: it is
+the exact reference the quantized forms are measured against (bf16 matmuls on a CPU round
+differently from one build and CPU to the next, and are emulated, hence slow, on CPUs
+without native bf16). `dtype="bfloat16"` is available on a CPU for speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from ..errors import ModelError, VermError
+from ..images import PreparedImage
+from ..modelref import ResolvedModel
+from ..schema import ModelInfo
+from .base import Generation, Sampling
+
+STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+
+
+def pick_device(requested: str | None = None) -> str:
+    import torch
+
+    if requested and requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str, requested: str | None = None):
+    import torch
+
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if requested and requested != "auto":
+        if requested not in names:
+            raise VermError(f"unknown dtype {requested!r}; choose float32, bfloat16 or float16")
+        return names[requested]
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+class TransformersBackend:
+    """A loaded HF (or GPTQ) Qwen3-VL checkpoint; reusable across judgements."""
+
+    def __init__(
+        self,
+        model: ResolvedModel,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        threads: int | None = None,
+        verbose: bool = False,
+    ):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        if not verbose:
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        if threads:
+            torch.set_num_threads(threads)
+        if model.format == "gptq":
+            os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        self.torch = torch
+        t0 = time.perf_counter()
+        try:
+            self.processor = AutoProcessor.from_pretrained(str(model.path))
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                str(model.path), dtype=self.dtype).to(self.device).eval()
+        except (OSError, ValueError, ImportError, RuntimeError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{model.path}: transformers could not load the model ({msg})") from None
+        self.load_s = time.perf_counter() - t0
+        dtype_name = str(self.dtype).replace("torch.", "")
+        quant = model.quant if model.format == "gptq" else f"{model.quant}@{dtype_name}"
+        self.info = ModelInfo(path=str(model.path), quant=quant, sha256=model.sha256)
+        self._grammar_compiler = None
+
+    def close(self) -> None:
+        self.model = None
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def inputs(self, images: list[PreparedImage], prompt: str) -> dict[str, Any]:
+        """Tokenized chat (images first, then the prompt) with pixel values, on the device."""
+        content: list[dict[str, Any]] = [{"type": "image", "image": im.image} for im in images]
+        content.append({"type": "text", "text": prompt})
+        batch = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=True, add_generation_prompt=True,
+            return_dict=True, return_tensors="pt")
+        return batch.to(self.device)
+
+    def _json_processor(self, schema: dict[str, Any]):
+        try:
+            import xgrammar as xgr
+            from xgrammar.contrib.hf import LogitsProcessor
+        except ImportError:
+            raise VermError("constrained decoding with transformers needs xgrammar "
+                            "(pip install xgrammar), or pass --free") from None
+        if self._grammar_compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(
+                self.processor.tokenizer, vocab_size=self.model.config.text_config.vocab_size,
+                stop_token_ids=list(STOP_IDS))
+            self._grammar_compiler = xgr.GrammarCompiler(info)
+        compiled = self._grammar_compiler.compile_json_schema(json.dumps(schema),
+                                                              any_whitespace=False)
+        return LogitsProcessor(compiled)
+
+    # -- generation ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        images: list[PreparedImage],
+        prompt: str,
+        sampling: Sampling,
+        schema: dict[str, Any] | None = None,
+    ) -> Generation:
+        from transformers import LogitsProcessorList
+
+        torch = self.torch
+        if self.model is None:
+            raise VermError("model is closed")
+        # Compiled before the clock starts: it is per schema, not per judgement.
+        grammar = self._json_processor(schema) if schema is not None else None
+        t0 = time.perf_counter()
+        batch = self.inputs(images, prompt)
+        n_prompt = int(batch["input_ids"].shape[1])
+        image_token = self.model.config.image_token_id
+        n_image = int((batch["input_ids"] == image_token).sum())
+        first = _FirstCall()
+        vision = _Stopwatch(self._vision_module())
+        processors = [first, _PresencePenalty(sampling.presence_penalty, n_prompt)]
+        if grammar is not None:
+            processors.append(grammar)
+        kwargs: dict[str, Any] = {"do_sample": sampling.temperature > 0}
+        if sampling.temperature > 0:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k or None)
+            torch.manual_seed(sampling.seed)
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(
+                    **batch, max_new_tokens=sampling.max_tokens,
+                    logits_processor=LogitsProcessorList(processors),
+                    repetition_penalty=sampling.repeat_penalty,
+                    eos_token_id=list(STOP_IDS), pad_token_id=STOP_IDS[1], **kwargs)
+        finally:
+            vision.remove()
+        end = time.perf_counter()
+        new = out[0, n_prompt:].tolist()
+        stopped = bool(new) and new[-1] in STOP_IDS
+        if stopped:
+            new = new[:-1]
+        text = self.processor.tokenizer.decode(new, skip_special_tokens=True)
+        t_first = first.t or end
+        return Generation(
+            text=text,
+            finish_reason="stop" if stopped else "length",
+            prompt_tokens=n_prompt,
+            image_tokens=n_image,
+            completion_tokens=len(new),
+            vision_s=vision.total,
+            prefill_s=t_first - t0,
+            decode_s=end - t_first,
+        )
+
+    def _vision_module(self):
+        inner = getattr(self.model, "model", self.model)
+        return getattr(inner, "visual", None)
+
+    # -- teacher forcing ---------------------------------------------------------------
+
+    def answer_logprobs(self, images: list[PreparedImage], prompt: str,
+                        answer: list[int]):
+        """Log-probabilities (float32, [len(answer), vocab]) the model assigns at each answer
+        position when the answer is forced after the prompt."""
+        torch = self.torch
+        batch = self.inputs(images, prompt)
+        n_prompt = int(batch["input_ids"].shape[1])
+        ans = torch.tensor([answer], dtype=batch["input_ids"].dtype, device=self.device)
+        batch["input_ids"] = torch.cat([batch["input_ids"], ans], dim=1)
+        batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(ans)], 1)
+        if "mm_token_type_ids" in batch:
+            batch["mm_token_type_ids"] = torch.cat(
+                [batch["mm_token_type_ids"], torch.zeros_like(ans)], dim=1)
+        with torch.inference_mode():
+            logits = self.model(**batch).logits[0, n_prompt - 1 : n_prompt - 1 + len(answer)]
+        return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def prompt_text_tokens(self, images: list[PreparedImage], prompt: str) -> list[int]:
+        """The prompt's token ids with image placeholders removed (to compare tokenizers)."""
+        ids = self.inputs(images, prompt)["input_ids"][0].tolist()
+        return [t for t in ids if t != self.model.config.image_token_id]
+
+
+class _FirstCall:
+    """A logits processor that only notes when generation first asks for logits: that is
+    when the prefill forward pass has finished."""
+
+    def __init__(self):
+        self.t: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.t is None:
+            self.t = time.perf_counter()
+        return scores
+
+
+class _PresencePenalty:
+    """OpenAI/vLLM presence penalty: subtract a constant from every token already generated."""
+
+    def __init__(self, penalty: float, n_prompt: int):
+        self.penalty, self.n_prompt = penalty, n_prompt
+
+    def __call__(self, input_ids, scores):
+        if not self.penalty or input_ids.shape[1] <= self.n_prompt:
+            return scores
+        seen = scores.new_zeros(scores.shape)
+        seen.scatter_(1, input_ids[:, self.n_prompt:], 1.0)
+        return scores - self.penalty * seen
+
+
+class _Stopwatch:
+    """Sums the wall time spent inside a module's forward (the vision tower)."""
+
+    def __init__(self, module):
+        self.total = 0.0
+        self._t = 0.0
+        self._handles = []
+        if module is not None:
+            self._handles.append(module.register_forward_pre_hook(self._start))
+            self._handles.append(module.register_forward_hook(self._stop))
+
+    def _start(self, *_):
+        self._t = time.perf_counter()
+
+    def _stop(self, *_):
+        self.total += time.perf_counter() - self._t
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
