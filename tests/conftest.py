@@ -59,3 +59,31 @@ def tiny_gguf(tmp_path_factory, tiny_hf) -> Path:
     proc = run_cli("convert", "gguf", tiny_hf, out, "--quant", "Q8_0,Q4_K_M")
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+def _gptq(tmp_path_factory, tiny_hf, bits: int) -> Path:
+    out = tmp_path_factory.mktemp("gptq") / f"tiny-gptq{bits}"
+    proc = run_cli("convert", "gptq", tiny_hf, out, "--bits", bits, "--samples", "4",
+                   timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq4(tmp_path_factory, tiny_hf) -> Path:
+    return _gptq(tmp_path_factory, tiny_hf, 4)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq8(tmp_path_factory, tiny_hf) -> Path:
+    return _gptq(tmp_path_factory, tiny_hf, 8)
+
+
+# A judge's answer to force on every model when comparing distributions.
+FORCED_ANSWER = (
+    '{"structure_error_count": 0, "data_error_count": 1, "text_error_count": 0, '
+    '"style_error_count": 1, "errors": [{"category": "data_error", "severity": 2, '
+    '"location": "second bar", "description": "height 5 became 4"}, {"category": '
+    '"style_error", "severity": 1, "location": "all bars", "description": "blue bars are '
+    'orange"}]}'
+)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -23,6 +23,22 @@ app = typer.Typer(
 convert_app = typer.Typer(help="Build models: tiny test model, GGUF conversion and quants.",
                           no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send everything libraries print while loading and running a model (GPTQModel's
+    banner, native logs) to stderr, so stdout carries only the result (`--json` pipes)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def fail(message: str, code: int) -> None:
@@ -92,10 +108,11 @@ def judge_cmd(
                             top_k=top_k, presence_penalty=presence_penalty, seed=seed)
     if backend not in ("auto", "llamacpp", "transformers"):
         fail(f"unknown backend {backend!r}; choose auto, llamacpp or transformers", 2)
-    with Judge(model, mmproj=mmproj, quant=quant, threads=threads, n_gpu_layers=gpu_layers,
-               backend_name=backend, device=device, dtype=dtype,
-               image_token_budget=image_tokens, max_tokens=max_tokens,
-               reward_scale=reward_scale, verbose=verbose) as j:
+    with stdout_to_stderr(), Judge(
+        model, mmproj=mmproj, quant=quant, threads=threads, n_gpu_layers=gpu_layers,
+        backend_name=backend, device=device, dtype=dtype, image_token_budget=image_tokens,
+        max_tokens=max_tokens, reward_scale=reward_scale, verbose=verbose,
+    ) as j:
         result = j.judge(gt_img, pred_img, task, free=free, sampling=sampling,
                          prompt_file=prompt_file, max_errors=max_errors)
     if as_json:
@@ -134,6 +151,29 @@ def gguf_cmd(
     for entry in manifest["files"]:
         typer.echo(f"{entry['quant']:>7}  {entry['size'] / 1e6:8.1f} MB  "
                    f"{entry['sha256'][:12]}  {out_dir / entry['file']}")
+
+
+@convert_app.command("gptq")
+def gptq_cmd(
+    hf_dir: Path = typer.Argument(..., help="Hugging Face Qwen3-VL checkpoint (bf16)."),
+    out_dir: Path = typer.Argument(..., help="Output directory."),
+    bits: int = typer.Option(4, "--bits", help="4 or 8."),
+    group_size: int = typer.Option(128, "--group-size", help="Columns per scale (-1 = per row)."),
+    calibration: str = typer.Option("synthetic", "--calibration",
+                                    help="'synthetic' (drawn chart/table/SVG pairs) or a "
+                                         "directory in VC-RewardBench layout."),
+    samples: int = typer.Option(8, "--samples", help="Calibration conversations."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Quantize the language model to GPTQ int4/int8 with GPTQModel, with a manifest."""
+    from .convert.gptq import convert_gptq
+
+    manifest = convert_gptq(hf_dir, out_dir, bits=bits, group_size=group_size,
+                            calibration=calibration, samples=samples, seed=seed)
+    for entry in manifest["files"]:
+        if entry["kind"] == "weights":
+            typer.echo(f"{entry['quant']}  {entry['size'] / 1e6:8.1f} MB  "
+                       f"{entry['sha256'][:12]}  {out_dir / entry['file']}")
 
 
 @app.command("version")

@@ -1,0 +1,96 @@
+"""transformers backend (bf16 reference) and GPTQ int4/int8 export and inference."""
+
+import json
+
+import jsonschema
+import pytest
+from safetensors import safe_open
+
+from verm_local.benchmarks.kld import kl_per_token, summarize
+from verm_local.fileio import sha256_file
+from verm_local.images import load_image
+from verm_local.prompts import default_prompt
+from verm_local.schema import judgement_schema
+
+from .conftest import FORCED_ANSWER, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _judge(model, pair, *extra):
+    proc = run_cli("judge", *pair, "--model", model, "--json", "--max-errors", "1", *extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    jsonschema.validate(out, judgement_schema())
+    return out
+
+
+def test_transformers_backend_judges_the_hf_checkpoint(tiny_hf, tiny_gguf, pair):
+    out = _judge(tiny_hf, pair, "--backend", "transformers", "--task", "table")
+    assert out["model"]["quant"] == "bf16@float32"
+    assert len(out["errors"]) <= 1
+    assert all(e["category"] in ("layout_error", "text_error", "numeric_error")
+               for e in out["errors"])
+    # Same prompt and image handling as llama.cpp: the same token count.
+    gguf = _judge(tiny_gguf, pair, "--task", "table", "--quant", "Q4_K_M")
+    assert out["timings"]["prompt_tokens"] == gguf["timings"]["prompt_tokens"]
+
+
+def test_backend_must_match_the_format(tiny_hf, pair):
+    proc = run_cli("judge", *pair, "--model", tiny_hf, "--backend", "llamacpp")
+    assert proc.returncode == 3 and "runs on the transformers backend" in proc.stderr
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_export_is_a_gptq_v1_checkpoint_with_manifest(request, bits):
+    out = request.getfixturevalue(f"tiny_gptq{bits}")
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    # What transformers and vLLM read to serve a GPTQ checkpoint.
+    assert qcfg["quant_method"] == "gptq" and qcfg["bits"] == bits
+    assert qcfg["group_size"] == 128 and qcfg.get("checkpoint_format", "gptq") == "gptq"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "gptq" and manifest["bits"] == bits
+    for entry in manifest["files"]:
+        assert entry["sha256"] == sha256_file(out / entry["file"])
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        qweights = [k for k in keys if k.endswith(".qweight")]
+        assert qweights and all(k.startswith("model.language_model.layers.") for k in qweights)
+        # The vision tower stays 16-bit.
+        vision = [k for k in keys if k.startswith("model.visual.") and k.endswith(".weight")]
+        assert vision and all(str(f.get_tensor(k).dtype) in ("torch.bfloat16", "torch.float16")
+                              for k in vision[:20])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_judges_and_reports_kl_against_the_reference(request, tiny_hf, pair, bits):
+    from verm_local.backends.transformers import TransformersBackend
+    from verm_local.modelref import resolve_model
+
+    model = request.getfixturevalue(f"tiny_gptq{bits}")
+    out = _judge(model, pair)
+    assert out["model"]["quant"] == f"gptq-int{bits}"
+
+    images = [load_image(p) for p in pair]
+    prompt = default_prompt("chart")
+    ref = TransformersBackend(resolve_model(tiny_hf))
+    answer = ref.processor.tokenizer.encode(FORCED_ANSWER, add_special_tokens=False)
+    ref_lp = ref.answer_logprobs(images, prompt, answer)
+    cand = TransformersBackend(resolve_model(model))
+    stats = summarize(kl_per_token(ref_lp, cand.answer_logprobs(images, prompt, answer)))
+    print(f"GPTQ int{bits} vs HF fp32: {stats}")
+    assert stats["tokens"] == len(answer) and stats["mean"] == stats["mean"]
+    assert 0 <= stats["mean"] < 1.0
+
+
+def test_gptq_refuses_bad_input(tmp_path, tiny_hf):
+    proc = run_cli("convert", "gptq", tmp_path / "nowhere", tmp_path / "out")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    fake = tmp_path / "llama"
+    fake.mkdir()
+    (fake / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                                  "model_type": "llama"}))
+    proc = run_cli("convert", "gptq", fake, tmp_path / "out")
+    assert proc.returncode == 3 and "is not Qwen3VLForConditionalGeneration" in proc.stderr
+    proc = run_cli("convert", "gptq", tiny_hf, tmp_path / "out", "--bits", "3")
+    assert proc.returncode == 2 and "--bits must be 4 or 8" in proc.stderr
