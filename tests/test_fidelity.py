@@ -87,3 +87,27 @@ def test_quant_ladder_orders_by_kl(reference, gguf):
         means[quant] = sum(per_task) / len(per_task)
     print(f"mean KL vs HF fp32 over {len(TASKS)} prompts: {means}")
     assert means["F16"] <= means["Q8_0"] <= means["Q4_K_M"]
+
+
+def test_odd_sized_images_get_the_same_pixels_on_both_paths(tiny_hf, tiny_gguf, tmp_path):
+    """Images whose sides are not multiples of 32 are resized once by verm-local (Qwen's
+    smart resize), so neither llama.cpp nor transformers resamples them differently."""
+    from verm_local.backends.llamacpp import LlamaCppBackend
+    from verm_local.backends.transformers import TransformersBackend
+    from verm_local.modelref import resolve_model
+
+    from .conftest import draw_chart
+
+    gt = draw_chart(tmp_path / "gt.png", [2, 6, 3], size=(333, 251))
+    pred = draw_chart(tmp_path / "pred.png", [2, 5, 3], size=(333, 251))
+    images = [load_image(gt), load_image(pred)]
+    assert images[0].size == (320, 256)
+    hf = TransformersBackend(resolve_model(tiny_hf), dtype="float32")
+    answer = hf.processor.tokenizer.encode(FORCED_ANSWER, add_special_tokens=False)
+    ref = hf.answer_logprobs(images, default_prompt("chart"), answer)
+    ll = LlamaCppBackend(resolve_model(tiny_gguf, quant="F16"), n_ctx=2048)
+    try:
+        cand = ll.answer_logprobs(images, default_prompt("chart"), answer)
+    finally:
+        ll.close()
+    assert kl_per_token(ref, cand).mean() < 1e-3

@@ -15,9 +15,9 @@ def _save(img: Image.Image, path, fmt: str, **kw):
 @pytest.mark.parametrize("fmt,ext", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"),
                                      ("BMP", "bmp"), ("GIF", "gif")])
 def test_supported_formats_load_as_rgb(tmp_path, fmt, ext):
-    p = _save(Image.new("RGB", (64, 48), (200, 10, 10)), tmp_path / f"a.{ext}", fmt)
+    p = _save(Image.new("RGB", (320, 256), (200, 10, 10)), tmp_path / f"a.{ext}", fmt)
     img = load_image(p)
-    assert img.image.mode == "RGB" and img.size == (64, 48)
+    assert img.image.mode == "RGB" and img.size == (320, 256)
 
 
 def test_gif_uses_first_frame(tmp_path):
@@ -29,12 +29,12 @@ def test_gif_uses_first_frame(tmp_path):
 
 
 def test_exif_orientation_is_honoured(tmp_path):
-    img = Image.new("RGB", (60, 30), "white")
+    img = Image.new("RGB", (640, 320), "white")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     p = tmp_path / "rot.jpg"
     img.save(p, exif=exif.tobytes())
-    assert load_image(p).size == (30, 60)
+    assert load_image(p).size == (320, 640)
 
 
 def test_alpha_is_composited_on_white(tmp_path):
@@ -66,10 +66,28 @@ def test_budget_downscales_keeping_aspect(tmp_path):
     assert img.original_size == (2000, 1000)
 
 
-def test_budget_leaves_small_images_alone():
-    assert fit_to_budget(320, 256, 1024) == (320, 256)
+def test_sizing_is_qwen_smart_resize_with_factor_32():
+    assert fit_to_budget(320, 256, 1024) == (320, 256)  # already fine: untouched
+    assert fit_to_budget(330, 250, 1024) == (320, 256)  # nearest multiples of 32
+    w, h = fit_to_budget(64, 48, 1024)  # tiny: upscaled to at least 64 tokens
+    assert w % 32 == h % 32 == 0 and visual_tokens(w, h) >= 64 and abs(w / h - 4 / 3) < 0.1
+    assert fit_to_budget(4000, 3000, 16) == (128, 96)
     assert visual_tokens(320, 256) == 80
     assert visual_tokens(33, 1) == 2
+
+
+def test_matches_transformers_smart_resize():
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    for w, h in [(320, 256), (333, 251), (1920, 1080), (50, 700), (4096, 4096), (64, 48)]:
+        hh, ww = smart_resize(h, w, factor=32, min_pixels=64 * 1024, max_pixels=1024 * 1024)
+        assert fit_to_budget(w, h, 1024) == (ww, hh)
+
+
+def test_extreme_aspect_is_refused(tmp_path):
+    p = _save(Image.new("RGB", (8000, 20), "white"), tmp_path / "strip.png", "PNG")
+    with pytest.raises(InputError, match="aspect ratio"):
+        load_image(p)
 
 
 def test_missing_empty_and_directory(tmp_path):

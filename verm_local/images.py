@@ -16,6 +16,9 @@ from .constants import DEFAULT_IMAGE_TOKEN_BUDGET, MAX_IMAGE_PIXELS, PIXELS_PER_
 from .errors import InputError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+# Qwen3-VL's image processor: at least 65,536 pixels (64 tokens), aspect at most 200:1.
+MIN_IMAGE_TOKENS = 64
+MAX_ASPECT = 200
 
 
 @dataclass(frozen=True)
@@ -44,21 +47,27 @@ def visual_tokens(width: int, height: int) -> int:
     return max(1, math.ceil(width / s)) * max(1, math.ceil(height / s))
 
 
-def fit_to_budget(width: int, height: int, budget: int) -> tuple[int, int]:
-    """Largest size with the same aspect, at most `budget` tokens, sides multiples of 32 when
-    the image is downscaled (so every pipeline sees the same patches)."""
+def fit_to_budget(width: int, height: int, budget: int,
+                  min_tokens: int = MIN_IMAGE_TOKENS) -> tuple[int, int]:
+    """Qwen-VL's own smart resize with factor 32: sides multiples of 32, aspect kept as
+    closely as possible, between `min_tokens` and `budget` visual tokens. Done here, once,
+    so llama.cpp and transformers both receive pixels they leave as they are."""
     if budget < 1:
         raise InputError(f"image token budget must be at least 1, got {budget}")
-    if visual_tokens(width, height) <= budget:
-        return width, height
     s = PIXELS_PER_TOKEN_SIDE
-    scale = math.sqrt(budget * s * s / (width * height))
-    while True:
-        w = max(s, int(width * scale) // s * s)
-        h = max(s, int(height * scale) // s * s)
-        if visual_tokens(w, h) <= budget:
-            return w, h
-        scale *= 0.98
+    max_pixels = budget * s * s
+    min_pixels = min(min_tokens, budget) * s * s
+    h_bar = max(s, round(height / s) * s)
+    w_bar = max(s, round(width / s) * s)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(s, math.floor(height / beta / s) * s)
+        w_bar = max(s, math.floor(width / beta / s) * s)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / s) * s
+        w_bar = math.ceil(width * beta / s) * s
+    return w_bar, h_bar
 
 
 def load_image(
@@ -112,7 +121,11 @@ def _decode(data: bytes, label: str, token_budget: int) -> PreparedImage:
         Image.MAX_IMAGE_PIXELS = previous
     original = img.size
     rgb = to_rgb(img)
-    size = fit_to_budget(*rgb.size, token_budget)
+    w, h = rgb.size
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise InputError(f"{label}: aspect ratio {max(w, h) / min(w, h):.0f}:1 is beyond "
+                         f"{MAX_ASPECT}:1, which the vision encoder cannot take")
+    size = fit_to_budget(w, h, token_budget)
     if size != rgb.size:
         rgb = rgb.resize(size, Image.Resampling.BICUBIC)
     return PreparedImage(image=rgb, source=label, original_size=original)
