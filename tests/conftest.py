@@ -87,3 +87,21 @@ FORCED_ANSWER = (
     '"style_error", "severity": 1, "location": "all bars", "description": "blue bars are '
     'orange"}]}'
 )
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_hf) -> Path:
+    """The tiny model's vision tower in ONNX fp32 and int8."""
+    out = tmp_path_factory.mktemp("onnx")
+    for precision in ("fp32", "int8"):
+        proc = run_cli("convert", "onnx", tiny_hf, out / precision, "--precision", precision)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_f32_mmproj(tmp_path_factory, tiny_hf) -> Path:
+    out = tmp_path_factory.mktemp("gguf32") / "tiny-gguf-f32"
+    proc = run_cli("convert", "gguf", tiny_hf, out, "--quant", "", "--mmproj-type", "f32")
+    assert proc.returncode == 0, proc.stderr
+    return out

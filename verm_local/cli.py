@@ -69,6 +69,12 @@ def judge_cmd(
                                          help="transformers: auto | cpu | cuda | mps."),
     dtype: Optional[str] = typer.Option(None, "--dtype",
                                         help="transformers: auto | float32 | bfloat16."),
+    vision: str = typer.Option("auto", "--vision",
+                               help="GGUF: auto | gguf (mmproj) | onnx (ONNX Runtime tower)."),
+    vision_model: Optional[Path] = typer.Option(None, "--vision-model",
+                                                help="`convert onnx` output (default: <model>/onnx)."),
+    vision_precision: Optional[str] = typer.Option(None, "--vision-precision",
+                                                   help="fp32 | fp16 | int8 (default: first found)."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0,
                                       help="0 = greedy (reproducible)."),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -110,7 +116,9 @@ def judge_cmd(
         fail(f"unknown backend {backend!r}; choose auto, llamacpp or transformers", 2)
     with stdout_to_stderr(), Judge(
         model, mmproj=mmproj, quant=quant, threads=threads, n_gpu_layers=gpu_layers,
-        backend_name=backend, device=device, dtype=dtype, image_token_budget=image_tokens,
+        backend_name=backend, device=device, dtype=dtype, vision=vision,
+        vision_model=vision_model, vision_precision=vision_precision,
+        image_token_budget=image_tokens,
         max_tokens=max_tokens, reward_scale=reward_scale, verbose=verbose,
     ) as j:
         result = j.judge(gt_img, pred_img, task, free=free, sampling=sampling,
@@ -174,6 +182,22 @@ def gptq_cmd(
         if entry["kind"] == "weights":
             typer.echo(f"{entry['quant']}  {entry['size'] / 1e6:8.1f} MB  "
                        f"{entry['sha256'][:12]}  {out_dir / entry['file']}")
+
+
+@convert_app.command("onnx")
+def onnx_cmd(
+    hf_dir: Path = typer.Argument(..., help="Hugging Face Qwen3-VL checkpoint."),
+    out_dir: Path = typer.Argument(..., help="Output directory (e.g. <gguf dir>/onnx)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+) -> None:
+    """Export the vision tower (with deepstack outputs) to ONNX for ONNX Runtime."""
+    from .convert.onnx import convert_onnx
+
+    manifest = convert_onnx(hf_dir, out_dir, precision)
+    for entry in manifest["files"]:
+        if entry["file"].endswith(".onnx"):
+            typer.echo(f"{precision}  {entry['size'] / 1e6:8.1f} MB  {entry['sha256'][:12]}  "
+                       f"{out_dir / entry['file']}")
 
 
 @app.command("version")

@@ -57,7 +57,7 @@ VOCAB_SIZE = 151936
 
 # GGUF quant types, best first; a converted directory's default is the first present.
 GGUF_QUANTS: tuple[str, ...] = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
-MMPROJ_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0")
+MMPROJ_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "f32")
 MANIFEST_NAME = "manifest.json"
 
 # The converter and the runtime come from one llama.cpp commit: this release's sdist.

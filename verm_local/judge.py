@@ -42,6 +42,9 @@ class Judge:
         backend_name: str = "auto",
         device: str | None = None,
         dtype: str | None = None,
+        vision: str = "auto",
+        vision_model: str | Path | None = None,
+        vision_precision: str | None = None,
         image_token_budget: int = DEFAULT_IMAGE_TOKEN_BUDGET,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         reward_scale: float | None = None,
@@ -71,12 +74,15 @@ class Judge:
             return
         from .backends.llamacpp import LlamaCppBackend
 
+        encoder = _vision_encoder(resolved.path.parent, vision, vision_model, vision_precision,
+                                  threads, n_gpu_layers != 0)
         self.backend = LlamaCppBackend(
             resolved,
             n_ctx=context_size(image_token_budget, max_tokens),
             threads=threads,
             n_gpu_layers=n_gpu_layers,
             image_max_tokens=image_token_budget,
+            vision=encoder,
             verbose=verbose,
         )
 
@@ -114,6 +120,7 @@ class Judge:
         answer = extract_json(gen.text)
         timings = Timings(
             load_s=round(self.backend.load_s, 4),
+            vision_s=round(gen.vision_s, 4),
             prefill_s=round(gen.prefill_s, 4),
             decode_s=round(gen.decode_s, 4),
             prompt_tokens=gen.prompt_tokens,
@@ -130,6 +137,25 @@ class Judge:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _vision_encoder(model_dir: Path, mode: str, vision_model: str | Path | None,
+                    precision: str | None, threads: int | None, gpu: bool):
+    """The external vision encoder the GGUF path should use, or None for the mmproj."""
+    import sys
+
+    from .vision_onnx import OnnxVision, choose_vision, find_tower, onnxruntime_available
+
+    tower = Path(vision_model) if vision_model else find_tower(model_dir)
+    if vision_model and not (tower / "vision_spec.json").is_file():
+        raise ModelError(f"{tower}: not an ONNX vision tower written by `verm-local convert onnx`")
+    ok = onnxruntime_available()
+    path, reason = choose_vision(mode, tower, ok, gpu)
+    if mode == "auto" and tower is not None and not ok:
+        print(f"verm-local: note: {reason}", file=sys.stderr)
+    if path == "gguf":
+        return None
+    return OnnxVision(tower, precision, threads=threads)
 
 
 def judge(

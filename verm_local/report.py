@@ -31,7 +31,8 @@ def print_judgement(result: Judgement, console: Console | None = None) -> None:
                   style="bold")
     t, m = result.timings, result.model
     console.print(
-        f"model {m.path} ({m.quant}); load {t.load_s:.2f} s, prefill {t.prefill_s:.2f} s "
+        f"model {m.path} ({m.quant}, vision {m.vision}); load {t.load_s:.2f} s, "
+        f"vision {t.vision_s:.2f} s, prefill {t.prefill_s:.2f} s "
         f"({t.prompt_tokens} tokens), decode {t.decode_s:.2f} s ({t.completion_tokens} tokens)",
         style="dim", markup=False, highlight=False,
     )

@@ -31,10 +31,12 @@ class ModelInfo(BaseModel):
     path: str = ""
     quant: str = ""
     sha256: str = ""
+    vision: str = ""  # which vision encoder ran: "mmproj-f16", "onnx-int8", "transformers"
 
 
 class Timings(BaseModel):
     load_s: float = 0.0
+    vision_s: float = 0.0  # image encoding, part of prefill_s
     prefill_s: float = 0.0
     decode_s: float = 0.0
     prompt_tokens: int = 0

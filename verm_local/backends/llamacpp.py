@@ -11,6 +11,8 @@ import os
 import time
 from typing import Any
 
+import numpy as np
+
 from ..errors import ModelError, VermError
 from ..images import PreparedImage
 from ..modelref import ResolvedModel
@@ -29,6 +31,7 @@ class LlamaCppBackend:
         threads: int | None = None,
         n_gpu_layers: int = 0,
         image_max_tokens: int | None = None,
+        vision: Any = None,
         verbose: bool = False,
     ):
         import llama_cpp
@@ -37,7 +40,14 @@ class LlamaCppBackend:
 
         self._llama_cpp, self._mtmd, self._quiet = llama_cpp, mtmd, suppress_stdout_stderr
         self.verbose = verbose
-        self.info = ModelInfo(path=str(model.path), quant=model.quant, sha256=model.sha256)
+        # An external vision encoder (verm_local.vision_onnx.OnnxVision) or None: mmproj.
+        self.vision = vision
+        mm = model.mmproj.name if model.mmproj else ""
+        mm_type = mm.removeprefix("mmproj-").removesuffix(".gguf") if mm.startswith("mmproj-") else mm
+        vision_name = (f"onnx-{vision.path.stem.removeprefix('vision-')}" if vision is not None
+                       else f"mmproj-{mm_type}")
+        self.info = ModelInfo(path=str(model.path), quant=model.quant, sha256=model.sha256,
+                              vision=vision_name)
         threads = threads or os.cpu_count() or 1
         t0 = time.perf_counter()
         try:
@@ -142,7 +152,46 @@ class LlamaCppBackend:
             for bm in bitmaps:
                 mtmd.mtmd_bitmap_free(bm)
 
-    def _eval_chunks(self, chunks) -> tuple[int, int, float]:
+    def _encode_image(self, chunk, image: PreparedImage | None):
+        """Embeddings of one image chunk, [tokens * n_embd_inp] floats, and the seconds it
+        took: from the mmproj, or from the external vision encoder when one is set."""
+        mtmd = self._mtmd
+        if self.vision is None or image is None:
+            t0 = time.perf_counter()
+            with self._quiet(disable=self.verbose):
+                rc = mtmd.mtmd_encode_chunk(self._mctx, chunk)
+            dt = time.perf_counter() - t0
+            if rc != 0:
+                raise VermError(f"llama.cpp failed to encode an image (code {rc})")
+            return mtmd.mtmd_get_output_embd(self._mctx), dt, None
+        emb, dt = self.vision.encode(image)
+        n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+        width = self._llama_cpp.llama_model_n_embd_inp(self.llama.model)
+        if emb.shape != (n_tokens, width):
+            raise VermError(f"vision encoder gave {emb.shape} for an image llama.cpp lays out as "
+                            f"({n_tokens}, {width}); the ONNX tower and GGUF do not match")
+        keep = np.ascontiguousarray(emb, dtype=np.float32)
+        return keep.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), dt, keep
+
+    def image_embeddings(self, image: PreparedImage):
+        """[tokens, n_embd_inp] embeddings of one image as the GGUF path feeds them to the
+        text model (mmproj, or the external encoder when set)."""
+        mtmd = self._mtmd
+        chunks = self._tokenize(self.render_prompt(1, "."), [image])
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    ptr, _, _ = self._encode_image(chunk, image)
+                    n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                    width = self._llama_cpp.llama_model_n_embd_inp(self.llama.model)
+                    return np.ctypeslib.as_array(ptr, shape=(n * width,)).reshape(n, width).copy()
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        raise VermError("no image chunk in the prompt")
+
+    def _eval_chunks(self, chunks, images: list[PreparedImage] | None = None
+                     ) -> tuple[int, int, float]:
         """Evaluate every chunk from position 0. Returns (tokens, image tokens, vision s)."""
         mtmd, lc, llama = self._mtmd, self._llama_cpp, self.llama
         n_chunks = mtmd.mtmd_input_chunks_size(chunks)
@@ -154,7 +203,7 @@ class LlamaCppBackend:
                             "lower the image token budget or raise the context size")
         llama.reset()
         llama._ctx.kv_cache_clear()
-        image_tokens, vision_s = 0, 0.0
+        image_tokens, vision_s, n_image = 0, 0.0, 0
         for i in range(n_chunks):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             kind = mtmd.mtmd_input_chunk_get_type(chunk)
@@ -164,13 +213,10 @@ class LlamaCppBackend:
                 llama.eval([ptr[j] for j in range(n.value)])
                 continue
             image_tokens += sizes[i]
-            t0 = time.perf_counter()
-            with self._quiet(disable=self.verbose):
-                rc = mtmd.mtmd_encode_chunk(self._mctx, chunk)
-            vision_s += time.perf_counter() - t0
-            if rc != 0:
-                raise VermError(f"llama.cpp failed to encode an image (code {rc})")
-            embd = mtmd.mtmd_get_output_embd(self._mctx)
+            image = images[n_image] if images and n_image < len(images) else None
+            n_image += 1
+            embd, dt, _keep = self._encode_image(chunk, image)
+            vision_s += dt
             new_pos = lc.llama_pos(0)
             with self._quiet(disable=self.verbose):
                 rc = mtmd.mtmd_helper_decode_image_chunk(
@@ -188,12 +234,10 @@ class LlamaCppBackend:
     def answer_logprobs(self, images: list[PreparedImage], prompt: str, answer: list[int]):
         """Log-probabilities (float32, [len(answer), vocab]) at each answer position when the
         answer is forced after the prompt (same positions the HF model is scored at)."""
-        import numpy as np
-
         lc, llama = self._llama_cpp, self.llama
         chunks = self._tokenize(self.render_prompt(len(images), prompt), images)
         try:
-            n_prompt, _, _ = self._eval_chunks(chunks)
+            n_prompt, _, _ = self._eval_chunks(chunks, images)
         finally:
             self._mtmd.mtmd_input_chunks_free(chunks)
         if n_prompt + len(answer) + 1 > self.n_ctx:
@@ -247,7 +291,7 @@ class LlamaCppBackend:
         t0 = time.perf_counter()
         chunks = self._tokenize(text, images)
         try:
-            n_prompt, n_image, vision_s = self._eval_chunks(chunks)
+            n_prompt, n_image, vision_s = self._eval_chunks(chunks, images)
         finally:
             self._mtmd.mtmd_input_chunks_free(chunks)
         prefill_s = time.perf_counter() - t0

@@ -84,7 +84,8 @@ class TransformersBackend:
         self.load_s = time.perf_counter() - t0
         dtype_name = str(self.dtype).replace("torch.", "")
         quant = model.quant if model.format == "gptq" else f"{model.quant}@{dtype_name}"
-        self.info = ModelInfo(path=str(model.path), quant=quant, sha256=model.sha256)
+        self.info = ModelInfo(path=str(model.path), quant=quant, sha256=model.sha256,
+                              vision="transformers")
         self._grammar_compiler = None
 
     def close(self) -> None:
