@@ -90,12 +90,50 @@ def _export_fp32(hf_dir: Path, out: Path, spec: dict[str, Any]) -> None:
     idx, wts = position_interpolation(gh, gw, s.merge_size, s.num_grid_per_side)
     args = (torch.randn(gh * gw, dim), torch.from_numpy(idx), torch.from_numpy(wts),
             torch.from_numpy(rotary_positions(gh, gw, s.merge_size)))
-    with torch.no_grad():
-        torch.onnx.export(
-            tower, args, str(out), input_names=list(INPUTS), output_names=["embeddings"],
-            dynamic_axes={**{name: {0: "patches"} for name in INPUTS},
-                          "embeddings": {0: "tokens"}},
-            opset_version=18, dynamo=False)
+    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                tower, args, str(scratch / out.name), input_names=list(INPUTS),
+                output_names=["embeddings"],
+                dynamic_axes={**{name: {0: "patches"} for name in INPUTS},
+                              "embeddings": {0: "tokens"}},
+                opset_version=18, dynamo=False)
+        _save_compact(scratch / out.name, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# Protobuf caps a single .onnx at 2 GB; the real tower (2.3 GB in fp32) keeps its weights
+# in one external data file beside the graph.
+_PROTO_LIMIT = 1_800_000_000
+
+
+def _save_compact(src: Path, dst: Path) -> None:
+    """Re-save an exported graph as one file, or graph + one `<name>.data` when large
+    (the exporter writes one file per tensor past the protobuf limit)."""
+    import onnx
+
+    total = sum(f.stat().st_size for f in src.parent.iterdir() if f.is_file())
+    model = onnx.load(str(src))  # pulls external tensors in
+    if total < _PROTO_LIMIT:
+        onnx.save_model(model, str(dst))
+    else:
+        onnx.save_model(model, str(dst), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=dst.name + ".data",
+                        size_threshold=1024)
+
+
+def _data_size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return data.stat().st_size if data.exists() else 0
+
+
+def _remove_graph(path: Path) -> None:
+    path.unlink()
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
 
 
 def convert_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32",
@@ -125,15 +163,20 @@ def convert_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantize_dynamic(str(fp32), str(final), weight_type=QuantType.QInt8)
-            fp32.unlink()
+            _remove_graph(fp32)
         elif precision == "fp16":
             say("[2/3] converting to fp16 (for the CUDA execution provider)")
             import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             half = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
-            onnx.save(half, str(final))
-            fp32.unlink()
+            big = fp32.stat().st_size + _data_size(fp32) > 2 * _PROTO_LIMIT
+            _remove_graph(fp32)
+            if not big:
+                onnx.save_model(half, str(final))
+            else:
+                onnx.save_model(half, str(final), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=final.name + ".data")
         else:
             say("[2/3] fp32: nothing to convert")
         (tmp / "vision_spec.json").write_text(json.dumps(spec, indent=2))

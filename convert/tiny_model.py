@@ -50,6 +50,19 @@ VISION = dict(
     deepstack_visual_indexes=[1, 2, 3],
 )
 
+# Real Qwen3-VL-8B shapes (DESIGN.md §2), for speed and memory work with random weights.
+TEXT_8B = dict(TEXT, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               max_position_embeddings=262144)
+VISION_8B = dict(VISION, depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                 out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24])
+SHAPES = {
+    "tiny": (TEXT, VISION),
+    # The real vision tower with a 3-layer text model: vision-stage timings without 16 GB.
+    "8b-vision": (dict(TEXT_8B, num_hidden_layers=3), VISION_8B),
+    "8b": (TEXT_8B, VISION_8B),
+}
+
 # Renders image parts as vision blocks (the Qwen-VL convention); text parts verbatim.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -137,14 +150,18 @@ def check_tokenizer(model_dir: Path) -> int:
     return len(vectors)
 
 
-def make_model(seed: int = 0):
-    """The tiny Qwen3VLForConditionalGeneration in bf16, weights fixed by `seed`."""
+def make_model(seed: int = 0, shape: str = "tiny"):
+    """A random-weight Qwen3VLForConditionalGeneration in bf16 (`shape`: tiny, 8b-vision,
+    8b), weights fixed by `seed`."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
+    if shape not in SHAPES:
+        raise VermError(f"unknown shape {shape!r}; choose {', '.join(SHAPES)}")
+    text, vision = SHAPES[shape]
     config = Qwen3VLConfig(
-        text_config=dict(TEXT, bos_token_id=151643, eos_token_id=151645),
-        vision_config=dict(VISION),
+        text_config=dict(text, bos_token_id=151643, eos_token_id=151645),
+        vision_config=dict(vision),
         image_token_id=SPECIAL_TOKENS["<|image_pad|>"],
         video_token_id=SPECIAL_TOKENS["<|video_pad|>"],
         vision_start_token_id=SPECIAL_TOKENS["<|vision_start|>"],
@@ -153,11 +170,18 @@ def make_model(seed: int = 0):
     )
     config.architectures = [MODEL_ARCHITECTURE]
     torch.manual_seed(seed)
-    return Qwen3VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+    if shape == "tiny":
+        return Qwen3VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+    torch.set_default_dtype(torch.bfloat16)  # the 8B shape in fp32 first would need 32 GB
+    try:
+        return Qwen3VLForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Qwen3-VL HF checkpoint to `out_dir` (deterministic for `seed`)."""
+def build_tiny_model(out_dir: str | Path, seed: int = 0, shape: str = "tiny") -> Path:
+    """Write a random-weight Qwen3-VL HF checkpoint to `out_dir` (deterministic for `seed`);
+    `shape` tiny (the test model) or the real 8B shapes for speed work."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -168,7 +192,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         print(f"      {n} reference tokenizations reproduced", file=sys.stderr)
 
         print(f"[2/4] random weights (seed {seed})", file=sys.stderr)
-        model = make_model(seed)
+        model = make_model(seed, shape)
 
         print("[3/4] config and safetensors", file=sys.stderr)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -179,7 +203,8 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         print("[4/4] image processor and chat template", file=sys.stderr)
         (tmp / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR, indent=2))
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-        (tmp / "tiny-model.json").write_text(json.dumps({"seed": seed, "random_weights": True}))
+        (tmp / "tiny-model.json").write_text(
+            json.dumps({"seed": seed, "shape": shape, "random_weights": True}))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.replace(out_dir)

@@ -134,3 +134,14 @@ def test_judge_with_onnx_vision_end_to_end(tiny_gguf, tiny_onnx, pair, tmp_path)
     proc = run_cli("judge", *pair, "--model", tiny_gguf, "--vision", "onnx")
     assert proc.returncode == 3 and "no ONNX vision tower" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_vision_stage_benchmark_reports_every_path(tiny_gguf, tiny_onnx, pair):
+    from verm_local.benchmarks.vision_stage import markdown, measure
+
+    rows = measure(tiny_gguf, pair[0], [tiny_onnx / "fp32", tiny_onnx / "int8"], repeat=1)
+    assert [r["path"] for r in rows] == ["onnx fp32", "mmproj f16", "onnx int8"]
+    assert all(r["median_s"] > 0 and r["tokens"] == 80 for r in rows)
+    assert rows[1]["rel_error_vs_ref"] < 1e-2  # f16 mmproj vs the exact fp32 tower
+    assert "| onnx int8 |" in markdown(rows, "gt.png", (320, 256))

@@ -135,11 +135,13 @@ def judge_cmd(
 def tiny_model_cmd(
     out_dir: Path = typer.Argument(..., help="Where to write the HF checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Weights are deterministic for a seed."),
+    shape: str = typer.Option("tiny", "--shape",
+                              help="tiny (tests) | 8b-vision | 8b (real shapes, for speed work)."),
 ) -> None:
     """Write a tiny random-weight Qwen3-VL checkpoint with the real Qwen2 tokenizer."""
     from .convert.tiny_model import build_tiny_model
 
-    path = build_tiny_model(out_dir, seed=seed)
+    path = build_tiny_model(out_dir, seed=seed, shape=shape)
     typer.echo(str(path))
 
 
@@ -149,7 +151,7 @@ def gguf_cmd(
     out_dir: Path = typer.Argument(..., help="Output directory."),
     quant: str = typer.Option("Q8_0,Q4_K_M", "--quant",
                               help="Comma-separated quants beside F16 (Q8_0,Q6_K,Q5_K_M,Q4_K_M)."),
-    mmproj_type: str = typer.Option("f16", "--mmproj-type", help="f16 | bf16 | q8_0"),
+    mmproj_type: str = typer.Option("f16", "--mmproj-type", help="f16 | bf16 | q8_0 | f32"),
     verbose: bool = typer.Option(False, "--verbose", help="Show the converter's own output."),
 ) -> None:
     """Convert to GGUF (F16 + quants) and mmproj, with a sha256 manifest."""

@@ -122,7 +122,13 @@ class OnnxVision:
         if not spec_path.is_file():
             raise ModelError(f"{model_dir}: no vision_spec.json; not a `convert onnx` output")
         self.spec = VisionSpec.load(spec_path)
-        files = sorted(model_dir.glob(f"vision-{precision}.onnx" if precision else "vision-*.onnx"))
+        available = ort.get_available_providers()
+        on_gpu = "CUDAExecutionProvider" in available
+        # fp16 only pays on a GPU; on a CPU fp32 is exact and int8 the fast option.
+        order = (["fp16", "fp32", "int8"] if on_gpu else ["fp32", "int8", "fp16"])
+        wanted = [precision] if precision else order
+        files = [model_dir / f"vision-{p}.onnx" for p in wanted
+                 if (model_dir / f"vision-{p}.onnx").is_file()]
         if not files:
             raise ModelError(f"{model_dir}: no vision-{precision or '*'}.onnx in it")
         self.path = files[0]
@@ -130,7 +136,6 @@ class OnnxVision:
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        available = ort.get_available_providers()
         chosen = [p for p in (providers or ["CUDAExecutionProvider", "CoreMLExecutionProvider",
                                             "CPUExecutionProvider"]) if p in available]
         self.session = ort.InferenceSession(str(self.path), opts, providers=chosen)

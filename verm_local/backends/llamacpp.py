@@ -176,16 +176,21 @@ class LlamaCppBackend:
     def image_embeddings(self, image: PreparedImage):
         """[tokens, n_embd_inp] embeddings of one image as the GGUF path feeds them to the
         text model (mmproj, or the external encoder when set)."""
+        return self.encode_image_timed(image)[0]
+
+    def encode_image_timed(self, image: PreparedImage):
+        """(embeddings [tokens, n_embd_inp], seconds spent in the vision encoder)."""
         mtmd = self._mtmd
         chunks = self._tokenize(self.render_prompt(1, "."), [image])
         try:
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd.mtmd_input_chunks_get(chunks, i)
                 if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    ptr, _, _ = self._encode_image(chunk, image)
+                    ptr, dt, _keep = self._encode_image(chunk, image)
                     n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                     width = self._llama_cpp.llama_model_n_embd_inp(self.llama.model)
-                    return np.ctypeslib.as_array(ptr, shape=(n * width,)).reshape(n, width).copy()
+                    emb = np.ctypeslib.as_array(ptr, shape=(n * width,)).reshape(n, width)
+                    return emb.copy(), dt
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
         raise VermError("no image chunk in the prompt")
