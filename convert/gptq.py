@@ -9,14 +9,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from verm_local.constants import MANIFEST_NAME, MODEL_ARCHITECTURE
 from verm_local.errors import InputError, ModelError
-from verm_local.fileio import manifest_entry, write_json_atomic
+from verm_local.fileio import atomic_directory, manifest_entry, write_json_atomic
 
 from .calibration import directory_conversations, synthetic_conversations
 from .gguf import check_checkpoint
@@ -82,9 +81,7 @@ def convert_gptq(
         raise ModelError(f"GPTQ quantization failed: {_first_line(exc)}") from None
 
     _log("[4/4] saving with a sha256 manifest", quiet)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         model.save(str(tmp))
         for name in _SIDE_FILES:
             if (hf_dir / name).is_file() and not (tmp / name).exists():
@@ -102,12 +99,6 @@ def convert_gptq(
             "files": entries,
         }
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     _log(f"      done in {time.perf_counter() - t0:.0f} s -> {out_dir}", quiet)
     return manifest
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from verm_local.constants import MANIFEST_NAME, MODEL_ARCHITECTURE
 from verm_local.errors import InputError, ModelError
-from verm_local.fileio import manifest_entry, write_json_atomic
+from verm_local.fileio import atomic_directory, manifest_entry, write_json_atomic
 from verm_local.vision_onnx import INPUTS
 
 from .gguf import check_checkpoint
@@ -144,16 +144,14 @@ def convert_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32
         raise InputError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     config = check_checkpoint(hf_dir)
     try:
-        import onnx  # noqa: F401
+        import onnx
         import onnxruntime  # noqa: F401
     except ImportError:
         raise ModelError("ONNX export needs onnx and onnxruntime: pip install 'verm-local[onnx]'") from None
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     spec = vision_spec(hf_dir, config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     t0 = time.perf_counter()
-    try:
+    with atomic_directory(out_dir) as tmp:
         fp32 = tmp / "vision-fp32.onnx"
         say("[1/3] exporting the vision tower (with deepstack outputs) to ONNX fp32")
         _export_fp32(hf_dir, fp32, spec)
@@ -166,7 +164,6 @@ def convert_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32
             _remove_graph(fp32)
         elif precision == "fp16":
             say("[2/3] converting to fp16 (for the CUDA execution provider)")
-            import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             half = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
@@ -192,11 +189,5 @@ def convert_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32
                       if p.is_file()],
         }
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     say(f"      done in {time.perf_counter() - t0:.0f} s -> {out_dir}")
     return manifest

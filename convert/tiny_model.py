@@ -15,6 +15,7 @@ from pathlib import Path
 
 from verm_local.constants import MODEL_ARCHITECTURE, SPECIAL_TOKENS, VOCAB_SIZE
 from verm_local.errors import VermError
+from verm_local.fileio import atomic_directory
 
 from .llama_sources import qwen2_vocab, tokenizer_vectors
 
@@ -183,9 +184,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, shape: str = "tiny") ->
     """Write a random-weight Qwen3-VL HF checkpoint to `out_dir` (deterministic for `seed`);
     `shape` tiny (the test model) or the real 8B shapes for speed work."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         print("[1/4] tokenizer from llama.cpp's qwen2 vocabulary", file=sys.stderr)
         build_tokenizer(tmp)
         n = check_tokenizer(tmp)
@@ -205,10 +204,4 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, shape: str = "tiny") ->
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         (tmp / "tiny-model.json").write_text(
             json.dumps({"seed": seed, "shape": shape, "random_weights": True}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

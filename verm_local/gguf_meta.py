@@ -67,7 +67,9 @@ def read_metadata(path: str | Path, stop_at: str = "tokenizer.ggml.tokens") -> d
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelError(f"{path}: not a GGUF file (corrupt or wrong file)")
-            _version, _n_tensors, n_kv = _read(f, "<I"), _read(f, "<Q"), _read(f, "<Q")
+            _read(f, "<I")  # version
+            _read(f, "<Q")  # tensor count
+            n_kv = _read(f, "<Q")
             meta: dict[str, Any] = {}
             for _ in range(n_kv):
                 key = _string(f)
