@@ -74,8 +74,12 @@ class Judge:
             return
         from .backends.llamacpp import LlamaCppBackend
 
+        import time
+
+        t0 = time.perf_counter()
         encoder = _vision_encoder(resolved.path.parent, vision, vision_model, vision_precision,
                                   threads, n_gpu_layers != 0)
+        encoder_load_s = time.perf_counter() - t0
         self.backend = LlamaCppBackend(
             resolved,
             n_ctx=context_size(image_token_budget, max_tokens),
@@ -85,6 +89,7 @@ class Judge:
             vision=encoder,
             verbose=verbose,
         )
+        self.backend.load_s += encoder_load_s  # the ONNX session is part of loading
 
     def prepare(self, image: str | Path | bytes | PreparedImage) -> PreparedImage:
         if isinstance(image, PreparedImage):
