@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from verm_local.constants import CATEGORIES, TASKS
+from verm_local.prompts import default_prompt
 from verm_local.schema import judgement_schema
 
 from .conftest import run_cli
@@ -184,3 +185,31 @@ def test_prompt_puts_ground_truth_image_first(tiny_gguf):
     assert text.startswith("<|im_start|>user\n")
     assert text.index(marker) < text.rindex(marker) < text.index("PROMPT")
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_fast_grammar_decoding_gives_the_same_answer(tiny_gguf, pair):
+    """Greedy under the grammar checks the argmax first and passes the whole vocabulary
+    through the grammar only when it is refused: the same tokens as the full pass."""
+    from verm_local.backends.base import Sampling
+    from verm_local.schema import answer_schema
+
+    with verm_local_judge(tiny_gguf) as j:
+        images = [j.prepare(p) for p in pair]
+        for task in ("chart", "table", "svg"):
+            out = {}
+            for fast in (True, False):
+                j.backend.fast_grammar = fast
+                out[fast] = j.backend.generate(images, default_prompt(task),
+                                               Sampling(max_tokens=1024), answer_schema(task))
+            assert out[True].text == out[False].text
+            assert out[True].completion_tokens == out[False].completion_tokens
+            assert out[True].finish_reason == out[False].finish_reason == "stop"
+            print(f"{task}: {out[True].decode_s:.2f} s fast vs {out[False].decode_s:.2f} s full "
+                  f"({j.backend.full_grammar_passes} full passes of "
+                  f"{out[True].completion_tokens} tokens)")
+
+
+def verm_local_judge(model):
+    import verm_local
+
+    return verm_local.Judge(model=model, quant="Q4_K_M", vision="gguf")
