@@ -127,10 +127,10 @@ def test_bad_model_paths_are_one_line(tiny_gguf, pair, tmp_path):
         (["--model", tmp_path / "none.gguf"], "model not found"),
         (["--model", junk, "--mmproj", tiny_gguf / "mmproj-f16.gguf"], "not a GGUF file"),
         (["--model", tiny_gguf, "--quant", "Q6_K"], "no Q6_K model"),
-        ([], "no model given"),
+        ([], "verm-local pull gguf-q4_k_m"),  # an empty store names the command to run
     ]
     for extra, expected in cases:
-        proc = run_cli("judge", *pair, *extra)
+        proc = run_cli("judge", *pair, *extra, env={"VERM_LOCAL_HOME": str(tmp_path / "s")})
         assert proc.returncode == 3, (extra, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], proc.stderr

@@ -52,7 +52,11 @@ def judge_cmd(
     gt: Path = typer.Argument(..., help="Ground-truth image (shown to the model first)."),
     pred: Path = typer.Argument(..., help="Image rendered from the prediction."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="A .gguf file or a `convert gguf` directory."),
+                                        help="A .gguf file, a `convert` directory or an HF "
+                                             "checkpoint (default: the planned variant "
+                                             "from the store)."),
+    variant: Optional[str] = typer.Option(None, "--variant",
+                                          help="Store variant to use instead of the plan's."),
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF."),
     quant: Optional[str] = typer.Option(None, "--quant",
                                         help="Quant to use from a model directory."),
@@ -66,7 +70,7 @@ def judge_cmd(
     backend: str = typer.Option("auto", "--backend",
                                 help="auto | llamacpp | transformers (auto: by model format)."),
     device: Optional[str] = typer.Option(None, "--device",
-                                         help="transformers: auto | cpu | cuda | mps."),
+                                         help="cuda | metal | cpu (default: planned)."),
     dtype: Optional[str] = typer.Option(None, "--dtype",
                                         help="transformers: auto | float32 | bfloat16."),
     vision: str = typer.Option("auto", "--vision",
@@ -85,7 +89,9 @@ def judge_cmd(
                                           "top-k 20, presence 1.5)."),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers to offload (-1 = all)."),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers",
+                                             help="Layers to offload (-1 = all; default: "
+                                                  "planned)."),
     image_tokens: int = typer.Option(DEFAULT_IMAGE_TOKEN_BUDGET, "--image-tokens", min=1,
                                      help="Visual-token budget per image (32x32 px each)."),
     reward_scale: Optional[float] = typer.Option(None, "--reward-scale",
@@ -116,6 +122,7 @@ def judge_cmd(
         fail(f"unknown backend {backend!r}; choose auto, llamacpp or transformers", 2)
     with stdout_to_stderr(), Judge(
         model, mmproj=mmproj, quant=quant, threads=threads, n_gpu_layers=gpu_layers,
+        variant=variant,
         backend_name=backend, device=device, dtype=dtype, vision=vision,
         vision_model=vision_model, vision_precision=vision_precision,
         image_token_budget=image_tokens,
@@ -129,6 +136,101 @@ def judge_cmd(
         from .report import print_judgement
 
         print_judgement(result)
+
+
+@app.command("pull")
+def pull_cmd(
+    variant: str = typer.Argument("auto", help="A catalog variant (see `verm-local models "
+                                               "--catalog`), or auto: the plan's."),
+    repo: Optional[str] = typer.Option(None, "--repo",
+                                       help="Repository of prebuilt quantized variants "
+                                            "(default: $VERM_LOCAL_REPO)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit."),
+    from_dir: Optional[Path] = typer.Option(None, "--from",
+                                            help="Import files you have (a `convert` output)."),
+    device: Optional[str] = typer.Option(None, "--device",
+                                         help="Plan for cuda | metal | cpu (with auto)."),
+) -> None:
+    """Fetch, build or import a variant into the store, verified; print its directory."""
+    from .runtime import plan_here
+    from .store import pull
+
+    if variant == "auto":
+        _, plan = plan_here(device=device)
+        variant = plan.variant
+        typer.echo(f"verm-local: plan for this machine: {plan.variant} on {plan.device} "
+                   f"({plan.reasons[-1] if plan.reasons else ''})", err=True)
+    with stdout_to_stderr():
+        path = pull(variant, repo=repo, revision=revision, from_dir=from_dir)
+    typer.echo(str(path))
+
+
+@app.command("models")
+def models_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    verify: bool = typer.Option(False, "--verify", help="Check every sha256 now."),
+    catalog: bool = typer.Option(False, "--catalog", help="List every variant there is."),
+) -> None:
+    """The variants in the store (VERM_LOCAL_HOME): size, path, verification state."""
+    import json
+
+    from .catalog import catalog_rows
+    from .paths import home_dir
+    from .select import default_n_ctx
+    from .store import list_models
+
+    rows = catalog_rows(default_n_ctx()) if catalog else list_models(verify=verify)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from .report import print_rows
+
+    title = "catalog (sizes of the real 8B model)" if catalog else f"store: {home_dir()}"
+    print_rows(rows, title)
+
+
+@app.command("rm")
+def rm_cmd(variant: str = typer.Argument(..., help="Variant to remove from the store.")) -> None:
+    """Remove a variant from the store."""
+    from .store import remove
+
+    typer.echo(f"removed {remove(variant)}")
+
+
+@app.command("doctor")
+def doctor_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda | metal | cpu"),
+    variant: Optional[str] = typer.Option(None, "--variant"),
+    hardware: Optional[Path] = typer.Option(None, "--hardware",
+                                            help="Plan for a recorded machine (doctor --json "
+                                                 "output or its 'hardware' part)."),
+) -> None:
+    """What this machine has, the plan for it, and why."""
+    import json
+
+    from .hardware import Hardware, probe
+    from .runtime import plan_here
+    from .store import installed
+
+    if hardware is not None:
+        try:
+            data = json.loads(hardware.read_text(encoding="utf-8"))
+            hw = Hardware.from_dict(data.get("hardware", data))
+        except (OSError, ValueError, TypeError) as exc:
+            fail(f"{hardware}: not a hardware record ({exc.__class__.__name__})", 2)
+    else:
+        hw = probe(with_torch=True)
+    _, plan = plan_here(device, variant, hardware=hw)
+    path = installed(plan.variant)
+    out = {"hardware": hw.to_dict(), "plan": plan.to_dict(),
+           "store": {"variant": plan.variant, "path": str(path) if path else None}}
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    from .report import print_doctor
+
+    print_doctor(hw, plan, path)
 
 
 @convert_app.command("tiny-model")

@@ -25,3 +25,15 @@ class AnswerError(VermError):
     """The model's answer could not be read as a judgement."""
 
     exit_code = 4
+
+
+class PlanError(VermError):
+    """This machine cannot run what was asked (no such device, not enough memory)."""
+
+    exit_code = 5
+
+
+class FetchError(VermError):
+    """A download or import failed: hub unreachable, offline, integrity check, disk full."""
+
+    exit_code = 6

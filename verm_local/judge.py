@@ -12,6 +12,7 @@ from .errors import AnswerError, InputError, ModelError
 from .images import PreparedImage, load_image
 from .modelref import resolve_model
 from .prompts import load_prompt
+from .runtime import torch_device
 from .schema import MAX_ERRORS, Judgement, Timings, answer_schema, extract_json
 
 # Text around the images: chat preamble, prompt, and slack for a longer prompt file.
@@ -38,7 +39,8 @@ class Judge:
         mmproj: str | Path | None = None,
         quant: str | None = None,
         threads: int | None = None,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: int | None = None,
+        variant: str | None = None,
         backend_name: str = "auto",
         device: str | None = None,
         dtype: str | None = None,
@@ -58,9 +60,22 @@ class Judge:
             self.backend = backend
             return
         model = model or os.environ.get("VERM_LOCAL_MODEL")
+        self.plan = None
         if not model:
-            raise ModelError("no model given: pass --model PATH (a .gguf file, a directory "
-                             "written by `verm-local convert`, or a Hugging Face checkpoint)")
+            # No model named: the variant planned for this machine, from the store.
+            from .runtime import planned_model
+
+            self.plan, model = planned_model(device, variant,
+                                             context_size(image_token_budget, max_tokens))
+            threads = threads or self.plan.threads
+            if n_gpu_layers is None:
+                n_gpu_layers = self.plan.gpu_layers
+            device = torch_device(self.plan.device)
+        elif variant:
+            raise InputError("--variant picks from the store; do not pass --model with it")
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if device in ("cuda", "metal", "mps") else 0
+        device = torch_device(device)
         resolved = resolve_model(model, mmproj, quant)
         name = resolved.backend if backend_name == "auto" else backend_name
         if name != resolved.backend:
@@ -119,6 +134,7 @@ class Judge:
         schema = None if free else answer_schema(task, MAX_ERRORS if max_errors is None
                                                  else max_errors)
         gen = self.backend.generate(images, prompt, sampling, schema)
+        self.last_generation = gen  # the raw answer, for benchmarks that score its tokens
         if gen.finish_reason == "length":
             raise AnswerError(f"the answer was cut at {sampling.max_tokens} tokens before it "
                               "was complete; raise --max-tokens")

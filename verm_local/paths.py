@@ -10,7 +10,7 @@ import platformdirs
 
 
 def home_dir() -> Path:
-    """The model store: VERM_LOCAL_HOME, else the platform's user data dir."""
+    """The model store: VERM_LOCAL_HOME, else the platform's user cache dir."""
     env = os.environ.get("VERM_LOCAL_HOME")
     return Path(env) if env else Path(platformdirs.user_cache_dir("verm-local")) / "models"
 

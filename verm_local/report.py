@@ -36,3 +36,59 @@ def print_judgement(result: Judgement, console: Console | None = None) -> None:
         f"({t.prompt_tokens} tokens), decode {t.decode_s:.2f} s ({t.completion_tokens} tokens)",
         style="dim", markup=False, highlight=False,
     )
+
+
+def print_rows(rows: list[dict], title: str, console: Console | None = None) -> None:
+    """A list of flat dicts as a table (store listing, catalog)."""
+    console = console or Console()
+    if not rows:
+        console.print(f"{title}: empty")
+        return
+    table = Table(title=title)
+    for key in rows[0]:
+        table.add_column(key, overflow="fold")
+    for row in rows:
+        table.add_row(*(Text(_human(k, v)) for k, v in row.items()))
+    console.print(table)
+
+
+def _human(key: str, value: object) -> str:
+    if key == "size" and isinstance(value, int):
+        return f"{value / 1e9:.2f} GB" if value >= 1e8 else f"{value / 1e6:.1f} MB"
+    return str(value)
+
+
+def print_doctor(hw, plan, path, console: Console | None = None) -> None:
+    """`verm-local doctor`: the hardware record, the plan and its reasons."""
+    console = console or Console(highlight=False)
+    gb = 1e9
+    console.print("[bold]machine[/bold]")
+    cores = f"{hw.cores_physical or '?'} cores / {hw.cores_logical} threads"
+    console.print(f"  cpu      {hw.cpu_model or hw.arch} ({cores}); "
+                  f"{', '.join(hw.cpu_flags) or 'no SIMD flags seen'}", markup=False)
+    console.print(f"  ram      {hw.ram_total / gb:.1f} GB, {hw.ram_available / gb:.1f} GB free")
+    for g in hw.cuda:
+        console.print(f"  cuda:{g.index}   {g.name}, {g.total_bytes / gb:.1f} GB, "
+                      f"{g.free_bytes / gb:.1f} GB free", markup=False)
+    if not hw.cuda:
+        console.print("  cuda     none")
+    metal = f"yes, working set {hw.metal_working_set / gb:.1f} GB" if hw.metal else "no"
+    console.print(f"  metal    {metal}")
+    console.print(f"  llama.cpp {hw.llama_cpp_version or 'not installed'}; GPU offload "
+                  f"{'yes' if hw.llama_gpu_offload else 'no (CPU build)'}")
+    torch = hw.torch_version or "not installed"
+    if hw.torch_version:
+        torch += f", CUDA {'yes' if hw.torch_cuda else 'no'}"
+    console.print(f"  torch    {torch}; GPTQModel {'yes' if hw.gptqmodel else 'no'}; "
+                  f"onnxruntime {', '.join(hw.onnxruntime_providers) or 'no'}", markup=False)
+    console.print("[bold]plan[/bold]")
+    layers = {-1: "all", 0: "none"}.get(plan.gpu_layers, str(plan.gpu_layers))
+    console.print(f"  {plan.variant} on {plan.backend}, device {plan.device}, GPU layers "
+                  f"{layers}, {plan.threads} threads, context {plan.n_ctx}; needs "
+                  f"{plan.memory_bytes / gb:.1f} GB of {plan.budget_bytes / gb:.1f} GB",
+                  markup=False)
+    console.print(f"  vision   {plan.vision}", markup=False)
+    for reason in plan.reasons:
+        console.print(f"  why      {reason}", markup=False)
+    where = str(path) if path else f"not in the store: run `verm-local pull {plan.variant}`"
+    console.print(f"  store    {where}", markup=False)

@@ -1,0 +1,124 @@
+"""The variants of Visual-ERM that verm-local knows: format, backend, size, memory, source.
+
+Sizes are those of the real 8B model (Qwen3-VL-8B shape), approximate, in bytes (1 GB =
+1e9). A prebuilt quantized variant is looked for in the repository set by `--repo` or
+VERM_LOCAL_REPO, laid out as the converters write it:
+
+    <repo>/manifest.json, model-<QUANT>.gguf, mmproj-f16.gguf     (`convert gguf` output)
+    <repo>/gptq-int4/..., <repo>/gptq-int8/...                     (`convert gptq` outputs)
+
+A variant that repository does not publish is built locally from the bf16 checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .errors import InputError
+
+BF16_REPO = "internlm/Visual-ERM"
+REPO_ENV = "VERM_LOCAL_REPO"
+GB = 1_000_000_000
+
+# Qwen3-VL-8B: 36 layers x 8 KV heads x 128 dims x (K and V) x 2 bytes (f16 cache).
+KV_BYTES_PER_TOKEN = 36 * 8 * 128 * 2 * 2
+TEXT_LAYERS = 36
+# Compute buffers beside weights and KV cache: llama.cpp's graph and the image encoder's
+# activations (measured 0.3-0.5 GB on the CPU for a 1024-token image), transformers' eager
+# activations in 16 bits.
+RUNTIME_OVERHEAD = {"llamacpp": int(0.5 * GB), "transformers": int(2.0 * GB)}
+MMPROJ_F16_BYTES = int(1.16 * GB)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    format: str  # "hf" | "gguf" | "gptq"
+    backend: str  # "transformers" | "llamacpp"
+    quant: str  # GGUF quant type, "bf16", or "gptq-int4" / "gptq-int8"
+    size_bytes: int  # files on disk, approximate (real 8B model)
+    text_bytes: int  # of which the language model (what GPU layers split)
+    files: tuple[str, ...] = ()  # published file names ("" = a whole folder, see subfolder)
+    subfolder: str = ""
+    sha256: dict[str, str] = field(default_factory=dict)  # where published and known
+    build_ratio: float = 1.0  # output size / bf16 size, for the disk check of a local build
+
+    @property
+    def published_in_bf16_repo(self) -> bool:
+        return self.format == "hf"
+
+    def memory_bytes(self, n_ctx: int, dtype_bytes: int = 2) -> int:
+        """Memory to run at context `n_ctx`: weights (float32 on a CPU doubles bf16),
+        KV cache and compute buffers."""
+        weights = self.size_bytes * dtype_bytes // 2 if self.format == "hf" else self.size_bytes
+        return weights + KV_BYTES_PER_TOKEN * n_ctx + RUNTIME_OVERHEAD[self.backend]
+
+    def source(self, repo: str | None) -> str:
+        if self.format == "hf":
+            return f"hf://{BF16_REPO}"
+        if repo:
+            where = f"{repo}/{self.subfolder}" if self.subfolder else repo
+            return f"hf://{where} (else build from bf16)"
+        return "build from bf16"
+
+
+def _gguf(quant: str, text_gb: float, ratio: float) -> Variant:
+    text = int(text_gb * GB)
+    return Variant(
+        name=f"gguf-{quant.lower()}", format="gguf", backend="llamacpp", quant=quant,
+        size_bytes=text + MMPROJ_F16_BYTES, text_bytes=text,
+        files=(f"model-{quant}.gguf", "mmproj-f16.gguf"), build_ratio=ratio,
+    )
+
+
+def _gptq(bits: int, gb: float, ratio: float) -> Variant:
+    size = int(gb * GB)
+    return Variant(
+        name=f"gptq-int{bits}", format="gptq", backend="transformers", quant=f"gptq-int{bits}",
+        size_bytes=size, text_bytes=size - MMPROJ_F16_BYTES, subfolder=f"gptq-int{bits}",
+        build_ratio=ratio,
+    )
+
+
+CATALOG: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(name="bf16", format="hf", backend="transformers", quant="bf16",
+                size_bytes=int(17.5 * GB), text_bytes=int(16.4 * GB)),
+        _gguf("F16", 16.4, 1.0),
+        _gguf("Q8_0", 8.71, 0.53),
+        _gguf("Q6_K", 6.73, 0.41),
+        _gguf("Q5_K_M", 5.85, 0.36),
+        _gguf("Q4_K_M", 5.03, 0.31),
+        _gptq(4, 7.2, 0.45),
+        _gptq(8, 10.6, 0.65),
+    )
+}
+
+# Best fidelity first, within each format.
+GGUF_LADDER: tuple[str, ...] = ("gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m")
+
+
+def get_variant(name: str) -> Variant:
+    key = name.strip().lower()
+    if key not in CATALOG:
+        raise InputError(f"unknown variant {name!r}; choose from {', '.join(CATALOG)}")
+    return CATALOG[key]
+
+
+def quantized_repo(repo: str | None = None) -> str | None:
+    """The repository of prebuilt quantized files: --repo, else VERM_LOCAL_REPO, else none
+    (every quantized variant is then built from bf16)."""
+    return repo or os.environ.get(REPO_ENV) or None
+
+
+def catalog_rows(n_ctx: int, repo: str | None = None) -> list[dict]:
+    """The catalog as printable rows (for `verm-local models --catalog` and the docs)."""
+    repo = quantized_repo(repo)
+    return [
+        {"variant": v.name, "format": v.format, "backend": v.backend,
+         "size_gb": round(v.size_bytes / GB, 1),
+         "memory_gb": round(v.memory_bytes(n_ctx) / GB, 1), "source": v.source(repo)}
+        for v in CATALOG.values()
+    ]

@@ -1,0 +1,196 @@
+"""What this machine has: pure probes that return one record.
+
+Each probe reads one source (a file, a command's output, an import) and the parsing is a
+pure function of that text, so the selection can be tested on recorded machines
+(`Hardware.from_dict`) and `verm-local doctor` prints exactly what selection saw."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neon")
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass(frozen=True)
+class Hardware:
+    os: str  # "linux" | "darwin" | "windows"
+    arch: str  # "x86_64" | "arm64" | ...
+    cpu_model: str
+    cores_logical: int
+    cores_physical: int | None
+    cpu_flags: tuple[str, ...]
+    ram_total: int
+    ram_available: int
+    cuda: tuple[GpuDevice, ...] = ()
+    metal: bool = False  # Apple silicon GPU
+    metal_working_set: int | None = None  # what Metal lets one process keep resident
+    llama_cpp_version: str | None = None
+    llama_gpu_offload: bool = False  # this llama-cpp-python build can offload layers
+    torch_version: str | None = None
+    torch_cuda: bool | None = None  # None: not probed (torch not imported)
+    gptqmodel: bool = False
+    onnxruntime_providers: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Hardware":
+        data = dict(data)
+        data["cuda"] = tuple(GpuDevice(**g) for g in data.get("cuda", ()))
+        for key in ("cpu_flags", "onnxruntime_providers", "notes"):
+            data[key] = tuple(data.get(key, ()))
+        return cls(**data)
+
+    @property
+    def threads(self) -> int:
+        """llama.cpp is fastest with one thread per physical core."""
+        return max(1, self.cores_physical or self.cores_logical)
+
+
+# ---------------------------------------------------------------- parsers (pure)
+
+def parse_nvidia_smi(text: str) -> tuple[GpuDevice, ...]:
+    """`nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader,
+    nounits` -> devices (memory in MiB there)."""
+    devices = []
+    for line in text.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4:
+            continue
+        try:
+            index, total, free = int(parts[0]), int(float(parts[2])), int(float(parts[3]))
+        except ValueError:
+            continue
+        devices.append(GpuDevice(index, parts[1], total << 20, free << 20))
+    return tuple(devices)
+
+
+def parse_cpuinfo(text: str) -> tuple[str, tuple[str, ...], int | None]:
+    """/proc/cpuinfo -> (model name, the flags verm-local cares about, physical cores)."""
+    model, flags, cores = "", set(), set()
+    physical_id = "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name" and not model:
+            model = value
+        elif key in ("flags", "Features"):
+            flags |= set(value.split())
+        elif key == "physical id":
+            physical_id = value
+        elif key == "core id":
+            cores.add((physical_id, value))
+    if "asimd" in flags:
+        flags.add("neon")
+    return model, tuple(f for f in CPU_FLAGS if f in flags), (len(cores) or None)
+
+
+def metal_working_set(ram_total: int) -> int:
+    """Apple's recommended GPU working set: about two thirds of unified memory up to 36 GB,
+    three quarters above (what llama.cpp's Metal backend reports as usable)."""
+    fraction = 0.67 if ram_total <= 36 * 2**30 else 0.75
+    return int(ram_total * fraction)
+
+
+# ---------------------------------------------------------------- probes (read the machine)
+
+def _run(cmd: list[str]) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def probe_cuda() -> tuple[GpuDevice, ...]:
+    out = _run(["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free",
+                "--format=csv,noheader,nounits"])
+    return parse_nvidia_smi(out) if out else ()
+
+
+def probe_cpu() -> tuple[str, tuple[str, ...], int | None]:
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return parse_cpuinfo(f.read())
+    if platform.system() == "Darwin":
+        model = (_run(["sysctl", "-n", "machdep.cpu.brand_string"]) or "").strip()
+        cores = (_run(["sysctl", "-n", "hw.physicalcpu"]) or "").strip()
+        flags = ("neon",) if platform.machine() == "arm64" else ()
+        return model, flags, int(cores) if cores.isdigit() else None
+    return platform.processor(), (), None
+
+
+def probe_memory() -> tuple[int, int]:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return int(vm.total), int(vm.available)
+
+
+def probe_llama_cpp() -> tuple[str | None, bool]:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None, False
+    return llama_cpp.__version__, bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def probe_torch() -> tuple[str | None, bool | None]:
+    """Imports torch (a second or two), so only when asked."""
+    if importlib.util.find_spec("torch") is None:
+        return None, None
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - a broken torch install is "no torch"
+        return None, None
+    return torch.__version__, bool(torch.cuda.is_available())
+
+
+def probe_onnxruntime() -> tuple[str, ...]:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return ()
+    try:
+        import onnxruntime
+    except Exception:  # noqa: BLE001
+        return ()
+    return tuple(onnxruntime.get_available_providers())
+
+
+def probe(with_torch: bool = True) -> Hardware:
+    """The record of this machine. `with_torch=False` skips importing torch (the judge's
+    fast path; GPTQ and bf16 then count as unavailable on CUDA)."""
+    system = platform.system().lower()
+    arch = platform.machine().lower().replace("aarch64", "arm64").replace("amd64", "x86_64")
+    model, flags, physical = probe_cpu()
+    total, available = probe_memory()
+    metal = system == "darwin" and arch == "arm64"
+    llama_version, offload = probe_llama_cpp()
+    torch_version, torch_cuda = probe_torch() if with_torch else (None, None)
+    return Hardware(
+        os=system, arch=arch, cpu_model=model, cores_logical=os.cpu_count() or 1,
+        cores_physical=physical, cpu_flags=flags, ram_total=total, ram_available=available,
+        cuda=probe_cuda(), metal=metal,
+        metal_working_set=metal_working_set(total) if metal else None,
+        llama_cpp_version=llama_version, llama_gpu_offload=offload,
+        torch_version=torch_version, torch_cuda=torch_cuda,
+        gptqmodel=importlib.util.find_spec("gptqmodel") is not None,
+        onnxruntime_providers=probe_onnxruntime(),
+    )

@@ -1,0 +1,216 @@
+"""Which variant runs where: a pure function of (hardware record, catalog, user choice).
+
+Policy (the README's table says the same):
+- CUDA GPU with a GPU build of llama-cpp-python: the best GGUF quant that fits the GPU's
+  free memory fully offloaded, Q8_0 first (near-lossless, half the bytes per token of F16);
+  when none fits, Q4_K_M with as many layers on the GPU as fit.
+- CUDA GPU, llama-cpp-python without GPU offload, torch with CUDA: transformers with bf16,
+  else GPTQ int8 / int4 (GPTQModel) when they fit.
+- Apple silicon (Metal): the best GGUF quant that fits Metal's working set, fully offloaded.
+- CPU: GGUF Q4_K_M. Decode on a CPU is memory-bandwidth bound and Q4_K_M reads 1.7x fewer
+  bytes per token than Q8_0; what it costs in fidelity is measured in docs/fidelity.md.
+Refusals name what was needed and what the machine has."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .catalog import CATALOG, GB, GGUF_LADDER, KV_BYTES_PER_TOKEN, RUNTIME_OVERHEAD, \
+    TEXT_LAYERS, Variant, get_variant
+from .constants import DEFAULT_IMAGE_TOKEN_BUDGET, DEFAULT_MAX_TOKENS
+from .errors import PlanError
+from .hardware import Hardware
+
+DEVICES = ("cuda", "metal", "cpu")
+# Share of memory a plan may fill: the rest is the OS, other programs, fragmentation.
+RAM_SHARE = 0.90
+VRAM_SHARE = 0.90
+CPU_DEFAULT = "gguf-q4_k_m"
+
+
+def default_n_ctx(image_tokens: int = DEFAULT_IMAGE_TOKEN_BUDGET,
+                  max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
+    from .judge import context_size
+
+    return context_size(image_tokens, max_tokens)
+
+
+@dataclass(frozen=True)
+class Plan:
+    variant: str
+    backend: str  # "llamacpp" | "transformers"
+    device: str  # "cuda" | "metal" | "cpu"
+    gpu_layers: int  # llama.cpp layers on the GPU: -1 all, 0 none
+    threads: int
+    n_ctx: int
+    memory_bytes: int  # what the plan needs where the weights live
+    budget_bytes: int  # what that place offers (after the share kept free)
+    vision: str
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _NoFit(Exception):
+    """This device cannot take the request; try the next one (or refuse with the reason)."""
+
+
+def _gb(n: int | float) -> str:
+    return f"{n / GB:.1f} GB"
+
+
+def select_plan(hw: Hardware, *, device: str | None = None, variant: str | None = None,
+                n_ctx: int | None = None, catalog: dict[str, Variant] = CATALOG) -> Plan:
+    """The plan for this machine; `device` and `variant` override the choice. Raises
+    PlanError with the reason when the request cannot run here."""
+    n_ctx = n_ctx or default_n_ctx()
+    want = get_variant(variant) if variant else None
+    if want is not None and want.name not in catalog:
+        raise PlanError(f"variant {want.name} is not in this catalog")
+    if device in (None, "", "auto"):
+        order = [d for d, ok in (("cuda", bool(hw.cuda)), ("metal", hw.metal)) if ok] + ["cpu"]
+    elif device in DEVICES:
+        order = [device]
+        if device == "cuda" and not hw.cuda:
+            raise PlanError("--device cuda: no CUDA device found (nvidia-smi lists none)")
+        if device == "metal" and not hw.metal:
+            raise PlanError("--device metal: this is not an Apple-silicon Mac")
+    else:
+        raise PlanError(f"unknown device {device!r}; choose cuda, metal or cpu")
+    skipped: list[str] = []
+    for dev in order:
+        try:
+            plan = _PLANNERS[dev](hw, want, n_ctx, catalog)
+        except _NoFit as exc:
+            if len(order) == 1:
+                raise PlanError(str(exc)) from None
+            skipped.append(f"not {dev}: {exc}")
+            continue
+        return Plan(**{**asdict(plan), "reasons": tuple(skipped) + plan.reasons})
+    raise PlanError("; ".join(skipped))
+
+
+def _vision(hw: Hardware, backend: str, device: str) -> str:
+    if backend == "transformers":
+        return "the checkpoint's own vision tower (transformers)"
+    if device != "cpu":
+        return f"mmproj, offloaded to {device}"
+    if "CPUExecutionProvider" in hw.onnxruntime_providers:
+        return ("ONNX Runtime tower when one is kept in <model>/onnx (faster on a CPU), "
+                "else the mmproj")
+    return "mmproj (onnxruntime not installed)"
+
+
+def _plan(hw: Hardware, v: Variant, device: str, layers: int, need: int, budget: int,
+          n_ctx: int, *reasons: str) -> Plan:
+    return Plan(variant=v.name, backend=v.backend, device=device, gpu_layers=layers,
+                threads=hw.threads, n_ctx=n_ctx, memory_bytes=need, budget_bytes=budget,
+                vision=_vision(hw, v.backend, device), reasons=tuple(reasons))
+
+
+def _gguf_on_gpu(hw: Hardware, want: Variant | None, n_ctx: int, catalog: dict[str, Variant],
+                 device: str, budget: int, where: str) -> Plan:
+    """Full offload of the best GGUF quant that fits, else partial offload."""
+    if not hw.llama_gpu_offload:
+        flag = "-DGGML_CUDA=on" if device == "cuda" else "-DGGML_METAL=on"
+        raise _NoFit(f"this llama-cpp-python build cannot offload to a GPU; reinstall it "
+                     f"with CMAKE_ARGS=\"{flag}\" (see README)")
+    candidates = [want] if want else [catalog[n] for n in GGUF_LADDER if n in catalog]
+    for v in candidates:
+        need = v.memory_bytes(n_ctx)
+        if need <= budget:
+            why = (f"{v.name} fits {where} fully offloaded ({_gb(need)} of {_gb(budget)})")
+            if want is None:
+                why += ("; the best-fidelity quant that fits (Q8_0 is near-lossless and reads "
+                        "half the bytes of F16 per token)")
+            return _plan(hw, v, device, -1, need, budget, n_ctx, why)
+    v = candidates[-1]
+    fixed = v.size_bytes - v.text_bytes + KV_BYTES_PER_TOKEN * n_ctx + \
+        RUNTIME_OVERHEAD["llamacpp"]
+    per_layer = v.text_bytes / TEXT_LAYERS
+    layers = int(max(0, budget - fixed) // per_layer)
+    rest = int(v.text_bytes - layers * per_layer)
+    ram = int(hw.ram_total * RAM_SHARE)
+    if layers == 0 or rest > ram:
+        raise _NoFit(f"{v.name} needs {_gb(v.memory_bytes(n_ctx))}; {where} offers "
+                     f"{_gb(budget)} and RAM {_gb(ram)} cannot hold the rest")
+    need = int(fixed + layers * per_layer)
+    return _plan(hw, v, device, layers, need, budget, n_ctx,
+                 f"{v.name} does not fit {where} ({_gb(v.memory_bytes(n_ctx))} > "
+                 f"{_gb(budget)}): {layers} of {TEXT_LAYERS} layers offloaded, the rest "
+                 f"({_gb(rest)}) in RAM")
+
+
+def _plan_cuda(hw: Hardware, want: Variant | None, n_ctx: int,
+               catalog: dict[str, Variant]) -> Plan:
+    gpu = max(hw.cuda, key=lambda g: g.free_bytes)
+    budget = int(gpu.free_bytes * VRAM_SHARE)
+    where = f"{gpu.name} ({_gb(gpu.free_bytes)} free)"
+    if want is not None and want.backend == "transformers":
+        return _transformers_on_cuda(hw, [want], n_ctx, budget, where)
+    try:
+        return _gguf_on_gpu(hw, want, n_ctx, catalog, "cuda", budget, where)
+    except _NoFit as exc:
+        if want is not None or not hw.torch_cuda:
+            raise
+        order = [catalog[n] for n in ("bf16", "gptq-int8", "gptq-int4") if n in catalog]
+        plan = _transformers_on_cuda(hw, order, n_ctx, budget, where)
+        return Plan(**{**asdict(plan), "reasons": (f"GGUF: {exc}",) + plan.reasons})
+
+
+def _transformers_on_cuda(hw: Hardware, order: list[Variant], n_ctx: int, budget: int,
+                          where: str) -> Plan:
+    if hw.torch_cuda is False:
+        raise _NoFit("torch here has no CUDA support; the transformers backend cannot use "
+                     "the GPU")
+    tried = []
+    for v in order:
+        if v.format == "gptq" and not hw.gptqmodel:
+            tried.append(f"{v.name}: GPTQModel is not installed (pip install 'verm-local[gptq]')")
+            continue
+        need = v.memory_bytes(n_ctx)
+        if need <= budget:
+            return _plan(hw, v, "cuda", 0, need, budget, n_ctx,
+                         f"{v.name} on transformers fits {where} ({_gb(need)} of {_gb(budget)})")
+        tried.append(f"{v.name} needs {_gb(need)}, {where} offers {_gb(budget)}")
+    raise _NoFit("; ".join(tried))
+
+
+def _plan_metal(hw: Hardware, want: Variant | None, n_ctx: int,
+                catalog: dict[str, Variant]) -> Plan:
+    budget = int(hw.metal_working_set or hw.ram_total * 0.67)
+    where = f"Metal's working set ({_gb(budget)} of {_gb(hw.ram_total)} unified memory)"
+    if want is not None and want.format == "gptq":
+        raise _NoFit("GPTQ kernels do not run on Metal; use a GGUF variant")
+    if want is not None and want.backend == "transformers":
+        need = want.memory_bytes(n_ctx)
+        if need > budget:
+            raise _NoFit(f"{want.name} needs {_gb(need)}, {where}")
+        return _plan(hw, want, "metal", 0, need, budget, n_ctx,
+                     f"{want.name} on transformers with MPS fits ({_gb(need)})")
+    return _gguf_on_gpu(hw, want, n_ctx, catalog, "metal", budget, where)
+
+
+def _plan_cpu(hw: Hardware, want: Variant | None, n_ctx: int,
+              catalog: dict[str, Variant]) -> Plan:
+    budget = int(hw.ram_total * RAM_SHARE)
+    v = want or catalog[CPU_DEFAULT]
+    if v.format == "gptq" and not hw.gptqmodel:
+        raise _NoFit(f"{v.name} needs GPTQModel: pip install 'verm-local[gptq]'")
+    # transformers on a CPU runs float32 (see docs/fidelity.md): twice bf16's weights.
+    need = v.memory_bytes(n_ctx, dtype_bytes=4 if v.format == "hf" else 2)
+    if need > budget:
+        which = f"{v.name}" if want else f"{v.name} (the smallest variant planned for a CPU)"
+        raise _NoFit(f"{which} needs {_gb(need)} of RAM at context {n_ctx}; this "
+                     f"machine has {_gb(budget)} usable ({RAM_SHARE:.0%} of {_gb(hw.ram_total)})")
+    reasons = [f"{v.name} fits RAM ({_gb(need)} of {_gb(budget)} usable)"]
+    if want is None:
+        reasons.append("on a CPU decode is memory-bandwidth bound: Q4_K_M reads 1.7x fewer "
+                       "bytes per token than Q8_0 (fidelity cost: docs/fidelity.md)")
+    if hw.ram_available < need:
+        reasons.append(f"only {_gb(hw.ram_available)} is free now: close other programs")
+    return _plan(hw, v, "cpu", 0, need, budget, n_ctx, *reasons)
+
+
+_PLANNERS = {"cuda": _plan_cuda, "metal": _plan_metal, "cpu": _plan_cpu}

@@ -1,0 +1,436 @@
+"""The model store: pull (download, build or import), verify, list and remove variants.
+
+Layout under VERM_LOCAL_HOME:
+
+    <variant>/            a complete, verified variant: its files and manifest.json
+                          (sha256 of every file, and a "store" record of where it came from)
+    .staging/<variant>/   work in progress (downloads, builds, imports); never listed
+    .locks/<variant>.lock one pull, import or removal of a variant at a time
+
+A variant directory appears in one rename once every file is verified, so an interrupted
+pull leaves nothing half-written in the store; the next pull resumes from .staging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .catalog import BF16_REPO, GB, Variant, get_variant, quantized_repo
+from .constants import MANIFEST_NAME
+from .errors import FetchError, ModelError, VermError
+from .fileio import atomic_directory, read_manifest, sha256_file, write_json_atomic
+from .paths import home_dir
+
+# bf16 checkpoint files worth fetching (weights, configs, tokenizer, chat template).
+HF_PATTERNS = (".safetensors", ".json", ".txt", ".jinja", ".model")
+# Keep this much free beside what a download or build needs.
+DISK_MARGIN = 256 * 2**20
+
+
+def log(msg: str) -> None:
+    print(f"verm-local: {msg}", file=sys.stderr, flush=True)
+
+
+def variant_dir(name: str, home: Path | None = None) -> Path:
+    return (home or home_dir()) / name
+
+
+def installed(name: str, home: Path | None = None) -> Path | None:
+    path = variant_dir(name, home)
+    return path if (path / MANIFEST_NAME).is_file() else None
+
+
+@contextmanager
+def variant_lock(name: str, home: Path | None = None) -> Iterator[None]:
+    """One pull/import/removal of a variant at a time, across processes."""
+    from filelock import FileLock, Timeout
+
+    locks = (home or home_dir()) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(locks / f"{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"another verm-local is pulling {name}; waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------- verification
+
+def git_blob_sha1(path: Path) -> str:
+    """The git object id of a file: what the hub reports for files not stored in LFS."""
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_files(directory: Path, manifest: dict[str, Any], full: bool) -> list[str]:
+    """Problems with a variant's files: missing, wrong size, or (full) wrong sha256."""
+    problems = []
+    for entry in manifest.get("files", []):
+        path = directory / entry["file"]
+        if not path.is_file():
+            problems.append(f"{entry['file']} is missing")
+        elif path.stat().st_size != int(entry["size"]):
+            problems.append(f"{entry['file']} has size {path.stat().st_size}, "
+                            f"expected {entry['size']}")
+        elif full and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{entry['file']} fails its sha256 check")
+    if not manifest.get("files"):
+        problems.append("manifest lists no files")
+    return problems
+
+
+def free_bytes(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def ensure_free(path: Path, need: int, what: str) -> None:
+    free = free_bytes(path)
+    if need + DISK_MARGIN > free:
+        raise FetchError(f"not enough disk space for {what}: needs {need / GB:.2f} GB in "
+                         f"{path}, {free / GB:.2f} GB free")
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------- listing and removal
+
+def list_models(verify: bool = False, home: Path | None = None) -> list[dict[str, Any]]:
+    """Every variant in the store with size, path and state ('ok' = files present at their
+    manifest sizes; with verify, 'verified' = every sha256 checked now)."""
+    root = home or home_dir()
+    rows = []
+    if not root.is_dir():
+        return rows
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        manifest = read_manifest(path)
+        if manifest is None:
+            continue
+        problems = check_files(path, manifest, full=verify)
+        state = ("verified" if verify else "ok") if not problems else "corrupt: " + "; ".join(problems)
+        store = manifest.get("store", {})
+        rows.append({"variant": path.name, "size": dir_size(path), "path": str(path),
+                     "state": state, "source": store.get("source", "?")})
+    return rows
+
+
+def remove(name: str, home: Path | None = None) -> Path:
+    get_variant(name)
+    path = variant_dir(name, home)
+    with variant_lock(name, home):
+        if not path.exists():
+            raise ModelError(f"{name} is not in the store ({path.parent})")
+        trash = (home or home_dir()) / ".staging" / f".rm-{name}-{os.getpid()}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, trash)  # gone from the store in one step
+        shutil.rmtree(trash, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------- pull
+
+def pull(name: str, *, repo: str | None = None, revision: str | None = None,
+         from_dir: Path | None = None, endpoint: str | None = None,
+         home: Path | None = None) -> Path:
+    """Make `name` present and verified in the store; return its directory."""
+    variant = get_variant(name)
+    home = home or home_dir()
+    with variant_lock(variant.name, home):
+        final = variant_dir(variant.name, home)
+        staging = home / ".staging" / variant.name
+        if installed(variant.name, home) and from_dir is None:
+            problems = check_files(final, read_manifest(final) or {}, full=True)
+            if not problems:
+                log(f"{variant.name} is in the store and verified: {final}")
+                return final
+            log(f"{variant.name} in the store is corrupt ({'; '.join(problems)}); fetching again")
+            _reclaim(final, staging, problems)
+        if from_dir is not None:
+            return _import(variant, Path(from_dir), staging, final)
+        from huggingface_hub.constants import is_offline_mode
+
+        if is_offline_mode():
+            raise FetchError(f"{variant.name} is not in the store and HF_HUB_OFFLINE is set; "
+                             "pull it online, or import files with --from DIR")
+        if variant.format == "hf":
+            files = _fetch(BF16_REPO, revision, variant, staging, endpoint, prefix="")
+            return _finish(variant, staging, final, files, f"hf://{BF16_REPO}")
+        qrepo = quantized_repo(repo)
+        if qrepo:
+            published = _published(qrepo, revision, variant, endpoint)
+            if published is not None:
+                files = _fetch(qrepo, revision, variant, staging, endpoint,
+                               prefix=variant.subfolder, wanted=published)
+                return _finish(variant, staging, final, files, f"hf://{qrepo}")
+            log(f"{qrepo} does not publish {variant.name}; building it from bf16")
+        else:
+            log(f"no repository of prebuilt variants set (--repo or VERM_LOCAL_REPO); "
+                f"building {variant.name} from bf16")
+        # Lock order is always variant, then bf16 (which takes no other lock): no deadlock.
+        bf16 = pull("bf16", revision=revision, endpoint=endpoint, home=home)
+        return _build(variant, bf16, staging, final)
+
+
+def _reclaim(final: Path, staging: Path, problems: list[str]) -> None:
+    """Move a corrupt variant out of the store into staging, without its bad files, so the
+    good ones are reused and nothing corrupt stays visible."""
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(final, staging)
+    manifest = read_manifest(staging) or {}
+    for entry in manifest.get("files", []):
+        path = staging / entry["file"]
+        if path.is_file() and (path.stat().st_size != int(entry["size"])
+                               or sha256_file(path) != entry["sha256"]):
+            path.unlink()
+    (staging / MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def _hub_error(exc: Exception, repo: str) -> VermError:
+    name = exc.__class__.__name__
+    if "RepositoryNotFound" in name:
+        return FetchError(f"repository {repo} not found on the hub (or it needs HF_TOKEN)")
+    if "RevisionNotFound" in name:
+        return FetchError(f"{repo}: revision not found")
+    if "GatedRepo" in name:
+        return FetchError(f"{repo} is gated: accept its terms on the hub and set HF_TOKEN")
+    if "Offline" in name:
+        return FetchError("HF_HUB_OFFLINE is set; nothing can be downloaded")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+    return FetchError(f"cannot download from {repo}: {first}")
+
+
+def _repo_files(repo: str, revision: str | None, endpoint: str | None
+                ) -> tuple[str, dict[str, Any]]:
+    """(commit, {path: sibling}) with sizes, git blob ids and LFS sha256 from the hub."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi(endpoint=endpoint).model_info(repo, revision=revision, files_metadata=True)
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line
+        raise _hub_error(exc, repo) from None
+    return info.sha, {s.rfilename: s for s in info.siblings or []}
+
+
+def _published(repo: str, revision: str | None, variant: Variant, endpoint: str | None
+               ) -> dict[str, str | None] | None:
+    """The files of `variant` that `repo` publishes, with the sha256 its manifest states
+    (None where it states none), or None when it does not publish them all."""
+    commit, files = _repo_files(repo, revision, endpoint)
+    if variant.subfolder:
+        prefix = variant.subfolder + "/"
+        names = [f for f in files if f.startswith(prefix)]
+        if not any(n.endswith(".safetensors") for n in names):
+            return None
+        return {n: None for n in names}
+    if not all(f in files for f in variant.files):
+        return None
+    wanted: dict[str, str | None] = {f: variant.sha256.get(f) for f in variant.files}
+    if MANIFEST_NAME in files:
+        manifest = _download_json(repo, commit, MANIFEST_NAME, endpoint)
+        for entry in manifest.get("files", []):
+            if entry.get("file") in wanted and entry.get("sha256") and not wanted[entry["file"]]:
+                wanted[entry["file"]] = entry["sha256"]
+    return wanted
+
+
+def _download_json(repo: str, commit: str, name: str, endpoint: str | None) -> dict[str, Any]:
+    import tempfile
+
+    from huggingface_hub import hf_hub_download
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = hf_hub_download(repo, name, revision=commit, local_dir=tmp,
+                                   endpoint=endpoint)
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        except Exception as exc:  # noqa: BLE001
+            raise _hub_error(exc, repo) from None
+
+
+def _fetch(repo: str, revision: str | None, variant: Variant, staging: Path,
+           endpoint: str | None, prefix: str,
+           wanted: dict[str, str | None] | None = None) -> dict[str, str]:
+    """Download the variant's files into staging and verify each; returns {name: sha256}."""
+    from huggingface_hub import hf_hub_download
+
+    commit, siblings = _repo_files(repo, revision, endpoint)
+    if wanted is None:
+        wanted = {n: None for n in siblings if n.endswith(HF_PATTERNS) and "/" not in n}
+        if not any(n.endswith(".safetensors") for n in wanted):
+            raise FetchError(f"{repo} has no safetensors weights at {revision or 'main'}")
+    staging.mkdir(parents=True, exist_ok=True)
+    todo = [n for n in wanted if not (staging / n).is_file()]
+    need = sum(int(siblings[n].size or 0) for n in todo if n in siblings)
+    ensure_free(staging, need, f"{variant.name} ({len(todo)} files)")
+    log(f"pulling {variant.name} from {repo}@{commit[:12]}: {len(wanted)} files, "
+        f"{need / GB:.2f} GB to download")
+    digests = {}
+    for name in sorted(wanted):
+        try:
+            path = Path(hf_hub_download(repo, name, revision=commit, local_dir=staging,
+                                        endpoint=endpoint))
+        except Exception as exc:  # noqa: BLE001
+            raise _hub_error(exc, repo) from None
+        digests[name] = _verify_download(path, name, siblings.get(name), wanted[name])
+    return digests
+
+
+def _verify_download(path: Path, name: str, sibling: Any, stated: str | None) -> str:
+    """sha256 against what the catalog or the repo's manifest states and the hub's LFS
+    metadata (git blob id for small non-LFS files). A mismatch removes the file."""
+    digest = sha256_file(path)
+    expected = [s for s in (stated, getattr(getattr(sibling, "lfs", None), "sha256", None)) if s]
+    bad = next((e for e in expected if e != digest), None)
+    if bad is None and not expected and sibling is not None and sibling.blob_id:
+        if git_blob_sha1(path) != sibling.blob_id:
+            bad = f"git blob {sibling.blob_id}"
+    if bad is not None:
+        path.unlink()
+        raise FetchError(f"{name}: integrity check failed (expected {bad[:16]}..., got "
+                         f"{digest[:16]}...); the file was removed and nothing was stored")
+    return digest
+
+
+def _finish(variant: Variant, staging: Path, final: Path, digests: dict[str, str],
+            source: str) -> Path:
+    """Move verified files from staging into the store in one step, with a manifest."""
+    entries = []
+    with atomic_directory(final) as tmp:
+        for name, digest in sorted(digests.items()):
+            rel = name[len(variant.subfolder) + 1:] if variant.subfolder else name
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, dst)
+            entries.append(_entry(variant, dst, rel, digest))
+        _write_store_manifest(variant, tmp, entries, source)
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"{variant.name} stored and verified: {final}")
+    return final
+
+
+def _entry(variant: Variant, path: Path, rel: str, digest: str) -> dict[str, Any]:
+    if variant.format == "gguf":
+        mmproj = rel.lower().startswith("mmproj")
+        kind = "mmproj" if mmproj else "text"
+        quant = rel[len("mmproj-"):].rsplit(".", 1)[0] if mmproj else variant.quant
+    else:
+        kind, quant = ("weights" if rel.endswith(".safetensors") else "config"), variant.quant
+    return {"file": rel, "kind": kind, "quant": quant, "size": path.stat().st_size,
+            "sha256": digest}
+
+
+def _write_store_manifest(variant: Variant, directory: Path, entries: list[dict[str, Any]],
+                          source: str, base: dict[str, Any] | None = None) -> None:
+    manifest = dict(base or {})
+    manifest["format"] = variant.format
+    manifest["files"] = entries
+    if variant.format == "gguf":
+        manifest["mmproj"] = next(e["file"] for e in entries if e["kind"] == "mmproj")
+    manifest["store"] = {"variant": variant.name, "source": source,
+                         "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json_atomic(directory / MANIFEST_NAME, manifest)
+
+
+# ---------------------------------------------------------------- build and import
+
+def _build(variant: Variant, bf16: Path, staging: Path, final: Path) -> Path:
+    """Convert the bf16 checkpoint into `variant` with the project's own converters."""
+    shutil.rmtree(staging, ignore_errors=True)
+    src = dir_size(bf16)
+    extra = 1.0 if variant.format == "gguf" and variant.quant != "F16" else 0.0
+    ensure_free(staging.parent, int(src * (variant.build_ratio + extra)),
+                f"building {variant.name} from bf16")
+    source = f"built from bf16 ({(read_manifest(bf16) or {}).get('store', {}).get('source', bf16)})"
+    if variant.format == "gguf":
+        from .convert.gguf import convert_gguf
+
+        quants = [] if variant.quant == "F16" else [variant.quant]
+        manifest = convert_gguf(bf16, staging, quants, "f16")
+        keep = {f"model-{variant.quant}.gguf", manifest["mmproj"]}
+        for entry in manifest["files"]:
+            if entry["file"] not in keep:
+                (staging / entry["file"]).unlink()  # the F16 intermediate
+        digests = {e["file"]: e["sha256"] for e in manifest["files"] if e["file"] in keep}
+        return _finish(variant, staging, final, digests, source)
+    from .convert.gptq import convert_gptq
+
+    bits = int(variant.quant.rsplit("int", 1)[1])
+    manifest = convert_gptq(bf16, staging, bits=bits)
+    digests = {e["file"]: e["sha256"] for e in manifest["files"]}
+    flat = Variant(**{**variant.__dict__, "subfolder": ""})
+    return _finish(flat, staging, final, digests, source)
+
+
+def _import(variant: Variant, src: Path, staging: Path, final: Path) -> Path:
+    """Copy a user's files (a `convert` output directory, or GGUF files in a directory)
+    into the store after verifying them; the user's files are left as they are."""
+    from .modelref import resolve_model
+
+    if not src.is_dir():
+        raise ModelError(f"--from {src}: not a directory")
+    manifest = read_manifest(src) or {}
+    if variant.format == "gguf":
+        resolved = _resolve_or_explain(resolve_model, src, variant)
+        names = [resolved.path.name, resolved.mmproj.name]
+    else:
+        resolved = resolve_model(src)
+        if resolved.format != variant.format or (
+                variant.format == "gptq" and resolved.quant != variant.quant):
+            raise ModelError(f"--from {src}: holds a {resolved.quant} checkpoint, not {variant.name}")
+        names = [p.relative_to(src).as_posix() for p in src.rglob("*")
+                 if p.is_file() and p.name != MANIFEST_NAME and ".cache" not in p.parts]
+    stated = {e["file"]: e.get("sha256") for e in manifest.get("files", [])}
+    need = sum((src / n).stat().st_size for n in names)
+    ensure_free(staging.parent, need, f"importing {variant.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    digests = {}
+    log(f"importing {variant.name} from {src}: {len(names)} files, {need / GB:.2f} GB")
+    for name in names:
+        dst = staging / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / name, dst)
+        digest = sha256_file(dst)
+        if stated.get(name) and stated[name] != digest:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise FetchError(f"{src / name}: sha256 differs from {src / MANIFEST_NAME}; "
+                             "the file is corrupt, nothing was imported")
+        digests[name] = digest
+    flat = Variant(**{**variant.__dict__, "subfolder": ""})
+    return _finish(flat, staging, final, digests, f"imported from {src.resolve()}")
+
+
+def _resolve_or_explain(resolve_model: Any, src: Path, variant: Variant) -> Any:
+    try:
+        return resolve_model(src, quant=variant.quant)
+    except ModelError as exc:
+        manifest = read_manifest(src)
+        if manifest is None:
+            # GGUF files without a manifest: the text model by its quant in the name.
+            texts = [p for p in src.glob("*.gguf") if variant.quant in p.name.upper()
+                     and not p.name.lower().startswith("mmproj")]
+            if len(texts) == 1:
+                return resolve_model(texts[0])
+        raise ModelError(f"--from {src}: {exc}") from None
