@@ -48,5 +48,5 @@ fi
 
 step "verm-local and its dependencies"
 "${PIP[@]}" install -q "$WHEEL"
-"${PIP[@]}" install -q -e ".[convert,gptq,onnx,test]"
+"${PIP[@]}" install -q -e ".[convert,gptq,onnx,bench,test]"
 "$VENV/bin/verm-local" version

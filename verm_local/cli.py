@@ -23,6 +23,12 @@ app = typer.Typer(
 convert_app = typer.Typer(help="Build models: tiny test model, GGUF conversion and quants.",
                           no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
+bench_app = typer.Typer(help="Benchmarks: labelled data, agreement with the reference, latency.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+bench_data_app = typer.Typer(help="Benchmark data in VC-RewardBench's layout.",
+                             no_args_is_help=True)
+bench_app.add_typer(bench_data_app, name="data")
 
 
 @contextlib.contextmanager
@@ -231,6 +237,100 @@ def doctor_cmd(
     from .report import print_doctor
 
     print_doctor(hw, plan, path)
+
+
+def _split(spec: str) -> list[str]:
+    return [x.strip() for x in spec.split(",") if x.strip()]
+
+
+@bench_data_app.command("synthetic")
+def bench_data_synthetic_cmd(
+    out_dir: Path = typer.Argument(..., help="Where to write data.jsonl and images/."),
+    n: int = typer.Option(12, "--n", min=1, help="Pairs to draw."),
+    seed: int = typer.Option(0, "--seed"),
+    tasks: str = typer.Option("chart,table,svg", "--tasks"),
+) -> None:
+    """Labelled pairs drawn offline with known injected errors (deterministic per seed)."""
+    from .benchmarks.data import synthetic
+
+    typer.echo(str(synthetic(out_dir, n=n, seed=seed, tasks=tuple(_split(tasks)))))
+
+
+@bench_app.command("agreement")
+def bench_agreement_cmd(
+    reference: str = typer.Option(..., "--reference", help="Variant name or path (bf16)."),
+    candidates: str = typer.Option(..., "--candidates", help="Comma-separated variants/paths."),
+    data: str = typer.Option(..., "--data", help="VC-RewardBench-layout dir or hub dataset id."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1),
+    out: Path = typer.Option(Path("bench-agreement"), "--out"),
+    free: bool = typer.Option(False, "--free", help="Unconstrained answers (JSON validity)."),
+    matcher_url: Optional[str] = typer.Option(None, "--matcher-url",
+                                              help="OpenAI-compatible base URL for LLM matching."),
+    matcher_model: str = typer.Option("default", "--matcher-model"),
+    top_k: int = typer.Option(32, "--top-k", min=0,
+                              help="Reference log-probs kept per token (0 = all: exact KL)."),
+    seed: int = typer.Option(0, "--seed"),
+    image_tokens: int = typer.Option(256, "--image-tokens", min=1),
+    max_tokens: int = typer.Option(1024, "--max-tokens", min=1),
+    max_errors: Optional[int] = typer.Option(None, "--max-errors", min=0,
+                                             help="Cap each constrained answer's error list."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+) -> None:
+    """Token- and judgement-level agreement of candidates with the reference (and humans)."""
+    from .benchmarks.agreement import markdown, run_agreement
+
+    with stdout_to_stderr():
+        report = run_agreement(reference, _split(candidates), data, limit=limit, out=out,
+                               free=free, matcher_url=matcher_url, matcher_model=matcher_model,
+                               top_k=top_k, seed=seed, image_tokens=image_tokens,
+                               max_tokens=max_tokens, threads=threads, max_errors=max_errors)
+    typer.echo(markdown(report))
+    typer.echo(f"reports: {out}/agreement.json, agreement.md, agreement.png, results/")
+
+
+@bench_app.command("latency")
+def bench_latency_cmd(
+    models: str = typer.Option(..., "--models", help="Comma-separated variants/paths."),
+    images: tuple[Path, Path] = typer.Option(..., "--images", help="GT PRED"),
+    task: str = typer.Option("chart", "--task"),
+    repeat: int = typer.Option(3, "--repeat", min=1),
+    out: Optional[Path] = typer.Option(None, "--out", help="FILE.json (or a directory)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="A stored latency.json."),
+    tolerance: float = typer.Option(0.10, "--tolerance", min=0.0),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    image_tokens: int = typer.Option(1024, "--image-tokens", min=1),
+    max_tokens: int = typer.Option(1024, "--max-tokens", min=1),
+    no_llamacpp: bool = typer.Option(False, "--no-llamacpp",
+                                     help="Skip timing llama.cpp's own path."),
+) -> None:
+    """Per-stage latency and memory, with llama.cpp's own path as a ratio; a CI gate."""
+    import json
+
+    from .benchmarks.latency import compare, markdown, run_latency, write_reports
+    from .images import load_image
+
+    for p in images:
+        load_image(p)  # a bad image fails here, in one line
+    base = None
+    if baseline is not None:
+        try:
+            base = json.loads(baseline.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            fail(f"{baseline}: not a latency report", 2)
+    report = run_latency(_split(models), str(images[0]), str(images[1]), task=task,
+                         repeat=repeat, threads=threads, image_tokens=image_tokens,
+                         max_tokens=max_tokens, stock=not no_llamacpp)
+    typer.echo(markdown(report))
+    if out is not None:
+        typer.echo(f"report: {write_reports(report, out)}")
+    if base is not None:
+        regressions = compare(report, base, tolerance)
+        for line in regressions:
+            typer.echo(f"regression: {line}", err=True)
+        if regressions:
+            fail(f"{len(regressions)} latency regression(s) beyond {tolerance:.0%} "
+                 f"against {baseline}", 1)
+        typer.echo(f"no regression beyond {tolerance:.0%} against {baseline}")
 
 
 @convert_app.command("tiny-model")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..constants import SPECIAL_TOKENS
 from ..errors import ModelError, VermError
 from ..images import PreparedImage
 from ..modelref import ResolvedModel
@@ -266,6 +267,11 @@ class LlamaCppBackend:
         x -= x.max(axis=1, keepdims=True)
         x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
         return x.astype(np.float32)
+
+    def answer_tokens(self, text: str) -> list[int]:
+        """An answer's token ids as the model would emit them, ending with <|im_end|>."""
+        ids = self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        return list(ids) + [SPECIAL_TOKENS["<|im_end|>"]]
 
     def prompt_text_tokens(self, images: list[PreparedImage], prompt: str) -> list[int]:
         """The prompt's text token ids, image chunks left out (to compare tokenizers)."""

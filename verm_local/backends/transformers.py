@@ -199,6 +199,10 @@ class TransformersBackend:
             logits = self.model(**batch).logits[0, n_prompt - 1 : n_prompt - 1 + len(answer)]
         return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
 
+    def answer_tokens(self, text: str) -> list[int]:
+        """An answer's token ids as the model would emit them, ending with <|im_end|>."""
+        return self.processor.tokenizer.encode(text, add_special_tokens=False) + [STOP_IDS[0]]
+
     def prompt_text_tokens(self, images: list[PreparedImage], prompt: str) -> list[int]:
         """The prompt's token ids with image placeholders removed (to compare tokenizers)."""
         ids = self.inputs(images, prompt)["input_ids"][0].tolist()

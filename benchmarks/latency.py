@@ -1,0 +1,283 @@
+"""`verm-local bench latency`: per-stage latency and memory per model, side by side with
+llama.cpp's own multimodal path on the same files, and a CI gate against a stored run.
+
+Each model is measured in its own process (so peak RSS is that model's): load, then a
+warm-up judgement, then --repeat judgements of the same pair; median and spread per
+stage. For GGUF models a second process times llama-cpp-python's stock multimodal chat
+path (MTMDChatHandler, the same images, prompt and JSON schema, greedy), so the report's
+`overhead_ratio` = verm-local end-to-end / stock end-to-end is measured in one run.
+Time to first token is vision + prefill + one mean decode step."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from verm_local.errors import VermError
+
+STAGES = ("load_s", "vision_s", "text_prefill_s", "ttft_s", "decode_tok_s", "e2e_s")
+
+
+def _peak_rss() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _peak_gpu() -> int | None:
+    if "torch" not in sys.modules:
+        return None
+    torch = sys.modules["torch"]
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.max_memory_allocated())
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def measure_verm(model: str, gt: str, pred: str, task: str, repeat: int, threads: int | None,
+                 image_tokens: int, max_tokens: int) -> dict[str, Any]:
+    from verm_local.backends.base import Sampling
+    from verm_local.judge import Judge
+
+    t0 = time.perf_counter()
+    judge = Judge(model, threads=threads, image_token_budget=image_tokens, max_tokens=max_tokens)
+    load_wall = time.perf_counter() - t0
+    images = [judge.prepare(gt), judge.prepare(pred)]
+    sampling = Sampling(max_tokens=max_tokens)
+    judge.judge(*images, task, sampling=sampling)  # warm-up
+    runs = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        j = judge.judge(*images, task, sampling=sampling)
+        e2e = time.perf_counter() - t
+        tm = j.timings
+        n = max(1, tm.completion_tokens)
+        runs.append({"vision_s": tm.vision_s, "text_prefill_s": tm.prefill_s - tm.vision_s,
+                     "ttft_s": tm.prefill_s + tm.decode_s / n,
+                     "decode_tok_s": n / tm.decode_s if tm.decode_s else 0.0,
+                     "e2e_s": e2e, "completion_tokens": tm.completion_tokens,
+                     "prompt_tokens": tm.prompt_tokens})
+    info = judge.backend.info.model_dump()
+    judge.close()
+    return {"model": info, "load_s": load_wall, "runs": runs, "peak_rss": _peak_rss(),
+            "peak_gpu": _peak_gpu()}
+
+
+def measure_stock(model: str, gt: str, pred: str, task: str, repeat: int, threads: int | None,
+                  image_tokens: int, max_tokens: int) -> dict[str, Any]:
+    """llama-cpp-python's own multimodal path: Llama + MTMDChatHandler + response_format."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    from verm_local.images import load_image
+    from verm_local.judge import context_size
+    from verm_local.modelref import resolve_model
+    from verm_local.prompts import load_prompt
+    from verm_local.schema import answer_schema, MAX_ERRORS
+
+    resolved = resolve_model(model)
+    if resolved.format != "gguf":
+        raise VermError(f"{model}: llama.cpp's own path needs a GGUF model")
+
+    def data_url(path: str) -> str:
+        buf = io.BytesIO()
+        load_image(path, token_budget=image_tokens).image.save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    t0 = time.perf_counter()
+    handler = MTMDChatHandler(clip_model_path=str(resolved.mmproj), verbose=False)
+    llama = Llama(model_path=str(resolved.path), chat_handler=handler, verbose=False,
+                  n_ctx=context_size(image_tokens, max_tokens), n_threads=threads,
+                  n_gpu_layers=0, seed=0)
+    load_s = time.perf_counter() - t0
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(gt)}},
+        {"type": "image_url", "image_url": {"url": data_url(pred)}},
+        {"type": "text", "text": load_prompt(task, None)}]}]
+    fmt = {"type": "json_object", "schema": answer_schema(task, MAX_ERRORS)}
+
+    def once() -> tuple[float, int]:
+        t = time.perf_counter()
+        out = llama.create_chat_completion(messages=messages, response_format=fmt,
+                                           temperature=0.0, max_tokens=max_tokens)
+        return time.perf_counter() - t, int(out["usage"]["completion_tokens"])
+
+    once()  # warm-up
+    runs = [dict(zip(("e2e_s", "completion_tokens"), once())) for _ in range(repeat)]
+    return {"load_s": load_s, "runs": runs, "peak_rss": _peak_rss(), "peak_gpu": None}
+
+
+def _worker(kind: str, model: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Measure in a fresh process; its last stdout line is the JSON result."""
+    cmd = [sys.executable, "-m", "verm_local.benchmarks.latency", kind, model,
+           json.dumps(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
+        raise VermError(f"latency worker for {model} ({kind}) failed: {tail[0]}")
+    return json.loads(lines[-1])
+
+
+def summarize_model(verm: dict[str, Any], stock: dict[str, Any] | None) -> dict[str, Any]:
+    runs = verm["runs"]
+    out: dict[str, Any] = {"model": verm["model"], "load_s": verm["load_s"],
+                           "peak_rss": verm["peak_rss"], "peak_gpu": verm["peak_gpu"],
+                           "completion_tokens": runs[-1]["completion_tokens"],
+                           "prompt_tokens": runs[-1]["prompt_tokens"]}
+    for key in STAGES[1:]:
+        out[key] = _spread([r[key] for r in runs])
+    if stock is not None:
+        e2e = [r["e2e_s"] for r in stock["runs"]]
+        out["llamacpp"] = {"load_s": stock["load_s"], "e2e_s": _spread(e2e),
+                           "completion_tokens": stock["runs"][-1]["completion_tokens"],
+                           "peak_rss": stock["peak_rss"]}
+        out["overhead_ratio"] = out["e2e_s"]["median"] / statistics.median(e2e)
+    return out
+
+
+def run_latency(models: list[str], gt: str, pred: str, *, task: str = "chart", repeat: int = 3,
+                threads: int | None = None, image_tokens: int = 1024, max_tokens: int = 1024,
+                stock: bool = True, out: str | Path | None = None) -> dict[str, Any]:
+    from verm_local.modelref import resolve_model
+
+    from .agreement import model_path
+
+    args = {"gt": str(gt), "pred": str(pred), "task": task, "repeat": repeat,
+            "threads": threads, "image_tokens": image_tokens, "max_tokens": max_tokens}
+    report: dict[str, Any] = {"settings": args, "machine": _machine(), "models": {}}
+    for name in models:
+        path = model_path(name)
+        print(f"latency: {name} ...", file=sys.stderr, flush=True)
+        verm = _worker("verm", path, args)
+        own = None
+        if stock and resolve_model(path).format == "gguf":
+            print(f"latency: {name} through llama.cpp's own path ...", file=sys.stderr, flush=True)
+            own = _worker("stock", path, args)
+        report["models"][name] = summarize_model(verm, own)
+    first = next(iter(report["models"].values()))["e2e_s"]["median"]
+    for m in report["models"].values():
+        m["relative_e2e"] = m["e2e_s"]["median"] / first
+    if out:
+        write_reports(report, Path(out))
+    return report
+
+
+def _machine() -> dict[str, Any]:
+    from verm_local.hardware import probe
+
+    hw = probe(with_torch=False)
+    return {"cpu": hw.cpu_model, "threads": hw.cores_logical, "ram_gb": round(hw.ram_total / 1e9, 1),
+            "cuda": [g.name for g in hw.cuda]}
+
+
+def compare(report: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> list[str]:
+    """Regressions of machine-independent ratios beyond the tolerance: each model's
+    overhead against llama.cpp's own path, and its end-to-end time relative to the
+    first model of the run."""
+    found = []
+    for name, cur in report["models"].items():
+        old = baseline.get("models", {}).get(name)
+        if old is None:
+            continue
+        for key in ("overhead_ratio", "relative_e2e"):
+            if key in cur and key in old and old[key] > 0:
+                change = cur[key] / old[key] - 1
+                if change > tolerance:
+                    found.append(f"{name}: {key} {cur[key]:.3f} vs baseline {old[key]:.3f} "
+                                 f"(+{change:.0%} > {tolerance:.0%})")
+    return found
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"# Latency ({m['cpu']}, {m['threads']} threads; median of "
+             f"{report['settings']['repeat']} after a warm-up)", "",
+             "| model | load s | vision s | text prefill s | TTFT s | decode tok/s | "
+             "end-to-end s | peak RSS MB | llama.cpp own path s | overhead ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in report["models"].items():
+        own = r.get("llamacpp")
+        lines.append(
+            f"| {name} ({r['model']['quant']}) | {r['load_s']:.2f} | {r['vision_s']['median']:.3f} "
+            f"| {r['text_prefill_s']['median']:.3f} | {r['ttft_s']['median']:.3f} | "
+            f"{r['decode_tok_s']['median']:.1f} | {r['e2e_s']['median']:.2f} "
+            f"({r['e2e_s']['min']:.2f}-{r['e2e_s']['max']:.2f}) | {r['peak_rss'] / 1e6:.0f} | "
+            f"{own['e2e_s']['median']:.2f} ({own['completion_tokens']} tok) | "
+            f"{r['overhead_ratio']:.2f} |" if own else
+            f"| {name} ({r['model']['quant']}) | {r['load_s']:.2f} | {r['vision_s']['median']:.3f} "
+            f"| {r['text_prefill_s']['median']:.3f} | {r['ttft_s']['median']:.3f} | "
+            f"{r['decode_tok_s']['median']:.1f} | {r['e2e_s']['median']:.2f} | "
+            f"{r['peak_rss'] / 1e6:.0f} | n/a | n/a |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Stacked bars per model: vision, text prefill, decode; a mark at llama.cpp's own path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["models"])
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(names)))
+    for i, n in enumerate(names):
+        r = report["models"][n]
+        vision, text = r["vision_s"]["median"], r["text_prefill_s"]["median"]
+        decode = r["e2e_s"]["median"] - vision - text
+        left = 0.0
+        for value, label, colour in ((vision, "vision", "#1f77b4"),
+                                     (text, "text prefill", "#ff7f0e"),
+                                     (decode, "decode + parse", "#2ca02c")):
+            ax.barh(i, value, left=left, color=colour, label=label if i == 0 else None)
+            left += value
+        if r.get("llamacpp"):
+            ax.plot(r["llamacpp"]["e2e_s"]["median"], i, "k|", markersize=22,
+                    label="llama.cpp own path" if i == 0 else None)
+    ax.set_yticks(range(len(names)), [Path(n).name for n in names])
+    ax.set_xlabel("seconds per judgement (median)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_reports(report: dict[str, Any], out: Path) -> Path:
+    """`out` is the JSON file (FILE.json; FILE.md and FILE.png beside it) or a directory
+    (latency.json, .md, .png in it). Returns the JSON path."""
+    from verm_local.fileio import write_json_atomic
+
+    json_path = out if out.suffix == ".json" else out / "latency.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(json_path, report)
+    json_path.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
+    plot(report, json_path.with_suffix(".png"))
+    return json_path
+
+
+def _main(argv: list[str]) -> None:
+    kind, model, raw = argv
+    args = json.loads(raw)
+    fn = measure_verm if kind == "verm" else measure_stock
+    from verm_local.cli import stdout_to_stderr
+
+    with stdout_to_stderr():
+        result = fn(model, args["gt"], args["pred"], args["task"], args["repeat"],
+                    args["threads"], args["image_tokens"], args["max_tokens"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _main(sys.argv[1:])

@@ -1,0 +1,148 @@
+"""Judgement-level agreement: one-to-one error matching -> F1, correlations of severity
+sums, reward differences, count agreement; and KL from a cached top-k of the reference.
+
+Matching follows VC-RewardBench's protocol (each predicted error matches at most one
+labelled error, "partial" counts 0.5), with a lexical similarity of location and
+description standing in for its LLM matcher (or an OpenAI-compatible endpoint, see
+`agreement.py --matcher-url`). The assignment maximising the total credit is optimal
+(Hungarian algorithm)."""
+
+from __future__ import annotations
+
+import math
+import re
+from difflib import SequenceMatcher
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+FULL_MATCH = 0.5  # similarity at which two errors of one category are the same error
+PARTIAL_MATCH = 0.25  # ... or a partial match (0.5 credit)
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9%.]+", text.lower()))
+
+
+def similarity(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """0..1: how surely two errors point at the same place (location and description)."""
+    sa = f"{a.get('location', '')} {a.get('description', '')}"
+    sb = f"{b.get('location', '')} {b.get('description', '')}"
+    wa, wb = _words(sa), _words(sb)
+    jaccard = len(wa & wb) / len(wa | wb) if wa | wb else 1.0
+    return max(jaccard, SequenceMatcher(None, sa.lower(), sb.lower()).ratio())
+
+
+def credit(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """1 same error, 0.5 partial (same place, other category; or weaker evidence), 0 none."""
+    same_cat = a.get("category") == b.get("category")
+    sim = similarity(a, b)
+    if same_cat and sim >= FULL_MATCH:
+        return 1.0
+    if (same_cat and sim >= PARTIAL_MATCH) or (not same_cat and sim >= FULL_MATCH):
+        return 0.5
+    return 0.0
+
+
+Scorer = Callable[[list[dict], list[dict]], np.ndarray]
+
+
+def credit_matrix(pred: list[dict], gold: list[dict]) -> np.ndarray:
+    return np.array([[credit(p, g) for g in gold] for p in pred], dtype=float).reshape(
+        len(pred), len(gold))
+
+
+def match(pred: list[dict], gold: list[dict], scorer: Scorer = credit_matrix) -> float:
+    """Total credit of the best one-to-one assignment of predicted to gold errors."""
+    if not pred or not gold:
+        return 0.0
+    from scipy.optimize import linear_sum_assignment
+
+    m = scorer(pred, gold)
+    rows, cols = linear_sum_assignment(m, maximize=True)
+    return float(m[rows, cols].sum())
+
+
+def prf(matched: float, n_pred: int, n_gold: int) -> dict[str, float]:
+    """Precision, recall, F1 from matched credit; two empty sets agree perfectly."""
+    if n_pred == 0 and n_gold == 0:
+        return {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    p = matched / n_pred if n_pred else 0.0
+    r = matched / n_gold if n_gold else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def set_f1(pairs: Sequence[tuple[list[dict], list[dict]]], scorer: Scorer = credit_matrix
+           ) -> dict[str, float]:
+    """Micro-averaged precision/recall/F1 over items of (predicted, gold) error lists."""
+    matched = sum(match(p, g, scorer) for p, g in pairs)
+    return prf(matched, sum(len(p) for p, _ in pairs), sum(len(g) for _, g in pairs))
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson r; nan when either side is constant (r is undefined there)."""
+    a, b = np.asarray(x, float), np.asarray(y, float)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):  # ties share their mean rank
+        ranks[x == v] = ranks[x == v].mean()
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    return pearson(_ranks(np.asarray(x, float)), _ranks(np.asarray(y, float)))
+
+
+def severity_sum(errors: list[dict]) -> int:
+    return sum(int(e.get("severity", 0)) for e in errors)
+
+
+def count_agreement(a: list[list[dict]], b: list[list[dict]], categories: Sequence[str]
+                    ) -> dict[str, float]:
+    """Per category: the share of items where both sides count the same errors of it."""
+    out = {}
+    for cat in categories:
+        same = [sum(e["category"] == cat for e in x) == sum(e["category"] == cat for e in y)
+                for x, y in zip(a, b)]
+        out[cat] = float(np.mean(same)) if same else float("nan")
+    return out
+
+
+# ---------------------------------------------------------------- token level (top-k cache)
+
+def topk_cache(logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [T,k], log-probs [T,k], tail mass [T]) of a [T, vocab] log-prob array; k <= 0
+    keeps the whole vocabulary (exact KL, large cache)."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    k = lp.shape[1] if k <= 0 else k
+    ids = np.argsort(-lp, axis=1)[:, :k]
+    top = np.take_along_axis(lp, ids, axis=1)
+    tail = np.clip(1.0 - np.exp(top).sum(axis=1), 0.0, 1.0)
+    return ids.astype(np.int64), top.astype(np.float32), tail.astype(np.float64)
+
+
+def kl_from_topk(ids: np.ndarray, ref_top: np.ndarray, ref_tail: np.ndarray,
+                 cand_logprobs: np.ndarray) -> np.ndarray:
+    """KL(ref || cand) per token on the reference's top-k tokens plus one bucket for the
+    rest: exact for the coarsened distributions, a lower bound of the full KL (equal when
+    k covers the vocabulary)."""
+    cand = np.asarray(cand_logprobs, dtype=np.float64)
+    q_top = np.take_along_axis(cand, ids, axis=1)
+    p_top = np.asarray(ref_top, dtype=np.float64)
+    terms = np.exp(p_top) * (p_top - q_top)
+    q_tail = np.clip(1.0 - np.exp(q_top).sum(axis=1), 1e-12, 1.0)
+    p_tail = np.asarray(ref_tail, dtype=np.float64)
+    tail = np.where(p_tail > 1e-12, p_tail * (np.log(np.maximum(p_tail, 1e-12)) - np.log(q_tail)), 0.0)
+    return np.maximum(terms.sum(axis=1) + tail, 0.0)
+
+
+def finite(x: float) -> float | None:
+    """JSON has no nan: undefined figures are written as null."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -1,0 +1,204 @@
+"""The benchmark suite: metrics on cases with known answers, the synthetic generator's
+labels, and `bench agreement` / `bench latency` end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+
+from verm_local.benchmarks import data as bdata
+from verm_local.benchmarks import metrics
+
+from .conftest import run_cli
+
+
+def err(cat, loc, desc, sev=2):
+    return {"category": cat, "severity": sev, "location": loc, "description": desc}
+
+
+A = err("data_error", "Beta at Q3", "value 14 became 21")
+B = err("style_error", "Beta series", "colour blue became green", 1)
+C = err("text_error", "title", "'Costs' became 'Csots'", 1)
+
+
+def test_error_set_f1_known_cases():
+    assert metrics.set_f1([([A, B], [A, B])])["f1"] == 1.0
+    assert metrics.set_f1([([A], [C])])["f1"] == 0.0
+    assert metrics.set_f1([([], [])])["f1"] == 1.0
+    assert metrics.set_f1([([A], [])])["f1"] == 0.0
+    # Same place, other category: partial credit 0.5 -> P = R = 0.5.
+    moved = dict(A, category="structure_error")
+    assert metrics.match([moved], [A]) == 0.5
+    assert metrics.set_f1([([moved], [A])])["f1"] == 0.5
+    # One-to-one: two copies of A against one gold A match once.
+    assert metrics.match([A, A], [A]) == 1.0
+    assert metrics.set_f1([([A, A], [A])]) == pytest.approx(
+        {"precision": 0.5, "recall": 1.0, "f1": 2 / 3})
+    # The optimal assignment beats a greedy one.
+    m = lambda p, g: np.array([[1.0, 0.9], [0.8, 0.0]])  # noqa: E731
+    assert metrics.match([A, B], [A, B], scorer=m) == pytest.approx(1.7)
+
+
+def test_correlations_on_known_vectors():
+    assert metrics.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert metrics.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert metrics.pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert math.isnan(metrics.pearson([1, 1, 1], [1, 2, 3]))
+    assert metrics.spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)
+    assert metrics.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert metrics.count_agreement([[A], [A, B]], [[A], [B]], ["data_error", "style_error"]) == {
+        "data_error": 0.5, "style_error": 1.0}
+
+
+def test_kl_known_values_and_topk():
+    p = np.log(np.array([[0.5, 0.5], [0.25, 0.75]]))
+    q = np.log(np.array([[0.9, 0.1], [0.25, 0.75]]))
+    ids, top, tail = metrics.topk_cache(p, 0)
+    kl = metrics.kl_from_topk(ids, top, tail, q)
+    assert kl[0] == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))
+    assert kl[1] == pytest.approx(0.0, abs=1e-12)
+    assert metrics.kl_from_topk(ids, top, tail, p) == pytest.approx([0, 0], abs=1e-12)
+    # Top-k plus a tail bucket is exact on the coarsened distribution: here
+    # P = (0.6, 0.3, 0.1) vs Q = (0.5, 0.25, 0.25) with k = 1 -> buckets (0.6 | 0.4), (0.5 | 0.5).
+    p3, q3 = np.log([[0.6, 0.3, 0.1]]), np.log([[0.5, 0.25, 0.25]])
+    ids, top, tail = metrics.topk_cache(p3, 1)
+    want = 0.6 * math.log(0.6 / 0.5) + 0.4 * math.log(0.4 / 0.5)
+    assert metrics.kl_from_topk(ids, top, tail, q3)[0] == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("task", ["chart", "table", "svg"])
+def test_synthetic_labels_match_what_was_injected(task):
+    for seed in range(8):
+        rng = random.Random(seed)
+        gt, pred, errors = bdata.make_pair(task, rng, n_errors=seed % 4)
+        assert len(errors) == seed % 4
+        assert (gt == pred) == (not errors)
+        from verm_local.constants import CATEGORIES
+
+        for e in errors:
+            assert e["category"] in CATEGORIES[task] and e["severity"] in (1, 2, 3)
+    # By construction: a changed chart value is in the spec as the label says.
+    spec = bdata.chart_spec(random.Random(1))
+    before = json.loads(json.dumps(spec))
+    label = bdata._chart_errors(spec, random.Random(2))["value"]()
+    s0, s1 = before["series"][0], spec["series"][0]
+    i = next(k for k, (a, b) in enumerate(zip(s0["values"], s1["values"])) if a != b)
+    assert label["location"] == f"{s1['name']} at {spec['labels'][i]}"
+    assert label["description"] == f"value {s0['values'][i]} became {s1['values'][i]}"
+    table = bdata.table_spec(random.Random(3))
+    rows = [r[:] for r in table["rows"]]
+    label = bdata._table_errors(table, random.Random(4))["swap"]()
+    assert label["category"] == "layout_error"
+    assert sorted(map(tuple, table["rows"])) == sorted(map(tuple, rows)) and table["rows"] != rows
+
+
+def test_synthetic_is_deterministic_and_rendered(tmp_path):
+    a = bdata.synthetic(tmp_path / "a", n=4, seed=7, quiet=True)
+    b = bdata.synthetic(tmp_path / "b", n=4, seed=7, quiet=True)
+    assert a.read_text() == b.read_text()
+    items = bdata.load_items(tmp_path / "a")
+    assert [it.task for it in items] == ["chart", "table", "svg", "chart"]
+    for it in items:
+        same = it.gt.read_bytes() == it.pred.read_bytes()
+        assert same == (not it.human_errors)  # item 3 has none: identical renders
+        assert (tmp_path / "b" / it.gt.relative_to(tmp_path / "a")).read_bytes() == it.gt.read_bytes()
+    # Older VC-RewardBench rows say "type"; both are read.
+    row = json.loads(a.read_text().splitlines()[0])
+    row["human_errors"] = [{"type": "data_error", "severity": 3, "description": "x"}]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "c" / "images").symlink_to(tmp_path / "a" / "images")
+    assert bdata.load_items(tmp_path / "c")[0].human_errors[0]["category"] == "data_error"
+
+
+def test_endpoint_matcher(tmp_path):
+    from verm_local.benchmarks.matcher import EndpointMatcher
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert "List A" in body["messages"][0]["content"]
+            answer = {"matches": [{"a": 0, "b": 1, "match": "full"},
+                                  {"a": 1, "b": 0, "match": "partial"}, {"a": 9, "b": 0}]}
+            out = json.dumps({"choices": [{"message": {"content": json.dumps(answer)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        m = EndpointMatcher(f"http://127.0.0.1:{server.server_address[1]}/v1")([A, B], [B, A])
+    finally:
+        server.shutdown()
+    assert m.tolist() == [[0.0, 1.0], [0.5, 0.0]]
+    assert metrics.match([A, B], [B, A], scorer=lambda p, g: m) == 1.5
+
+
+@pytest.mark.slow
+def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pair):
+    data = tmp_path / "data"
+    proc = run_cli("bench", "data", "synthetic", data, "--n", "3", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "agree"
+    cands = f"{tiny_gguf / 'model-F16.gguf'},{tiny_gguf / 'model-Q4_K_M.gguf'}"
+    args = ["bench", "agreement", "--reference", tiny_hf, "--candidates", cands, "--data", data,
+            "--out", out, "--max-errors", "2", "--top-k", "0"]
+    proc = run_cli(*args, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "agreement.json").read_text())
+    f16, q4 = (report["candidates"][c] for c in cands.split(","))
+    assert f16["token"]["tokens"] == q4["token"]["tokens"] > 3
+    assert f16["token"]["ref_topk_mass"] == pytest.approx(1.0, abs=1e-4)  # --top-k 0: exact
+    assert 0 <= f16["token"]["mean"] < q4["token"]["mean"] < 1.0
+    assert f16["token"]["mean"] < 1e-4 and f16["token"]["top1_agreement"] > 0.95
+    for c in (f16, q4):
+        j = c["judgement"]
+        assert 0 <= j["f1"] <= 1 and j["json_valid_rate"] == 1.0
+        assert set(c["human"]) >= {"overall"} and "human_loss" in c
+    assert (out / "agreement.png").stat().st_size > 1000
+    assert "mean KL/token" in (out / "agreement.md").read_text()
+    results = sorted((out / "results").glob("*.jsonl"))
+    assert len(results) == 3
+    rows = [json.loads(ln) for ln in results[0].read_text().splitlines()]
+    assert len(rows) == 3 and all({"id", "category", "pred_json"} <= set(r) for r in rows)
+    # The reference's answers and top-k are cached: a second run reuses them.
+    proc = run_cli(*args[:5], str(tiny_gguf / "model-Q8_0.gguf"), *args[6:], timeout=900)
+    assert proc.returncode == 0 and "reusing the cache" in proc.stderr
+
+    lat = tmp_path / "lat" / "latency.json"
+    proc = run_cli("bench", "latency", "--models", str(tiny_gguf / "model-Q4_K_M.gguf"),
+                   "--images", *pair, "--repeat", "1", "--out", lat, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(lat.read_text())
+    m = next(iter(rep["models"].values()))
+    assert m["overhead_ratio"] > 0 and m["llamacpp"]["e2e_s"]["median"] > 0
+    assert m["vision_s"]["median"] > 0 and m["decode_tok_s"]["median"] > 0
+    assert m["peak_rss"] > 50e6 and lat.with_suffix(".png").is_file()
+    # A baseline whose overhead ratio was half of today's is a regression: exit 1.
+    doctored = json.loads(lat.read_text())
+    for mm in doctored["models"].values():
+        mm["overhead_ratio"] /= 2
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(doctored))
+    proc = run_cli("bench", "latency", "--models", str(tiny_gguf / "model-Q4_K_M.gguf"),
+                   "--images", *pair, "--repeat", "1", "--baseline", base, timeout=600)
+    assert proc.returncode == 1 and "regression" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bench_bad_inputs_are_one_line(tmp_path, pair):
+    proc = run_cli("bench", "agreement", "--reference", "gguf-q4_k_m", "--candidates", "x",
+                   "--data", tmp_path, env={"VERM_LOCAL_HOME": str(tmp_path / "s")})
+    assert proc.returncode == 2 and "no data.jsonl" in proc.stderr
+    proc = run_cli("bench", "data", "synthetic", tmp_path / "d", "--tasks", "poster")
+    assert proc.returncode == 2 and "unknown task" in proc.stderr
