@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -185,15 +186,38 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     assert m["overhead_ratio"] > 0 and m["llamacpp"]["e2e_s"]["median"] > 0
     assert m["vision_s"]["median"] > 0 and m["decode_tok_s"]["median"] > 0
     assert m["peak_rss"] > 50e6 and lat.with_suffix(".png").is_file()
-    # A baseline whose overhead ratio was half of today's is a regression: exit 1.
-    doctored = json.loads(lat.read_text())
-    for mm in doctored["models"].values():
-        mm["overhead_ratio"] /= 2
-    base = tmp_path / "base.json"
-    base.write_text(json.dumps(doctored))
-    proc = run_cli("bench", "latency", "--models", str(tiny_gguf / "model-Q4_K_M.gguf"),
-                   "--images", *pair, "--repeat", "1", "--baseline", base, timeout=600)
+    # The gate on the CLI: a baseline no real run can match (ratios a millionth of
+    # today's) is a regression, exit 1; one no real run can miss passes. Timing noise
+    # between two runs cannot flip either outcome.
+    def gate(scale: float) -> subprocess.CompletedProcess:
+        doctored = json.loads(lat.read_text())
+        for mm in doctored["models"].values():
+            mm["overhead_ratio"] *= scale
+            mm["relative_e2e"] *= scale
+        base = tmp_path / f"base-{scale}.json"
+        base.write_text(json.dumps(doctored))
+        return run_cli("bench", "latency", "--models", str(tiny_gguf / "model-Q4_K_M.gguf"),
+                       "--images", *pair, "--repeat", "1", "--baseline", base, timeout=600)
+
+    proc = gate(1e-6)
     assert proc.returncode == 1 and "regression" in proc.stderr, proc.stderr[-2000:]
+    proc = gate(1e6)
+    assert proc.returncode == 0 and "no regression" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_latency_gate_compares_ratios():
+    from verm_local.benchmarks.latency import compare
+
+    base = {"models": {"q4": {"overhead_ratio": 0.60, "relative_e2e": 1.0},
+                       "q8": {"overhead_ratio": 0.90, "relative_e2e": 1.4}}}
+    same = {"models": {"q4": {"overhead_ratio": 0.65, "relative_e2e": 1.0},
+                       "q8": {"overhead_ratio": 0.95, "relative_e2e": 1.5}}}
+    assert compare(same, base, 0.10) == []  # +8%, +6%, +7%: within 10%
+    worse = {"models": {"q4": {"overhead_ratio": 0.70, "relative_e2e": 1.0},
+                        "q8": {"overhead_ratio": 0.90, "relative_e2e": 1.4},
+                        "new": {"overhead_ratio": 9.0, "relative_e2e": 9.0}}}
+    found = compare(worse, base, 0.10)
+    assert len(found) == 1 and found[0].startswith("q4: overhead_ratio 0.700 vs baseline 0.600")
 
 
 def test_bench_bad_inputs_are_one_line(tmp_path, pair):
