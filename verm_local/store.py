@@ -79,20 +79,19 @@ def git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_files(directory: Path, manifest: dict[str, Any], full: bool) -> list[str]:
-    """Problems with a variant's files: missing, wrong size, or (full) wrong sha256."""
-    problems = []
+def check_files(directory: Path, manifest: dict[str, Any], full: bool) -> dict[str, str]:
+    """{file: problem} for a variant's files: missing, wrong size, or (full) wrong sha256."""
+    problems = {}
     for entry in manifest.get("files", []):
-        path = directory / entry["file"]
+        name, path = entry["file"], directory / entry["file"]
         if not path.is_file():
-            problems.append(f"{entry['file']} is missing")
+            problems[name] = f"{name} is missing"
         elif path.stat().st_size != int(entry["size"]):
-            problems.append(f"{entry['file']} has size {path.stat().st_size}, "
-                            f"expected {entry['size']}")
+            problems[name] = f"{name} has size {path.stat().st_size}, expected {entry['size']}"
         elif full and sha256_file(path) != entry["sha256"]:
-            problems.append(f"{entry['file']} fails its sha256 check")
+            problems[name] = f"{name} fails its sha256 check"
     if not manifest.get("files"):
-        problems.append("manifest lists no files")
+        problems[MANIFEST_NAME] = "manifest lists no files"
     return problems
 
 
@@ -127,7 +126,8 @@ def list_models(verify: bool = False, home: Path | None = None) -> list[dict[str
         if manifest is None:
             continue
         problems = check_files(path, manifest, full=verify)
-        state = ("verified" if verify else "ok") if not problems else "corrupt: " + "; ".join(problems)
+        state = (("verified" if verify else "ok") if not problems
+                 else "corrupt: " + "; ".join(problems.values()))
         store = manifest.get("store", {})
         rows.append({"variant": path.name, "size": dir_size(path), "path": str(path),
                      "state": state, "source": store.get("source", "?")})
@@ -163,8 +163,9 @@ def pull(name: str, *, repo: str | None = None, revision: str | None = None,
             if not problems:
                 log(f"{variant.name} is in the store and verified: {final}")
                 return final
-            log(f"{variant.name} in the store is corrupt ({'; '.join(problems)}); fetching again")
-            _reclaim(final, staging, problems)
+            log(f"{variant.name} in the store is corrupt ({'; '.join(problems.values())}); "
+                "fetching again")
+            _reclaim(final, staging, set(problems))
         if from_dir is not None:
             return _import(variant, Path(from_dir), staging, final)
         from huggingface_hub.constants import is_offline_mode
@@ -173,14 +174,16 @@ def pull(name: str, *, repo: str | None = None, revision: str | None = None,
             raise FetchError(f"{variant.name} is not in the store and HF_HUB_OFFLINE is set; "
                              "pull it online, or import files with --from DIR")
         if variant.format == "hf":
-            files = _fetch(BF16_REPO, revision, variant, staging, endpoint, prefix="")
+            commit, siblings = _repo_files(BF16_REPO, revision, endpoint)
+            files = _fetch(BF16_REPO, commit, siblings, variant, staging, endpoint)
             return _finish(variant, staging, final, files, f"hf://{BF16_REPO}")
         qrepo = quantized_repo(repo)
         if qrepo:
-            published = _published(qrepo, revision, variant, endpoint)
+            commit, siblings = _repo_files(qrepo, revision, endpoint)
+            published = _published(qrepo, commit, siblings, variant, endpoint)
             if published is not None:
-                files = _fetch(qrepo, revision, variant, staging, endpoint,
-                               prefix=variant.subfolder, wanted=published)
+                files = _fetch(qrepo, commit, siblings, variant, staging, endpoint,
+                               wanted=published)
                 return _finish(variant, staging, final, files, f"hf://{qrepo}")
             log(f"{qrepo} does not publish {variant.name}; building it from bf16")
         else:
@@ -191,19 +194,15 @@ def pull(name: str, *, repo: str | None = None, revision: str | None = None,
         return _build(variant, bf16, staging, final)
 
 
-def _reclaim(final: Path, staging: Path, problems: list[str]) -> None:
-    """Move a corrupt variant out of the store into staging, without its bad files, so the
-    good ones are reused and nothing corrupt stays visible."""
+def _reclaim(final: Path, staging: Path, bad: set[str]) -> None:
+    """Move a corrupt variant out of the store into staging, without its bad files (as
+    `check_files` found them), so the good ones are reused and nothing corrupt stays
+    visible."""
     shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
     os.replace(final, staging)
-    manifest = read_manifest(staging) or {}
-    for entry in manifest.get("files", []):
-        path = staging / entry["file"]
-        if path.is_file() and (path.stat().st_size != int(entry["size"])
-                               or sha256_file(path) != entry["sha256"]):
-            path.unlink()
-    (staging / MANIFEST_NAME).unlink(missing_ok=True)
+    for name in bad | {MANIFEST_NAME}:
+        (staging / name).unlink(missing_ok=True)
 
 
 def _hub_error(exc: Exception, repo: str) -> VermError:
@@ -232,11 +231,11 @@ def _repo_files(repo: str, revision: str | None, endpoint: str | None
     return info.sha, {s.rfilename: s for s in info.siblings or []}
 
 
-def _published(repo: str, revision: str | None, variant: Variant, endpoint: str | None
-               ) -> dict[str, str | None] | None:
-    """The files of `variant` that `repo` publishes, with the sha256 its manifest states
-    (None where it states none), or None when it does not publish them all."""
-    commit, files = _repo_files(repo, revision, endpoint)
+def _published(repo: str, commit: str, files: dict[str, Any], variant: Variant,
+               endpoint: str | None) -> dict[str, str | None] | None:
+    """The files of `variant` that `repo` publishes at `commit` (`files` as `_repo_files`
+    lists them), with the sha256 its manifest states (None where it states none), or
+    None when it does not publish them all."""
     if variant.subfolder:
         prefix = variant.subfolder + "/"
         names = [f for f in files if f.startswith(prefix)]
@@ -270,17 +269,17 @@ def _download_json(repo: str, commit: str, name: str, endpoint: str | None) -> d
             raise _hub_error(exc, repo) from None
 
 
-def _fetch(repo: str, revision: str | None, variant: Variant, staging: Path,
-           endpoint: str | None, prefix: str,
+def _fetch(repo: str, commit: str, siblings: dict[str, Any], variant: Variant,
+           staging: Path, endpoint: str | None,
            wanted: dict[str, str | None] | None = None) -> dict[str, str]:
-    """Download the variant's files into staging and verify each; returns {name: sha256}."""
+    """Download the variant's files (default: the checkpoint files at the repo's root)
+    into staging at `commit` and verify each; returns {name: sha256}."""
     from huggingface_hub import hf_hub_download
 
-    commit, siblings = _repo_files(repo, revision, endpoint)
     if wanted is None:
         wanted = {n: None for n in siblings if n.endswith(HF_PATTERNS) and "/" not in n}
         if not any(n.endswith(".safetensors") for n in wanted):
-            raise FetchError(f"{repo} has no safetensors weights at {revision or 'main'}")
+            raise FetchError(f"{repo} has no safetensors weights at {commit[:12]}")
     staging.mkdir(parents=True, exist_ok=True)
     todo = [n for n in wanted if not (staging / n).is_file()]
     need = sum(int(siblings[n].size or 0) for n in todo if n in siblings)
