@@ -51,9 +51,7 @@ def model_path(name: str) -> str:
 
 def model_size(judge: Any) -> int:
     """Bytes of weights on disk (text model + mmproj, or the checkpoint's safetensors)."""
-    from verm_local.modelref import resolve_model
-
-    r = resolve_model(judge.backend.info.path) if judge.backend.info.path else None
+    r = judge.resolved
     if r is None:
         return 0
     if r.format == "gguf":

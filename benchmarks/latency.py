@@ -209,17 +209,17 @@ def markdown(report: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["models"].items():
         own = r.get("llamacpp")
-        lines.append(
-            f"| {name} ({r['model']['quant']}) | {r['load_s']:.2f} | {r['vision_s']['median']:.3f} "
-            f"| {r['text_prefill_s']['median']:.3f} | {r['ttft_s']['median']:.3f} | "
-            f"{r['decode_tok_s']['median']:.1f} | {r['e2e_s']['median']:.2f} "
-            f"({r['e2e_s']['min']:.2f}-{r['e2e_s']['max']:.2f}) | {r['peak_rss'] / 1e6:.0f} | "
-            f"{own['e2e_s']['median']:.2f} ({own['completion_tokens']} tok) | "
-            f"{r['overhead_ratio']:.2f} |" if own else
-            f"| {name} ({r['model']['quant']}) | {r['load_s']:.2f} | {r['vision_s']['median']:.3f} "
-            f"| {r['text_prefill_s']['median']:.3f} | {r['ttft_s']['median']:.3f} | "
-            f"{r['decode_tok_s']['median']:.1f} | {r['e2e_s']['median']:.2f} | "
-            f"{r['peak_rss'] / 1e6:.0f} | n/a | n/a |")
+        e2e = r["e2e_s"]
+        row = (f"| {name} ({r['model']['quant']}) | {r['load_s']:.2f} | "
+               f"{r['vision_s']['median']:.3f} | {r['text_prefill_s']['median']:.3f} | "
+               f"{r['ttft_s']['median']:.3f} | {r['decode_tok_s']['median']:.1f} | ")
+        if own:
+            row += (f"{e2e['median']:.2f} ({e2e['min']:.2f}-{e2e['max']:.2f}) | "
+                    f"{r['peak_rss'] / 1e6:.0f} | {own['e2e_s']['median']:.2f} "
+                    f"({own['completion_tokens']} tok) | {r['overhead_ratio']:.2f} |")
+        else:
+            row += f"{e2e['median']:.2f} | {r['peak_rss'] / 1e6:.0f} | n/a | n/a |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 

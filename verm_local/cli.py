@@ -333,6 +333,13 @@ def bench_latency_cmd(
         typer.echo(f"no regression beyond {tolerance:.0%} against {baseline}")
 
 
+def _echo_files(out_dir: Path, entries: list[dict], label) -> None:
+    """One line per file a converter wrote: label, size, sha256 prefix, path."""
+    for e in entries:
+        typer.echo(f"{label(e)}  {e['size'] / 1e6:8.1f} MB  {e['sha256'][:12]}  "
+                   f"{out_dir / e['file']}")
+
+
 @convert_app.command("tiny-model")
 def tiny_model_cmd(
     out_dir: Path = typer.Argument(..., help="Where to write the HF checkpoint."),
@@ -360,9 +367,7 @@ def gguf_cmd(
     from .convert.gguf import convert_gguf, parse_quants
 
     manifest = convert_gguf(hf_dir, out_dir, parse_quants(quant), mmproj_type, verbose=verbose)
-    for entry in manifest["files"]:
-        typer.echo(f"{entry['quant']:>7}  {entry['size'] / 1e6:8.1f} MB  "
-                   f"{entry['sha256'][:12]}  {out_dir / entry['file']}")
+    _echo_files(out_dir, manifest["files"], lambda e: f"{e['quant']:>7}")
 
 
 @convert_app.command("gptq")
@@ -382,10 +387,8 @@ def gptq_cmd(
 
     manifest = convert_gptq(hf_dir, out_dir, bits=bits, group_size=group_size,
                             calibration=calibration, samples=samples, seed=seed)
-    for entry in manifest["files"]:
-        if entry["kind"] == "weights":
-            typer.echo(f"{entry['quant']}  {entry['size'] / 1e6:8.1f} MB  "
-                       f"{entry['sha256'][:12]}  {out_dir / entry['file']}")
+    _echo_files(out_dir, [e for e in manifest["files"] if e["kind"] == "weights"],
+                lambda e: e["quant"])
 
 
 @convert_app.command("onnx")
@@ -398,10 +401,8 @@ def onnx_cmd(
     from .convert.onnx import convert_onnx
 
     manifest = convert_onnx(hf_dir, out_dir, precision)
-    for entry in manifest["files"]:
-        if entry["file"].endswith(".onnx"):
-            typer.echo(f"{precision}  {entry['size'] / 1e6:8.1f} MB  {entry['sha256'][:12]}  "
-                       f"{out_dir / entry['file']}")
+    _echo_files(out_dir, [e for e in manifest["files"] if e["file"].endswith(".onnx")],
+                lambda e: precision)
 
 
 @app.command("version")

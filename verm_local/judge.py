@@ -56,6 +56,7 @@ class Judge:
         self.image_token_budget = image_token_budget
         self.max_tokens = max_tokens
         self.reward_scale = reward_scale
+        self.resolved = None  # the files behind the model, when this Judge loaded them
         if backend is not None:
             self.backend = backend
             return
@@ -76,7 +77,7 @@ class Judge:
         if n_gpu_layers is None:
             n_gpu_layers = -1 if device in ("cuda", "metal", "mps") else 0
         device = torch_device(device)
-        resolved = resolve_model(model, mmproj, quant)
+        resolved = self.resolved = resolve_model(model, mmproj, quant)
         name = resolved.backend if backend_name == "auto" else backend_name
         if name != resolved.backend:
             raise ModelError(f"{resolved.path}: a {resolved.format} model runs on the "

@@ -7,7 +7,7 @@ from pathlib import Path
 from .catalog import get_variant
 from .errors import ModelError
 from .hardware import Hardware, probe
-from .select import Plan, default_n_ctx, select_plan
+from .select import Plan, select_plan
 from .store import installed
 
 
@@ -18,7 +18,7 @@ def plan_here(device: str | None = None, variant: str | None = None,
         with_torch = bool(variant) and get_variant(variant).backend == "transformers"
         hardware = probe(with_torch=with_torch)
     return hardware, select_plan(hardware, device=device, variant=variant,
-                                 n_ctx=n_ctx or default_n_ctx())
+                                 n_ctx=n_ctx)
 
 
 def planned_model(device: str | None = None, variant: str | None = None,

@@ -13,7 +13,7 @@ Refusals name what was needed and what the machine has."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .catalog import CATALOG, GB, GGUF_LADDER, KV_BYTES_PER_TOKEN, RUNTIME_OVERHEAD, \
     TEXT_LAYERS, Variant, get_variant
@@ -87,7 +87,7 @@ def select_plan(hw: Hardware, *, device: str | None = None, variant: str | None 
                 raise PlanError(str(exc)) from None
             skipped.append(f"not {dev}: {exc}")
             continue
-        return Plan(**{**asdict(plan), "reasons": tuple(skipped) + plan.reasons})
+        return replace(plan, reasons=tuple(skipped) + plan.reasons)
     raise PlanError("; ".join(skipped))
 
 
@@ -156,7 +156,7 @@ def _plan_cuda(hw: Hardware, want: Variant | None, n_ctx: int,
             raise
         order = [catalog[n] for n in ("bf16", "gptq-int8", "gptq-int4") if n in catalog]
         plan = _transformers_on_cuda(hw, order, n_ctx, budget, where)
-        return Plan(**{**asdict(plan), "reasons": (f"GGUF: {exc}",) + plan.reasons})
+        return replace(plan, reasons=(f"GGUF: {exc}",) + plan.reasons)
 
 
 def _transformers_on_cuda(hw: Hardware, order: list[Variant], n_ctx: int, budget: int,
