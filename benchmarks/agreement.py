@@ -55,8 +55,19 @@ def model_size(judge: Any) -> int:
     if r is None:
         return 0
     if r.format == "gguf":
-        return r.path.stat().st_size + (r.mmproj.stat().st_size if r.mmproj else 0)
+        encoder = getattr(judge.backend, "vision", None)
+        vision = (encoder.path if encoder is not None else r.mmproj)
+        return r.path.stat().st_size + (vision.stat().st_size if vision else 0)
     return sum(p.stat().st_size for p in Path(r.path).glob("*.safetensors"))
+
+
+def _vision_label(judge: Any) -> str:
+    """The vision path a judge ran: mmproj, or the ONNX file and its execution provider."""
+    encoder = getattr(judge.backend, "vision", None)
+    if encoder is None:
+        return "mmproj" if judge.resolved is not None and judge.resolved.format == "gguf" \
+            else "transformers"
+    return f"{encoder.path.stem} ({encoder.providers[0]})"
 
 
 def _progress(label: str, i: int, n: int, t0: float) -> None:
@@ -80,11 +91,30 @@ def _judge_item(judge: Any, item: Item, free: bool, max_tokens: int,
             "text": judge.last_generation.text, "answer": j.model_dump(mode="json")}
 
 
-def _open(path: str, image_tokens: int, max_tokens: int, threads: int | None) -> Any:
+VISIONS = ("gguf", "onnx", "onnx-fp32", "onnx-fp16", "onnx-int8")
+
+
+def split_vision(name: str) -> tuple[str, str]:
+    """`MODEL#VISION` -> (MODEL, VISION): which vision path a candidate runs with.
+
+    VISION is `gguf` (llama.cpp's mmproj, the default), `onnx` (the tower kept in
+    <model>/onnx at its best precision) or `onnx-fp32|fp16|int8`."""
+    model, sep, vision = name.rpartition("#")
+    if not sep:
+        return name, "gguf"
+    if vision not in VISIONS:
+        raise InputError(f"{name}: unknown vision path {vision!r}; use one of "
+                         + ", ".join(VISIONS))
+    return model, vision
+
+
+def _open(path: str, image_tokens: int, max_tokens: int, threads: int | None,
+          vision: str = "gguf") -> Any:
     from verm_local.judge import Judge
 
+    mode, _, precision = vision.partition("-")
     return Judge(path, image_token_budget=image_tokens, max_tokens=max_tokens, threads=threads,
-                 vision="gguf")
+                 vision=mode, vision_precision=precision or None)
 
 
 def reference_pass(ref: str, items: list[Item], cache: Path, *, free: bool, top_k: int,
@@ -135,12 +165,12 @@ def reference_pass(ref: str, items: list[Item], cache: Path, *, free: bool, top_
 
 def candidate_pass(path: str, items: list[Item], ref: dict[str, Any], *, free: bool,
                    image_tokens: int, max_tokens: int, threads: int | None, label: str,
-                   max_errors: int | None = None) -> dict[str, Any]:
+                   max_errors: int | None = None, vision: str = "gguf") -> dict[str, Any]:
     from verm_local.prompts import load_prompt
 
     t0 = time.perf_counter()
     kls, top1, rows = [], [], []
-    with _open(path, image_tokens, max_tokens, threads) as judge:
+    with _open(path, image_tokens, max_tokens, threads, vision) as judge:
         if judge.backend.answer_tokens(VOCAB_PROBE) != ref["vocab_probe"]:
             raise InputError(f"{path}: its vocabulary differs from the reference's; token-level "
                              "agreement needs one tokenizer")
@@ -152,6 +182,7 @@ def candidate_pass(path: str, items: list[Item], ref: dict[str, Any], *, free: b
             rows.append({**_judge_item(judge, item, free, max_tokens, max_errors), "id": item.id})
             _progress(label, i + 1, len(items), t0)
         info = judge.backend.info.model_dump()
+        info["vision"] = _vision_label(judge)
         size = model_size(judge)
     kl = np.concatenate(kls)
     # How much of the reference's mass the cached top-k holds: the KL is exact on it and
@@ -246,9 +277,10 @@ def run_agreement(reference: str, candidates: list[str], data: str, *, limit: in
     }
     _write_results(out, reference, items, ref["items"])
     for name in candidates:
-        c = candidate_pass(model_path(name), items, ref, free=free, image_tokens=image_tokens,
+        path, vision = split_vision(name)
+        c = candidate_pass(model_path(path), items, ref, free=free, image_tokens=image_tokens,
                            max_tokens=max_tokens, threads=threads, label=name,
-                           max_errors=max_errors)
+                           max_errors=max_errors, vision=vision)
         entry = {"model": c["model"], "size_bytes": c["size_bytes"], "token": c["token"],
                  "judgement": judgement_agreement(c["items"], ref["items"], items, scorer)}
         if has_labels:
@@ -293,13 +325,14 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['settings']['top_k'] or 'all'} + tail (mass covered: "
              f"{next(iter(report['candidates'].values()))['token']['ref_topk_mass']:.3f})."
              if report["candidates"] else "", "",
-             "| model | size MB | mean KL/token | p95 KL | top-1 | F1 vs ref | severity r | "
+             "| model (quant, vision) | size MB | mean KL/token | p95 KL | top-1 | F1 vs ref | severity r | "
              "reward MAE | JSON valid | F1 loss vs human |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in report["candidates"].items():
         t, j = c["token"], c["judgement"]
         loss = (c.get("human_loss") or {}).get("overall", {}).get("f1")
-        lines.append(f"| {name} ({c['model']['quant']}) | {c['size_bytes'] / 1e6:.1f} | "
+        vision = c["model"].get("vision", "mmproj")
+        lines.append(f"| {name} ({c['model']['quant']}, {vision}) | {c['size_bytes'] / 1e6:.1f} | "
                      f"{t['mean']:.3g} ± {t['stderr']:.1g} | {t['p95']:.3g} | "
                      f"{t['top1_agreement']:.3f} | {j['f1']:.3f} | "
                      f"{_fmt(j['severity_pearson'])} | {_fmt(j['reward_mae'])} | "

@@ -55,8 +55,16 @@ def fail(message: str, code: int) -> None:
 
 @app.command("judge")
 def judge_cmd(
-    gt: Path = typer.Argument(..., help="Ground-truth image (shown to the model first)."),
-    pred: Path = typer.Argument(..., help="Image rendered from the prediction."),
+    gt: Optional[Path] = typer.Argument(None, help="Ground-truth image (shown to the model "
+                                                   "first)."),
+    pred: Optional[Path] = typer.Argument(None, help="Image rendered from the prediction."),
+    pairs: Optional[Path] = typer.Option(
+        None, "--pairs", help="Batch mode: a JSONL file of {gt, pred, task[, id]} (or "
+                              "VC-RewardBench's gt_img_path, pred_img_path, category)."),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help="--pairs: write the judgements here (JSONL)."),
+    parallel: int = typer.Option(4, "--parallel", min=1,
+                                 help="--pairs: predictions judged at once per ground truth."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="A .gguf file, a `convert` directory or an HF "
                                              "checkpoint (default: the planned variant "
@@ -114,9 +122,20 @@ def judge_cmd(
 
     if task not in TASKS:
         fail(f"unknown task {task!r}; choose one of {', '.join(TASKS)}", 2)
-    # Images are checked before the model loads: a bad path fails fast.
-    gt_img = load_image(gt, token_budget=image_tokens)
-    pred_img = load_image(pred, token_budget=image_tokens)
+    if pairs is not None and (gt is not None or pred is not None):
+        fail("give GT PRED or --pairs FILE, not both", 2)
+    if pairs is None and (gt is None or pred is None):
+        fail("give GT and PRED images (or --pairs FILE.jsonl)", 2)
+    if pairs is None and out is not None:
+        fail("--out goes with --pairs", 2)
+    if pairs is not None:
+        from .judge import read_pairs
+
+        batch = read_pairs(pairs, task)  # a bad file fails before the model loads
+    else:
+        # Images are checked before the model loads: a bad path fails fast.
+        gt_img = load_image(gt, token_budget=image_tokens)
+        pred_img = load_image(pred, token_budget=image_tokens)
     if rl_sampling:
         sampling = Sampling(max_tokens=max_tokens, temperature=RL_SAMPLING["temperature"],
                             top_p=RL_SAMPLING["top_p"], top_k=RL_SAMPLING["top_k"],
@@ -133,7 +152,14 @@ def judge_cmd(
         vision_model=vision_model, vision_precision=vision_precision,
         image_token_budget=image_tokens,
         max_tokens=max_tokens, reward_scale=reward_scale, verbose=verbose,
+        parallel=parallel if pairs is not None else 1,
+        prefix_cache=2 if pairs is not None else 0,
     ) as j:
+        if pairs is not None:
+            if prompt_file is not None:
+                fail("--prompt-file is not supported with --pairs", 2)
+            _judge_pairs(j, batch, out, free=free, sampling=sampling, max_errors=max_errors)
+            return
         result = j.judge(gt_img, pred_img, task, free=free, sampling=sampling,
                          prompt_file=prompt_file, max_errors=max_errors)
     if as_json:
@@ -142,6 +168,119 @@ def judge_cmd(
         from .report import print_judgement
 
         print_judgement(result)
+
+
+def _judge_pairs(j, batch, out: Optional[Path], **kwargs) -> None:
+    """Judge every pair (grouped by ground truth), with a progress line; JSONL out."""
+    import json
+    import time
+
+    from .fileio import atomic_output
+
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        print(f"\rjudged {done}/{total} pairs, {rate:.2f} pairs/s", end="",
+              file=sys.stderr, flush=True)
+
+    results = j.judge_many([(p["gt"], p["pred"], p["task"]) for p in batch],
+                           progress=progress, **kwargs)
+    print(file=sys.stderr)
+    lines, failed = [], 0
+    for p, r in zip(batch, results):
+        if isinstance(r, Exception):
+            failed += 1
+            row = {"id": p["id"], "task": p["task"], "error": str(r)}
+        else:
+            row = {"id": p["id"], **r.model_dump(mode="json")}
+        lines.append(json.dumps(row))
+    text = "\n".join(lines) + "\n"
+    if out is not None:
+        with atomic_output(out) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        typer.echo(f"{len(batch) - failed} judged, {failed} failed -> {out}", err=True)
+    else:
+        sys.stdout.write(text)
+    if failed:
+        raise typer.Exit(4)
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model to serve (default: the planned variant)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Store variant to serve."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback unless "
+                                                         "told otherwise)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    parallel: int = typer.Option(4, "--parallel", min=1, max=64,
+                                 help="Requests run at once in the loaded model."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VERM_LOCAL_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on /v1."),
+    max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1),
+    max_request_bytes: int = typer.Option(64 << 20, "--max-request-bytes", min=1),
+    timeout: float = typer.Option(300.0, "--timeout", min=0.1, help="Seconds per request."),
+    queue_size: int = typer.Option(64, "--queue", min=1,
+                                   help="Requests that may wait; more are answered 429."),
+    prefix_cache: int = typer.Option(4, "--prefix-cache", min=0,
+                                     help="Ground-truth prefixes kept evaluated."),
+    image_tokens: int = typer.Option(DEFAULT_IMAGE_TOKEN_BUDGET, "--image-tokens", min=1),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", min=1),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers"),
+    vision: str = typer.Option("auto", "--vision", help="auto | gguf | onnx"),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images"),
+    allow_local_images: bool = typer.Option(False, "--allow-local-images"),
+    served_name: Optional[str] = typer.Option(None, "--served-model-name"),
+    engine: str = typer.Option("llamacpp", "--engine",
+                               help="llamacpp (in-process batches) | vllm (bf16/GPTQ on CUDA)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="--engine vllm: print the command."),
+) -> None:
+    """OpenAI-compatible reward endpoint: /v1/chat/completions, /v1/judge, /health, /metrics."""
+    from .server import ServeConfig, serve, vllm_command
+
+    cfg = ServeConfig(model=model, variant=variant, host=host, port=port, parallel=parallel,
+                      api_key=api_key, max_image_bytes=max_image_bytes,
+                      max_request_bytes=max_request_bytes, timeout=timeout,
+                      queue_size=queue_size, prefix_cache=prefix_cache,
+                      image_tokens=image_tokens, max_tokens=max_tokens, threads=threads,
+                      gpu_layers=gpu_layers, vision=vision,
+                      allow_remote_images=allow_remote_images,
+                      allow_local_images=allow_local_images, served_name=served_name)
+    if engine == "vllm":
+        import shutil
+
+        from .modelref import resolve_model
+
+        if model is None:
+            from .store import installed
+
+            name = variant or "bf16"
+            path = installed(name)
+            if path is None:
+                fail(f"{name} is not in the store; run: verm-local pull {name} (or --model DIR)", 3)
+            model = str(path)
+        resolved = resolve_model(model)
+        if resolved.format == "gguf":
+            fail(f"{model}: vLLM serves the bf16 or GPTQ checkpoint, not GGUF "
+                 "(use --engine llamacpp)", 2)
+        cmd = vllm_command(resolved.path, cfg, resolved.quant if resolved.format == "gptq"
+                           else None)
+        if dry_run:
+            import shlex
+
+            typer.echo(shlex.join(cmd))
+            return
+        if shutil.which("vllm") is None:
+            fail("vLLM is not installed (pip install vllm, on a CUDA machine); "
+                 "--dry-run prints the command", 5)
+        os.execvp(cmd[0], cmd)
+    if engine != "llamacpp":
+        fail(f"unknown engine {engine!r}; choose llamacpp or vllm", 2)
+    if dry_run:
+        fail("--dry-run goes with --engine vllm", 2)
+    serve(cfg)
 
 
 @app.command("pull")
@@ -259,7 +398,10 @@ def bench_data_synthetic_cmd(
 @bench_app.command("agreement")
 def bench_agreement_cmd(
     reference: str = typer.Option(..., "--reference", help="Variant name or path (bf16)."),
-    candidates: str = typer.Option(..., "--candidates", help="Comma-separated variants/paths."),
+    candidates: str = typer.Option(
+        ..., "--candidates",
+        help="Comma-separated variants/paths; MODEL#onnx-int8 (or #onnx, #onnx-fp32, "
+             "#onnx-fp16, #gguf) picks the vision path a GGUF candidate runs with."),
     data: str = typer.Option(..., "--data", help="VC-RewardBench-layout dir or hub dataset id."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1),
     out: Path = typer.Option(Path("bench-agreement"), "--out"),

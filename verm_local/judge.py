@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend, Sampling
 from .constants import DEFAULT_IMAGE_TOKEN_BUDGET, DEFAULT_MAX_TOKENS, TASKS
-from .errors import AnswerError, InputError, ModelError
+from .errors import AnswerError, InputError, ModelError, VermError
 from .images import PreparedImage, load_image
 from .modelref import resolve_model
 from .prompts import load_prompt
@@ -52,6 +53,8 @@ class Judge:
         reward_scale: float | None = None,
         verbose: bool = False,
         backend: Backend | None = None,
+        parallel: int = 1,
+        prefix_cache: int = 0,
     ):
         self.image_token_budget = image_token_budget
         self.max_tokens = max_tokens
@@ -104,6 +107,8 @@ class Judge:
             image_max_tokens=image_token_budget,
             vision=encoder,
             verbose=verbose,
+            parallel=parallel,
+            prefix_slots=prefix_cache,
         )
         self.backend.load_s += encoder_load_s  # the ONNX session is part of loading
 
@@ -136,6 +141,9 @@ class Judge:
                                                  else max_errors)
         gen = self.backend.generate(images, prompt, sampling, schema)
         self.last_generation = gen  # the raw answer, for benchmarks that score its tokens
+        return self._judgement(task, gen, sampling)
+
+    def _judgement(self, task: str, gen: Any, sampling: Sampling) -> Judgement:
         if gen.finish_reason == "length":
             raise AnswerError(f"the answer was cut at {sampling.max_tokens} tokens before it "
                               "was complete; raise --max-tokens")
@@ -151,6 +159,76 @@ class Judge:
         return Judgement.from_answer(task, answer, reward_scale=self.reward_scale,
                                      model=self.backend.info, timings=timings)
 
+    def judge_many(
+        self,
+        pairs: list[tuple[Any, Any, str]],
+        *,
+        free: bool = False,
+        sampling: Sampling | None = None,
+        max_errors: int | None = None,
+        progress: Any = None,
+    ) -> list[Judgement | VermError]:
+        """Judge (gt, pred, task) pairs; results in input order, an error per failed pair.
+
+        Pairs that share a ground truth are judged together: on a model loaded with
+        `parallel` > 1 the ground truth is encoded once and the answers decode as one batch;
+        otherwise one after another. `progress(done, total)` is called as pairs finish."""
+        from .backends.batch import BatchRequest
+
+        sampling = sampling or Sampling(max_tokens=self.max_tokens)
+        results: list[Judgement | VermError | None] = [None] * len(pairs)
+        requests, index = [], []
+        for i, (gt, pred, task) in enumerate(pairs):
+            try:
+                if task not in TASKS:
+                    raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+                images = [self.prepare(gt), self.prepare(pred)]
+            except VermError as exc:
+                results[i] = exc
+                continue
+            schema = None if free else answer_schema(task, MAX_ERRORS if max_errors is None
+                                                     else max_errors)
+            content = [{"type": "image"}, {"type": "image"},
+                       {"type": "text", "text": load_prompt(task, None)}]
+            requests.append(BatchRequest(images, [{"role": "user", "content": content}],
+                                         sampling, schema))
+            index.append(i)
+        # Group by ground truth (stable, in order of first appearance): a batch shares its prefix.
+        first: dict[bytes, int] = {}
+        for k, r in enumerate(requests):
+            first.setdefault(hashlib.sha1(r.images[0].rgb_bytes()).digest(), k)
+        order = sorted(range(len(requests)), key=lambda k: (
+            first[hashlib.sha1(requests[k].images[0].rgb_bytes()).digest()], k))
+        engine = getattr(self.backend, "batch", None)
+        done = len(pairs) - len(requests)
+        step = engine.parallel if engine is not None else 1
+        for start in range(0, len(order), step):
+            part = order[start : start + step]
+            if engine is not None:
+                gens = engine.run([requests[k] for k in part])
+            else:
+                gens = []
+                for k in part:
+                    r = requests[k]
+                    try:
+                        gens.append(self.backend.generate(r.images, r.messages[0]["content"][-1]
+                                                          ["text"], r.sampling, r.schema))
+                    except VermError as exc:
+                        gens.append(exc)
+            for k, gen in zip(part, gens):
+                i = index[k]
+                if isinstance(gen, Exception):
+                    results[i] = gen
+                    continue
+                try:
+                    results[i] = self._judgement(pairs[i][2], gen, sampling)
+                except VermError as exc:
+                    results[i] = exc
+            done += len(part)
+            if progress is not None:
+                progress(done, len(pairs))
+        return results  # type: ignore[return-value]
+
     def close(self) -> None:
         self.backend.close()
 
@@ -159,6 +237,47 @@ class Judge:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, Any]]:
+    """Pairs to judge from a JSONL file: {gt, pred, task, id} per line, or VC-RewardBench's
+    {id, category, gt_img_path, pred_img_path}. Relative image paths are taken from the
+    file's directory. Every image is checked here, so a bad line fails before any model
+    loads, naming the line."""
+    import json
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({exc.__class__.__name__})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError
+        except ValueError:
+            raise InputError(f"{path}:{n}: not a JSON object") from None
+        gt, pred = row.get("gt", row.get("gt_img_path")), row.get("pred", row.get("pred_img_path"))
+        task = row.get("task", row.get("category", default_task))
+        if not isinstance(gt, str) or not isinstance(pred, str):
+            raise InputError(f"{path}:{n}: needs \"gt\" and \"pred\" image paths")
+        if task not in TASKS:
+            raise InputError(f"{path}:{n}: unknown task {task!r}; choose one of "
+                             f"{', '.join(TASKS)}")
+        gt_p, pred_p = (p if Path(p).is_absolute() else path.parent / p for p in (gt, pred))
+        for p in (gt_p, pred_p):
+            try:
+                load_image(p)
+            except InputError as exc:
+                raise InputError(f"{path}:{n}: {exc}") from None
+        out.append({"id": row.get("id", n), "gt": gt_p, "pred": pred_p, "task": task})
+    if not out:
+        raise InputError(f"{path}: no pairs in it")
+    return out
 
 
 def _vision_encoder(model_dir: Path, mode: str, vision_model: str | Path | None,

@@ -38,6 +38,8 @@ class LlamaCppBackend:
         image_max_tokens: int | None = None,
         vision: Any = None,
         verbose: bool = False,
+        parallel: int = 1,
+        prefix_slots: int = 0,
     ):
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
@@ -70,9 +72,37 @@ class LlamaCppBackend:
                 )
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"{model.path}: llama.cpp could not load the model ({exc})") from None
-        self._mctx = self._init_mtmd(str(model.mmproj), threads, n_gpu_layers > 0, image_max_tokens)
-        self.load_s = time.perf_counter() - t0
         self.n_ctx = n_ctx
+        self.batch = None
+        if parallel > 1 or prefix_slots > 0:
+            self._parallel_context(parallel, prefix_slots, image_max_tokens)
+        self._mctx = self._init_mtmd(str(model.mmproj), threads, n_gpu_layers > 0, image_max_tokens)
+        if parallel > 1 or prefix_slots > 0:
+            from .batch import BatchEngine
+
+            self.batch = BatchEngine(self, parallel, prefix_slots)
+        self.load_s = time.perf_counter() - t0
+
+    def _parallel_context(self, parallel: int, prefix_slots: int, image_tokens: int | None
+                          ) -> None:
+        """Swap the context for one with `parallel` request sequences and `prefix_slots`
+        cache sequences over one unified KV cache (llama-cpp-python's Llama takes no
+        n_seq_max). Each request needs its own n_ctx at most; a cached prefix needs its
+        image's tokens and the preamble."""
+        from llama_cpp._internals import LlamaContext
+
+        params = self.llama.context_params
+        params.n_seq_max = parallel + prefix_slots
+        params.kv_unified = True
+        params.n_ctx = self.n_ctx * parallel + prefix_slots * ((image_tokens or 1024) + 256)
+        try:
+            with self._quiet(disable=self.verbose):
+                ctx = LlamaContext(model=self.llama._model, params=params, verbose=self.verbose)
+        except ValueError:
+            raise ModelError(f"llama.cpp could not make a context of {params.n_ctx} tokens for "
+                             f"{parallel} parallel sequences; lower --parallel") from None
+        old, self.llama._ctx = self.llama._ctx, ctx
+        old.close()
 
     def _init_mtmd(self, mmproj: str, threads: int, use_gpu: bool, max_tokens: int | None):
         mtmd = self._mtmd
@@ -95,6 +125,9 @@ class LlamaCppBackend:
         return ctx
 
     def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            self.batch.close()
+            self.batch = None
         if getattr(self, "_mctx", None) is not None:
             self._mtmd.mtmd_free(self._mctx)
             self._mctx = None
@@ -113,17 +146,28 @@ class LlamaCppBackend:
     def render_prompt(self, n_images: int, prompt: str) -> str:
         """The GGUF's own chat template, one user turn of [image]*n + text, with mtmd's
         media marker where each image goes."""
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        return self.render_messages([{"role": "user", "content": content}])
+
+    def render_messages(self, messages: list[dict[str, Any]]) -> str:
+        """Chat messages through the GGUF's own template; `{"type": "image"}` parts become
+        mtmd's media marker."""
         import jinja2.sandbox
 
         marker = self._mtmd.mtmd_default_marker().decode("utf-8")
         template = self.llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise ModelError(f"{self.info.path}: GGUF has no chat template")
-        content: list[dict[str, Any]] = [{"type": "text", "text": marker}] * n_images
-        content = content + [{"type": "text", "text": prompt}]
+        rendered = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list):
+                content = [{"type": "text", "text": marker} if p.get("type") == "image" else p
+                           for p in content]
+            rendered.append({**m, "content": content})
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         return env.from_string(template).render(
-            messages=[{"role": "user", "content": content}],
+            messages=rendered,
             add_generation_prompt=True,
             bos_token="",
             eos_token="<|im_end|>",
@@ -213,6 +257,8 @@ class LlamaCppBackend:
                             "lower the image token budget or raise the context size")
         llama.reset()
         llama._ctx.kv_cache_clear()
+        if self.batch is not None:
+            self.batch.cache.clear()  # the clear above dropped the cached prefixes
         image_tokens, vision_s, n_image = 0, 0.0, 0
         for i in range(n_chunks):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
@@ -292,13 +338,9 @@ class LlamaCppBackend:
     # -- generation ---------------------------------------------------------------------
 
     def _greedy_constrained(self, grammar, max_tokens: int) -> tuple[str, str, int]:
-        """Greedy decoding under a grammar, checking the grammar on the chosen token first.
-
-        Greedy under a grammar is the argmax over the allowed tokens; when the plain argmax
-        is allowed (almost always) it is that token, so only it is checked. The whole
-        vocabulary goes through the grammar only when it is refused. Same tokens as
-        applying the grammar to all 151,936 candidates every step, at a fraction of the
-        cost (llama.cpp's own server samples the same way)."""
+        """Greedy decoding under a grammar, checking the grammar on the best tokens first
+        (see `GrammarArgmax`): same tokens as applying the grammar to all 151,936
+        candidates every step, at a fraction of the cost."""
         lc, llama = self._llama_cpp, self.llama
         vocab = lc.llama_model_get_vocab(llama.model)
         n_vocab = llama.n_vocab()
@@ -306,30 +348,17 @@ class LlamaCppBackend:
                                                 grammar._root.encode())
         if not sampler:
             raise VermError("llama.cpp could not compile the answer grammar")
-        one = (lc.llama_token_data * 1)()
-        one_arr = lc.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
-        full = (lc.llama_token_data * n_vocab)()
-        full_np = np.ctypeslib.as_array(full).view(
-            np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
-        full_arr = lc.llama_token_data_array(data=full, size=n_vocab, selected=-1, sorted=False)
-        ids = np.arange(n_vocab, dtype=np.int32)
+        if getattr(self, "_pick", None) is None:
+            self._pick = GrammarArgmax(lc, vocab, n_vocab)
+        pick = self._pick
+        pick.full_passes = 0
         out: list[int] = []
         reason = "length"
-        self.full_grammar_passes = 0
         try:
             for _ in range(max_tokens):
                 logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(llama._ctx.ctx, -1),
                                                shape=(n_vocab,))
-                tok = int(np.argmax(logits))
-                one[0].id, one[0].logit, one[0].p = tok, float(logits[tok]), 0.0
-                one_arr.size, one_arr.selected = 1, -1
-                lc.llama_sampler_apply(sampler, ctypes.byref(one_arr))
-                if not np.isfinite(one[0].logit):
-                    self.full_grammar_passes += 1
-                    full_np["id"], full_np["logit"], full_np["p"] = ids, logits, 0.0
-                    full_arr.size, full_arr.selected = n_vocab, -1
-                    lc.llama_sampler_apply(sampler, ctypes.byref(full_arr))
-                    tok = int(full_np["id"][int(np.argmax(full_np["logit"]))])
+                tok = pick(sampler, logits)
                 lc.llama_sampler_accept(sampler, tok)
                 if lc.llama_vocab_is_eog(vocab, tok):
                     reason = "stop"
@@ -338,6 +367,7 @@ class LlamaCppBackend:
                 llama.eval([tok])
         finally:
             lc.llama_sampler_free(sampler)
+            self.full_grammar_passes = pick.full_passes
         text = llama.detokenize(out).decode("utf-8", errors="replace")
         return text, reason, len(out)
 
@@ -400,3 +430,82 @@ class LlamaCppBackend:
             prefill_s=prefill_s,
             decode_s=decode_s,
         )
+
+
+class GrammarArgmax:
+    """The argmax over the tokens a grammar allows, without passing the whole vocabulary
+    through the grammar each step.
+
+    The plain argmax is checked first, then the 64 highest logits: if any of them is
+    allowed, the best allowed token overall is among them, so the answer is exactly the
+    full pass's. Otherwise the grammar is asked which single bytes may come next (one
+    single-byte token per byte) and only tokens starting with such a byte, plus the
+    end-of-generation tokens, go through it: a token the grammar accepts has an accepted
+    first byte (acceptance is prefix-closed), so this too is exact. A trained judge's argmax
+    is almost always allowed; a random test model's often is not. llama.cpp's own server
+    checks the sampled token first too."""
+
+    TOP = 64
+
+    def __init__(self, lc: Any, vocab: Any, n_vocab: int):
+        self.lc, self.vocab, self.n_vocab = lc, vocab, n_vocab
+        self.data = (lc.llama_token_data * n_vocab)()
+        self.view = np.ctypeslib.as_array(self.data).view(
+            np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
+        self.full_passes = 0
+        self._first: np.ndarray | None = None
+
+    def _index(self) -> None:
+        """First byte of every token's piece as the grammar sees it (special pieces
+        included), one single-byte token per byte, and the end-of-generation tokens."""
+        lc = self.lc
+        first = np.full(self.n_vocab, -1, dtype=np.int16)
+        single: dict[int, int] = {}
+        buf = ctypes.create_string_buffer(512)
+        for t in range(self.n_vocab):
+            k = lc.llama_token_to_piece(self.vocab, t, buf, 512, 0, True)
+            if k > 0:
+                first[t] = buf.raw[0]
+                if k == 1:
+                    single.setdefault(buf.raw[0], t)
+        self._first = first
+        self._single = np.array(sorted(single.values()), dtype=np.int32)
+        self._single_byte = np.array(sorted(single), dtype=np.int16)
+        self._no_single = np.array([b for b in range(256) if b not in single], dtype=np.int16)
+        self._eog = np.array([t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self.vocab, t)],
+                             dtype=np.int32)
+
+    def allowed(self, grammar: Any, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """Which of `ids` (given their logits) the grammar allows now."""
+        k = len(ids)
+        v = self.view[:k]
+        v["id"], v["logit"], v["p"] = ids, logits, 0.0
+        arr = self.lc.llama_token_data_array(data=self.data, size=k, selected=-1, sorted=False)
+        self.lc.llama_sampler_apply(grammar, ctypes.byref(arr))
+        # The grammar sets refused logits to -inf in place (it keeps the array's order).
+        out = self.view[: arr.size]
+        return out["id"][np.isfinite(out["logit"])].copy()
+
+    def candidates(self, grammar: Any) -> np.ndarray:
+        """Every token that could be allowed now: those whose first byte the grammar takes."""
+        if self._first is None:
+            self._index()
+        ok = self.allowed(grammar, self._single, np.zeros(len(self._single), np.float32))
+        good = self._first[ok]
+        mask = np.isin(self._first, np.concatenate([good, self._no_single]))
+        mask[self._eog] = True
+        return np.nonzero(mask)[0].astype(np.int32)
+
+    def __call__(self, grammar: Any, logits: np.ndarray) -> int:
+        best = np.array([int(np.argmax(logits))], dtype=np.int32)
+        top = np.argpartition(logits, -self.TOP)[-self.TOP:].astype(np.int32)
+        for ids in (best, top):
+            ok = self.allowed(grammar, ids, logits[ids])
+            if len(ok):
+                return int(ok[np.argmax(logits[ok])])
+        self.full_passes += 1
+        ids = self.candidates(grammar)
+        ok = self.allowed(grammar, ids, logits[ids])
+        if not len(ok):
+            raise VermError("the answer grammar allows no token here")
+        return int(ok[np.argmax(logits[ok])])
