@@ -118,6 +118,67 @@ def measure_stock(model: str, gt: str, pred: str, task: str, repeat: int, thread
     return {"load_s": load_s, "runs": runs, "peak_rss": _peak_rss(), "peak_gpu": None}
 
 
+def _variants(pred: str, n: int, image_tokens: int) -> list[Any]:
+    """N distinct predictions from PRED: each with a small box drawn at its own place."""
+    from PIL import ImageDraw
+
+    from verm_local.images import load_image
+
+    out = []
+    for i in range(n):
+        img = load_image(pred, token_budget=image_tokens)
+        w, h = img.image.size
+        d = ImageDraw.Draw(img.image)
+        x, y = (i * 37) % max(w - 24, 1), (i * 53) % max(h - 24, 1)
+        d.rectangle([x, y, x + 20, y + 20], fill=((i * 70) % 256, 40, 200 - i * 20 % 200))
+        out.append(img)
+    return out
+
+
+def measure_shared(model: str, gt: str, pred: str, task: str, repeat: int,
+                   threads: int | None, image_tokens: int, max_tokens: int,
+                   predictions: int = 8) -> dict[str, Any]:
+    """N predictions against one ground truth: N independent judge calls (one model, one
+    request at a time) vs one `judge_many` batch (ground truth encoded once, answers
+    decoded together). Each after a warm-up on other images, best of `repeat`."""
+    from verm_local.judge import Judge
+
+    preds = _variants(pred, predictions, image_tokens)
+    warm = _variants(gt, 2, image_tokens)
+    kw = dict(threads=threads, image_token_budget=image_tokens, max_tokens=max_tokens)
+    def independent(j, a, b) -> int:
+        try:
+            j.judge(a, b, task)
+        except VermError:  # an answer cut at max_tokens still cost its tokens
+            pass
+        return j.last_generation.completion_tokens
+
+    with Judge(model, **kw) as j:
+        gt_img = j.prepare(gt)
+        independent(j, warm[0], warm[1])
+        ind, ind_tokens = [], 0
+        for _ in range(repeat):
+            t = time.perf_counter()
+            ind_tokens = sum(independent(j, gt_img, p) for p in preds)
+            ind.append(time.perf_counter() - t)
+    with Judge(model, parallel=predictions, prefix_cache=1, **kw) as j:
+        j.judge_many([(warm[0], warm[1], task)])
+        engine = j.backend.batch
+        bat, bat_tokens, failed = [], 0, 0
+        for _ in range(repeat):
+            engine.reset()  # the ground truth is evaluated once per batch, not cached from before
+            t = time.perf_counter()
+            res = j.judge_many([(gt_img, p, task) for p in preds])
+            bat.append(time.perf_counter() - t)
+            failed = sum(isinstance(r, Exception) for r in res)
+            bat_tokens = engine.last_tokens
+    t_ind, t_bat = min(ind), min(bat)
+    return {"predictions": predictions, "independent_s": t_ind, "batched_s": t_bat,
+            "ratio": t_bat / t_ind, "independent_tokens": ind_tokens,
+            "batched_tokens": bat_tokens, "failed": failed,
+            "ratio_per_token": (t_bat / max(bat_tokens, 1)) / (t_ind / max(ind_tokens, 1))}
+
+
 def _worker(kind: str, model: str, args: dict[str, Any]) -> dict[str, Any]:
     """Measure in a fresh process; its last stdout line is the JSON result."""
     cmd = [sys.executable, "-m", "verm_local.benchmarks.latency", kind, model,
@@ -149,7 +210,8 @@ def summarize_model(verm: dict[str, Any], stock: dict[str, Any] | None) -> dict[
 
 def run_latency(models: list[str], gt: str, pred: str, *, task: str = "chart", repeat: int = 3,
                 threads: int | None = None, image_tokens: int = 1024, max_tokens: int = 1024,
-                stock: bool = True, out: str | Path | None = None) -> dict[str, Any]:
+                stock: bool = True, out: str | Path | None = None,
+                predictions: int = 0) -> dict[str, Any]:
     from verm_local.modelref import resolve_model
 
     from .agreement import model_path
@@ -166,6 +228,12 @@ def run_latency(models: list[str], gt: str, pred: str, *, task: str = "chart", r
             print(f"latency: {name} through llama.cpp's own path ...", file=sys.stderr, flush=True)
             own = _worker("stock", path, args)
         report["models"][name] = summarize_model(verm, own)
+        if predictions > 1 and resolve_model(path).format == "gguf":
+            print(f"latency: {name}: {predictions} predictions vs one ground truth, independent "
+                  "and batched ...", file=sys.stderr, flush=True)
+            shared = _worker("shared", path, {**args, "predictions": predictions})
+            report["models"][name]["shared_prefix"] = shared
+            report["models"][name]["shared_ratio"] = shared["ratio"]
     first = next(iter(report["models"].values()))["e2e_s"]["median"]
     for m in report["models"].values():
         m["relative_e2e"] = m["e2e_s"]["median"] / first
@@ -191,7 +259,7 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], tolerance: float) 
         old = baseline.get("models", {}).get(name)
         if old is None:
             continue
-        for key in ("overhead_ratio", "relative_e2e"):
+        for key in ("overhead_ratio", "relative_e2e", "shared_ratio"):
             if key in cur and key in old and old[key] > 0:
                 change = cur[key] / old[key] - 1
                 if change > tolerance:
@@ -220,6 +288,18 @@ def markdown(report: dict[str, Any]) -> str:
         else:
             row += f"{e2e['median']:.2f} | {r['peak_rss'] / 1e6:.0f} | n/a | n/a |"
         lines.append(row)
+    shared = {n: r["shared_prefix"] for n, r in report["models"].items() if r.get("shared_prefix")}
+    if shared:
+        lines += ["", "N predictions against one ground truth (best of "
+                  f"{report['settings']['repeat']}): independent judge calls vs one batch "
+                  "(ground truth encoded once, answers decoded together):", "",
+                  "| model | N | independent s (tokens) | batched s (tokens) | ratio | "
+                  "ratio per generated token |", "|---|---|---|---|---|---|"]
+        for n, sp in shared.items():
+            lines.append(f"| {n} | {sp['predictions']} | {sp['independent_s']:.2f} "
+                         f"({sp['independent_tokens']}) | {sp['batched_s']:.2f} "
+                         f"({sp['batched_tokens']}) | {sp['ratio']:.2f} | "
+                         f"{sp['ratio_per_token']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -269,12 +349,13 @@ def write_reports(report: dict[str, Any], out: Path) -> Path:
 def _main(argv: list[str]) -> None:
     kind, model, raw = argv
     args = json.loads(raw)
-    fn = measure_verm if kind == "verm" else measure_stock
+    fn = {"verm": measure_verm, "stock": measure_stock, "shared": measure_shared}[kind]
+    extra = {"predictions": args["predictions"]} if kind == "shared" else {}
     from verm_local.cli import stdout_to_stderr
 
     with stdout_to_stderr():
         result = fn(model, args["gt"], args["pred"], args["task"], args["repeat"],
-                    args["threads"], args["image_tokens"], args["max_tokens"])
+                    args["threads"], args["image_tokens"], args["max_tokens"], **extra)
     print(json.dumps(result))
 
 

@@ -179,10 +179,15 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
 
     lat = tmp_path / "lat" / "latency.json"
     proc = run_cli("bench", "latency", "--models", str(tiny_gguf / "model-Q4_K_M.gguf"),
-                   "--images", *pair, "--repeat", "1", "--out", lat, timeout=600)
+                   "--images", *pair, "--repeat", "1", "--out", lat, "--predictions", "3",
+                   timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(lat.read_text())
     m = next(iter(rep["models"].values()))
+    sp = m["shared_prefix"]
+    assert sp["predictions"] == 3 and sp["independent_s"] > 0 and sp["batched_s"] > 0
+    assert sp["ratio"] == pytest.approx(sp["batched_s"] / sp["independent_s"])
+    assert "N predictions against one ground truth" in lat.with_suffix(".md").read_text()
     assert m["overhead_ratio"] > 0 and m["llamacpp"]["e2e_s"]["median"] > 0
     assert m["vision_s"]["median"] > 0 and m["decode_tok_s"]["median"] > 0
     assert m["peak_rss"] > 50e6 and lat.with_suffix(".png").is_file()
@@ -203,6 +208,17 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     assert proc.returncode == 1 and "regression" in proc.stderr, proc.stderr[-2000:]
     proc = gate(1e6)
     assert proc.returncode == 0 and "no regression" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_candidate_vision_suffix():
+    from verm_local.benchmarks.agreement import split_vision
+    from verm_local.errors import InputError
+
+    assert split_vision("/m/model-Q8_0.gguf") == ("/m/model-Q8_0.gguf", "gguf")
+    assert split_vision("/m/model-Q8_0.gguf#onnx-int8") == ("/m/model-Q8_0.gguf", "onnx-int8")
+    assert split_vision("gguf-q4_k_m#onnx") == ("gguf-q4_k_m", "onnx")
+    with pytest.raises(InputError, match="unknown vision path"):
+        split_vision("/m/x.gguf#onnx-int4")
 
 
 def test_latency_gate_compares_ratios():

@@ -444,6 +444,9 @@ def bench_latency_cmd(
     max_tokens: int = typer.Option(1024, "--max-tokens", min=1),
     no_llamacpp: bool = typer.Option(False, "--no-llamacpp",
                                      help="Skip timing llama.cpp's own path."),
+    predictions: int = typer.Option(0, "--predictions", min=0, max=64,
+                                    help="Also time N predictions against GT: N independent "
+                                         "judge calls vs one shared-prefix batch."),
 ) -> None:
     """Per-stage latency and memory, with llama.cpp's own path as a ratio; a CI gate."""
     import json
@@ -461,7 +464,8 @@ def bench_latency_cmd(
             fail(f"{baseline}: not a latency report", 2)
     report = run_latency(_split(models), str(images[0]), str(images[1]), task=task,
                          repeat=repeat, threads=threads, image_tokens=image_tokens,
-                         max_tokens=max_tokens, stock=not no_llamacpp)
+                         max_tokens=max_tokens, stock=not no_llamacpp,
+                         predictions=predictions)
     typer.echo(markdown(report))
     if out is not None:
         typer.echo(f"report: {write_reports(report, out)}")
