@@ -128,6 +128,8 @@ def judge_cmd(
         fail("give GT and PRED images (or --pairs FILE.jsonl)", 2)
     if pairs is None and out is not None:
         fail("--out goes with --pairs", 2)
+    if pairs is not None and prompt_file is not None:
+        fail("--prompt-file is not supported with --pairs", 2)
     if pairs is not None:
         from .judge import read_pairs
 
@@ -156,8 +158,6 @@ def judge_cmd(
         prefix_cache=2 if pairs is not None else 0,
     ) as j:
         if pairs is not None:
-            if prompt_file is not None:
-                fail("--prompt-file is not supported with --pairs", 2)
             _judge_pairs(j, batch, out, free=free, sampling=sampling, max_errors=max_errors)
             return
         result = j.judge(gt_img, pred_img, task, free=free, sampling=sampling,

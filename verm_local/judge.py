@@ -137,9 +137,7 @@ class Judge:
         sampling = sampling or Sampling(max_tokens=self.max_tokens)
         if max_errors is not None and not 0 <= max_errors <= MAX_ERRORS:
             raise InputError(f"--max-errors must be within 0..{MAX_ERRORS}")
-        schema = None if free else answer_schema(task, MAX_ERRORS if max_errors is None
-                                                 else max_errors)
-        gen = self.backend.generate(images, prompt, sampling, schema)
+        gen = self.backend.generate(images, prompt, sampling, _schema(task, free, max_errors))
         self.last_generation = gen  # the raw answer, for benchmarks that score its tokens
         return self._judgement(task, gen, sampling)
 
@@ -173,11 +171,9 @@ class Judge:
         Pairs that share a ground truth are judged together: on a model loaded with
         `parallel` > 1 the ground truth is encoded once and the answers decode as one batch;
         otherwise one after another. `progress(done, total)` is called as pairs finish."""
-        from .backends.batch import BatchRequest
-
         sampling = sampling or Sampling(max_tokens=self.max_tokens)
         results: list[Judgement | VermError | None] = [None] * len(pairs)
-        requests, index = [], []
+        requests, index, keys = [], [], []
         for i, (gt, pred, task) in enumerate(pairs):
             try:
                 if task not in TASKS:
@@ -186,35 +182,20 @@ class Judge:
             except VermError as exc:
                 results[i] = exc
                 continue
-            schema = None if free else answer_schema(task, MAX_ERRORS if max_errors is None
-                                                     else max_errors)
-            content = [{"type": "image"}, {"type": "image"},
-                       {"type": "text", "text": load_prompt(task, None)}]
-            requests.append(BatchRequest(images, [{"role": "user", "content": content}],
-                                         sampling, schema))
+            requests.append(judge_request(images, task, sampling, free, max_errors))
             index.append(i)
+            keys.append(hashlib.sha1(images[0].rgb_bytes()).digest())
         # Group by ground truth (stable, in order of first appearance): a batch shares its prefix.
         first: dict[bytes, int] = {}
-        for k, r in enumerate(requests):
-            first.setdefault(hashlib.sha1(r.images[0].rgb_bytes()).digest(), k)
-        order = sorted(range(len(requests)), key=lambda k: (
-            first[hashlib.sha1(requests[k].images[0].rgb_bytes()).digest()], k))
+        for k, key in enumerate(keys):
+            first.setdefault(key, k)
+        order = sorted(range(len(requests)), key=lambda k: (first[keys[k]], k))
         engine = getattr(self.backend, "batch", None)
         done = len(pairs) - len(requests)
         step = engine.parallel if engine is not None else 1
         for start in range(0, len(order), step):
             part = order[start : start + step]
-            if engine is not None:
-                gens = engine.run([requests[k] for k in part])
-            else:
-                gens = []
-                for k in part:
-                    r = requests[k]
-                    try:
-                        gens.append(self.backend.generate(r.images, r.messages[0]["content"][-1]
-                                                          ["text"], r.sampling, r.schema))
-                    except VermError as exc:
-                        gens.append(exc)
+            gens = self.generate_all([requests[k] for k in part])
             for k, gen in zip(part, gens):
                 i = index[k]
                 if isinstance(gen, Exception):
@@ -229,6 +210,24 @@ class Judge:
                 progress(done, len(pairs))
         return results  # type: ignore[return-value]
 
+    def generate_all(self, requests: list[Any]) -> list[Any]:
+        """Generations (or VermErrors) for `BatchRequest`s: as batches on a model loaded with
+        `parallel`, else one at a time (the transformers backend takes one user message of
+        images then text)."""
+        engine = getattr(self.backend, "batch", None)
+        if engine is not None:
+            return engine.run(requests)
+        out = []
+        for r in requests:
+            try:
+                text = r.messages[-1]["content"][-1]["text"]
+                out.append(self.backend.generate(r.images, text, r.sampling, r.schema))
+            except VermError as exc:
+                out.append(exc)
+            except (KeyError, IndexError, TypeError):
+                out.append(VermError("this backend takes one user message of images then text"))
+        return out
+
     def close(self) -> None:
         self.backend.close()
 
@@ -237,6 +236,23 @@ class Judge:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _schema(task: str, free: bool, max_errors: int | None) -> dict[str, Any] | None:
+    """The answer schema a judgement is constrained to (None: free answer)."""
+    return None if free else answer_schema(task, MAX_ERRORS if max_errors is None
+                                           else max_errors)
+
+
+def judge_request(images: list[PreparedImage], task: str, sampling: Sampling,
+                  free: bool = False, max_errors: int | None = None) -> Any:
+    """The `BatchRequest` of one judgement: [gt, pred, the task's prompt] in one user turn."""
+    from .backends.batch import BatchRequest
+
+    content = [{"type": "image"}, {"type": "image"},
+               {"type": "text", "text": load_prompt(task, None)}]
+    return BatchRequest(images, [{"role": "user", "content": content}], sampling,
+                        _schema(task, free, max_errors))
 
 
 def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, Any]]:

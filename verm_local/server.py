@@ -25,7 +25,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -77,9 +76,7 @@ def _worker_main(cfg: ServeConfig, conn) -> None:
     from .backends.base import Sampling
     from .backends.batch import BatchRequest
     from .images import load_image
-    from .judge import Judge
-    from .prompts import load_prompt
-    from .schema import MAX_ERRORS, answer_schema
+    from .judge import Judge, judge_request
 
     try:
         judge = Judge(cfg.model, variant=cfg.variant, threads=cfg.threads,
@@ -104,21 +101,17 @@ def _worker_main(cfg: ServeConfig, conn) -> None:
         for i, job in enumerate(jobs):
             try:
                 images = [load_image(b, token_budget=cfg.image_tokens) for b in job["images"]]
+                sampling = Sampling(**job["sampling"])
                 if job["kind"] == "judge":
-                    content = [{"type": "image"}, {"type": "image"},
-                               {"type": "text", "text": load_prompt(job["task"], None)}]
-                    messages = [{"role": "user", "content": content}]
-                    cap = job.get("max_errors")
-                    schema = None if job.get("free") else answer_schema(
-                        job["task"], MAX_ERRORS if cap is None else cap)
+                    req = judge_request(images, job["task"], sampling, bool(job.get("free")),
+                                        job.get("max_errors"))
                 else:
-                    messages, schema = job["messages"], job.get("schema")
-                requests.append((i, BatchRequest(images, messages, Sampling(**job["sampling"]),
-                                                 schema)))
+                    req = BatchRequest(images, job["messages"], sampling, job.get("schema"))
+                requests.append((i, req))
             except VermError as exc:
                 results[i] = {"error": str(exc), "status": 400}
         try:
-            gens = _generate(judge, [r for _, r in requests])
+            gens = judge.generate_all([r for _, r in requests])
         except Exception as exc:  # noqa: BLE001 - a bug fails this batch, not the worker
             gens = [VermError(f"internal error: {exc.__class__.__name__}: {exc}")] * len(requests)
         for (i, req), gen in zip(requests, gens):
@@ -138,21 +131,6 @@ def _worker_main(cfg: ServeConfig, conn) -> None:
         stats = ({"prefix_hits": engine.cache.hits, "prefix_misses": engine.cache.misses}
                  if engine is not None else {})
         conn.send((results, stats))
-
-
-def _generate(judge, requests: list) -> list:
-    engine = getattr(judge.backend, "batch", None)
-    if engine is not None:
-        return engine.run(requests)
-    out = []  # transformers backend: one at a time
-    for r in requests:
-        try:
-            text = r.messages[-1]["content"][-1]["text"]
-            out.append(judge.backend.generate(r.images, text, r.sampling, r.schema))
-        except (VermError, KeyError, IndexError, TypeError) as exc:
-            out.append(exc if isinstance(exc, VermError) else VermError(
-                "this backend takes one user message of images then text"))
-    return out
 
 
 @dataclass

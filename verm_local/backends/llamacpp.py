@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..constants import SPECIAL_TOKENS
+from ..constants import DEFAULT_IMAGE_TOKEN_BUDGET, SPECIAL_TOKENS
 from ..errors import ModelError, VermError
 from ..images import PreparedImage
 from ..modelref import ResolvedModel
@@ -74,10 +74,11 @@ class LlamaCppBackend:
             raise ModelError(f"{model.path}: llama.cpp could not load the model ({exc})") from None
         self.n_ctx = n_ctx
         self.batch = None
-        if parallel > 1 or prefix_slots > 0:
+        batched = parallel > 1 or prefix_slots > 0
+        if batched:
             self._parallel_context(parallel, prefix_slots, image_max_tokens)
         self._mctx = self._init_mtmd(str(model.mmproj), threads, n_gpu_layers > 0, image_max_tokens)
-        if parallel > 1 or prefix_slots > 0:
+        if batched:
             from .batch import BatchEngine
 
             self.batch = BatchEngine(self, parallel, prefix_slots)
@@ -94,7 +95,8 @@ class LlamaCppBackend:
         params = self.llama.context_params
         params.n_seq_max = parallel + prefix_slots
         params.kv_unified = True
-        params.n_ctx = self.n_ctx * parallel + prefix_slots * ((image_tokens or 1024) + 256)
+        params.n_ctx = self.n_ctx * parallel + prefix_slots * (
+            (image_tokens or DEFAULT_IMAGE_TOKEN_BUDGET) + 256)
         try:
             with self._quiet(disable=self.verbose):
                 ctx = LlamaContext(model=self.llama._model, params=params, verbose=self.verbose)
@@ -470,21 +472,32 @@ class GrammarArgmax:
                     single.setdefault(buf.raw[0], t)
         self._first = first
         self._single = np.array(sorted(single.values()), dtype=np.int32)
-        self._single_byte = np.array(sorted(single), dtype=np.int16)
         self._no_single = np.array([b for b in range(256) if b not in single], dtype=np.int16)
         self._eog = np.array([t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self.vocab, t)],
                              dtype=np.int32)
 
-    def allowed(self, grammar: Any, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        """Which of `ids` (given their logits) the grammar allows now."""
+    def _apply(self, sampler: Any, ids: np.ndarray, logits: np.ndarray) -> Any:
+        """Run `sampler` over the candidates `ids` with their logits, in the shared buffer."""
         k = len(ids)
         v = self.view[:k]
         v["id"], v["logit"], v["p"] = ids, logits, 0.0
         arr = self.lc.llama_token_data_array(data=self.data, size=k, selected=-1, sorted=False)
-        self.lc.llama_sampler_apply(grammar, ctypes.byref(arr))
+        self.lc.llama_sampler_apply(sampler, ctypes.byref(arr))
+        return arr
+
+    def allowed(self, grammar: Any, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """Which of `ids` (given their logits) the grammar allows now."""
+        arr = self._apply(grammar, ids, logits)
         # The grammar sets refused logits to -inf in place (it keeps the array's order).
         out = self.view[: arr.size]
         return out["id"][np.isfinite(out["logit"])].copy()
+
+    def select(self, chain: Any, logits: np.ndarray) -> int:
+        """The token a sampler chain selects from the whole vocabulary."""
+        arr = self._apply(chain, np.arange(self.n_vocab, dtype=np.int32), logits)
+        if arr.selected < 0:
+            raise VermError("the sampler selected no token")
+        return int(self.data[arr.selected].id)
 
     def candidates(self, grammar: Any) -> np.ndarray:
         """Every token that could be allowed now: those whose first byte the grammar takes."""
