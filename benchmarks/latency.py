@@ -135,48 +135,86 @@ def _variants(pred: str, n: int, image_tokens: int) -> list[Any]:
     return out
 
 
-def measure_shared(model: str, gt: str, pred: str, task: str, repeat: int,
-                   threads: int | None, image_tokens: int, max_tokens: int,
-                   predictions: int = 8) -> dict[str, Any]:
-    """N predictions against one ground truth: N independent judge calls (one model, one
-    request at a time) vs one `judge_many` batch (ground truth encoded once, answers
-    decoded together). Each after a warm-up on other images, best of `repeat`."""
+def _shared_setup(pred: str, gt: str, predictions: int, image_tokens: int
+                  ) -> tuple[list[Any], list[Any]]:
+    return _variants(pred, predictions, image_tokens), _variants(gt, 2, image_tokens)
+
+
+def _sampling(max_tokens: int, rl: bool) -> Any:
+    """Greedy, or the authors' RL sampling (seeded, so both runs draw alike)."""
+    from verm_local.backends.base import Sampling
+    from verm_local.constants import RL_SAMPLING
+
+    if not rl:
+        return Sampling(max_tokens=max_tokens)
+    return Sampling(max_tokens=max_tokens, temperature=RL_SAMPLING["temperature"],
+                    top_p=RL_SAMPLING["top_p"], top_k=RL_SAMPLING["top_k"],
+                    presence_penalty=RL_SAMPLING["presence_penalty"], seed=0)
+
+
+def measure_independent(model: str, gt: str, pred: str, task: str, repeat: int,
+                        threads: int | None, image_tokens: int, max_tokens: int,
+                        predictions: int = 8, rl: bool = False) -> dict[str, Any]:
+    """N predictions against one ground truth as N independent judge calls (one model, one
+    request at a time), after a warm-up on other images; best of `repeat`."""
     from verm_local.judge import Judge
 
-    preds = _variants(pred, predictions, image_tokens)
-    warm = _variants(gt, 2, image_tokens)
-    kw = dict(threads=threads, image_token_budget=image_tokens, max_tokens=max_tokens)
-    def independent(j, a, b) -> int:
+    preds, warm = _shared_setup(pred, gt, predictions, image_tokens)
+    sampling = _sampling(max_tokens, rl)
+
+    def one(j, a, b) -> int:
         try:
-            j.judge(a, b, task)
+            j.judge(a, b, task, sampling=sampling)
         except VermError:  # an answer cut at max_tokens still cost its tokens
             pass
         return j.last_generation.completion_tokens
 
-    with Judge(model, **kw) as j:
+    with Judge(model, threads=threads, image_token_budget=image_tokens,
+               max_tokens=max_tokens) as j:
         gt_img = j.prepare(gt)
-        independent(j, warm[0], warm[1])
-        ind, ind_tokens = [], 0
+        one(j, warm[0], warm[1])
+        times, tokens = [], 0
         for _ in range(repeat):
             t = time.perf_counter()
-            ind_tokens = sum(independent(j, gt_img, p) for p in preds)
-            ind.append(time.perf_counter() - t)
-    with Judge(model, parallel=predictions, prefix_cache=1, **kw) as j:
+            tokens = sum(one(j, gt_img, p) for p in preds)
+            times.append(time.perf_counter() - t)
+    return {"s": min(times), "tokens": tokens}
+
+
+def measure_batched(model: str, gt: str, pred: str, task: str, repeat: int,
+                    threads: int | None, image_tokens: int, max_tokens: int,
+                    predictions: int = 8, rl: bool = False) -> dict[str, Any]:
+    """The same N predictions as one `judge_many` batch (ground truth encoded once, answers
+    decoded together), after a warm-up on other images; best of `repeat`. The ground
+    truth's cached prefix is dropped before each run, so each run evaluates it once."""
+    from verm_local.judge import Judge
+
+    preds, warm = _shared_setup(pred, gt, predictions, image_tokens)
+    sampling = _sampling(max_tokens, rl)
+    with Judge(model, threads=threads, image_token_budget=image_tokens, max_tokens=max_tokens,
+               parallel=predictions, prefix_cache=1) as j:
+        gt_img = j.prepare(gt)
         j.judge_many([(warm[0], warm[1], task)])
         engine = j.backend.batch
-        bat, bat_tokens, failed = [], 0, 0
+        times, tokens, failed = [], 0, 0
         for _ in range(repeat):
-            engine.reset()  # the ground truth is evaluated once per batch, not cached from before
+            engine.reset()
             t = time.perf_counter()
-            res = j.judge_many([(gt_img, p, task) for p in preds])
-            bat.append(time.perf_counter() - t)
+            res = j.judge_many([(gt_img, p, task) for p in preds], sampling=sampling)
+            times.append(time.perf_counter() - t)
             failed = sum(isinstance(r, Exception) for r in res)
-            bat_tokens = engine.last_tokens
-    t_ind, t_bat = min(ind), min(bat)
-    return {"predictions": predictions, "independent_s": t_ind, "batched_s": t_bat,
-            "ratio": t_bat / t_ind, "independent_tokens": ind_tokens,
-            "batched_tokens": bat_tokens, "failed": failed,
-            "ratio_per_token": (t_bat / max(bat_tokens, 1)) / (t_ind / max(ind_tokens, 1))}
+            tokens = engine.last_tokens
+    return {"s": min(times), "tokens": tokens, "failed": failed}
+
+
+def shared_summary(ind: dict[str, Any], bat: dict[str, Any], predictions: int,
+                   rl: bool = False) -> dict[str, Any]:
+    return {"predictions": predictions, "sampling": "rl" if rl else "greedy",
+            "independent_s": ind["s"], "batched_s": bat["s"],
+            "ratio": bat["s"] / ind["s"], "independent_tokens": ind["tokens"],
+            "batched_tokens": bat["tokens"], "failed": bat["failed"],
+            "ratio_per_token": (bat["s"] / max(bat["tokens"], 1))
+            / (ind["s"] / max(ind["tokens"], 1))}
 
 
 def _worker(kind: str, model: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -211,7 +249,7 @@ def summarize_model(verm: dict[str, Any], stock: dict[str, Any] | None) -> dict[
 def run_latency(models: list[str], gt: str, pred: str, *, task: str = "chart", repeat: int = 3,
                 threads: int | None = None, image_tokens: int = 1024, max_tokens: int = 1024,
                 stock: bool = True, out: str | Path | None = None,
-                predictions: int = 0) -> dict[str, Any]:
+                predictions: int = 0, rl_sampling: bool = False) -> dict[str, Any]:
     from verm_local.modelref import resolve_model
 
     from .agreement import model_path
@@ -231,7 +269,9 @@ def run_latency(models: list[str], gt: str, pred: str, *, task: str = "chart", r
         if predictions > 1 and resolve_model(path).format == "gguf":
             print(f"latency: {name}: {predictions} predictions vs one ground truth, independent "
                   "and batched ...", file=sys.stderr, flush=True)
-            shared = _worker("shared", path, {**args, "predictions": predictions})
+            extra = {**args, "predictions": predictions, "rl": rl_sampling}
+            shared = shared_summary(_worker("independent", path, extra),
+                                    _worker("batched", path, extra), predictions, rl_sampling)
             report["models"][name]["shared_prefix"] = shared
             report["models"][name]["shared_ratio"] = shared["ratio"]
     first = next(iter(report["models"].values()))["e2e_s"]["median"]
@@ -290,9 +330,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(row)
     shared = {n: r["shared_prefix"] for n, r in report["models"].items() if r.get("shared_prefix")}
     if shared:
+        how = next(iter(shared.values())).get("sampling", "greedy")
         lines += ["", "N predictions against one ground truth (best of "
-                  f"{report['settings']['repeat']}): independent judge calls vs one batch "
-                  "(ground truth encoded once, answers decoded together):", "",
+                  f"{report['settings']['repeat']}, {how} decoding): independent judge calls "
+                  "vs one batch (ground truth encoded once, answers decoded together):", "",
                   "| model | N | independent s (tokens) | batched s (tokens) | ratio | "
                   "ratio per generated token |", "|---|---|---|---|---|---|"]
         for n, sp in shared.items():
@@ -349,8 +390,14 @@ def write_reports(report: dict[str, Any], out: Path) -> Path:
 def _main(argv: list[str]) -> None:
     kind, model, raw = argv
     args = json.loads(raw)
-    fn = {"verm": measure_verm, "stock": measure_stock, "shared": measure_shared}[kind]
-    extra = {"predictions": args["predictions"]} if kind == "shared" else {}
+    fn = {"verm": measure_verm, "stock": measure_stock, "independent": measure_independent,
+          "batched": measure_batched}[kind]
+    extra = ({"predictions": args["predictions"], "rl": args.get("rl", False)}
+             if "predictions" in args else {})
+    if kind == "batched":
+        from verm_local.backends.llamacpp import prefer_short_omp_spin
+
+        prefer_short_omp_spin()  # as `judge --pairs` and `serve` do
     from verm_local.cli import stdout_to_stderr
 
     with stdout_to_stderr():

@@ -60,6 +60,8 @@ VISION_8B = dict(VISION, depth=27, hidden_size=1152, intermediate_size=4304, num
 SHAPES = {
     "tiny": (TEXT, VISION),
     # The real vision tower with a 3-layer text model: vision-stage timings without 16 GB.
+    # Vision only: llama.cpp cannot decode image embeddings with it (its last layer is a
+    # deepstack layer, whose add then meets the output-row selection and asserts).
     "8b-vision": (dict(TEXT_8B, num_hidden_layers=3), VISION_8B),
     "8b": (TEXT_8B, VISION_8B),
 }

@@ -180,12 +180,13 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     lat = tmp_path / "lat" / "latency.json"
     proc = run_cli("bench", "latency", "--models", str(tiny_gguf / "model-Q4_K_M.gguf"),
                    "--images", *pair, "--repeat", "1", "--out", lat, "--predictions", "3",
-                   timeout=600)
+                   "--rl-sampling", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(lat.read_text())
     m = next(iter(rep["models"].values()))
     sp = m["shared_prefix"]
     assert sp["predictions"] == 3 and sp["independent_s"] > 0 and sp["batched_s"] > 0
+    assert sp["sampling"] == "rl"
     assert sp["ratio"] == pytest.approx(sp["batched_s"] / sp["independent_s"])
     assert "N predictions against one ground truth" in lat.with_suffix(".md").read_text()
     assert m["overhead_ratio"] > 0 and m["llamacpp"]["e2e_s"]["median"] > 0

@@ -209,6 +209,41 @@ def test_fast_grammar_decoding_gives_the_same_answer(tiny_gguf, pair):
                   f"{out[True].completion_tokens} tokens)")
 
 
+def test_grammar_argmax_is_the_best_allowed_token(tiny_gguf):
+    """On random logits (whose argmax the grammar mostly refuses), the picker's token is
+    the best the grammar allows out of the whole vocabulary, step after step through the
+    answer grammar, including the steps that go through its byte-prefix candidates."""
+    import json
+
+    import numpy as np
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    from verm_local.backends.llamacpp import GrammarArgmax
+    from verm_local.schema import answer_schema
+
+    with verm_local_judge(tiny_gguf) as j:
+        b = j.backend
+        lc, n_vocab = b._llama_cpp, b.llama.n_vocab()
+        vocab = lc.llama_model_get_vocab(b.llama.model)
+        g = LlamaGrammar.from_json_schema(json.dumps(answer_schema("chart", 2)), verbose=False)
+        sampler = lc.llama_sampler_init_grammar(vocab, g._grammar.encode(), g._root.encode())
+        pick, full = GrammarArgmax(lc, vocab, n_vocab), GrammarArgmax(lc, vocab, n_vocab)
+        everything = np.arange(n_vocab, dtype=np.int32)
+        rng = np.random.default_rng(0)
+        try:
+            for _ in range(120):
+                logits = (rng.standard_normal(n_vocab) * 4).astype(np.float32)
+                ok = full.allowed(sampler, everything, logits)
+                assert pick(sampler, logits) == int(ok[np.argmax(logits[ok])])
+                tok = int(ok[np.argmax(logits[ok])])
+                lc.llama_sampler_accept(sampler, tok)
+                if lc.llama_vocab_is_eog(vocab, tok):
+                    break
+        finally:
+            lc.llama_sampler_free(sampler)
+        assert pick.full_passes > 10
+
+
 def verm_local_judge(model):
     import verm_local
 

@@ -251,7 +251,7 @@ def test_batch_engine_matches_the_single_path(tiny_gguf, images):
     from verm_local.backends.base import Sampling
     from verm_local.judge import Judge
     from verm_local.prompts import load_prompt
-    from verm_local.schema import answer_schema
+    from verm_local.schema import Judgement, answer_schema, extract_json
 
     gt, preds = images
     schema = answer_schema("chart", 2)
@@ -265,12 +265,46 @@ def test_batch_engine_matches_the_single_path(tiny_gguf, images):
         engine = j.backend.batch
         assert (engine.cache.misses, engine.cache.hits) == (1, 1)
         assert many[0].errors == again[0].errors
-        from verm_local.schema import Judgement, extract_json
-
         assert many[0].errors == Judgement.from_answer("chart", extract_json(single.text)).errors
         out = j.judge_many([(gt, p, "chart") for p in preds[:4]], max_errors=2)
         assert all(not isinstance(r, Exception) for r in out)
         assert engine.cache.misses == 1 and engine.cache.hits == 5
+        # Each sequence has its own KV stream, so decoding four together leaves each answer
+        # as the single path gives it (Q8_0 rounds the same at 1 and 4 rows on this CPU).
+        for p, r in zip(preds[:4], out):
+            alone = j.backend.generate([j.prepare(gt), j.prepare(p)], load_prompt("chart", None),
+                                       Sampling(max_tokens=400), schema)
+            assert r.errors == Judgement.from_answer("chart", extract_json(alone.text)).errors
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_sampler_shortlist_samples_what_the_whole_vocabulary_does(tiny_gguf, images,
+                                                                  temperature, monkeypatch):
+    """RL sampling (top-k 20, top-p, presence penalty, seeded), and greedy with penalties,
+    under the answer grammar: the chain run on the shortlist draws the same tokens as the
+    chain run on all 151,936, in a batch and on the single path alike."""
+    from verm_local.backends.base import Sampling
+    from verm_local.backends.llamacpp import TokenSampler
+    from verm_local.judge import Judge, judge_request
+    from verm_local.prompts import load_prompt
+    from verm_local.schema import answer_schema
+
+    gt, preds = images
+    sampling = Sampling(max_tokens=300, temperature=temperature, top_p=0.8, top_k=20,
+                        presence_penalty=1.5, repeat_penalty=1.05, seed=7)
+    with Judge(str(tiny_gguf / "model-Q8_0.gguf"), vision="gguf", image_token_budget=64,
+               max_tokens=300, parallel=2, prefix_cache=1) as j:
+        imgs = [j.prepare(gt), j.prepare(preds[1])]
+        texts = {}
+        for short in (True, False):
+            monkeypatch.setattr(TokenSampler, "shortlist", short)
+            out = j.generate_all([judge_request(imgs, "chart", sampling, False, 2)])
+            texts[short] = out[0].text
+            single = j.backend.generate(imgs, load_prompt("chart", None), sampling,
+                                        answer_schema("chart", 2))
+            assert single.text == out[0].text
+        assert texts[True] == texts[False]
+        assert out[0].completion_tokens > 20
 
 
 def test_judge_pairs_batch_mode(tiny_gguf, images, tmp_path):

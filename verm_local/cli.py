@@ -131,8 +131,11 @@ def judge_cmd(
     if pairs is not None and prompt_file is not None:
         fail("--prompt-file is not supported with --pairs", 2)
     if pairs is not None:
+        from .backends.llamacpp import prefer_short_omp_spin
         from .judge import read_pairs
 
+        if parallel > 1:
+            prefer_short_omp_spin()
         batch = read_pairs(pairs, task)  # a bad file fails before the model loads
     else:
         # Images are checked before the model loads: a bad path fails fast.
@@ -447,6 +450,9 @@ def bench_latency_cmd(
     predictions: int = typer.Option(0, "--predictions", min=0, max=64,
                                     help="Also time N predictions against GT: N independent "
                                          "judge calls vs one shared-prefix batch."),
+    rl_sampling: bool = typer.Option(False, "--rl-sampling",
+                                     help="--predictions: sample as RL does (T 0.7, top-p "
+                                          "0.8, top-k 20, presence 1.5, seeded), not greedy."),
 ) -> None:
     """Per-stage latency and memory, with llama.cpp's own path as a ratio; a CI gate."""
     import json
@@ -465,7 +471,7 @@ def bench_latency_cmd(
     report = run_latency(_split(models), str(images[0]), str(images[1]), task=task,
                          repeat=repeat, threads=threads, image_tokens=image_tokens,
                          max_tokens=max_tokens, stock=not no_llamacpp,
-                         predictions=predictions)
+                         predictions=predictions, rl_sampling=rl_sampling)
     typer.echo(markdown(report))
     if out is not None:
         typer.echo(f"report: {write_reports(report, out)}")
