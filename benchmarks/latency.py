@@ -6,7 +6,9 @@ warm-up judgement, then --repeat judgements of the same pair; median and spread 
 stage. For GGUF models a second process times llama-cpp-python's stock multimodal chat
 path (MTMDChatHandler, the same images, prompt and JSON schema, greedy), so the report's
 `overhead_ratio` = verm-local end-to-end / stock end-to-end is measured in one run.
-Time to first token is vision + prefill + one mean decode step."""
+Time to first token is vision + prefill + one mean decode step. With --predictions N, N
+predictions against one ground truth are judged one at a time and as one batch, each in a
+process of its own (greedy, or --rl-sampling), and `shared_ratio` = batched / independent."""
 
 from __future__ import annotations
 
@@ -394,10 +396,6 @@ def _main(argv: list[str]) -> None:
           "batched": measure_batched}[kind]
     extra = ({"predictions": args["predictions"], "rl": args.get("rl", False)}
              if "predictions" in args else {})
-    if kind == "batched":
-        from verm_local.backends.llamacpp import prefer_short_omp_spin
-
-        prefer_short_omp_spin()  # as `judge --pairs` and `serve` do
     from verm_local.cli import stdout_to_stderr
 
     with stdout_to_stderr():

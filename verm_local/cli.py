@@ -131,11 +131,8 @@ def judge_cmd(
     if pairs is not None and prompt_file is not None:
         fail("--prompt-file is not supported with --pairs", 2)
     if pairs is not None:
-        from .backends.llamacpp import prefer_short_omp_spin
         from .judge import read_pairs
 
-        if parallel > 1:
-            prefer_short_omp_spin()
         batch = read_pairs(pairs, task)  # a bad file fails before the model loads
     else:
         # Images are checked before the model loads: a bad path fails fast.

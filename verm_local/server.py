@@ -73,10 +73,6 @@ def _worker_main(cfg: ServeConfig, conn) -> None:
     import os
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent shuts us down
-    from .backends.llamacpp import prefer_short_omp_spin
-
-    if cfg.parallel > 1:
-        prefer_short_omp_spin()
     from .backends.base import Sampling
     from .backends.batch import BatchRequest
     from .images import load_image

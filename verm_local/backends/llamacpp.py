@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
-import threading
 import time
 from typing import Any
 
@@ -21,22 +19,6 @@ from ..images import PreparedImage
 from ..modelref import ResolvedModel
 from ..schema import ModelInfo
 from .base import Generation, Sampling
-
-
-def prefer_short_omp_spin() -> None:
-    """Call before llama.cpp loads in a process that decodes batches on the CPU.
-
-    llama.cpp's CPU backend runs each decode on an OpenMP team, whose threads spin for
-    about 300,000 rounds after it before sleeping. The batch engine checks the grammar for
-    its sequences on a thread pool between decodes, and a spinning team takes the cores
-    those checks need; a short spin gives them back. On the tiny model (8 predictions,
-    2 cores) it took the batched run from 4.3-4.9 s to 3.8 s, while one-at-a-time judging
-    was slightly slower with it (6.9-7.2 s vs 6.8 s), so only batching processes ask for
-    it. It must be in the environment before libgomp loads (no effect once llama_cpp is
-    imported); a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins."""
-    if "llama_cpp" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
-        return
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 class LlamaCppBackend:
@@ -74,7 +56,6 @@ class LlamaCppBackend:
         self.info = ModelInfo(path=str(model.path), quant=model.quant, sha256=model.sha256,
                               vision=vision_name)
         threads = threads or os.cpu_count() or 1
-        self.threads = threads
         t0 = time.perf_counter()
         try:
             with suppress_stdout_stderr(disable=verbose):
@@ -471,25 +452,19 @@ class GrammarArgmax:
 
     TOP = 64
 
-    def __init__(self, lc: Any, vocab: Any, n_vocab: int, shared: dict[str, Any] | None = None):
+    def __init__(self, lc: Any, vocab: Any, n_vocab: int):
         self.lc, self.vocab, self.n_vocab = lc, vocab, n_vocab
         self.data = (lc.llama_token_data * n_vocab)()
         self.view = np.ctypeslib.as_array(self.data).view(
             np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
         self.full_passes = 0
-        self._shared = shared if shared is not None else {"index": None, "lock": threading.Lock()}
-
-    def clone(self) -> GrammarArgmax:
-        """A picker with its own token buffer and the same (lazily built) vocabulary index,
-        for use from another thread: the ctypes calls release the GIL."""
-        return GrammarArgmax(self.lc, self.vocab, self.n_vocab, self._shared)
+        self._index: _TokenPrefixes | None = None
 
     @property
     def index(self) -> _TokenPrefixes:
-        with self._shared["lock"]:
-            if self._shared["index"] is None:
-                self._shared["index"] = _TokenPrefixes(self.lc, self.vocab, self.n_vocab)
-            return self._shared["index"]
+        if self._index is None:  # built on the first fallback: ~0.3 s over the vocabulary
+            self._index = _TokenPrefixes(self.lc, self.vocab, self.n_vocab)
+        return self._index
 
     def _apply(self, sampler: Any, ids: np.ndarray, logits: np.ndarray) -> Any:
         """Run `sampler` over the candidates `ids` with their logits, in the shared buffer."""
@@ -587,8 +562,7 @@ class TokenSampler:
         self.grammar = self.chain = None
 
     def __call__(self, logits: np.ndarray, pick: GrammarArgmax) -> int:
-        """The next token (accepted by grammar and chain). `pick` holds the token buffer:
-        one per thread."""
+        """The next token (accepted by grammar and chain); `pick` holds the token buffer."""
         if self.chain is not None:
             tok = self._chain(logits, pick)
         elif self.grammar is not None:
