@@ -64,6 +64,9 @@ SHAPES = {
     # deepstack layer, whose add then meets the output-row selection and asserts).
     "8b-vision": (dict(TEXT_8B, num_hidden_layers=3), VISION_8B),
     "8b": (TEXT_8B, VISION_8B),
+    # Real text widths with 4 of the 36 layers and the tiny vision tower: a weight-heavy
+    # text model's decode and batching (4.1 GB) where the full 8B does not fit or run.
+    "8b-text4": (dict(TEXT_8B, num_hidden_layers=4), dict(VISION, out_hidden_size=4096)),
 }
 
 # Renders image parts as vision blocks (the Qwen-VL convention); text parts verbatim.
@@ -155,7 +158,7 @@ def check_tokenizer(model_dir: Path) -> int:
 
 def make_model(seed: int = 0, shape: str = "tiny"):
     """A random-weight Qwen3VLForConditionalGeneration in bf16 (`shape`: tiny, 8b-vision,
-    8b), weights fixed by `seed`."""
+    8b, 8b-text4), weights fixed by `seed`."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 

@@ -494,7 +494,8 @@ def tiny_model_cmd(
     out_dir: Path = typer.Argument(..., help="Where to write the HF checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Weights are deterministic for a seed."),
     shape: str = typer.Option("tiny", "--shape",
-                              help="tiny (tests) | 8b-vision | 8b (real shapes, for speed work)."),
+                              help="tiny (tests) | 8b-vision | 8b | 8b-text4 (real shapes, for "
+                                   "speed work)."),
 ) -> None:
     """Write a tiny random-weight Qwen3-VL checkpoint with the real Qwen2 tokenizer."""
     from .convert.tiny_model import build_tiny_model
