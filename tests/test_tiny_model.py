@@ -58,3 +58,20 @@ def test_weights_are_deterministic_for_a_seed():
     assert torch.equal(a[key], b[key])
     assert not torch.equal(a[key], c[key])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shapes_that_decode_keep_a_layer_after_the_deepstack_ones():
+    """llama.cpp asserts when the last text layer is a deepstack layer (so the 3-layer
+    8b-vision shape is for vision timings only); every other shape keeps one more, and
+    8b-text4 has the real 8B text widths."""
+    from verm_local.convert.tiny_model import SHAPES, TEXT_8B
+
+    for name, (text, vision) in SHAPES.items():
+        assert vision["out_hidden_size"] == text["hidden_size"], name
+        if name != "8b-vision":
+            assert text["num_hidden_layers"] > len(vision["deepstack_visual_indexes"]), name
+    text, _ = SHAPES["8b-text4"]
+    widths = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size")
+    assert {k: text[k] for k in widths} == {k: TEXT_8B[k] for k in widths}
+    assert text["num_hidden_layers"] == 4
