@@ -2,10 +2,11 @@
 
 GRPO judges 8-16 rollouts against one ground truth. Every prompt starts with the same
 chat preamble and ground-truth image, so that prefix is evaluated once into a cache
-sequence of a unified KV cache and shared with each request's sequence
-(`llama_memory_seq_cp` shares cells, it does not copy them). Each request then evaluates
-only its prediction image and prompt, and all requests decode together, one token per
-sequence per `llama_decode` call, so the weights are read once per step for the batch.
+sequence and copied into each request's sequence (each sequence has its own KV stream;
+`llama_memory_seq_cp` across streams copies the stream, far cheaper than evaluating the
+image again). Each request then evaluates only its prediction image and prompt, and all
+requests decode together, one token per sequence per `llama_decode` call, so the weights
+are read once per step for the batch.
 
 Prefixes stay in the cache (LRU over `prefix_slots` sequences), so a later batch with
 the same ground truth reuses it too. Trimming a sequence back and evaluating from the
