@@ -145,13 +145,8 @@ def _shared_setup(pred: str, gt: str, predictions: int, image_tokens: int
 def _sampling(max_tokens: int, rl: bool) -> Any:
     """Greedy, or the authors' RL sampling (seeded, so both runs draw alike)."""
     from verm_local.backends.base import Sampling
-    from verm_local.constants import RL_SAMPLING
 
-    if not rl:
-        return Sampling(max_tokens=max_tokens)
-    return Sampling(max_tokens=max_tokens, temperature=RL_SAMPLING["temperature"],
-                    top_p=RL_SAMPLING["top_p"], top_k=RL_SAMPLING["top_k"],
-                    presence_penalty=RL_SAMPLING["presence_penalty"], seed=0)
+    return Sampling.rl(max_tokens) if rl else Sampling(max_tokens=max_tokens)
 
 
 def measure_independent(model: str, gt: str, pred: str, task: str, repeat: int,

@@ -116,7 +116,6 @@ def judge_cmd(
 ) -> None:
     """Judge PRED against GT: structured discrepancies and a reward."""
     from .backends.base import Sampling
-    from .constants import RL_SAMPLING
     from .images import load_image
     from .judge import Judge
 
@@ -139,9 +138,7 @@ def judge_cmd(
         gt_img = load_image(gt, token_budget=image_tokens)
         pred_img = load_image(pred, token_budget=image_tokens)
     if rl_sampling:
-        sampling = Sampling(max_tokens=max_tokens, temperature=RL_SAMPLING["temperature"],
-                            top_p=RL_SAMPLING["top_p"], top_k=RL_SAMPLING["top_k"],
-                            presence_penalty=RL_SAMPLING["presence_penalty"], seed=seed)
+        sampling = Sampling.rl(max_tokens, seed)
     else:
         sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, presence_penalty=presence_penalty, seed=seed)

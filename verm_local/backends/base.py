@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..constants import DEFAULT_MAX_TOKENS
+from ..constants import DEFAULT_MAX_TOKENS, RL_SAMPLING
 from ..images import PreparedImage
 from ..schema import ModelInfo
 
@@ -22,6 +22,12 @@ class Sampling:
     presence_penalty: float = 0.0
     repeat_penalty: float = 1.0
     seed: int = 0
+
+    @classmethod
+    def rl(cls, max_tokens: int, seed: int = 0) -> Sampling:
+        """The authors' RL sampling (`constants.RL_SAMPLING`), seeded."""
+        keys = ("temperature", "top_p", "top_k", "presence_penalty")
+        return cls(max_tokens=max_tokens, seed=seed, **{k: RL_SAMPLING[k] for k in keys})
 
 
 @dataclass

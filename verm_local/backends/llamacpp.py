@@ -107,6 +107,16 @@ class LlamaCppBackend:
         old, self.llama._ctx = self.llama._ctx, ctx
         old.close()
 
+    @property
+    def picker(self) -> GrammarArgmax:
+        """The model's grammar picker (a vocabulary-sized token buffer and its byte-prefix
+        index), shared by the single path and the batch engine."""
+        if getattr(self, "_pick", None) is None:
+            lc = self._llama_cpp
+            self._pick = GrammarArgmax(lc, lc.llama_model_get_vocab(self.llama.model),
+                                       self.llama.n_vocab())
+        return self._pick
+
     def _init_mtmd(self, mmproj: str, threads: int, use_gpu: bool, max_tokens: int | None):
         mtmd = self._mtmd
         with self._quiet(disable=self.verbose):
@@ -168,10 +178,10 @@ class LlamaCppBackend:
                 content = [{"type": "text", "text": marker} if p.get("type") == "image" else p
                            for p in content]
             rendered.append({**m, "content": content})
-        if getattr(self, "_template", (None,))[0] != template:  # compiled once, not per request
+        if getattr(self, "_template", None) is None:  # compiled once, not per request
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            self._template = (template, env.from_string(template))
-        return self._template[1].render(
+            self._template = env.from_string(template)
+        return self._template.render(
             messages=rendered,
             add_generation_prompt=True,
             bos_token="",
@@ -269,9 +279,7 @@ class LlamaCppBackend:
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             kind = mtmd.mtmd_input_chunk_get_type(chunk)
             if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                n = ctypes.c_size_t()
-                ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                llama.eval([ptr[j] for j in range(n.value)])
+                llama.eval(text_tokens(mtmd, chunk))
                 continue
             image_tokens += sizes[i]
             image = images[n_image] if images and n_image < len(images) else None
@@ -333,9 +341,7 @@ class LlamaCppBackend:
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd.mtmd_input_chunks_get(chunks, i)
                 if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    n = ctypes.c_size_t()
-                    ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                    out.extend(ptr[j] for j in range(n.value))
+                    out.extend(text_tokens(mtmd, chunk))
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
         return out
@@ -351,9 +357,7 @@ class LlamaCppBackend:
         lc, llama = self._llama_cpp, self.llama
         vocab = lc.llama_model_get_vocab(llama.model)
         n_vocab = llama.n_vocab()
-        if getattr(self, "_pick", None) is None:
-            self._pick = GrammarArgmax(lc, vocab, n_vocab)
-        pick = self._pick
+        pick = self.picker
         pick.full_passes = 0
         sampler = TokenSampler(lc, vocab, n_vocab, sampling, grammar, max_tokens)
         out: list[int] = []
@@ -435,6 +439,13 @@ class LlamaCppBackend:
         )
 
 
+def text_tokens(mtmd: Any, chunk: Any) -> list[int]:
+    """The tokens of an mtmd text chunk."""
+    n = ctypes.c_size_t()
+    ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+    return [ptr[j] for j in range(n.value)]
+
+
 class GrammarArgmax:
     """The argmax over the tokens a grammar allows, without passing the whole vocabulary
     through the grammar each step.
@@ -446,9 +457,9 @@ class GrammarArgmax:
     starting with such bytes, plus the end-of-generation tokens, go through it: a token the
     grammar accepts has an accepted first byte and first two bytes (acceptance is
     prefix-closed), so this too is exact. After a space, say, that leaves the few hundred
-    tokens of a space and a digit instead of the 53,000 that start with a space. A trained judge's argmax
-    is almost always allowed; a random test model's often is not. llama.cpp's own server
-    checks the sampled token first too."""
+    tokens of a space and a digit instead of the 53,000 that start with a space. A trained
+    judge's argmax is almost always allowed; a random test model's often is not. llama.cpp's
+    own server checks the sampled token first too."""
 
     TOP = 64
 
@@ -462,7 +473,7 @@ class GrammarArgmax:
 
     @property
     def index(self) -> _TokenPrefixes:
-        if self._index is None:  # built on the first fallback: ~0.3 s over the vocabulary
+        if self._index is None:
             self._index = _TokenPrefixes(self.lc, self.vocab, self.n_vocab)
         return self._index
 
@@ -481,6 +492,10 @@ class GrammarArgmax:
         # The grammar sets refused logits to -inf in place (it keeps the array's order).
         out = self.view[: arr.size]
         return out["id"][np.isfinite(out["logit"])].copy()
+
+    def allows(self, grammar: Any, tok: int, logits: np.ndarray) -> bool:
+        """Whether the grammar allows token `tok` now."""
+        return bool(len(self.allowed(grammar, np.array([tok], dtype=np.int32), logits[[tok]])))
 
     def select(self, chain: Any, logits: np.ndarray, ids: np.ndarray | None = None) -> int:
         """The token a sampler chain selects from `ids` (default: the whole vocabulary)."""
@@ -508,7 +523,7 @@ class GrammarArgmax:
 
     def __call__(self, grammar: Any, logits: np.ndarray) -> int:
         best = int(np.argmax(logits))
-        if len(self.allowed(grammar, np.array([best], dtype=np.int32), logits[[best]])):
+        if self.allows(grammar, best, logits):
             return best
         top = np.argpartition(logits, -self.TOP)[-self.TOP:].astype(np.int32)
         ok = self.allowed(grammar, top, logits[top])
@@ -591,7 +606,7 @@ class TokenSampler:
         k = sp.top_k if sp.temperature > 0 else 1
         if not self.shortlist or k <= 0:  # no top-k: the whole vocabulary
             tok = pick.select(self.chain, logits)
-            if g is not None and not _allows(pick, g, tok, logits):
+            if g is not None and not pick.allows(g, tok, logits):
                 ids = pick.candidates(g)
                 tok = pick.select(self.chain, logits, pick.allowed(g, ids, logits[ids]))
             return tok
@@ -602,7 +617,7 @@ class TokenSampler:
         top = np.argpartition(scores, -n)[-n:]
         top = top[np.argsort(-scores[top])].astype(np.int32)  # best first, none generated
         tok = pick.select(self.chain, logits, np.union1d(top[:k], seen).astype(np.int32))
-        if g is None or _allows(pick, g, tok, logits):
+        if g is None or pick.allows(g, tok, logits):
             return tok
         ok_top = pick.allowed(g, top, logits[top])  # keeps the order: best first
         if len(ok_top) < k:
@@ -614,10 +629,6 @@ class TokenSampler:
         return pick.select(self.chain, logits, np.union1d(ok_top[:k], ok_seen).astype(np.int32))
 
 
-def _allows(pick: GrammarArgmax, grammar: Any, tok: int, logits: np.ndarray) -> bool:
-    return bool(len(pick.allowed(grammar, np.array([tok], dtype=np.int32), logits[[tok]])))
-
-
 class _TokenPrefixes:
     """A vocabulary's tokens grouped by how the grammar can be asked about them: by their
     first two bytes where a token is exactly those two bytes (group = the two-byte code),
@@ -625,7 +636,7 @@ class _TokenPrefixes:
     byte and exactly two bytes, one per value; the byte values no one-byte token stands for
     (always candidates: the grammar cannot be asked about them); the end-of-generation
     tokens (no group: always candidates). Pieces as the grammar sees them, special pieces
-    included. Built once per vocabulary, shared by every picker."""
+    included. Built by a picker on its first fallback (~0.3 s over the vocabulary)."""
 
     PAIRS = 1 << 16
 
