@@ -47,6 +47,19 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _judge_once(judge: Any, gt: Any, pred: Any, task: str, sampling: Any) -> Any:
+    """One judgement's raw generation. An answer cut at max_tokens (random weights ramble)
+    still cost its tokens, so it counts; any other failure is raised."""
+    from verm_local.errors import AnswerError
+
+    try:
+        judge.judge(gt, pred, task, sampling=sampling)
+    except AnswerError:
+        if judge.last_generation.finish_reason != "length":
+            raise
+    return judge.last_generation
+
+
 def measure_verm(model: str, gt: str, pred: str, task: str, repeat: int, threads: int | None,
                  image_tokens: int, max_tokens: int) -> dict[str, Any]:
     from verm_local.backends.base import Sampling
@@ -57,19 +70,18 @@ def measure_verm(model: str, gt: str, pred: str, task: str, repeat: int, threads
     load_wall = time.perf_counter() - t0
     images = [judge.prepare(gt), judge.prepare(pred)]
     sampling = Sampling(max_tokens=max_tokens)
-    judge.judge(*images, task, sampling=sampling)  # warm-up
+    _judge_once(judge, *images, task, sampling)  # warm-up
     runs = []
     for _ in range(repeat):
         t = time.perf_counter()
-        j = judge.judge(*images, task, sampling=sampling)
+        gen = _judge_once(judge, *images, task, sampling)
         e2e = time.perf_counter() - t
-        tm = j.timings
-        n = max(1, tm.completion_tokens)
-        runs.append({"vision_s": tm.vision_s, "text_prefill_s": tm.prefill_s - tm.vision_s,
-                     "ttft_s": tm.prefill_s + tm.decode_s / n,
-                     "decode_tok_s": n / tm.decode_s if tm.decode_s else 0.0,
-                     "e2e_s": e2e, "completion_tokens": tm.completion_tokens,
-                     "prompt_tokens": tm.prompt_tokens})
+        n = max(1, gen.completion_tokens)
+        runs.append({"vision_s": gen.vision_s, "text_prefill_s": gen.prefill_s - gen.vision_s,
+                     "ttft_s": gen.prefill_s + gen.decode_s / n,
+                     "decode_tok_s": n / gen.decode_s if gen.decode_s else 0.0,
+                     "e2e_s": e2e, "completion_tokens": gen.completion_tokens,
+                     "prompt_tokens": gen.prompt_tokens, "cut": gen.finish_reason == "length"})
     info = judge.backend.info.model_dump()
     judge.close()
     return {"model": info, "load_s": load_wall, "runs": runs, "peak_rss": _peak_rss(),
@@ -160,11 +172,7 @@ def measure_independent(model: str, gt: str, pred: str, task: str, repeat: int,
     sampling = _sampling(max_tokens, rl)
 
     def one(j, a, b) -> int:
-        try:
-            j.judge(a, b, task, sampling=sampling)
-        except VermError:  # an answer cut at max_tokens still cost its tokens
-            pass
-        return j.last_generation.completion_tokens
+        return _judge_once(j, a, b, task, sampling).completion_tokens
 
     with Judge(model, threads=threads, image_token_budget=image_tokens,
                max_tokens=max_tokens) as j:
@@ -231,7 +239,8 @@ def summarize_model(verm: dict[str, Any], stock: dict[str, Any] | None) -> dict[
     out: dict[str, Any] = {"model": verm["model"], "load_s": verm["load_s"],
                            "peak_rss": verm["peak_rss"], "peak_gpu": verm["peak_gpu"],
                            "completion_tokens": runs[-1]["completion_tokens"],
-                           "prompt_tokens": runs[-1]["prompt_tokens"]}
+                           "prompt_tokens": runs[-1]["prompt_tokens"],
+                           "cut_runs": sum(bool(r.get("cut")) for r in runs)}
     for key in STAGES[1:]:
         out[key] = _spread([r[key] for r in runs])
     if stock is not None:
@@ -325,6 +334,11 @@ def markdown(report: dict[str, Any]) -> str:
         else:
             row += f"{e2e['median']:.2f} | {r['peak_rss'] / 1e6:.0f} | n/a | n/a |"
         lines.append(row)
+    cut = [f"{n} ({r['cut_runs']} of {report['settings']['repeat']})"
+           for n, r in report["models"].items() if r.get("cut_runs")]
+    if cut:
+        lines += ["", f"Answers cut at --max-tokens {report['settings']['max_tokens']} (timed "
+                  f"as generated; random weights ramble): {', '.join(cut)}."]
     shared = {n: r["shared_prefix"] for n, r in report["models"].items() if r.get("shared_prefix")}
     if shared:
         how = next(iter(shared.values())).get("sampling", "greedy")

@@ -199,7 +199,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, shape: str = "tiny") ->
         model = make_model(seed, shape)
 
         print("[3/4] config and safetensors", file=sys.stderr)
-        model.save_pretrained(tmp, safe_serialization=True)
+        # 2 GB shards: safetensors serializes a shard in memory, so one 17 GB file of the
+        # 8B shape would need the weights twice over.
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
         gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
                "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
