@@ -244,6 +244,47 @@ def test_grammar_argmax_is_the_best_allowed_token(tiny_gguf):
         assert pick.full_passes > 10
 
 
+def test_answer_grammar_keeps_strings_json(tiny_gguf):
+    """The answer grammar refuses a raw newline or tab inside a string (no strict JSON
+    reader takes one) and allows the escaped ones; llama-cpp-python's own conversion of the
+    same schema allows the raw ones, which a random model once wrote."""
+    import json
+
+    import numpy as np
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    from verm_local.backends.llamacpp import answer_grammar
+
+    schema = {"type": "object", "properties": {"d": {"type": "string", "maxLength": 8}},
+              "required": ["d"]}
+    with verm_local_judge(tiny_gguf) as j:
+        b = j.backend
+        lc, pick = b._llama_cpp, b.picker
+        logits = np.zeros(pick.n_vocab, dtype=np.float32)
+
+        def tok(text: str) -> int:
+            ids = b.llama.tokenize(text.encode(), add_bos=False, special=False)
+            assert len(ids) == 1, (text, ids)
+            return ids[0]
+
+        def allowed_after(grammar, prefix: str) -> set[str]:
+            smpl = lc.llama_sampler_init_grammar(pick.vocab, grammar._grammar.encode(),
+                                                 grammar._root.encode())
+            try:
+                for t in b.llama.tokenize(prefix.encode(), add_bos=False, special=False):
+                    lc.llama_sampler_accept(smpl, t)
+                return {s for s in ("\n", "\t", "\\", "n", "x") if pick.allows(smpl, tok(s), logits)}
+            finally:
+                lc.llama_sampler_free(smpl)
+
+        ours = answer_grammar(schema)
+        assert allowed_after(ours, '{"d":"a') == {"\\", "n", "x"}
+        assert allowed_after(ours, '{"d":"a\\') == {"\\", "n"}  # the escapes \\ and \n
+        loose = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        assert allowed_after(loose, '{"d":"a') == {"\n", "\t", "\\", "n", "x"}
+        assert b.grammar(schema) is b.grammar(dict(schema))  # compiled once per schema
+
+
 def verm_local_judge(model):
     import verm_local
 

@@ -37,6 +37,12 @@ def test_trailing_garbage_and_braces_in_strings():
     assert extract_json(text) == obj
 
 
+def test_raw_control_characters_in_strings_are_read():
+    """Another engine's unconstrained answer may break a description over lines."""
+    text = '{"errors": [{"description": "two\nlines\tand a tab"}]}'
+    assert extract_json(text) == {"errors": [{"description": "two\nlines\tand a tab"}]}
+
+
 def test_first_balanced_object_wins():
     text = 'noise {"a": 1} then {"b": 2}'
     assert extract_json(text) == {"a": 1}

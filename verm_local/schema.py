@@ -124,7 +124,9 @@ _FENCE = re.compile(r"```[a-zA-Z0-9_-]*")
 
 def extract_json(text: str) -> dict[str, Any]:
     """Tolerant read of a free answer: strip <think> blocks and code fences, then take the
-    first balanced JSON object. Raises AnswerError when none parses."""
+    first balanced JSON object, raw control characters in its strings allowed (another
+    engine's unconstrained answer may break a description over lines). Raises AnswerError
+    when none parses."""
     cleaned = _FENCE.sub("", _THINK.sub("", text))
     start = cleaned.find("{")
     while start != -1:
@@ -132,7 +134,7 @@ def extract_json(text: str) -> dict[str, Any]:
         if end is None:
             break
         try:
-            obj = json.loads(cleaned[start : end + 1])
+            obj = json.loads(cleaned[start : end + 1], strict=False)
         except json.JSONDecodeError:
             obj = None
         if isinstance(obj, dict):

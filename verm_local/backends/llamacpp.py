@@ -7,6 +7,7 @@ the image tokens are counted (llama-cpp-python's usage leaves them out)."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import time
 from typing import Any
@@ -47,6 +48,7 @@ class LlamaCppBackend:
 
         self._llama_cpp, self._mtmd, self._quiet = llama_cpp, mtmd, suppress_stdout_stderr
         self.verbose = verbose
+        self._grammars: dict[str, Any] = {}  # answer grammars by schema
         # An external vision encoder (verm_local.vision_onnx.OnnxVision) or None: mmproj.
         self.vision = vision
         mm = model.mmproj.name if model.mmproj else ""
@@ -116,6 +118,15 @@ class LlamaCppBackend:
             self._pick = GrammarArgmax(lc, lc.llama_model_get_vocab(self.llama.model),
                                        self.llama.n_vocab())
         return self._pick
+
+    def grammar(self, schema: dict[str, Any]) -> Any:
+        """The answer grammar of a JSON schema (`answer_grammar`), compiled once per schema
+        and shared by the single path and the batch engine."""
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            with self._quiet(disable=self.verbose):
+                self._grammars[key] = answer_grammar(schema, verbose=self.verbose)
+        return self._grammars[key]
 
     def _init_mtmd(self, mmproj: str, threads: int, use_gpu: bool, max_tokens: int | None):
         mtmd = self._mtmd
@@ -355,9 +366,8 @@ class LlamaCppBackend:
         same tokens as passing all 151,936 candidates through grammar and chain each step,
         at a fraction of the cost."""
         lc, llama = self._llama_cpp, self.llama
-        vocab = lc.llama_model_get_vocab(llama.model)
-        n_vocab = llama.n_vocab()
         pick = self.picker
+        vocab, n_vocab = pick.vocab, pick.n_vocab
         pick.full_passes = 0
         sampler = TokenSampler(lc, vocab, n_vocab, sampling, grammar, max_tokens)
         out: list[int] = []
@@ -385,8 +395,6 @@ class LlamaCppBackend:
         sampling: Sampling,
         schema: dict[str, Any] | None = None,
     ) -> Generation:
-        from llama_cpp.llama_grammar import LlamaGrammar
-
         if self.llama is None:
             raise VermError("model is closed")
         text = self.render_prompt(len(images), prompt)
@@ -398,12 +406,7 @@ class LlamaCppBackend:
             self._mtmd.mtmd_input_chunks_free(chunks)
         prefill_s = time.perf_counter() - t0
 
-        grammar = None
-        if schema is not None:
-            import json
-
-            with self._quiet(disable=self.verbose):
-                grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=self.verbose)
+        grammar = self.grammar(schema) if schema is not None else None
         room = self.n_ctx - n_prompt - 1
         max_tokens = max(1, min(sampling.max_tokens, room))
         t1 = time.perf_counter()
@@ -534,6 +537,24 @@ class GrammarArgmax:
             if not len(ok):
                 raise VermError("the answer grammar allows no token here")
         return int(ok[np.argmax(logits[ok])])
+
+
+_LOOSE_CHARS = '[^"\\\\]'  # GBNF: any character but a quote or a backslash
+_JSON_CHARS = '[^"\\\\\\x7F\\x00-\\x1F]'  # ... nor a control character
+
+
+def answer_grammar(schema: dict[str, Any], verbose: bool = False) -> Any:
+    """llama.cpp's grammar for answers that follow a JSON schema, with JSON's own string
+    characters. llama-cpp-python's converter lets raw control characters (a newline, a tab)
+    into strings with a length limit, and no strict JSON reader takes such an answer (a
+    random test model wrote one); llama.cpp's own converter leaves them out, as here."""
+    from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
+
+    lines = json_schema_to_gbnf(json.dumps(schema)).splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(f"char ::= {_LOOSE_CHARS} |"):
+            lines[i] = line.replace(_LOOSE_CHARS, _JSON_CHARS, 1)
+    return LlamaGrammar.from_string("\n".join(lines), verbose=verbose)
 
 
 class TokenSampler:
