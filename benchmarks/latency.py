@@ -171,19 +171,19 @@ def measure_independent(model: str, gt: str, pred: str, task: str, repeat: int,
     preds, warm = _shared_setup(pred, gt, predictions, image_tokens)
     sampling = _sampling(max_tokens, rl)
 
-    def one(j, a, b) -> int:
-        return _judge_once(j, a, b, task, sampling).completion_tokens
-
     with Judge(model, threads=threads, image_token_budget=image_tokens,
                max_tokens=max_tokens) as j:
         gt_img = j.prepare(gt)
-        one(j, warm[0], warm[1])
-        times, tokens = [], 0
+        _judge_once(j, warm[0], warm[1], task, sampling)
+        runs = []
         for _ in range(repeat):
-            t = time.perf_counter()
-            tokens = sum(one(j, gt_img, p) for p in preds)
-            times.append(time.perf_counter() - t)
-    return {"s": min(times), "tokens": tokens}
+            t, tokens, decode_s = time.perf_counter(), 0, 0.0
+            for p in preds:
+                g = _judge_once(j, gt_img, p, task, sampling)
+                tokens += g.completion_tokens
+                decode_s += g.decode_s
+            runs.append({"s": time.perf_counter() - t, "tokens": tokens, "decode_s": decode_s})
+    return min(runs, key=lambda r: r["s"])
 
 
 def measure_batched(model: str, gt: str, pred: str, task: str, repeat: int,
@@ -201,25 +201,39 @@ def measure_batched(model: str, gt: str, pred: str, task: str, repeat: int,
         gt_img = j.prepare(gt)
         j.judge_many([(warm[0], warm[1], task)])
         engine = j.backend.batch
-        times, tokens, failed = [], 0, 0
+        runs = []
         for _ in range(repeat):
             engine.reset()
             t = time.perf_counter()
             res = j.judge_many([(gt_img, p, task) for p in preds], sampling=sampling)
-            times.append(time.perf_counter() - t)
-            failed = sum(isinstance(r, Exception) for r in res)
-            tokens = engine.last_tokens
-    return {"s": min(times), "tokens": tokens, "failed": failed}
+            runs.append({"s": time.perf_counter() - t, "tokens": engine.last_tokens,
+                         "decode_s": engine.last_decode_s,
+                         "failed": sum(isinstance(r, Exception) for r in res)})
+    return min(runs, key=lambda r: r["s"])
 
 
 def shared_summary(ind: dict[str, Any], bat: dict[str, Any], predictions: int,
                    rl: bool = False) -> dict[str, Any]:
-    return {"predictions": predictions, "sampling": "rl" if rl else "greedy",
-            "independent_s": ind["s"], "batched_s": bat["s"],
-            "ratio": bat["s"] / ind["s"], "independent_tokens": ind["tokens"],
-            "batched_tokens": bat["tokens"], "failed": bat["failed"],
-            "ratio_per_token": (bat["s"] / max(bat["tokens"], 1))
-            / (ind["s"] / max(ind["tokens"], 1))}
+    """The ratio, and where it comes from: the prompts' evaluation (vision, prefill; the
+    ground truth's share is what reuse saves) and the decode rate (what batching buys:
+    on a GPU an N-row step costs about one row's; on a small CPU about N rows')."""
+
+    def rate(r: dict[str, Any]) -> float:
+        return r["tokens"] / r["decode_s"] if r["decode_s"] > 0 else 0.0
+
+    out = {"predictions": predictions, "sampling": "rl" if rl else "greedy",
+           "independent_s": ind["s"], "batched_s": bat["s"],
+           "ratio": bat["s"] / ind["s"], "independent_tokens": ind["tokens"],
+           "batched_tokens": bat["tokens"], "failed": bat["failed"],
+           "ratio_per_token": (bat["s"] / max(bat["tokens"], 1))
+           / (ind["s"] / max(ind["tokens"], 1)),
+           "independent_prompt_s": ind["s"] - ind["decode_s"],
+           "batched_prompt_s": bat["s"] - bat["decode_s"],
+           "independent_decode_tok_s": rate(ind), "batched_decode_tok_s": rate(bat)}
+    out["prompt_ratio"] = out["batched_prompt_s"] / out["independent_prompt_s"]
+    out["decode_speedup"] = (out["batched_decode_tok_s"] / out["independent_decode_tok_s"]
+                             if out["independent_decode_tok_s"] else 0.0)
+    return out
 
 
 def _worker(kind: str, model: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -346,43 +360,76 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{report['settings']['repeat']}, {how} decoding): independent judge calls "
                   "vs one batch (ground truth encoded once, answers decoded together):", "",
                   "| model | N | independent s (tokens) | batched s (tokens) | ratio | "
-                  "ratio per generated token |", "|---|---|---|---|---|---|"]
+                  "ratio per generated token | prompts s, independent -> batched | "
+                  "decode tok/s, alone -> batched |", "|---|---|---|---|---|---|---|---|"]
         for n, sp in shared.items():
             lines.append(f"| {n} | {sp['predictions']} | {sp['independent_s']:.2f} "
                          f"({sp['independent_tokens']}) | {sp['batched_s']:.2f} "
                          f"({sp['batched_tokens']}) | {sp['ratio']:.2f} | "
-                         f"{sp['ratio_per_token']:.2f} |")
+                         f"{sp['ratio_per_token']:.2f} | {sp['independent_prompt_s']:.2f} -> "
+                         f"{sp['batched_prompt_s']:.2f} ({sp['prompt_ratio']:.2f}x) | "
+                         f"{sp['independent_decode_tok_s']:.1f} -> "
+                         f"{sp['batched_decode_tok_s']:.1f} ({sp['decode_speedup']:.2f}x) |")
+        lines += ["", "Prompts: vision, prefill and parsing, everything but decoding (reuse "
+                  "evaluates the ground truth once). Decode: generated tokens per second of "
+                  "the decode loops (batching runs the N answers in one step each)."]
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Stacked bars per model: vision, text prefill, decode; a mark at llama.cpp's own path."""
+    """Stacked bars per model: vision, text prefill, decode; a mark at llama.cpp's own path.
+    With a shared-prefix run, a second panel: N independent calls against one batch, each
+    split into prompts and decoding."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["models"])
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(names)))
+    shared = [n for n in names if report["models"][n].get("shared_prefix")]
+    rows = [len(names)] + ([2 * len(shared)] if shared else [])
+    fig, axes = plt.subplots(len(rows), 1, squeeze=False, height_ratios=rows,
+                             figsize=(8, 1.6 + 0.6 * sum(rows)))
+    ax = axes[0][0]
     for i, n in enumerate(names):
         r = report["models"][n]
         vision, text = r["vision_s"]["median"], r["text_prefill_s"]["median"]
         decode = r["e2e_s"]["median"] - vision - text
-        left = 0.0
-        for value, label, colour in ((vision, "vision", "#1f77b4"),
-                                     (text, "text prefill", "#ff7f0e"),
-                                     (decode, "decode + parse", "#2ca02c")):
-            ax.barh(i, value, left=left, color=colour, label=label if i == 0 else None)
-            left += value
+        _stack(ax, i, ((vision, "vision", "#1f77b4"), (text, "text prefill", "#ff7f0e"),
+                       (decode, "decode + parse", "#2ca02c")), labels=i == 0)
         if r.get("llamacpp"):
             ax.plot(r["llamacpp"]["e2e_s"]["median"], i, "k|", markersize=22,
                     label="llama.cpp own path" if i == 0 else None)
     ax.set_yticks(range(len(names)), [Path(n).name for n in names])
     ax.set_xlabel("seconds per judgement (median)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
+    if shared:
+        ax = axes[1][0]
+        ticks = []
+        for i, n in enumerate(shared):
+            sp = report["models"][n]["shared_prefix"]
+            for k, kind in enumerate(("independent", "batched")):
+                y = 2 * i + k
+                total, prompt = sp[f"{kind}_s"], sp[f"{kind}_prompt_s"]
+                _stack(ax, y, ((prompt, "prompts (vision, prefill, parse)", "#9467bd"),
+                               (total - prompt, "decode", "#2ca02c")), labels=y == 0)
+                ticks.append(f"{Path(n).name}: {kind}")
+            ax.text(sp["batched_s"], 2 * i + 1, f"  {sp['ratio']:.2f}x", va="center",
+                    fontsize=8)
+        ax.set_yticks(range(len(ticks)), ticks)
+        ax.set_xlabel(f"seconds for {report['models'][shared[0]]['shared_prefix']['predictions']}"
+                      " predictions against one ground truth (best run)")
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _stack(ax: Any, y: int, parts: tuple, labels: bool) -> None:
+    left = 0.0
+    for value, label, colour in parts:
+        ax.barh(y, value, left=left, color=colour, label=label if labels else None)
+        left += value
 
 
 def write_reports(report: dict[str, Any], out: Path) -> Path:

@@ -188,7 +188,13 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     assert sp["predictions"] == 3 and sp["independent_s"] > 0 and sp["batched_s"] > 0
     assert sp["sampling"] == "rl"
     assert sp["ratio"] == pytest.approx(sp["batched_s"] / sp["independent_s"])
-    assert "N predictions against one ground truth" in lat.with_suffix(".md").read_text()
+    assert 0 < sp["batched_prompt_s"] < sp["batched_s"]
+    assert 0 < sp["independent_prompt_s"] < sp["independent_s"]
+    assert sp["batched_decode_tok_s"] > 0 and sp["independent_decode_tok_s"] > 0
+    assert sp["decode_speedup"] == pytest.approx(sp["batched_decode_tok_s"]
+                                                 / sp["independent_decode_tok_s"])
+    md = lat.with_suffix(".md").read_text()
+    assert "N predictions against one ground truth" in md and "decode tok/s, alone" in md
     assert m["overhead_ratio"] > 0 and m["llamacpp"]["e2e_s"]["median"] > 0
     assert m["vision_s"]["median"] > 0 and m["decode_tok_s"]["median"] > 0
     assert m["peak_rss"] > 50e6 and lat.with_suffix(".png").is_file()
@@ -213,6 +219,24 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     proc = gate(1e6, "--max-tokens", "8", "--no-llamacpp")
     assert proc.returncode == 0 and "no regression" in proc.stdout, proc.stderr[-2000:]
     assert "Answers cut at --max-tokens 8" in proc.stdout
+
+
+def test_shared_summary_splits_prompts_from_decoding():
+    """The ratio's two sources: prompts (vision, prefill, parsing; reuse shortens them)
+    and the decode rate (batching raises it)."""
+    from verm_local.benchmarks.latency import shared_summary
+
+    ind = {"s": 10.0, "tokens": 100, "decode_s": 6.0}
+    bat = {"s": 6.0, "tokens": 120, "decode_s": 3.0, "failed": 0}
+    sp = shared_summary(ind, bat, 8)
+    assert sp["ratio"] == pytest.approx(0.6) and sp["sampling"] == "greedy"
+    assert sp["independent_prompt_s"] == pytest.approx(4.0)
+    assert sp["batched_prompt_s"] == pytest.approx(3.0)
+    assert sp["prompt_ratio"] == pytest.approx(0.75)
+    assert sp["independent_decode_tok_s"] == pytest.approx(100 / 6)
+    assert sp["batched_decode_tok_s"] == pytest.approx(40.0)
+    assert sp["decode_speedup"] == pytest.approx(40.0 / (100 / 6))
+    assert sp["ratio_per_token"] == pytest.approx((6 / 120) / (10 / 100))
 
 
 def test_candidate_vision_suffix():
