@@ -185,7 +185,7 @@ class BatchEngine:
         out: list[int | None] = []
         for s in active:
             try:
-                out.append(s.sampler(s.logits, self.pick))
+                out.append(s.sampler(s.logits))
             except VermError as exc:
                 s.error = exc
                 out.append(None)
@@ -269,10 +269,8 @@ class BatchEngine:
                 if s.logits is None:
                     raise VermError("a prompt must end with text after its images")
                 s.max_tokens = max(1, min(s.request.sampling.max_tokens, room))
-                schema = s.request.schema
-                s.sampler = TokenSampler(self.lc, self.vocab, self.n_vocab, s.request.sampling,
-                                         self.b.grammar(schema) if schema is not None else None,
-                                         s.max_tokens)
+                s.sampler = TokenSampler(self.pick, s.request.sampling,
+                                         self.b.grammar(s.request.schema), s.max_tokens)
             except VermError as exc:
                 s.error = exc
             finally:

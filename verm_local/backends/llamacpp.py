@@ -119,9 +119,11 @@ class LlamaCppBackend:
                                        self.llama.n_vocab())
         return self._pick
 
-    def grammar(self, schema: dict[str, Any]) -> Any:
+    def grammar(self, schema: dict[str, Any] | None) -> Any:
         """The answer grammar of a JSON schema (`answer_grammar`), compiled once per schema
-        and shared by the single path and the batch engine."""
+        and shared by the single path and the batch engine; None without a schema."""
+        if schema is None:
+            return None
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
             with self._quiet(disable=self.verbose):
@@ -369,14 +371,14 @@ class LlamaCppBackend:
         pick = self.picker
         vocab, n_vocab = pick.vocab, pick.n_vocab
         pick.full_passes = 0
-        sampler = TokenSampler(lc, vocab, n_vocab, sampling, grammar, max_tokens)
+        sampler = TokenSampler(pick, sampling, grammar, max_tokens)
         out: list[int] = []
         reason = "length"
         try:
             for _ in range(max_tokens):
                 logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(llama._ctx.ctx, -1),
                                                shape=(n_vocab,))
-                tok = sampler(logits, pick)
+                tok = sampler(logits)
                 if lc.llama_vocab_is_eog(vocab, tok):
                     reason = "stop"
                     break
@@ -406,7 +408,7 @@ class LlamaCppBackend:
             self._mtmd.mtmd_input_chunks_free(chunks)
         prefill_s = time.perf_counter() - t0
 
-        grammar = self.grammar(schema) if schema is not None else None
+        grammar = self.grammar(schema)
         room = self.n_ctx - n_prompt - 1
         max_tokens = max(1, min(sampling.max_tokens, room))
         t1 = time.perf_counter()
@@ -565,9 +567,10 @@ class TokenSampler:
 
     shortlist = True  # chains run on a shortlist (see _chain); False: on everything
 
-    def __init__(self, lc: Any, vocab: Any, n_vocab: int, sampling: Sampling,
-                 grammar: Any = None, max_tokens: int = 0):
-        self.lc, self.n_vocab, self.sampling = lc, n_vocab, sampling
+    def __init__(self, pick: GrammarArgmax, sampling: Sampling, grammar: Any = None,
+                 max_tokens: int = 0):
+        lc, vocab, n_vocab = pick.lc, pick.vocab, pick.n_vocab
+        self.pick, self.lc, self.n_vocab, self.sampling = pick, lc, n_vocab, sampling
         self.grammar = self.chain = None
         self.out: list[int] = []
         sp = sampling
@@ -597,12 +600,12 @@ class TokenSampler:
                 self.lc.llama_sampler_free(smpl)
         self.grammar = self.chain = None
 
-    def __call__(self, logits: np.ndarray, pick: GrammarArgmax) -> int:
-        """The next token (accepted by grammar and chain); `pick` holds the token buffer."""
+    def __call__(self, logits: np.ndarray) -> int:
+        """The next token (accepted by grammar and chain)."""
         if self.chain is not None:
-            tok = self._chain(logits, pick)
+            tok = self._chain(logits)
         elif self.grammar is not None:
-            tok = pick(self.grammar, logits)
+            tok = self.pick(self.grammar, logits)
         else:
             tok = int(np.argmax(logits))
         if self.grammar is not None:
@@ -612,7 +615,7 @@ class TokenSampler:
         self.out.append(tok)
         return tok
 
-    def _chain(self, logits: np.ndarray, pick: GrammarArgmax) -> int:
+    def _chain(self, logits: np.ndarray) -> int:
         """The chain picks; only if the grammar refuses that token does it pick again among
         the allowed tokens (sampling with the refused ones masked to -inf, which would get
         probability 0; llama.cpp's common sampler does the same).
@@ -623,7 +626,7 @@ class TokenSampler:
         set and the chain picks from it what it picks from the whole vocabulary, the same
         seeded draw included. Under the grammar, the k best allowed tokens come from the
         TOP best when that many of those are allowed, else from the grammar's candidates."""
-        sp, g = self.sampling, self.grammar
+        sp, g, pick = self.sampling, self.grammar, self.pick
         k = sp.top_k if sp.temperature > 0 else 1
         if not self.shortlist or k <= 0:  # no top-k: the whole vocabulary
             tok = pick.select(self.chain, logits)
