@@ -13,8 +13,10 @@ results/<model>.jsonl (VC-RewardBench style: id, category, pred_json)."""
 
 from __future__ import annotations
 
+import logging
+
+import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,11 @@ from . import metrics
 from .data import Item, data_digest, load_items
 from .kld import summarize
 
+log = logging.getLogger(__name__)
+
 VOCAB_PROBE = ('{"errors": [{"category": "data_error", "severity": 2}]} 0123456789 '
                "Ünïcödé 中文 表格 end.")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the task profiles' requests
 
 
 def model_path(name: str) -> str:
@@ -71,24 +75,31 @@ def _vision_label(judge: Any) -> str:
 
 
 def _progress(label: str, i: int, n: int, t0: float) -> None:
-    print(f"\r{label}: {i}/{n} items, {time.perf_counter() - t0:.0f} s", end="" if i < n else "\n",
-          file=sys.stderr, flush=True)
+    log.info("%s: %d/%d items, %.0f s", label, i, n, time.perf_counter() - t0)
 
 
-def _judge_item(judge: Any, item: Item, free: bool, max_tokens: int,
+def _judge_item(judge: Any, item: Item, free: bool, max_tokens: int | None,
                 max_errors: int | None) -> dict[str, Any]:
-    from verm_local.backends.base import Sampling
-
+    """One judgement with the task's own request and decoding (greedy for judging)."""
     try:
         j = judge.judge(item.gt, item.pred, item.task, free=free, max_errors=max_errors,
-                        sampling=Sampling(max_tokens=max_tokens))
+                        sampling=judge.sampling(item.task))
     except AnswerError as exc:
-        text = getattr(judge, "last_generation", None)
+        text = judge.last_generation
         return {"valid": False, "errors": [], "total_severity": 0, "score": None,
                 "text": text.text if text else "", "problem": str(exc)}
+    if not j.complete:
+        return {"valid": False, "errors": [], "total_severity": 0, "score": None,
+                "text": judge.last_generation.text, "problem": j.problem}
     return {"valid": True, "errors": [e.model_dump() for e in j.errors],
-            "total_severity": j.total_severity, "score": j.score,
+            "total_severity": j.total_severity, "score": j.reward,
             "text": judge.last_generation.text, "answer": j.model_dump(mode="json")}
+
+
+def _forced_logprobs(judge: Any, item: Item, tokens: list[int]) -> Any:
+    """Log-probs of a forced answer after the task's exact request for the item."""
+    req = judge.request(item.gt, item.pred, item.task).request
+    return judge.backend.answer_logprobs(req.images, req.messages, tokens)
 
 
 VISIONS = ("gguf", "onnx", "onnx-fp32", "onnx-fp16", "onnx-int8")
@@ -108,7 +119,7 @@ def split_vision(name: str) -> tuple[str, str]:
     return model, vision
 
 
-def _open(path: str, image_tokens: int, max_tokens: int, threads: int | None,
+def _open(path: str, image_tokens: int | None, max_tokens: int | None, threads: int | None,
           vision: str = "gguf") -> Any:
     from verm_local.judge import Judge
 
@@ -118,20 +129,23 @@ def _open(path: str, image_tokens: int, max_tokens: int, threads: int | None,
 
 
 def reference_pass(ref: str, items: list[Item], cache: Path, *, free: bool, top_k: int,
-                   seed: int, image_tokens: int, max_tokens: int, threads: int | None,
+                   seed: int, image_tokens: int | None, max_tokens: int | None,
+                   threads: int | None,
                    max_errors: int | None = None) -> dict[str, Any]:
     """Run (or reuse) the reference: judgements, answer tokens, top-k log-probs."""
     from verm_local.modelref import resolve_model
-    from verm_local.prompts import load_prompt
+    from verm_local.prompts import trained_prompts
 
-    key = {"version": CACHE_VERSION, "model_sha256": resolve_model(ref).sha256,
+    prompts = hashlib.sha256(json.dumps(trained_prompts(), sort_keys=True).encode()).hexdigest()
+    key = {"version": CACHE_VERSION, "prompts_sha256": prompts,
+           "model_sha256": resolve_model(ref).sha256,
            "data_sha256": data_digest(items), "seed": seed, "top_k": top_k, "free": free,
            "image_tokens": image_tokens, "max_tokens": max_tokens, "max_errors": max_errors}
     manifest_path = cache / "manifest.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
         if old.get("key") == key:
-            print(f"reference: reusing the cache in {cache}", file=sys.stderr)
+            log.info("reference: reusing the cache in %s", cache)
             arrays = np.load(cache / "topk.npz")
             for i, row in enumerate(old["items"]):
                 row["topk_ids"] = arrays[f"ids{i}"]
@@ -145,8 +159,7 @@ def reference_pass(ref: str, items: list[Item], cache: Path, *, free: bool, top_
         for i, item in enumerate(items):
             out = _judge_item(judge, item, free, max_tokens, max_errors)
             tokens = judge.backend.answer_tokens(out["text"])
-            images = [judge.prepare(item.gt), judge.prepare(item.pred)]
-            lp = judge.backend.answer_logprobs(images, load_prompt(item.task, None), tokens)
+            lp = _forced_logprobs(judge, item, tokens)
             ids, top, tail = metrics.topk_cache(lp, top_k)
             arrays.update({f"ids{i}": ids, f"lp{i}": top, f"tail{i}": tail})
             rows.append({**out, "id": item.id, "tokens": tokens})
@@ -164,10 +177,9 @@ def reference_pass(ref: str, items: list[Item], cache: Path, *, free: bool, top_
 
 
 def candidate_pass(path: str, items: list[Item], ref: dict[str, Any], *, free: bool,
-                   image_tokens: int, max_tokens: int, threads: int | None, label: str,
+                   image_tokens: int | None, max_tokens: int | None, threads: int | None,
+                   label: str,
                    max_errors: int | None = None, vision: str = "gguf") -> dict[str, Any]:
-    from verm_local.prompts import load_prompt
-
     t0 = time.perf_counter()
     kls, top1, rows = [], [], []
     with _open(path, image_tokens, max_tokens, threads, vision) as judge:
@@ -175,8 +187,7 @@ def candidate_pass(path: str, items: list[Item], ref: dict[str, Any], *, free: b
             raise InputError(f"{path}: its vocabulary differs from the reference's; token-level "
                              "agreement needs one tokenizer")
         for i, (item, r) in enumerate(zip(items, ref["items"])):
-            images = [judge.prepare(item.gt), judge.prepare(item.pred)]
-            lp = judge.backend.answer_logprobs(images, load_prompt(item.task, None), r["tokens"])
+            lp = _forced_logprobs(judge, item, r["tokens"])
             kls.append(metrics.kl_from_topk(r["topk_ids"], r["topk_lp"], r["tail"], lp))
             top1.append(np.argmax(lp, axis=1) == r["topk_ids"][:, 0])
             rows.append({**_judge_item(judge, item, free, max_tokens, max_errors), "id": item.id})
@@ -248,8 +259,8 @@ def _loss(ref: dict, cand: dict) -> dict[str, Any]:
 def run_agreement(reference: str, candidates: list[str], data: str, *, limit: int | None = None,
                   out: str | Path = "bench-agreement", free: bool = False,
                   matcher_url: str | None = None, matcher_model: str = "default",
-                  top_k: int = 32, seed: int = 0, image_tokens: int = 256,
-                  max_tokens: int = 1024, threads: int | None = None,
+                  top_k: int = 32, seed: int = 0, image_tokens: int | None = None,
+                  max_tokens: int | None = None, threads: int | None = None,
                   max_errors: int | None = None) -> dict[str, Any]:
     out = Path(out)
     items = load_items(data, limit)

@@ -10,16 +10,19 @@ are injected), several per pair, some pairs with none. Deterministic for a seed.
 
 from __future__ import annotations
 
+import logging
+
 import copy
 import json
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from verm_local.constants import TASKS
 from verm_local.errors import InputError
+
+log = logging.getLogger(__name__)
 
 DATA_FILE = "data.jsonl"
 SIZE_PX = (384, 288)  # multiples of 32: 12 x 9 visual tokens
@@ -285,10 +288,7 @@ def synthetic(out_dir: str | Path, n: int = 12, seed: int = 0,
                      "pred_img_path": f"images/{item_id}_pred.png",
                      "human_errors": errors, "source": "synthetic", "seed": seed})
         if not quiet:
-            print(f"\r[{i + 1}/{n}] {item_id}: {len(errors)} injected errors", end="",
-                  file=sys.stderr, flush=True)
-    if not quiet:
-        print(file=sys.stderr)
+            log.info("[%d/%d] %s: %d injected errors", i + 1, n, item_id, len(errors))
     path = out / DATA_FILE
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:

@@ -12,19 +12,23 @@ process of its own (greedy, or --rl-sampling), and `shared_ratio` = batched / in
 
 from __future__ import annotations
 
+import logging
+
 import base64
+import contextlib
 import io
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from verm_local.errors import VermError
+
+log = logging.getLogger(__name__)
 
 STAGES = ("load_s", "vision_s", "text_prefill_s", "ttft_s", "decode_tok_s", "e2e_s")
 
@@ -49,27 +53,22 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def _judge_once(judge: Any, gt: Any, pred: Any, task: str, sampling: Any) -> Any:
     """One judgement's raw generation. An answer cut at max_tokens (random weights ramble)
-    still cost its tokens, so it counts; any other failure is raised."""
-    from verm_local.errors import AnswerError
-
-    try:
-        judge.judge(gt, pred, task, sampling=sampling)
-    except AnswerError:
-        if judge.last_generation.finish_reason != "length":
-            raise
+    still cost its tokens, so it counts (the judgement says it is incomplete)."""
+    judge.judge(gt, pred, task, sampling=sampling)
     return judge.last_generation
 
 
 def measure_verm(model: str, gt: str, pred: str, task: str, repeat: int, threads: int | None,
-                 image_tokens: int, max_tokens: int) -> dict[str, Any]:
-    from verm_local.backends.base import Sampling
+                 image_tokens: int | None, max_tokens: int | None,
+                 repack: bool | None = None) -> dict[str, Any]:
     from verm_local.judge import Judge
 
     t0 = time.perf_counter()
-    judge = Judge(model, threads=threads, image_token_budget=image_tokens, max_tokens=max_tokens)
+    judge = Judge(model, threads=threads, image_token_budget=image_tokens, max_tokens=max_tokens,
+                  repack=repack)
     load_wall = time.perf_counter() - t0
-    images = [judge.prepare(gt), judge.prepare(pred)]
-    sampling = Sampling(max_tokens=max_tokens)
+    images = [judge.prepare(gt, task, "gt"), judge.prepare(pred, task, "pred")]
+    sampling = judge.sampling(task)
     _judge_once(judge, *images, task, sampling)  # warm-up
     runs = []
     for _ in range(repeat):
@@ -83,48 +82,57 @@ def measure_verm(model: str, gt: str, pred: str, task: str, repeat: int, threads
                      "e2e_s": e2e, "completion_tokens": gen.completion_tokens,
                      "prompt_tokens": gen.prompt_tokens, "cut": gen.finish_reason == "length"})
     info = judge.backend.info.model_dump()
+    used = getattr(judge.backend, "repack", None)
     judge.close()
     return {"model": info, "load_s": load_wall, "runs": runs, "peak_rss": _peak_rss(),
-            "peak_gpu": _peak_gpu()}
+            "peak_gpu": _peak_gpu(), "repack": used}
 
 
 def measure_stock(model: str, gt: str, pred: str, task: str, repeat: int, threads: int | None,
-                  image_tokens: int, max_tokens: int) -> dict[str, Any]:
-    """llama-cpp-python's own multimodal path: Llama + MTMDChatHandler + response_format."""
+                  image_tokens: int | None, max_tokens: int | None,
+                  repack: bool | None = None) -> dict[str, Any]:
+    """llama-cpp-python's own multimodal path: Llama + MTMDChatHandler + response_format,
+    on the same request (messages, prepared images, answer schema, greedy decoding)."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
-    from verm_local.images import load_image
-    from verm_local.judge import context_size
+    from verm_local.answer import answer_schema
+    from verm_local.backends.llamacpp import repack_choice
+    from verm_local.judge import build_request
     from verm_local.modelref import resolve_model
-    from verm_local.prompts import load_prompt
-    from verm_local.schema import answer_schema, MAX_ERRORS
+    from verm_local.select import task_context
 
     resolved = resolve_model(model)
     if resolved.format != "gguf":
         raise VermError(f"{model}: llama.cpp's own path needs a GGUF model")
+    jr = build_request(gt, pred, task, image_token_budget=image_tokens, warn=False)
+    sampling = jr.request.sampling.with_(max_tokens=max_tokens)
 
-    def data_url(path: str) -> str:
+    def data_url(img: Any) -> str:
         buf = io.BytesIO()
-        load_image(path, token_budget=image_tokens).image.save(buf, format="PNG")
+        img.image.save(buf, format="PNG")  # the prepared pixels, losslessly
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
+    images = iter(jr.request.images)
+    messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                 else [{"type": "image_url", "image_url": {"url": data_url(next(images))}}
+                       if p.get("type") == "image" else p for p in m["content"]]}
+                for m in jr.request.messages]
+    use_repack, _ = repack_choice(repack)
     t0 = time.perf_counter()
     handler = MTMDChatHandler(clip_model_path=str(resolved.mmproj), verbose=False)
-    llama = Llama(model_path=str(resolved.path), chat_handler=handler, verbose=False,
-                  n_ctx=context_size(image_tokens, max_tokens), n_threads=threads,
-                  n_gpu_layers=0, seed=0)
+    with _model_params(use_extra_bufts=use_repack):
+        llama = Llama(model_path=str(resolved.path), chat_handler=handler, verbose=False,
+                      n_ctx=task_context(task, image_tokens, sampling.max_tokens),
+                      n_threads=threads, n_gpu_layers=0, seed=0)
     load_s = time.perf_counter() - t0
-    messages = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(gt)}},
-        {"type": "image_url", "image_url": {"url": data_url(pred)}},
-        {"type": "text", "text": load_prompt(task, None)}]}]
-    fmt = {"type": "json_object", "schema": answer_schema(task, MAX_ERRORS)}
+    fmt = {"type": "json_object", "schema": answer_schema(task, sampling.max_tokens)}
 
     def once() -> tuple[float, int]:
         t = time.perf_counter()
         out = llama.create_chat_completion(messages=messages, response_format=fmt,
-                                           temperature=0.0, max_tokens=max_tokens)
+                                           temperature=0.0, max_tokens=sampling.max_tokens,
+                                           repeat_penalty=sampling.repeat_penalty)
         return time.perf_counter() - t, int(out["usage"]["completion_tokens"])
 
     once()  # warm-up
@@ -132,15 +140,40 @@ def measure_stock(model: str, gt: str, pred: str, task: str, repeat: int, thread
     return {"load_s": load_s, "runs": runs, "peak_rss": _peak_rss(), "peak_gpu": None}
 
 
-def _variants(pred: str, n: int, image_tokens: int) -> list[Any]:
+@contextlib.contextmanager
+def _model_params(**fields: Any) -> Iterator[None]:
+    """llama-cpp-python's `Llama` builds its model parameters from llama.cpp's defaults and
+    has no argument for some of them (`use_extra_bufts`): give it defaults with `fields`
+    set while one model loads, so its own path runs as verm-local's does on this CPU."""
+    import llama_cpp.llama_cpp as bindings
+
+    original = bindings.llama_model_default_params
+
+    def params() -> Any:
+        p = original()
+        for k, v in fields.items():
+            setattr(p, k, v)
+        return p
+
+    bindings.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = original
+
+
+def _variants(pred: str, n: int, image_tokens: int | None, task: str = "chart",
+              role: str = "pred") -> list[Any]:
     """N distinct predictions from PRED: each with a small box drawn at its own place."""
     from PIL import ImageDraw
 
-    from verm_local.images import load_image
+    from verm_local.images import prepare_image
+    from verm_local.tasks import profile
 
+    prep = profile(task).pred if role == "pred" else profile(task).gt
     out = []
     for i in range(n):
-        img = load_image(pred, token_budget=image_tokens)
+        img = prepare_image(pred, prep, token_budget=image_tokens)
         w, h = img.image.size
         d = ImageDraw.Draw(img.image)
         x, y = (i * 37) % max(w - 24, 1), (i * 53) % max(h - 24, 1)
@@ -149,31 +182,34 @@ def _variants(pred: str, n: int, image_tokens: int) -> list[Any]:
     return out
 
 
-def _shared_setup(pred: str, gt: str, predictions: int, image_tokens: int
-                  ) -> tuple[list[Any], list[Any]]:
-    return _variants(pred, predictions, image_tokens), _variants(gt, 2, image_tokens)
+def _shared_setup(pred: str, gt: str, predictions: int, image_tokens: int | None,
+                  task: str = "chart") -> tuple[list[Any], list[Any]]:
+    return (_variants(pred, predictions, image_tokens, task),
+            _variants(gt, 2, image_tokens, task, "gt"))
 
 
-def _sampling(max_tokens: int, rl: bool) -> Any:
-    """Greedy, or the authors' RL sampling (seeded, so both runs draw alike)."""
-    from verm_local.backends.base import Sampling
+def _sampling(task: str, max_tokens: int | None, rl: bool) -> Any:
+    """The task's judging decoding, or the authors' RL sampling (seeded, so both runs draw
+    alike)."""
+    from verm_local.tasks import decoding
 
-    return Sampling.rl(max_tokens) if rl else Sampling(max_tokens=max_tokens)
+    return decoding(task, "rl" if rl else "default", max_tokens)
 
 
 def measure_independent(model: str, gt: str, pred: str, task: str, repeat: int,
-                        threads: int | None, image_tokens: int, max_tokens: int,
-                        predictions: int = 8, rl: bool = False) -> dict[str, Any]:
+                        threads: int | None, image_tokens: int | None, max_tokens: int | None,
+                        predictions: int = 8, rl: bool = False,
+                        repack: bool | None = None) -> dict[str, Any]:
     """N predictions against one ground truth as N independent judge calls (one model, one
     request at a time), after a warm-up on other images; best of `repeat`."""
     from verm_local.judge import Judge
 
-    preds, warm = _shared_setup(pred, gt, predictions, image_tokens)
-    sampling = _sampling(max_tokens, rl)
+    preds, warm = _shared_setup(pred, gt, predictions, image_tokens, task)
+    sampling = _sampling(task, max_tokens, rl)
 
     with Judge(model, threads=threads, image_token_budget=image_tokens,
-               max_tokens=max_tokens) as j:
-        gt_img = j.prepare(gt)
+               max_tokens=max_tokens, repack=repack) as j:
+        gt_img = j.prepare(gt, task)
         _judge_once(j, warm[0], warm[1], task, sampling)
         runs = []
         for _ in range(repeat):
@@ -187,18 +223,19 @@ def measure_independent(model: str, gt: str, pred: str, task: str, repeat: int,
 
 
 def measure_batched(model: str, gt: str, pred: str, task: str, repeat: int,
-                    threads: int | None, image_tokens: int, max_tokens: int,
-                    predictions: int = 8, rl: bool = False) -> dict[str, Any]:
+                    threads: int | None, image_tokens: int | None, max_tokens: int | None,
+                    predictions: int = 8, rl: bool = False,
+                    repack: bool | None = None) -> dict[str, Any]:
     """The same N predictions as one `judge_many` batch (ground truth encoded once, answers
     decoded together), after a warm-up on other images; best of `repeat`. The ground
     truth's cached prefix is dropped before each run, so each run evaluates it once."""
     from verm_local.judge import Judge
 
-    preds, warm = _shared_setup(pred, gt, predictions, image_tokens)
-    sampling = _sampling(max_tokens, rl)
+    preds, warm = _shared_setup(pred, gt, predictions, image_tokens, task)
+    sampling = _sampling(task, max_tokens, rl)
     with Judge(model, threads=threads, image_token_budget=image_tokens, max_tokens=max_tokens,
-               parallel=predictions, prefix_cache=1) as j:
-        gt_img = j.prepare(gt)
+               parallel=predictions, prefix_cache=1, repack=repack) as j:
+        gt_img = j.prepare(gt, task)
         j.judge_many([(warm[0], warm[1], task)])
         engine = j.backend.batch
         runs = []
@@ -237,15 +274,44 @@ def shared_summary(ind: dict[str, Any], bat: dict[str, Any], predictions: int,
 
 
 def _worker(kind: str, model: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Measure in a fresh process; its last stdout line is the JSON result."""
+    """Measure in a fresh process; its last stdout line is the JSON result. A native crash
+    there becomes NativeCrash with the stage it died in and its crash log."""
+    from verm_local.crash import crash_report, new_log_path
+    from verm_local.errors import NativeCrash
+
+    log = new_log_path(f"bench-{kind}")
     cmd = [sys.executable, "-m", "verm_local.benchmarks.latency", kind, model,
-           json.dumps(args)]
+           json.dumps(args), str(log)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode < 0:
+        raise NativeCrash(crash_report(f"the latency worker for {model} ({kind})",
+                                       -proc.returncode, log))
+    log.unlink(missing_ok=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
         raise VermError(f"latency worker for {model} ({kind}) failed: {tail[0]}")
     return json.loads(lines[-1])
+
+
+def repack_summary(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
+    """The same model loaded with and without llama.cpp's extra buffer types (repacked
+    weight layouts, AMX tiles): medians per stage and off/on ratios (above 1: repacking
+    is faster)."""
+    out: dict[str, Any] = {}
+    for name, m in (("on", on), ("off", off)):
+        runs = m["runs"]
+        out[name] = {k: statistics.median(r[k] for r in runs)
+                     for k in ("e2e_s", "text_prefill_s", "vision_s", "decode_tok_s")}
+        out[name]["load_s"] = m["load_s"]
+        out[name]["peak_rss"] = m["peak_rss"]
+    out["e2e_ratio_off_on"] = out["off"]["e2e_s"] / out["on"]["e2e_s"]
+    out["prefill_ratio_off_on"] = (out["off"]["text_prefill_s"] / out["on"]["text_prefill_s"]
+                                   if out["on"]["text_prefill_s"] else 0.0)
+    out["decode_ratio_on_off"] = (out["on"]["decode_tok_s"] / out["off"]["decode_tok_s"]
+                                  if out["off"]["decode_tok_s"] else 0.0)
+    out["faster"] = "on" if out["e2e_ratio_off_on"] > 1 else "off"
+    return out
 
 
 def summarize_model(verm: dict[str, Any], stock: dict[str, Any] | None) -> dict[str, Any]:
@@ -267,28 +333,38 @@ def summarize_model(verm: dict[str, Any], stock: dict[str, Any] | None) -> dict[
 
 
 def run_latency(models: list[str], gt: str, pred: str, *, task: str = "chart", repeat: int = 3,
-                threads: int | None = None, image_tokens: int = 1024, max_tokens: int = 1024,
-                stock: bool = True, out: str | Path | None = None,
-                predictions: int = 0, rl_sampling: bool = False) -> dict[str, Any]:
+                threads: int | None = None, image_tokens: int | None = None,
+                max_tokens: int | None = None, stock: bool = True,
+                out: str | Path | None = None, predictions: int = 0,
+                rl_sampling: bool = False, repack: bool | None = None,
+                compare_repack: bool = False) -> dict[str, Any]:
     from verm_local.modelref import resolve_model
 
     from .agreement import model_path
 
     args = {"gt": str(gt), "pred": str(pred), "task": task, "repeat": repeat,
-            "threads": threads, "image_tokens": image_tokens, "max_tokens": max_tokens}
+            "threads": threads, "image_tokens": image_tokens, "max_tokens": max_tokens,
+            "repack": repack}
     report: dict[str, Any] = {"settings": args, "machine": _machine(), "models": {}}
     for name in models:
         path = model_path(name)
-        print(f"latency: {name} ...", file=sys.stderr, flush=True)
+        log.info("latency: %s ...", name)
         verm = _worker("verm", path, args)
         own = None
         if stock and resolve_model(path).format == "gguf":
-            print(f"latency: {name} through llama.cpp's own path ...", file=sys.stderr, flush=True)
+            log.info("latency: %s through llama.cpp's own path ...", name)
             own = _worker("stock", path, args)
         report["models"][name] = summarize_model(verm, own)
+        if compare_repack and resolve_model(path).format == "gguf":
+            log.info("latency: %s: weights repacked and not, side by side ...", name)
+            both = {}
+            for setting in (True, False):  # the default run above is one of the two
+                both[setting] = (verm if verm.get("repack") is setting
+                                 else _worker("verm", path, {**args, "repack": setting}))
+            report["models"][name]["repack"] = repack_summary(both[True], both[False])
         if predictions > 1 and resolve_model(path).format == "gguf":
-            print(f"latency: {name}: {predictions} predictions vs one ground truth, independent "
-                  "and batched ...", file=sys.stderr, flush=True)
+            log.info("latency: %s: %d predictions vs one ground truth, independent and "
+                     "batched ...", name, predictions)
             extra = {**args, "predictions": predictions, "rl": rl_sampling}
             shared = shared_summary(_worker("independent", path, extra),
                                     _worker("batched", path, extra), predictions, rl_sampling)
@@ -373,6 +449,20 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Prompts: vision, prefill and parsing, everything but decoding (reuse "
                   "evaluates the ground truth once). Decode: generated tokens per second of "
                   "the decode loops (batching runs the N answers in one step each)."]
+    repack = {n: r["repack"] for n, r in report["models"].items() if r.get("repack")}
+    if repack:
+        lines += ["", "Weights repacked (llama.cpp's extra buffer types) and not, same model, "
+                  "one run (median of the repeats):", "",
+                  "| model | end-to-end s, repacked -> plain | text prefill s | decode tok/s | "
+                  "load s | plain / repacked end-to-end | faster |",
+                  "|---|---|---|---|---|---|---|"]
+        for n, rp in repack.items():
+            on, off = rp["on"], rp["off"]
+            lines.append(f"| {n} | {on['e2e_s']:.3f} -> {off['e2e_s']:.3f} | "
+                         f"{on['text_prefill_s']:.3f} -> {off['text_prefill_s']:.3f} | "
+                         f"{on['decode_tok_s']:.1f} -> {off['decode_tok_s']:.1f} | "
+                         f"{on['load_s']:.2f} -> {off['load_s']:.2f} | "
+                         f"{rp['e2e_ratio_off_on']:.3f} | {rp['faster']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -446,20 +536,27 @@ def write_reports(report: dict[str, Any], out: Path) -> Path:
 
 
 def _main(argv: list[str]) -> None:
-    kind, model, raw = argv
+    from verm_local.crash import Recorder
+
+    kind, model, raw, log = argv
     args = json.loads(raw)
+    recorder = Recorder(Path(log), f"bench latency worker ({kind})")
     fn = {"verm": measure_verm, "stock": measure_stock, "independent": measure_independent,
           "batched": measure_batched}[kind]
     extra = ({"predictions": args["predictions"], "rl": args.get("rl", False)}
              if "predictions" in args else {})
-    from verm_local.cli import stdout_to_stderr
+    extra["repack"] = args.get("repack")
+    from verm_local.stdio import stdout_to_stderr
 
     with stdout_to_stderr():
         result = fn(model, args["gt"], args["pred"], args["task"], args["repeat"],
                     args["threads"], args["image_tokens"], args["max_tokens"], **extra)
+    recorder.close()
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from verm_local.settings import export_default
+
+    export_default("TOKENIZERS_PARALLELISM", "false")
     _main(sys.argv[1:])

@@ -4,6 +4,8 @@ for converter and runtime) and `llama_cpp.llama_model_quantize` for the quants."
 
 from __future__ import annotations
 
+import logging
+
 import json
 import os
 import subprocess
@@ -23,6 +25,8 @@ from verm_local.errors import InputError, ModelError
 from verm_local.fileio import atomic_output, manifest_entry, write_json_atomic
 
 from .llama_sources import llama_cpp_dir, runtime_version
+
+log = logging.getLogger(__name__)
 
 # llama_ftype values (llama.h) of the quants the ladder offers.
 FTYPES = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
@@ -114,27 +118,36 @@ class _Steps:
         self.n += 1
         self.t = time.perf_counter()
         if not self.quiet:
-            print(f"[{self.n}/{self.total}] {what} ...", file=sys.stderr, flush=True)
+            log.info("[%d/%d] %s ...", self.n, self.total, what)
 
     def done(self, path: Path) -> None:
         if not self.quiet:
             mb = path.stat().st_size / 1e6
             dt = time.perf_counter() - self.t
-            print(f"      {path.name}: {mb:.1f} MB in {dt:.1f} s", file=sys.stderr, flush=True)
+            log.info("      %s: %.1f MB in %.1f s", path.name, mb, dt)
 
 
 def _run_converter(hf_dir: Path, out: Path, outtype: str, mmproj: bool, verbose: bool) -> None:
     src = llama_cpp_dir()
-    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir),
-           "--outfile", str(out), "--outtype", outtype]
+    from verm_local.crash import crash_report, new_log_path
+    from verm_local.errors import NativeCrash
+    from verm_local.settings import child_env, environ
+
+    cmd = [sys.executable, "-X", "faulthandler", str(src / "convert_hf_to_gguf.py"),
+           str(hf_dir), "--outfile", str(out), "--outtype", outtype]
     if mmproj:
         cmd.append("--mmproj")
-    env = dict(os.environ)
     # The converter wants its own gguf-py, not a newer one from PyPI.
-    env["PYTHONPATH"] = os.pathsep.join([str(src / "gguf-py"), env.get("PYTHONPATH", "")])
+    env = child_env(PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), environ("PYTHONPATH") or ""]))
     proc = subprocess.run(cmd, env=env, text=True,
                           stdout=None if verbose else subprocess.PIPE,
                           stderr=None if verbose else subprocess.STDOUT)
+    if proc.returncode < 0:  # torch or numpy died in native code: keep its stack
+        log_path = new_log_path("convert")
+        log_path.write_text(f"command: {' '.join(cmd)}\n{proc.stdout or ''}", encoding="utf-8")
+        raise NativeCrash(crash_report(f"llama.cpp's converter ({outtype}"
+                                       f"{', mmproj' if mmproj else ''})", -proc.returncode,
+                                       log_path))
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stdout or "").splitlines() if ln.strip()]
         last = lines[-1] if lines else f"exit code {proc.returncode}"
@@ -168,18 +181,21 @@ def convert_gguf(
     *,
     verbose: bool = False,
     quiet: bool = False,
+    check: bool = True,
+    repack: bool | None = None,
 ) -> dict[str, Any]:
     """Write model-F16.gguf, one model-<QUANT>.gguf per quant, mmproj-<type>.gguf and
-    manifest.json to `out_dir`. Returns the manifest."""
+    manifest.json to `out_dir`; with `check`, load each text model and run a few tokens
+    (with the repack decision judge will use on this CPU). Returns the manifest."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if mmproj_type not in MMPROJ_TYPES:
         raise InputError(f"unknown mmproj type {mmproj_type!r}; choose from {', '.join(MMPROJ_TYPES)}")
     config = check_checkpoint(hf_dir)
     warning = _k_quant_warning(config, quants)
     if warning and not quiet:
-        print(f"warning: {warning}", file=sys.stderr)
+        log.warning("%s", warning)
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = _Steps(2 + len(quants) + 1, quiet)
+    steps = _Steps(2 + len(quants) + 1 + (1 if check else 0), quiet)
     entries: list[dict[str, Any]] = []
 
     f16 = out_dir / text_file_name("F16")
@@ -202,6 +218,17 @@ def convert_gguf(
         quantize_gguf(f16, dst, quant, verbose=verbose)
         steps.done(dst)
         entries.append(manifest_entry(dst, "text", quant))
+
+    if check:
+        from verm_local.backends.llamacpp import repack_choice
+        from verm_local.backends.native import check_runs
+
+        use, _ = repack_choice(repack)
+        steps.start(f"check that each model runs here ({'repacked' if use else 'plain'} weights)")
+        for e in entries:
+            if e["kind"] == "text":
+                check_runs(out_dir / e["file"], use)
+        steps.done(out_dir / entries[-1]["file"])
 
     steps.start("manifest with sha256")
     manifest = {

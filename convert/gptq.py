@@ -5,10 +5,11 @@ layout, `quant_method: gptq`), which transformers loads and vLLM serves, plus a 
 
 from __future__ import annotations
 
+import logging
+
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from verm_local.fileio import atomic_directory, manifest_entry, write_json_atomi
 from .calibration import directory_conversations, synthetic_conversations
 from .gguf import check_checkpoint
 
+log = logging.getLogger(__name__)
+
 BITS = (4, 8)
 # Processor files GPTQModel may not carry over; the judge needs them beside the weights.
 _SIDE_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
@@ -29,7 +32,7 @@ _SIDE_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
 
 def _log(msg: str, quiet: bool) -> None:
     if not quiet:
-        print(msg, file=sys.stderr, flush=True)
+        log.info("%s", msg)
 
 
 def convert_gptq(

@@ -5,6 +5,8 @@ converter and the runtime sit on one llama.cpp commit. Fetched with pip once, ca
 
 from __future__ import annotations
 
+import logging
+
 import os
 import shutil
 import subprocess
@@ -18,6 +20,8 @@ from filelock import FileLock
 from verm_local.constants import LLAMA_CPP_PYTHON_VERSION
 from verm_local.errors import VermError
 from verm_local.paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 _WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-qwen2.gguf")
 
@@ -45,7 +49,7 @@ def sdist_path(version: str) -> Path:
     if (target / name).is_file():
         return target / name
     target.mkdir(parents=True, exist_ok=True)
-    print(f"fetching llama-cpp-python {version} sources with pip (once) ...", file=sys.stderr)
+    log.info("fetching llama-cpp-python %s sources with pip (once) ...", version)
     cmd = [
         # Only this package from source; its build tools may come as wheels (fast).
         sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",

@@ -7,9 +7,10 @@ image's patches, so no per-image split is traced into the graph."""
 
 from __future__ import annotations
 
+import logging
+
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from verm_local.fileio import atomic_directory, manifest_entry, write_json_atomi
 from verm_local.vision_onnx import INPUTS
 
 from .gguf import check_checkpoint
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -148,7 +151,7 @@ def convert_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32
         import onnxruntime  # noqa: F401
     except ImportError:
         raise ModelError("ONNX export needs onnx and onnxruntime: pip install 'verm-local[onnx]'") from None
-    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    say = (lambda m: None) if quiet else (lambda m: log.info("%s", m))
     spec = vision_spec(hf_dir, config)
     t0 = time.perf_counter()
     with atomic_directory(out_dir) as tmp:

@@ -7,9 +7,10 @@ quantization, multimodal inference) runs for real; only the weights are random."
 
 from __future__ import annotations
 
+import logging
+
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from verm_local.errors import VermError
 from verm_local.fileio import atomic_directory
 
 from .llama_sources import qwen2_vocab, tokenizer_vectors
+
+log = logging.getLogger(__name__)
 
 # Widths are multiples of 256 so K-quants (256-wide super-blocks) are really exercised;
 # text depth (4) >= number of deepstack layers (3), which llama.cpp asserts.
@@ -190,15 +193,15 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, shape: str = "tiny") ->
     `shape` tiny (the test model) or the real 8B shapes for speed work."""
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        print("[1/4] tokenizer from llama.cpp's qwen2 vocabulary", file=sys.stderr)
+        log.info("[1/4] tokenizer from llama.cpp's qwen2 vocabulary")
         build_tokenizer(tmp)
         n = check_tokenizer(tmp)
-        print(f"      {n} reference tokenizations reproduced", file=sys.stderr)
+        log.info("      %d reference tokenizations reproduced", n)
 
-        print(f"[2/4] random weights (seed {seed})", file=sys.stderr)
+        log.info("[2/4] random weights (seed %s)", seed)
         model = make_model(seed, shape)
 
-        print("[3/4] config and safetensors", file=sys.stderr)
+        log.info("[3/4] config and safetensors")
         # 2 GB shards: safetensors serializes a shard in memory, so one 17 GB file of the
         # 8B shape would need the weights twice over.
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
@@ -206,7 +209,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, shape: str = "tiny") ->
                "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
-        print("[4/4] image processor and chat template", file=sys.stderr)
+        log.info("[4/4] image processor and chat template")
         (tmp / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR, indent=2))
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         (tmp / "tiny-model.json").write_text(

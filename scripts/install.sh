@@ -7,7 +7,12 @@
 #
 # Environment: VENV (target venv), PYTHON (interpreter for a new venv),
 # VERM_LOCAL_CACHE (cache dir, default ~/.cache/verm-local), CMAKE_ARGS (e.g.
-# "-DGGML_CUDA=on" or "-DGGML_METAL=on"; each distinct value gets its own cached wheel).
+# "-DGGML_CUDA=on" or "-DGGML_METAL=on").
+#
+# The wheel is built for this machine's CPU (llama.cpp's default GGML_NATIVE), so the cache
+# is keyed by the version, CMAKE_ARGS, the CPU architecture and its instruction-set
+# extensions (scripts/wheel_key.py): a cache shared between machines (a CI cache, a network
+# home) never hands an AVX-512 build to a CPU without AVX-512 (SIGILL).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +22,7 @@ PYTHON=${PYTHON:-python3}
 CACHE=${VERM_LOCAL_CACHE:-$HOME/.cache/verm-local}
 SDIST_DIR=$CACHE/sdist
 SDIST=$SDIST_DIR/llama_cpp_python-$LLAMA_VERSION.tar.gz
-FLAVOUR=$(printf '%s' "${CMAKE_ARGS:-cpu}" | sha256sum | cut -c1-12)
+FLAVOUR=$("$PYTHON" scripts/wheel_key.py --version "$LLAMA_VERSION" --cmake-args="${CMAKE_ARGS:-}")
 WHEEL_DIR=$CACHE/wheels/$FLAVOUR
 
 step() { printf '\n== %s\n' "$*" >&2; }

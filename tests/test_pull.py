@@ -36,8 +36,11 @@ def env(hub, tmp_path):
     hub.log.clear()
     hub.drop_once.clear()
     hub.corrupt.clear()
+    # The training prompts come from GitHub, which these machines cannot reach: a closed
+    # port makes pull's (non-fatal) prompt fetch fail at once.
     return {"HF_ENDPOINT": hub.url, "VERM_LOCAL_HOME": str(tmp_path / "home"),
-            "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+            "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
+            "VERM_LOCAL_PROMPTS_URL": "http://127.0.0.1:9"}
 
 
 def one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:

@@ -5,7 +5,9 @@ import pytest
 
 from verm_local.constants import CATEGORIES, TASKS
 from verm_local.errors import AnswerError
-from verm_local.schema import Judgement, answer_schema, extract_json, normalise_errors
+from verm_local.answer import answer_schema
+from verm_local.schema import Judgement, extract_json, normalise_errors
+from verm_local.tasks import profile
 
 ANSWER = {"data_error_count": 1, "errors": [
     {"category": "data_error", "severity": 2, "location": "bar 2", "description": "5 -> 4"}]}
@@ -89,12 +91,14 @@ def test_judgement_counts_severity_and_score():
 @pytest.mark.parametrize("task", TASKS)
 def test_answer_schema_accepts_valid_and_rejects_foreign_category(task):
     schema = answer_schema(task)
+    p = profile(task)
     cat = CATEGORIES[task][0]
     good = {f"{c}_count": 0 for c in CATEGORIES[task]}
     good[f"{cat}_count"] = 1
-    good["errors"] = [{"category": cat, "severity": 3, "location": "x", "description": "y"}]
+    item = {"category": cat, "severity": 3, "location": "x", "description": "y"}
+    good["errors"] = [{k: item[k] if k != p.category_key else cat for k in p.error_keys}]
     jsonschema.validate(good, schema)
-    bad = dict(good, errors=[dict(good["errors"][0], category="not_a_category")])
+    bad = dict(good, errors=[dict(good["errors"][0], **{p.category_key: "not_a_category"})])
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
     worse = dict(good, errors=[dict(good["errors"][0], severity=4)])

@@ -154,7 +154,8 @@ def test_doctor_prints_plan_and_reads_recorded_machines(tmp_path):
     assert "plan" in proc.stdout and "why" in proc.stdout
     proc = run_cli("doctor", "--json")
     out = json.loads(proc.stdout)
-    assert set(out) == {"hardware", "plan", "store"} and out["plan"]["reasons"]
+    assert set(out) == {"hardware", "plan", "store", "decisions", "settings"}
+    assert out["plan"]["reasons"]
     recorded = tmp_path / "m2.json"
     recorded.write_text(json.dumps(M2_16GB.to_dict()))
     out = json.loads(run_cli("doctor", "--json", "--hardware", recorded).stdout)

@@ -35,13 +35,14 @@ def _url(path: Path) -> str:
 
 
 class Served:
-    def __init__(self, model: Path, *args: str):
+    def __init__(self, model: Path, *args: str, env: dict | None = None):
         self.port = _port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [str(CLI), "serve", "-m", str(model / "model-Q8_0.gguf"), "--port", str(self.port),
              "--vision", "gguf", "--max-tokens", "400", "--image-tokens", "64", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})})
         deadline = time.time() + 120
         while time.time() < deadline:
             assert self.proc.poll() is None, self.proc.stderr.read()
@@ -110,7 +111,8 @@ def _rl_message(gt: Path, pred: Path) -> list[dict]:
 def test_openai_client_gets_schema_valid_json(server, images):
     from openai import OpenAI
 
-    from verm_local.schema import Judgement, answer_schema
+    from verm_local.answer import answer_schema
+    from verm_local.schema import Judgement
 
     gt, preds = images
     client = OpenAI(base_url=server.base + "/v1", api_key="k")
@@ -248,13 +250,14 @@ def test_queue_full_worker_crash_and_graceful_shutdown(tiny_gguf, images):
 def test_batch_engine_matches_the_single_path(tiny_gguf, images):
     """One request through the batch engine gives the single path's exact answer, and again
     from the cached prefix; four predictions against one ground truth evaluate it once."""
+    from verm_local.answer import answer_schema
     from verm_local.backends.base import Sampling
     from verm_local.judge import Judge
     from verm_local.prompts import load_prompt
-    from verm_local.schema import Judgement, answer_schema, extract_json
+    from verm_local.schema import Judgement, extract_json
 
     gt, preds = images
-    schema = answer_schema("chart", 2)
+    schema = answer_schema("chart", 400, 2)
     with Judge(str(tiny_gguf / "model-Q8_0.gguf"), vision="gguf", image_token_budget=64,
                max_tokens=400, parallel=4, prefix_cache=2) as j:
         images_ = [j.prepare(gt), j.prepare(preds[0])]
@@ -283,11 +286,11 @@ def test_sampler_shortlist_samples_what_the_whole_vocabulary_does(tiny_gguf, ima
     """RL sampling (top-k 20, top-p, presence penalty, seeded), and greedy with penalties,
     under the answer grammar: the chain run on the shortlist draws the same tokens as the
     chain run on all 151,936, in a batch and on the single path alike."""
+    from verm_local.answer import answer_schema
     from verm_local.backends.base import Sampling
-    from verm_local.backends.llamacpp import TokenSampler
-    from verm_local.judge import Judge, judge_request
+    from verm_local.backends.sampling import TokenSampler
+    from verm_local.judge import Judge, build_request
     from verm_local.prompts import load_prompt
-    from verm_local.schema import answer_schema
 
     gt, preds = images
     sampling = Sampling(max_tokens=300, temperature=temperature, top_p=0.8, top_k=20,
@@ -298,10 +301,11 @@ def test_sampler_shortlist_samples_what_the_whole_vocabulary_does(tiny_gguf, ima
         texts = {}
         for short in (True, False):
             monkeypatch.setattr(TokenSampler, "shortlist", short)
-            out = j.generate_all([judge_request(imgs, "chart", sampling, False, 2)])
+            out = j.generate_all([build_request(*imgs, "chart", sampling=sampling,
+                                                max_errors=2).request])
             texts[short] = out[0].text
             single = j.backend.generate(imgs, load_prompt("chart", None), sampling,
-                                        answer_schema("chart", 2))
+                                        answer_schema("chart", 300, 2))
             assert single.text == out[0].text
         assert texts[True] == texts[False]
         assert out[0].completion_tokens > 20
@@ -325,7 +329,7 @@ def test_judge_pairs_batch_mode(tiny_gguf, images, tmp_path):
     assert "judged 4/4 pairs" in proc.stderr
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["id"] for g in got] == ["a", "b", "c", "d"]
-    assert all(0 <= g["score"] <= 1 for g in got)
+    assert all(0 <= g["rm_reward"] <= 1 and g["reward"] == 1 + g["rm_reward"] for g in got)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"gt": "missing.png", "pred": "x.png"}\n')
     proc = run_cli("judge", "--pairs", bad, "-m", tiny_gguf / "model-Q8_0.gguf")
@@ -341,19 +345,21 @@ def test_reward_client_retries_and_scores(server, images, tmp_path):
     dead = f"http://127.0.0.1:{_port()}"
     rc = RewardClient([dead, server.base], api_key="k", retries=1, timeout=300, max_errors=2)
     j = rc.judge(gt, preds[0])
-    assert 0 <= j.score <= 1
+    assert 0 <= j.score <= 1 and j.reward == pytest.approx(1 + j.rm_reward)
     code = ("import matplotlib.pyplot as plt\n"
             "plt.bar(['a', 'b', 'c', 'd'], [3, 5, 2, 6])\nplt.title('Sales 2024')\n")
-    score = rc.compute_score("chart", f"```python\n{code}```", str(gt))
-    assert 0 <= score <= 1
-    assert rc.compute_score("chart", "raise SystemExit(3)", str(gt)) == MIN_REWARD
-    assert rc.compute_score("chart", "while True: pass", str(gt),
+    # The authors' recipe: a rendered chart or SVG earns 1 plus the judge's clipped term.
+    score = rc.compute_score("chart2code", f"```python\n{code}```", str(gt))
+    assert 1 <= score <= 2
+    assert rc.compute_score("chart", "```python\nraise SystemExit(3)\n```", str(gt)) == MIN_REWARD
+    assert rc.compute_score("chart", "no code here", str(gt)) == MIN_REWARD
+    assert rc.compute_score("chart", "```python\nwhile True: pass\n```", str(gt),
                             {"render_timeout": 2}) == MIN_REWARD
     assert rc.compute_score("svg", '<svg xmlns="http://www.w3.org/2000/svg" width="64" '
                                    'height="64"></svg>', str(gt)) == MIN_REWARD
     svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
            '<rect x="8" y="8" width="30" height="40" fill="red"/></svg>')
-    assert 0 <= rc.compute_score("svg", svg, str(gt)) <= 1
+    assert 1 <= rc.compute_score("icon2svg", svg, str(gt)) <= 2
 
 
 def test_vllm_command_line(tiny_hf, tiny_gguf):

@@ -101,7 +101,7 @@ def test_onnx_fp32_matches_the_f32_mmproj(tiny_gguf_f32_mmproj, tiny_onnx, pair)
         print(f"ONNX fp32 vs f32 mmproj: relative error {rel:.2e}")
         assert e_mm.shape == e_ox.shape and rel < 1e-3
         prompt = default_prompt("chart")
-        answer = mm.llama.tokenize(FORCED_ANSWER.encode(), add_bos=False)
+        answer = mm.model.tokenize(FORCED_ANSWER)
         kl = kl_per_token(mm.answer_logprobs(images, prompt, answer),
                           ox.answer_logprobs(images, prompt, answer))
         print(f"judge logits, ONNX fp32 path vs mmproj path: mean KL {kl.mean():.2e}")

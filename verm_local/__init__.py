@@ -1,4 +1,9 @@
-"""verm-local: quantized, verified local inference for the Visual-ERM reward model."""
+"""verm-local: quantized, verified local inference for the Visual-ERM reward model.
+
+    import verm_local
+    j = verm_local.judge("gt.png", "pred.png", task="chart", model="models/tiny-gguf")
+    with verm_local.Judge(model="models/tiny-gguf") as judge: ...
+"""
 
 # `judge` the function shadows the `verm_local.judge` module on purpose: the public API is
 # `verm_local.judge(gt, pred, task=..., model=...)`. Import the module's contents with
@@ -6,6 +11,6 @@
 from .judge import Judge, judge
 from .schema import Judgement
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["Judge", "Judgement", "judge", "__version__"]

@@ -14,7 +14,25 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neon")
+# The CPU features llama.cpp's kernels are built for (and a wheel built with GGML_NATIVE
+# depends on), as /proc/cpuinfo names them; "neon" stands for ARM's asimd.
+CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f",
+             "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+             "amx_bf16", "neon", "sve")
+# Intel Advanced Matrix Extensions (Sapphire Rapids and later): llama.cpp's AMX kernel.
+AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
+# Instruction-set extensions a compiler may use when it builds for the machine it runs on
+# (llama.cpp's default GGML_NATIVE): a wheel built where one of these is present can die
+# with SIGILL where it is not. The wheel cache is keyed by them (`wheel_key`); flags that
+# only describe the kernel or the hypervisor (constant_tsc, hypervisor, ...) are not.
+ISA_FLAGS = ("sse", "sse2", "sse3", "pni", "ssse3", "sse4_1", "sse4_2", "popcnt", "aes",
+             "pclmulqdq", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "lzcnt", "abm", "movbe",
+             "adx", "sha_ni", "vaes", "vpclmulqdq", "gfni", "avx_vnni", "avx_vnni_int8",
+             "avx_ifma", "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl",
+             "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_vnni", "avx512_bitalg",
+             "avx512_vpopcntdq", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
+             "amx_bf16", "amx_fp16", "asimd", "fp", "fphp", "asimdhp", "asimddp", "dotprod",
+             "i8mm", "bf16", "sve", "sve2", "sme")
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,11 @@ class Hardware:
         return cls(**data)
 
     @property
+    def amx(self) -> bool:
+        """The CPU has AMX (llama.cpp then puts Q8_0/Q4_K weights in its AMX buffers)."""
+        return has_amx(self.cpu_flags)
+
+    @property
     def threads(self) -> int:
         """llama.cpp is fastest with one thread per physical core."""
         return max(1, self.cores_physical or self.cores_logical)
@@ -99,6 +122,33 @@ def parse_cpuinfo(text: str) -> tuple[str, tuple[str, ...], int | None]:
     if "asimd" in flags:
         flags.add("neon")
     return model, tuple(f for f in CPU_FLAGS if f in flags), (len(cores) or None)
+
+
+def has_amx(flags: tuple[str, ...] | list[str]) -> bool:
+    return any(f in flags for f in AMX_FLAGS)
+
+
+def isa_flags(cpuinfo: str) -> tuple[str, ...]:
+    """The instruction-set extensions /proc/cpuinfo lists (x86 `flags`, ARM `Features`),
+    sorted; kernel and hypervisor flags left out."""
+    found: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            found |= set(value.split())
+    return tuple(sorted(f for f in found if f in ISA_FLAGS))
+
+
+def wheel_key(version: str, cmake_args: str, arch: str, flags: tuple[str, ...] | list[str]
+              ) -> str:
+    """The cache key of a llama-cpp-python wheel built here: its version, its build flags,
+    the CPU architecture and instruction-set extensions (a natively built wheel runs only
+    where they all are). 16 hex digits."""
+    import hashlib
+
+    text = "\n".join([version, " ".join((cmake_args or "cpu").split()), arch,
+                      " ".join(sorted(set(flags)))])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def metal_working_set(ram_total: int) -> int:

@@ -1,6 +1,11 @@
-"""Load and normalise the two images a judge sees. Every problem a user can cause ends as
-an InputError naming the file; the pixels handed on are RGB, upright, on white, within
-the visual-token budget."""
+"""Load and prepare the two images a judge sees. Every problem a user can cause ends as
+an InputError naming the file.
+
+`prepare_image` follows a task profile's `ImagePrep` (the authors' pipeline: crop to
+content for a rendered table, thumbnail to the task's longest side, JPEG or PNG) and then
+the vision processor's own resize (sides multiples of 32 px, 64 visual tokens at least),
+so llama.cpp and transformers both receive pixels they leave as they are. `load_image` is
+the processor's resize alone (images a client already prepared, the chat path)."""
 
 from __future__ import annotations
 
@@ -14,20 +19,31 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .constants import DEFAULT_IMAGE_TOKEN_BUDGET, MAX_IMAGE_PIXELS, PIXELS_PER_TOKEN_SIDE
 from .errors import InputError
+from .tasks import ImagePrep
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
-# Qwen3-VL's image processor: at least 65,536 pixels (64 tokens), aspect at most 200:1.
+# Qwen3-VL's image processor: at least 65,536 pixels (64 tokens), at most 16,777,216
+# (16,384 tokens), aspect at most 200:1.
 MIN_IMAGE_TOKENS = 64
+MAX_IMAGE_TOKENS = 16384
 MAX_ASPECT = 200
 
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """RGB pixels ready for the vision encoder, plus where they came from."""
+    """RGB pixels ready for the vision encoder, where they came from, and the file a
+    client would send for them (`encoded`: the prepared image as JPEG or PNG)."""
 
     image: Image.Image
     source: str
     original_size: tuple[int, int]
+    encoding: str = "png"  # how the prepared image was (or would be) sent: jpeg | png
+    sent_size: tuple[int, int] | None = None  # after crop and thumbnail, before the resize
+    encoded: bytes | None = None
+
+    @property
+    def media_type(self) -> str:
+        return f"image/{self.encoding}"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -73,10 +89,62 @@ def fit_to_budget(width: int, height: int, budget: int,
 def load_image(
     path: str | Path | bytes,
     *,
-    token_budget: int = DEFAULT_IMAGE_TOKEN_BUDGET,
+    token_budget: int | None = DEFAULT_IMAGE_TOKEN_BUDGET,
     name: str | None = None,
 ) -> PreparedImage:
-    """Open an image file (or bytes) and normalise it; raise InputError on any problem."""
+    """Open an image file (or bytes) and resize it as the vision processor would, to at
+    most `token_budget` visual tokens; raise InputError on any problem."""
+    label, data = _read(path, name)
+    rgb, original = _decode(data, label)
+    return PreparedImage(image=_fit(rgb, token_budget), source=label, original_size=original,
+                         sent_size=rgb.size)
+
+
+def prepare_image(
+    path: str | Path | bytes,
+    prep: ImagePrep,
+    *,
+    token_budget: int | None = None,
+    name: str | None = None,
+) -> PreparedImage:
+    """An image as the authors' pipeline sends it for a task (`prep`: crop, thumbnail,
+    JPEG or PNG), then resized as the vision processor would (`token_budget` caps the
+    visual tokens further, a memory lever that costs fidelity)."""
+    label, data = _read(path, name)
+    rgb, original = _decode(data, label)
+    if prep.crop:
+        rgb = crop_to_content(rgb, prep.crop_padding)
+    rgb.thumbnail((prep.max_side, prep.max_side))
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG" if prep.encoding == "jpeg" else "PNG")
+    encoded = buf.getvalue()
+    if prep.encoding == "jpeg":  # the model saw the JPEG's pixels, artefacts included
+        with Image.open(io.BytesIO(encoded)) as im:
+            rgb = im.convert("RGB")
+    return PreparedImage(image=_fit(rgb, token_budget), source=label, original_size=original,
+                         encoding=prep.encoding, sent_size=rgb.size, encoded=encoded)
+
+
+def crop_to_content(img: Image.Image, padding: int = 12) -> Image.Image:
+    """Crop to what differs from the background (the top-left pixel's colour), keeping
+    `padding` pixels around it; an image of one colour is kept whole."""
+    from PIL import ImageChops
+
+    background = Image.new("RGB", img.size, img.getpixel((0, 0)))
+    box = ImageChops.difference(img, background).getbbox()
+    if not box:
+        return img
+    left, top, right, bottom = box
+    return img.crop((max(0, left - padding), max(0, top - padding),
+                     min(img.width, right + padding), min(img.height, bottom + padding)))
+
+
+def _fit(rgb: Image.Image, token_budget: int | None) -> Image.Image:
+    size = fit_to_budget(*rgb.size, min(token_budget or MAX_IMAGE_TOKENS, MAX_IMAGE_TOKENS))
+    return rgb.resize(size, Image.Resampling.BICUBIC) if size != rgb.size else rgb
+
+
+def _read(path: str | Path | bytes, name: str | None) -> tuple[str, bytes]:
     label = name or (str(path) if not isinstance(path, bytes) else "<image bytes>")
     if isinstance(path, bytes):
         data = path
@@ -92,10 +160,11 @@ def load_image(
             raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
     if not data:
         raise InputError(f"{label}: empty file")
-    return _decode(data, label, token_budget)
+    return label, data
 
 
-def _decode(data: bytes, label: str, token_budget: int) -> PreparedImage:
+def _decode(data: bytes, label: str) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode safely: RGB, upright, alpha on white; the original size."""
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
@@ -125,10 +194,7 @@ def _decode(data: bytes, label: str, token_budget: int) -> PreparedImage:
     if max(w, h) / min(w, h) > MAX_ASPECT:
         raise InputError(f"{label}: aspect ratio {max(w, h) / min(w, h):.0f}:1 is beyond "
                          f"{MAX_ASPECT}:1, which the vision encoder cannot take")
-    size = fit_to_budget(w, h, token_budget)
-    if size != rgb.size:
-        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-    return PreparedImage(image=rgb, source=label, original_size=original)
+    return rgb, original
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -1,36 +1,139 @@
-"""Judge a (ground truth, prediction) pair: the Python API behind `verm-local judge`."""
+"""Judge a (ground truth, prediction) pair: the Python API behind `verm-local judge`.
+
+Thin: build the task's request (its profile: message layout, image preparation, answer
+grammar, decoding), run it on a backend, read the answer into a `Judgement`."""
 
 from __future__ import annotations
 
 import hashlib
-import os
+import json
+import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .backends.base import Backend, Sampling
-from .constants import DEFAULT_IMAGE_TOKEN_BUDGET, DEFAULT_MAX_TOKENS, TASKS
+from .answer import AnswerBounds, answer_grammar, answer_schema, bounds
+from .backends.base import Backend, Generation, Request
+from .decoding import Sampling
 from .errors import AnswerError, InputError, ModelError, VermError
-from .images import PreparedImage, load_image
-from .modelref import resolve_model
-from .prompts import load_prompt
-from .runtime import torch_device
-from .schema import MAX_ERRORS, Judgement, Timings, answer_schema, extract_json
+from .images import PreparedImage, load_image, prepare_image
+from .modelref import ResolvedModel, resolve_model
+from .prompts import Prompt, resolve_prompt
+from .schema import Judgement, Timings, extract_json
+from .select import task_context
+from .tasks import ImagePrep, TaskProfile, decoding, profile
 
-# Text around the images: chat preamble, prompt, and slack for a longer prompt file.
-_TEXT_TOKENS = 1024
+log = logging.getLogger(__name__)
+
+ImageLike = str | Path | bytes | PreparedImage
 
 
-def context_size(image_token_budget: int, max_tokens: int) -> int:
-    """Context that fits two images at the budget, the prompt and the answer (256-aligned)."""
-    need = 2 * image_token_budget + _TEXT_TOKENS + max_tokens
-    return (need + 255) // 256 * 256
+@dataclass
+class JudgeRequest:
+    """A judgement's request as sent, and what it was made from."""
+
+    task: str
+    request: Request
+    prompt: Prompt
+    bounds: AnswerBounds | None  # None: free answer (no grammar)
+    free: bool
+
+    def describe(self) -> dict[str, Any]:
+        """The messages as sent (image parts with their final sizes and encoding), the
+        answer schema, the decoding and where the prompt came from: `judge --dry-run`."""
+        images = iter(self.request.images)
+        messages = []
+        for m in self.request.messages:
+            content = m["content"]
+            if isinstance(content, list):
+                content = [_describe_image(next(images)) if p.get("type") == "image" else p
+                           for p in content]
+            messages.append({"role": m["role"], "content": content})
+        p = profile(self.task)
+        return {
+            "task": self.task,
+            "messages": messages,
+            "prompt_source": self.prompt.source,
+            "schema": None if self.free else answer_schema(
+                self.task, self.request.sampling.max_tokens,
+                self.bounds.max_errors if self.bounds else None),
+            "bounds": self.bounds.to_dict() if self.bounds else None,
+            "decoding": self.request.sampling.to_dict(),
+            "reward": {"recipe": p.reward.kind},
+        }
+
+
+def _describe_image(img: PreparedImage) -> dict[str, Any]:
+    return {"type": "image", "source": img.source, "encoding": img.encoding,
+            "media_type": img.media_type, "original_size": list(img.original_size),
+            "sent_size": list(img.sent_size or img.size), "size": list(img.size),
+            "visual_tokens": img.visual_tokens,
+            "bytes": len(img.encoded) if img.encoded is not None else None}
+
+
+def prepare(image: ImageLike, prep: ImagePrep, token_budget: int | None = None
+            ) -> PreparedImage:
+    if isinstance(image, PreparedImage):
+        return image
+    return prepare_image(image, prep, token_budget=token_budget)
+
+
+def build_request(gt: ImageLike, pred: ImageLike, task: str = "chart", *,
+                  sampling: Sampling | None = None, free: bool = False,
+                  prompt_file: str | Path | None = None, max_errors: int | None = None,
+                  image_token_budget: int | None = None, warn: bool = True) -> JudgeRequest:
+    """The exact request of a judgement, per the task's profile (no model needed):
+    [system], then one user turn of [ground truth, prediction, text]; the answer grammar
+    bounded to the decoding's token cap."""
+    p = profile(task)
+    sampling = sampling or p.judging
+    if max_errors is not None and max_errors < 0:
+        raise InputError("--max-errors must be 0 or more")
+    images = [prepare(gt, p.gt, image_token_budget), prepare(pred, p.pred, image_token_budget)]
+    prompt = resolve_prompt(task, prompt_file, warn=warn)
+    messages: list[dict[str, Any]] = []
+    if p.system is not None:
+        messages.append({"role": "system", "content": p.system})
+    messages.append({"role": "user", "content": [
+        {"type": "image"}, {"type": "image"},
+        {"type": "text", "text": p.text_prefix + prompt.text}]})
+    answer_bounds = None if free else bounds(p, sampling.max_tokens, max_errors)
+    grammar = None if free else answer_grammar(task, sampling.max_tokens, max_errors)
+    return JudgeRequest(task, Request(images, messages, sampling, grammar), prompt,
+                        answer_bounds, free)
+
+
+def judgement_of(task: str, gen: Generation, *, prompt_source: str = "",
+                 reward_scale: float | None = None, model: Any = None, load_s: float = 0.0,
+                 unreadable: str = "raise") -> Judgement:
+    """Read a generation into a Judgement. An answer cut at the token cap is reported
+    incomplete (failure values, never scored as whole); an unreadable one raises
+    AnswerError, or with `unreadable="score"` is reported the same way."""
+    timings = Timings(load_s=round(load_s, 4), vision_s=round(gen.vision_s, 4),
+                      prefill_s=round(gen.prefill_s, 4), decode_s=round(gen.decode_s, 4),
+                      prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
+    fields = {"prompt_source": prompt_source, "timings": timings}
+    if model is not None:
+        fields["model"] = model
+    if gen.finish_reason == "length":
+        return Judgement.failed(task, f"the answer was cut at {gen.completion_tokens} tokens "
+                                      "before it was complete", reward_scale=reward_scale,
+                                **fields)
+    try:
+        return Judgement.from_answer(task, extract_json(gen.text), reward_scale=reward_scale,
+                                     **fields)
+    except AnswerError as exc:
+        if unreadable != "score":
+            raise
+        return Judgement.failed(task, str(exc), reward_scale=reward_scale, **fields)
 
 
 class Judge:
     """A loaded judge model for repeated calls without reloading.
 
     >>> j = Judge(model="models/tiny-gguf")
-    >>> j.judge("gt.png", "pred.png", task="chart").score
+    >>> j.judge("gt.png", "pred.png", task="chart").reward
     """
 
     def __init__(
@@ -48,29 +151,35 @@ class Judge:
         vision: str = "auto",
         vision_model: str | Path | None = None,
         vision_precision: str | None = None,
-        image_token_budget: int = DEFAULT_IMAGE_TOKEN_BUDGET,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
+        image_token_budget: int | None = None,
+        max_tokens: int | None = None,
         reward_scale: float | None = None,
         verbose: bool = False,
         backend: Backend | None = None,
         parallel: int = 1,
         prefix_cache: int = 0,
+        repack: bool | None = None,
+        n_ctx: int | None = None,
     ):
         self.image_token_budget = image_token_budget
         self.max_tokens = max_tokens
         self.reward_scale = reward_scale
-        self.resolved = None  # the files behind the model, when this Judge loaded them
+        self.resolved: ResolvedModel | None = None  # the files behind the model
+        self.plan = None
+        self.last_generation: Generation | None = None
         if backend is not None:
             self.backend = backend
             return
-        model = model or os.environ.get("VERM_LOCAL_MODEL")
-        self.plan = None
+        from .runtime import torch_device
+        from .settings import settings
+
+        n_ctx = n_ctx or task_context(None, image_token_budget, max_tokens)
+        model = model or settings().model
         if not model:
             # No model named: the variant planned for this machine, from the store.
             from .runtime import planned_model
 
-            self.plan, model = planned_model(device, variant,
-                                             context_size(image_token_budget, max_tokens))
+            self.plan, model = planned_model(device, variant, n_ctx)
             threads = threads or self.plan.threads
             if n_gpu_layers is None:
                 n_gpu_layers = self.plan.gpu_layers
@@ -93,116 +202,127 @@ class Judge:
             return
         from .backends.llamacpp import LlamaCppBackend
 
-        import time
-
         t0 = time.perf_counter()
         encoder = _vision_encoder(resolved.path.parent, vision, vision_model, vision_precision,
                                   threads, n_gpu_layers != 0)
         encoder_load_s = time.perf_counter() - t0
+        max_image = max(p.max_image_tokens for p in _profiles())
         self.backend = LlamaCppBackend(
-            resolved,
-            n_ctx=context_size(image_token_budget, max_tokens),
-            threads=threads,
-            n_gpu_layers=n_gpu_layers,
-            image_max_tokens=image_token_budget,
-            vision=encoder,
-            verbose=verbose,
-            parallel=parallel,
-            prefix_slots=prefix_cache,
-        )
+            resolved, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
+            image_max_tokens=min(image_token_budget or max_image, max_image), vision=encoder,
+            verbose=verbose, parallel=parallel, prefix_slots=prefix_cache, repack=repack)
         self.backend.load_s += encoder_load_s  # the ONNX session is part of loading
 
-    def prepare(self, image: str | Path | bytes | PreparedImage) -> PreparedImage:
-        if isinstance(image, PreparedImage):
-            return image
-        return load_image(image, token_budget=self.image_token_budget)
+    # -- requests ---------------------------------------------------------------------
+
+    def sampling(self, task: str, mode: str = "default", seed: int | None = None) -> Sampling:
+        """The task's decoding (`tasks.decoding`) at this judge's token cap."""
+        return decoding(task, mode, self.max_tokens, seed)
+
+    def prepare(self, image: ImageLike, task: str = "chart", role: str = "gt") -> PreparedImage:
+        """An image prepared as the task prepares its ground truth (or `role="pred"`)."""
+        p = profile(task)
+        return prepare(image, p.gt if role == "gt" else p.pred, self.image_token_budget)
+
+    def request(self, gt: ImageLike, pred: ImageLike, task: str = "chart", *,
+                sampling: Sampling | None = None, free: bool = False,
+                prompt_file: str | Path | None = None, max_errors: int | None = None
+                ) -> JudgeRequest:
+        return build_request(gt, pred, task, sampling=sampling or self.sampling(task),
+                             free=free, prompt_file=prompt_file, max_errors=max_errors,
+                             image_token_budget=self.image_token_budget)
+
+    # -- judging ----------------------------------------------------------------------
 
     def judge(
         self,
-        gt: str | Path | bytes | PreparedImage,
-        pred: str | Path | bytes | PreparedImage,
+        gt: ImageLike,
+        pred: ImageLike,
         task: str = "chart",
         *,
         free: bool = False,
         sampling: Sampling | None = None,
         prompt_file: str | Path | None = None,
         max_errors: int | None = None,
+        tries: int = 2,
+        unreadable: str = "raise",
     ) -> Judgement:
-        """Compare `pred` with the ground truth `gt`; images go to the model in that order.
-        `max_errors` caps the constrained answer's error list (default: the schema's cap)."""
-        if task not in TASKS:
-            raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-        images = [self.prepare(gt), self.prepare(pred)]
-        prompt = load_prompt(task, prompt_file)
-        sampling = sampling or Sampling(max_tokens=self.max_tokens)
-        if max_errors is not None and not 0 <= max_errors <= MAX_ERRORS:
-            raise InputError(f"--max-errors must be within 0..{MAX_ERRORS}")
-        gen = self.backend.generate(images, prompt, sampling, _schema(task, free, max_errors))
-        self.last_generation = gen  # the raw answer, for benchmarks that score its tokens
-        return self._judgement(task, gen, sampling)
+        """Compare `pred` with the ground truth `gt` (images go to the model in that order).
 
-    def _judgement(self, task: str, gen: Any, sampling: Sampling) -> Judgement:
-        if gen.finish_reason == "length":
-            raise AnswerError(f"the answer was cut at {sampling.max_tokens} tokens before it "
-                              "was complete; raise --max-tokens")
-        answer = extract_json(gen.text)
-        timings = Timings(
-            load_s=round(self.backend.load_s, 4),
-            vision_s=round(gen.vision_s, 4),
-            prefill_s=round(gen.prefill_s, 4),
-            decode_s=round(gen.decode_s, 4),
-            prompt_tokens=gen.prompt_tokens,
-            completion_tokens=gen.completion_tokens,
-        )
-        return Judgement.from_answer(task, answer, reward_scale=self.reward_scale,
-                                     model=self.backend.info, timings=timings)
+        An answer cut at the token cap comes back with `complete=False` and the task's
+        failure reward. An unreadable answer is asked again up to `tries` times when
+        sampling (greedy would repeat it), then raises AnswerError, or with
+        `unreadable="score"` comes back like a cut one (the authors' RL: S = 25)."""
+        jr = self.request(gt, pred, task, sampling=sampling, free=free,
+                          prompt_file=prompt_file, max_errors=max_errors)
+        attempts = max(1, tries) if not jr.request.sampling.greedy else 1
+        for attempt in range(attempts):
+            request = jr.request
+            if attempt:
+                request = Request(request.images, request.messages,
+                                  request.sampling.with_(seed=request.sampling.seed + attempt),
+                                  request.grammar)
+            gen = self._generate([request])[0]
+            if isinstance(gen, Exception):
+                raise gen
+            self.last_generation = gen  # the raw answer, for benchmarks scoring its tokens
+            try:
+                return self._judgement(task, gen, jr.prompt.source,
+                                       "raise" if attempt + 1 < attempts else unreadable)
+            except AnswerError:
+                if attempt + 1 == attempts:
+                    raise
+        raise AssertionError("unreachable")
 
     def judge_many(
         self,
         pairs: list[tuple[Any, Any, str]],
         *,
         free: bool = False,
-        sampling: Sampling | None = None,
+        sampling: Sampling | str | Callable[[str], Sampling] | None = None,
         max_errors: int | None = None,
-        progress: Any = None,
+        progress: Callable[[int, int], None] | None = None,
+        unreadable: str = "raise",
     ) -> list[Judgement | VermError]:
         """Judge (gt, pred, task) pairs; results in input order, an error per failed pair.
 
         Pairs that share a ground truth are judged together: on a model loaded with
-        `parallel` > 1 the ground truth is encoded once and the answers decode as one batch;
-        otherwise one after another. `progress(done, total)` is called as pairs finish."""
-        sampling = sampling or Sampling(max_tokens=self.max_tokens)
+        `parallel` > 1 the ground truth is encoded once and the answers decode as one batch.
+        `sampling`: a Sampling for every pair, a mode ("default", "greedy", "rl") each
+        task resolves, or a function of the task. `progress(done, total)` is called as pairs finish."""
         results: list[Judgement | VermError | None] = [None] * len(pairs)
-        requests, index, keys = [], [], []
+        built: list[tuple[int, JudgeRequest]] = []
         for i, (gt, pred, task) in enumerate(pairs):
             try:
-                if task not in TASKS:
-                    raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-                images = [self.prepare(gt), self.prepare(pred)]
+                if isinstance(sampling, Sampling):
+                    s = sampling
+                elif callable(sampling):
+                    s = sampling(task)
+                else:
+                    s = self.sampling(task, sampling or "default")
+                jr = self.request(gt, pred, task, sampling=s, free=free, max_errors=max_errors)
             except VermError as exc:
                 results[i] = exc
                 continue
-            requests.append(judge_request(images, task, sampling, free, max_errors))
-            index.append(i)
-            keys.append(hashlib.sha1(images[0].rgb_bytes()).digest())
+            built.append((i, jr))
         # Group by ground truth (stable, in order of first appearance): a batch shares its prefix.
+        keys = [hashlib.sha1(jr.request.images[0].rgb_bytes()).digest() for _, jr in built]
         first: dict[bytes, int] = {}
         for k, key in enumerate(keys):
             first.setdefault(key, k)
-        order = sorted(range(len(requests)), key=lambda k: (first[keys[k]], k))
-        engine = getattr(self.backend, "batch", None)
-        done = len(pairs) - len(requests)
-        step = engine.parallel if engine is not None else 1
+        order = sorted(range(len(built)), key=lambda k: (first[keys[k]], k))
+        done = len(pairs) - len(built)
+        step = self.backend.parallel
         for start in range(0, len(order), step):
             part = order[start : start + step]
-            gens = self.generate_all([requests[k] for k in part])
+            gens = self._generate([built[k][1].request for k in part])
             for k, gen in zip(part, gens):
-                i = index[k]
+                i, jr = built[k]
                 if isinstance(gen, Exception):
                     results[i] = gen
                     continue
                 try:
-                    results[i] = self._judgement(pairs[i][2], gen, sampling)
+                    results[i] = self._judgement(jr.task, gen, jr.prompt.source, unreadable)
                 except VermError as exc:
                     results[i] = exc
             done += len(part)
@@ -210,23 +330,18 @@ class Judge:
                 progress(done, len(pairs))
         return results  # type: ignore[return-value]
 
-    def generate_all(self, requests: list[Any]) -> list[Any]:
-        """Generations (or VermErrors) for `BatchRequest`s: as batches on a model loaded with
-        `parallel`, else one at a time (the transformers backend takes one user message of
-        images then text)."""
-        engine = getattr(self.backend, "batch", None)
-        if engine is not None:
-            return engine.run(requests)
-        out = []
-        for r in requests:
-            try:
-                text = r.messages[-1]["content"][-1]["text"]
-                out.append(self.backend.generate(r.images, text, r.sampling, r.schema))
-            except VermError as exc:
-                out.append(exc)
-            except (KeyError, IndexError, TypeError):
-                out.append(VermError("this backend takes one user message of images then text"))
-        return out
+    def generate_all(self, requests: list[Request]) -> list[Generation | VermError]:
+        """Generations (or VermErrors) for requests, batched where the backend can."""
+        return self._generate(requests)
+
+    def _generate(self, requests: list[Request]) -> list[Generation | VermError]:
+        return self.backend.generate_all(requests)
+
+    def _judgement(self, task: str, gen: Generation, prompt_source: str,
+                   unreadable: str = "raise") -> Judgement:
+        return judgement_of(task, gen, prompt_source=prompt_source,
+                            reward_scale=self.reward_scale, model=self.backend.info,
+                            load_s=self.backend.load_s, unreadable=unreadable)
 
     def close(self) -> None:
         self.backend.close()
@@ -238,21 +353,10 @@ class Judge:
         self.close()
 
 
-def _schema(task: str, free: bool, max_errors: int | None) -> dict[str, Any] | None:
-    """The answer schema a judgement is constrained to (None: free answer)."""
-    return None if free else answer_schema(task, MAX_ERRORS if max_errors is None
-                                           else max_errors)
+def _profiles() -> list[TaskProfile]:
+    from .tasks import PROFILES
 
-
-def judge_request(images: list[PreparedImage], task: str, sampling: Sampling,
-                  free: bool = False, max_errors: int | None = None) -> Any:
-    """The `BatchRequest` of one judgement: [gt, pred, the task's prompt] in one user turn."""
-    from .backends.batch import BatchRequest
-
-    content = [{"type": "image"}, {"type": "image"},
-               {"type": "text", "text": load_prompt(task, None)}]
-    return BatchRequest(images, [{"role": "user", "content": content}], sampling,
-                        _schema(task, free, max_errors))
+    return list(PROFILES.values())
 
 
 def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, Any]]:
@@ -260,8 +364,6 @@ def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, 
     {id, category, gt_img_path, pred_img_path}. Relative image paths are taken from the
     file's directory. Every image is checked here, so a bad line fails before any model
     loads, naming the line."""
-    import json
-
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -281,9 +383,10 @@ def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, 
         task = row.get("task", row.get("category", default_task))
         if not isinstance(gt, str) or not isinstance(pred, str):
             raise InputError(f"{path}:{n}: needs \"gt\" and \"pred\" image paths")
-        if task not in TASKS:
-            raise InputError(f"{path}:{n}: unknown task {task!r}; choose one of "
-                             f"{', '.join(TASKS)}")
+        try:
+            profile(task)
+        except InputError as exc:
+            raise InputError(f"{path}:{n}: {exc}") from None
         gt_p, pred_p = (p if Path(p).is_absolute() else path.parent / p for p in (gt, pred))
         for p in (gt_p, pred_p):
             try:
@@ -299,8 +402,6 @@ def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, 
 def _vision_encoder(model_dir: Path, mode: str, vision_model: str | Path | None,
                     precision: str | None, threads: int | None, gpu: bool):
     """The external vision encoder the GGUF path should use, or None for the mmproj."""
-    import sys
-
     from .vision_onnx import OnnxVision, choose_vision, find_tower, onnxruntime_available
 
     tower = Path(vision_model) if vision_model else find_tower(model_dir)
@@ -309,21 +410,21 @@ def _vision_encoder(model_dir: Path, mode: str, vision_model: str | Path | None,
     ok = onnxruntime_available()
     path, reason = choose_vision(mode, tower, ok, gpu)
     if mode == "auto" and tower is not None and not ok:
-        print(f"verm-local: note: {reason}", file=sys.stderr)
+        log.warning("%s", reason)
     if path == "gguf":
         return None
     return OnnxVision(tower, precision, threads=threads)
 
 
 def judge(
-    gt: str | Path | bytes,
-    pred: str | Path | bytes,
+    gt: ImageLike,
+    pred: ImageLike,
     task: str = "chart",
     model: str | Path | None = None,
     **kwargs: Any,
 ) -> Judgement:
     """One-shot judgement: load `model`, judge the pair, unload."""
-    judge_keys = {"free", "sampling", "prompt_file", "max_errors"}
+    judge_keys = {"free", "sampling", "prompt_file", "max_errors", "tries", "unreadable"}
     call = {k: kwargs.pop(k) for k in list(kwargs) if k in judge_keys}
     with Judge(model, **kwargs) as j:
         return j.judge(gt, pred, task, **call)

@@ -1,13 +1,34 @@
-"""Task prompts, in this project's own words, and the override from a file so a user can
-plug in the exact training prompt."""
+"""Task prompts: the authors' training prompts (fetched by `verm-local pull` and kept in the
+store), a prompt file of the user's, or the built-in prompts in this project's own words.
+
+verm-local does not carry the authors' prompt text. `fetch_trained` downloads the
+authors' files at pinned commits (content at a commit never changes), reads the prompts
+out of them by parsing the Python with `ast` (never importing or running it) and stores
+them with their sha256 and source. `resolve_prompt` prefers, in order: `--prompt-file`,
+the trained prompts, the built-in ones (with a warning that says how to get the trained
+ones)."""
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .constants import CATEGORIES, TASKS
-from .errors import InputError
+from .errors import FetchError, InputError
+from .tasks import PROFILES, PromptSource, profile
+
+log = logging.getLogger(__name__)
+
+PROMPTS_FILE = "prompts.json"
+FORMAT_VERSION = 1
 
 _SUBJECT = {
     "chart": (
@@ -50,14 +71,25 @@ _RUBRIC = (
     "3 = severe, a structural or key-content error that misleads the reader."
 )
 
+_FIELD_HINTS = {"severity": "<1|2|3>", "location": '"<where in image 2>"',
+                "description": '"<what differs>"'}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    source: str  # "trained" | "file:PATH" | "built-in"
+
 
 def default_prompt(task: str) -> str:
-    """The built-in prompt for a task."""
-    if task not in TASKS:
-        raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    """The built-in prompt for a task, asking for the trained answer format (the task's
+    keys in their trained order)."""
+    p = profile(task)
     role, first, second, cats = _SUBJECT[task]
     cat_lines = "\n".join(f"- {c}: {d}" for c, d in cats.items())
-    counts = ", ".join(f'"{c}_count": <int>' for c in CATEGORIES[task])
+    counts = ", ".join(f'"{k}": <int>' for k in p.count_keys)
+    fields = ", ".join(f'"{k}": ' + ('"<category>"' if k == p.category_key else _FIELD_HINTS[k])
+                       for k in p.error_keys)
     return (
         f"You are {role}. Image 1 is {first} (the ground truth). "
         f"Image 2 is {second}.\n"
@@ -66,17 +98,43 @@ def default_prompt(task: str) -> str:
         f"{cat_lines}\n"
         f"{_RUBRIC}\n"
         "Answer with JSON only, exactly in this form:\n"
-        f'{{{counts}, "errors": [{{"category": "<category>", "severity": <1|2|3>, '
-        '"location": "<where in image 2>", "description": "<what differs>"}]}\n'
+        f'{{{counts}, "errors": [{{{fields}}}]}}\n'
         "If the images match, every count is 0 and errors is []."
     )
 
 
 def load_prompt(task: str, prompt_file: str | Path | None = None) -> str:
-    """The prompt for a task: from `prompt_file` when given (plain text, or a JSON object
-    keyed by task), else the built-in one."""
-    if prompt_file is None:
-        return default_prompt(task)
+    """The prompt text for a task (see `resolve_prompt`)."""
+    return resolve_prompt(task, prompt_file).text
+
+
+def resolve_prompt(task: str, prompt_file: str | Path | None = None,
+                   home: Path | None = None, warn: bool = True) -> Prompt:
+    """`prompt_file` when given (plain text, or a JSON object keyed by task), else the
+    trained prompt from the store, else the built-in one (with a warning)."""
+    profile(task)
+    if prompt_file is not None:
+        return Prompt(read_prompt_file(task, prompt_file), f"file:{prompt_file}")
+    trained = trained_prompts(home)
+    if task in trained:
+        return Prompt(trained[task], "trained")
+    if warn:
+        _warn_built_in()
+    return Prompt(default_prompt(task), "built-in")
+
+
+_warned: set[str] = set()
+
+
+def _warn_built_in() -> None:
+    if "built-in" in _warned:
+        return
+    _warned.add("built-in")
+    log.warning("using the built-in prompts: the training prompts are not in the store; "
+                "`verm-local pull --prompts-only` fetches them")
+
+
+def read_prompt_file(task: str, prompt_file: str | Path) -> str:
     path = Path(prompt_file)
     try:
         text = path.read_text(encoding="utf-8")
@@ -96,3 +154,139 @@ def load_prompt(task: str, prompt_file: str | Path | None = None) -> str:
     if not stripped:
         raise InputError(f"{path}: prompt file is empty")
     return stripped
+
+
+# ---------------------------------------------------------------- trained prompts
+
+
+def prompts_path(home: Path | None = None) -> Path:
+    from .paths import home_dir
+
+    return (home or home_dir()) / "prompts" / PROMPTS_FILE
+
+
+def trained_record(home: Path | None = None) -> dict[str, Any] | None:
+    """The stored record of the trained prompts, or None (absent, unreadable, tampered)."""
+    path = prompts_path(home)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        prompts = record["prompts"]
+        for task, entry in prompts.items():
+            if hashlib.sha256(entry["text"].encode()).hexdigest() != entry["sha256"]:
+                log.warning("%s: the %s prompt fails its sha256 check; ignoring the stored "
+                            "prompts", path, task)
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return record
+
+
+def trained_prompts(home: Path | None = None) -> dict[str, str]:
+    record = trained_record(home)
+    return {t: e["text"] for t, e in (record or {}).get("prompts", {}).items() if t in TASKS}
+
+
+def source_url(base: str, src: PromptSource) -> str:
+    return f"{base.rstrip('/')}/{src.commit}/{src.path}"
+
+
+def fetch_trained(base_url: str | None = None, home: Path | None = None,
+                  timeout: float = 30.0) -> Path:
+    """Download the authors' files at their pinned commits, extract the three training
+    prompts with `ast`, and store them (text, sha256, source) in the store; returns the
+    file written. FetchError when a file cannot be fetched or lacks a prompt."""
+    from .fileio import write_json_atomic
+    from .settings import settings
+
+    base = base_url or settings().prompts_url
+    files: dict[str, tuple[str, str]] = {}  # url -> (text, sha256 of the file)
+    prompts: dict[str, Any] = {}
+    for task, p in PROFILES.items():
+        url = source_url(base, p.prompt)
+        if url not in files:
+            raw = _download(url, timeout)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise FetchError(f"{url}: not UTF-8 text") from None
+            files[url] = (text, hashlib.sha256(raw).hexdigest())
+        source, file_sha = files[url]
+        text = extract_prompt(source, p.prompt, url)
+        check_prompt(task, text, url)
+        prompts[task] = {"text": text, "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                         "source": {"url": url, "path": p.prompt.path,
+                                    "commit": p.prompt.commit, "name": p.prompt.name,
+                                    "file_sha256": file_sha}}
+    path = prompts_path(home)
+    write_json_atomic(path, {"version": FORMAT_VERSION, "fetched_at": time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "prompts": prompts})
+    return path
+
+
+def _download(url: str, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read()
+    except urllib.error.HTTPError as exc:
+        raise FetchError(f"{url}: HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FetchError(f"{url}: cannot fetch ({reason})") from None
+
+
+def extract_prompt(source: str, where: PromptSource, label: str = "") -> str:
+    """The prompt in a Python file's text, read with `ast` (the code is never run): the
+    string of a module-level assignment (the last one, the live one), or the string a
+    module-level function returns (directly, or a name bound to a string in it)."""
+    label = label or where.path
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise FetchError(f"{label}: not valid Python ({exc.msg}, line {exc.lineno})") from None
+    if where.kind == "assign":
+        value = None
+        for node in tree.body:
+            targets = (node.targets if isinstance(node, ast.Assign)
+                       else [node.target] if isinstance(node, ast.AnnAssign) else [])
+            if any(isinstance(t, ast.Name) and t.id == where.name for t in targets):
+                value = node.value
+        text = _string(value)
+    else:
+        func = None
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name == where.name:
+                func = node
+        text = _returned_string(func) if func is not None else None
+    if text is None:
+        raise FetchError(f"{label}: no {where.name} string in it (has the file changed?); "
+                         "nothing was stored")
+    return text
+
+
+def _string(node: ast.AST | None) -> str | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    return None
+
+
+def _returned_string(func: ast.FunctionDef) -> str | None:
+    bound: dict[str, str | None] = {}
+    for node in func.body:  # straight-line body: names bound, then the return
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    bound[t.id] = _string(node.value)
+        elif isinstance(node, ast.Return):
+            if isinstance(node.value, ast.Name):
+                return bound.get(node.value.id)
+            return _string(node.value)
+    return None
+
+
+def check_prompt(task: str, text: str, label: str) -> None:
+    """A stored prompt must ask for the task's answer: every category and count key."""
+    missing = [c for c in CATEGORIES[task] if c not in text]
+    missing += [k for k in profile(task).count_keys if k not in text]
+    if not text.strip() or missing:
+        raise FetchError(f"{label}: the {task} prompt does not name {', '.join(missing) or 'anything'}; "
+                         "nothing was stored")

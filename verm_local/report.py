@@ -12,30 +12,68 @@ from .schema import Judgement
 
 def print_judgement(result: Judgement, console: Console | None = None) -> None:
     console = console or Console()
+    with_location = any(e.location is not None for e in result.errors)
     table = Table(title=f"{result.task} discrepancies (image 2 vs image 1)", show_lines=False)
     table.add_column("#", justify="right")
     table.add_column("category")
     table.add_column("severity")
-    table.add_column("location")
+    if with_location:
+        table.add_column("location")
     table.add_column("description", overflow="fold")
     for i, e in enumerate(result.errors, 1):
-        table.add_row(str(i), e.category, f"{e.severity} {SEVERITY_NAMES[e.severity]}",
-                      Text(e.location), Text(e.description))
-    if result.errors:
+        cells = [str(i), e.category, f"{e.severity} {SEVERITY_NAMES[e.severity]}"]
+        if with_location:
+            cells.append(Text(e.location or ""))
+        table.add_row(*cells, Text(e.description))
+    if not result.complete:
+        console.print(f"incomplete judgement: {result.problem}", style="bold red",
+                      markup=False, highlight=False)
+    elif result.errors:
         console.print(table)
     else:
         console.print("no discrepancies found")
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     console.print(f"counts: {counts}")
-    console.print(f"total severity {result.total_severity}  ->  score {result.score:.3f}",
-                  style="bold")
+    console.print(f"total severity {result.total_severity:g}  ->  reward {result.reward:.3f} "
+                  f"(judge's term, score {result.rm_reward:.3f})", style="bold")
     t, m = result.timings, result.model
     console.print(
-        f"model {m.path} ({m.quant}, vision {m.vision}); load {t.load_s:.2f} s, "
-        f"vision {t.vision_s:.2f} s, prefill {t.prefill_s:.2f} s "
+        f"model {m.path} ({m.quant}, vision {m.vision}); prompt {result.prompt_source}; "
+        f"load {t.load_s:.2f} s, vision {t.vision_s:.2f} s, prefill {t.prefill_s:.2f} s "
         f"({t.prompt_tokens} tokens), decode {t.decode_s:.2f} s ({t.completion_tokens} tokens)",
         style="dim", markup=False, highlight=False,
     )
+
+
+def print_request(described: dict, console: Console | None = None) -> None:
+    """`judge --dry-run`: the request as it would be sent."""
+    console = console or Console(highlight=False)
+    console.print(f"[bold]{described['task']} request[/bold] (prompt: "
+                  f"{described['prompt_source']})")
+    for m in described["messages"]:
+        content = m["content"]
+        if isinstance(content, str):
+            console.print(f"  {m['role']}: {content}", markup=False)
+            continue
+        console.print(f"  {m['role']}:", markup=False)
+        for p in content:
+            if p.get("type") == "image":
+                w, h = p["size"]
+                sw, sh = p["sent_size"]
+                console.print(f"    image {p['source']}: sent as {p['encoding']} {sw}x{sh}, "
+                              f"seen at {w}x{h} ({p['visual_tokens']} visual tokens)",
+                              markup=False)
+            else:
+                console.print("    text: " + p["text"].replace("\n", "\n          "),
+                              markup=False)
+    b, d = described.get("bounds"), described["decoding"]
+    console.print(f"  decoding: {d}", markup=False)
+    if b:
+        console.print(f"  answer: at most {b['max_errors']} errors, strings "
+                      f"{b['max_lengths']} characters (schema: --json)", markup=False)
+    else:
+        console.print("  answer: free (no schema)")
+    console.print(f"  reward: {described['reward']['recipe']}", markup=False)
 
 
 def print_rows(rows: list[dict], title: str, console: Console | None = None) -> None:
@@ -58,7 +96,8 @@ def _human(key: str, value: object) -> str:
     return str(value)
 
 
-def print_doctor(hw, plan, path, console: Console | None = None) -> None:
+def print_doctor(hw, plan, path, settings_rows: list[dict] | None = None,
+                 console: Console | None = None) -> None:
     """`verm-local doctor`: the hardware record, the plan and its reasons."""
     console = console or Console(highlight=False)
     gb = 1e9
@@ -88,7 +127,16 @@ def print_doctor(hw, plan, path, console: Console | None = None) -> None:
                   f"{plan.memory_bytes / gb:.1f} GB of {plan.budget_bytes / gb:.1f} GB",
                   markup=False)
     console.print(f"  vision   {plan.vision}", markup=False)
+    console.print(f"  repack   {plan.repack_reason}", markup=False)
     for reason in plan.reasons:
         console.print(f"  why      {reason}", markup=False)
     where = str(path) if path else f"not in the store: run `verm-local pull {plan.variant}`"
     console.print(f"  store    {where}", markup=False)
+    if settings_rows:
+        table = Table(title="settings (environment)", title_justify="left")
+        for col in ("variable", "value", "description"):
+            table.add_column(col, overflow="fold")
+        for row in settings_rows:
+            table.add_row(Text(row["variable"]), Text(row["value"] or f"({row['default'] or 'unset'})"),
+                          Text(row["description"]))
+        console.print(table)

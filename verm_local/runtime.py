@@ -12,13 +12,16 @@ from .store import installed
 
 
 def plan_here(device: str | None = None, variant: str | None = None,
-              n_ctx: int | None = None, hardware: Hardware | None = None) -> tuple[Hardware, Plan]:
+              n_ctx: int | None = None, hardware: Hardware | None = None,
+              repack: str | bool | None = None) -> tuple[Hardware, Plan]:
     """Probe (torch only when a transformers variant is asked for) and plan."""
+    from .settings import settings
+
     if hardware is None:
         with_torch = bool(variant) and get_variant(variant).backend == "transformers"
         hardware = probe(with_torch=with_torch)
-    return hardware, select_plan(hardware, device=device, variant=variant,
-                                 n_ctx=n_ctx)
+    return hardware, select_plan(hardware, device=device, variant=variant, n_ctx=n_ctx,
+                                 repack=repack if repack is not None else settings().repack)
 
 
 def planned_model(device: str | None = None, variant: str | None = None,

@@ -1,5 +1,6 @@
-"""The one `Judgement` type, the JSON schema the model is constrained to, and the tolerant
-parser that reads a free answer. Pure: no I/O."""
+"""The one `Judgement` type (from parser to CLI, server and benchmarks) and the tolerant
+parser that reads an answer. Pure: no I/O. The answer schema and grammar are in
+`answer.py`; the per-task layout and reward recipe in `tasks.py` and `reward.py`."""
 
 from __future__ import annotations
 
@@ -9,21 +10,16 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .constants import CATEGORIES, SEVERITY_MAX, SEVERITY_MIN, TASKS
+from .constants import SEVERITY_MAX, SEVERITY_MIN
 from .errors import AnswerError
-from .reward import reward
-
-# Bounds that keep a constrained answer finite; generous for a real judge's output.
-MAX_ERRORS = 24
-MAX_COUNT = MAX_ERRORS
-MAX_LOCATION_CHARS = 64
-MAX_DESCRIPTION_CHARS = 240
+from .reward import RewardRecipe, with_settings
+from .tasks import profile
 
 
 class JudgedError(BaseModel):
-    category: str
+    category: str  # the trained answer's `category` (chart, svg) or `type` (table)
     severity: int = Field(ge=SEVERITY_MIN, le=SEVERITY_MAX)
-    location: str = ""
+    location: str | None = Field(None, exclude_if=lambda v: v is None)  # not for tables
     description: str = ""
 
 
@@ -39,7 +35,7 @@ class Timings(BaseModel):
     vision_s: float = 0.0  # image encoding, part of prefill_s
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # image tokens included
     completion_tokens: int = 0
 
 
@@ -47,70 +43,51 @@ class Judgement(BaseModel):
     task: str
     errors: list[JudgedError] = Field(default_factory=list)
     counts: dict[str, int] = Field(default_factory=dict)
-    total_severity: int = 0
-    score: float = 1.0
+    total_severity: float = 0
+    # The authors' reward for the task (chart, svg: 1 + clip(1 - S/50, 0, 1) for a rendered
+    # prediction; table: -S), and the judge's clipped term clip(1 - S/50, 0, 1) alone.
+    reward: float = 2.0
+    rm_reward: float = 1.0
+    # False when the answer ran into the token cap or could not be read: errors are then
+    # empty and S is the recipe's failure value, never a partial answer scored as whole.
+    complete: bool = True
+    problem: str = ""
+    prompt_source: str = ""  # trained | file:PATH | built-in
     model: ModelInfo = Field(default_factory=ModelInfo)
     timings: Timings = Field(default_factory=Timings)
 
+    @property
+    def score(self) -> float:
+        """The clipped term (`rm_reward`), under its name before the reward recipes."""
+        return self.rm_reward
+
     @classmethod
-    def from_answer(
-        cls,
-        task: str,
-        answer: dict[str, Any],
-        *,
-        reward_scale: float | None = None,
-        model: ModelInfo | None = None,
-        timings: Timings | None = None,
-    ) -> "Judgement":
+    def from_answer(cls, task: str, answer: dict[str, Any], *,
+                    reward_scale: float | None = None, recipe: RewardRecipe | None = None,
+                    **fields: Any) -> "Judgement":
         """Build a judgement from the model's JSON object (already parsed)."""
+        p = profile(task)
+        recipe = recipe or with_settings(p.reward, reward_scale)
         errors = normalise_errors(task, answer)
-        counts = {c: 0 for c in CATEGORIES[task]}
+        counts = {c: 0 for c in p.categories}
         for e in errors:
             counts[e.category] += 1
         total = sum(e.severity for e in errors)
-        return cls(
-            task=task,
-            errors=errors,
-            counts=counts,
-            total_severity=total,
-            score=reward(total, reward_scale),
-            model=model or ModelInfo(),
-            timings=timings or Timings(),
-        )
+        return cls(task=task, errors=errors, counts=counts, total_severity=total,
+                   reward=recipe.reward(total), rm_reward=recipe.rm_reward(total), **fields)
 
-
-def answer_schema(task: str, max_errors: int = MAX_ERRORS) -> dict[str, Any]:
-    """JSON schema of the model's answer for a task: per-category counts and the errors
-    (at most `max_errors` of them; strings bounded, so the answer is always finite)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if not 0 <= max_errors <= MAX_ERRORS:
-        raise ValueError(f"max_errors must be within 0..{MAX_ERRORS}, got {max_errors}")
-    cats = list(CATEGORIES[task])
-    props: dict[str, Any] = {
-        f"{c}_count": {"type": "integer", "enum": list(range(MAX_COUNT + 1))} for c in cats
-    }
-    props["errors"] = {
-        "type": "array",
-        "maxItems": max_errors,
-        "items": {
-            "type": "object",
-            "properties": {
-                "category": {"type": "string", "enum": cats},
-                "severity": {"type": "integer", "enum": [1, 2, 3]},
-                "location": {"type": "string", "maxLength": MAX_LOCATION_CHARS},
-                "description": {"type": "string", "maxLength": MAX_DESCRIPTION_CHARS},
-            },
-            "required": ["category", "severity", "location", "description"],
-            "additionalProperties": False,
-        },
-    }
-    return {
-        "type": "object",
-        "properties": props,
-        "required": list(props),
-        "additionalProperties": False,
-    }
+    @classmethod
+    def failed(cls, task: str, problem: str, *, reward_scale: float | None = None,
+               recipe: RewardRecipe | None = None, **fields: Any) -> "Judgement":
+        """The judgement of an answer cut at the cap or unreadable: no errors, S and the
+        reward at the recipe's failure values (chart, svg: S = 25; table: reward -4)."""
+        p = profile(task)
+        recipe = recipe or with_settings(p.reward, reward_scale)
+        severity = (-recipe.fail if recipe.kind == "negative_severity"
+                    else recipe.parse_fail_severity)
+        return cls(task=task, counts={c: 0 for c in p.categories}, total_severity=severity,
+                   reward=recipe.unreadable(), rm_reward=recipe.rm_reward(severity),
+                   complete=False, problem=problem, **fields)
 
 
 def judgement_schema() -> dict[str, Any]:
@@ -174,18 +151,20 @@ def _snippet(text: str, n: int = 80) -> str:
 
 
 def normalise_errors(task: str, answer: dict[str, Any]) -> list[JudgedError]:
-    """Read the `errors` list, accepting the older `type` key for `category`. Entries with
-    an unknown category or a severity outside 1..3 are refused (AnswerError), not guessed."""
+    """Read the `errors` list; an item's category is under the task's trained key
+    (`category`, or `type` for tables), the other one accepted too. Entries with an unknown
+    category or a severity outside 1..3 are refused (AnswerError), not guessed."""
+    p = profile(task)
     raw = answer.get("errors", [])
     if not isinstance(raw, list):
         raise AnswerError("'errors' in the model's answer is not a list")
-    allowed = CATEGORIES[task]
+    other = "type" if p.category_key == "category" else "category"
     out: list[JudgedError] = []
     for item in raw:
         if not isinstance(item, dict):
             raise AnswerError(f"an error entry is not an object: {item!r}")
-        cat = item.get("category", item.get("type"))
-        if cat not in allowed:
+        cat = item.get(p.category_key, item.get(other))
+        if cat not in p.categories:
             raise AnswerError(f"category {cat!r} is not one of the {task} categories")
         try:
             sev = int(item.get("severity"))
@@ -193,12 +172,9 @@ def normalise_errors(task: str, answer: dict[str, Any]) -> list[JudgedError]:
             raise AnswerError(f"severity {item.get('severity')!r} is not an integer") from None
         if not SEVERITY_MIN <= sev <= SEVERITY_MAX:
             raise AnswerError(f"severity {sev} is outside {SEVERITY_MIN}..{SEVERITY_MAX}")
-        out.append(
-            JudgedError(
-                category=cat,
-                severity=sev,
-                location=str(item.get("location", "")),
-                description=str(item.get("description", "")),
-            )
-        )
+        location = None
+        if p.has_location:
+            location = "" if item.get("location") is None else str(item["location"])
+        out.append(JudgedError(category=cat, severity=sev, location=location,
+                               description=str(item.get("description", ""))))
     return out

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, replace
 
 from .catalog import CATALOG, GB, GGUF_LADDER, KV_BYTES_PER_TOKEN, RUNTIME_OVERHEAD, \
     TEXT_LAYERS, Variant, get_variant
-from .constants import DEFAULT_IMAGE_TOKEN_BUDGET, DEFAULT_MAX_TOKENS
-from .errors import PlanError
-from .hardware import Hardware
+from .errors import InputError, PlanError
+from .hardware import AMX_FLAGS, Hardware, has_amx
+from .tasks import PROFILES
 
 DEVICES = ("cuda", "metal", "cpu")
 # Share of memory a plan may fill: the rest is the OS, other programs, fragmentation.
@@ -28,11 +28,58 @@ VRAM_SHARE = 0.90
 CPU_DEFAULT = "gguf-q4_k_m"
 
 
-def default_n_ctx(image_tokens: int = DEFAULT_IMAGE_TOKEN_BUDGET,
-                  max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
-    from .judge import context_size
+# Text around the images: chat preamble, the prompt (the trained ones are 300-450
+# tokens), and slack for a longer prompt file.
+TEXT_TOKENS = 1024
 
-    return context_size(image_tokens, max_tokens)
+
+def context_size(image_tokens: int, max_tokens: int) -> int:
+    """Context that fits two images of `image_tokens`, the prompt and `max_tokens` of
+    answer (256-aligned)."""
+    need = 2 * image_tokens + TEXT_TOKENS + max_tokens
+    return (need + 255) // 256 * 256
+
+
+def task_context(task: str | None = None, image_tokens: int | None = None,
+                 max_tokens: int | None = None) -> int:
+    """The context a judgement needs at the trained sizes: of one task, or the largest
+    over all tasks (a judge that may see any of them). `image_tokens` and `max_tokens`
+    replace the profiles' (a caller's lower cap)."""
+    profiles = [PROFILES[task]] if task else list(PROFILES.values())
+    return max(context_size(min(image_tokens or p.max_image_tokens, p.max_image_tokens),
+                            max_tokens or p.max_tokens) for p in profiles)
+
+
+def default_n_ctx() -> int:
+    """The context the memory plan assumes: two 1024-token images and 1024 of answer."""
+    return context_size(1024, 1024)
+
+
+# Weight repacking (llama.cpp's extra buffer types) on CPUs without AMX: measured with
+# `verm-local bench latency --compare-repack` (benchmarks/README.md, "Repacked weights").
+REPACK_ON_NON_AMX = True
+REPACK_MEASURED = ("on for CPUs without AMX: `bench latency --compare-repack` measured the "
+                   "repacked layouts no slower on a 2-core AMD EPYC (AVX-512)")
+
+
+def repack_decision(cpu_flags: tuple[str, ...] | list[str], override: str | bool | None = None
+                    ) -> tuple[bool, str]:
+    """Whether llama.cpp loads weights with its extra buffer types (AMX tiles, repacked
+    Q4_0/Q4_K layouts), and why. llama.cpp 0.3.36's AMX kernel segfaults for Q8_0 and
+    Q4_K_M weights (ggml-org/llama.cpp#20824, ollama/ollama#17205), so CPUs with AMX load
+    without them; `override` (--repack/--no-repack, VERM_LOCAL_REPACK) wins either way."""
+    if override in (True, "on"):
+        return True, "on: asked for (--repack or VERM_LOCAL_REPACK=on)"
+    if override in (False, "off"):
+        return False, "off: asked for (--no-repack or VERM_LOCAL_REPACK=off)"
+    if override not in (None, "auto"):
+        raise InputError(f"repack must be auto, on or off, not {override!r}")
+    if has_amx(cpu_flags):
+        found = " ".join(f for f in AMX_FLAGS if f in cpu_flags)
+        return False, (f"off: this CPU has AMX ({found}); llama.cpp 0.3.36's AMX kernel "
+                       "crashes on Q8_0 and Q4_K_M weights (ggml-org/llama.cpp#20824), so "
+                       "weights stay in plain CPU buffers (--repack forces them in)")
+    return REPACK_ON_NON_AMX, REPACK_MEASURED
 
 
 @dataclass(frozen=True)
@@ -47,6 +94,8 @@ class Plan:
     budget_bytes: int  # what that place offers (after the share kept free)
     vision: str
     reasons: tuple[str, ...]
+    repack: bool = True  # llama.cpp extra buffer types (AMX / repacked layouts)
+    repack_reason: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,10 +110,12 @@ def _gb(n: int | float) -> str:
 
 
 def select_plan(hw: Hardware, *, device: str | None = None, variant: str | None = None,
-                n_ctx: int | None = None, catalog: dict[str, Variant] = CATALOG) -> Plan:
-    """The plan for this machine; `device` and `variant` override the choice. Raises
-    PlanError with the reason when the request cannot run here."""
+                n_ctx: int | None = None, catalog: dict[str, Variant] = CATALOG,
+                repack: str | bool | None = None) -> Plan:
+    """The plan for this machine; `device` and `variant` override the choice, `repack`
+    the CPU decision. Raises PlanError with the reason when the request cannot run here."""
     n_ctx = n_ctx or default_n_ctx()
+    use_repack, why_repack = repack_decision(hw.cpu_flags, repack)
     want = get_variant(variant) if variant else None
     if want is not None and want.name not in catalog:
         raise PlanError(f"variant {want.name} is not in this catalog")
@@ -87,7 +138,8 @@ def select_plan(hw: Hardware, *, device: str | None = None, variant: str | None 
                 raise PlanError(str(exc)) from None
             skipped.append(f"not {dev}: {exc}")
             continue
-        return replace(plan, reasons=tuple(skipped) + plan.reasons)
+        return replace(plan, reasons=tuple(skipped) + plan.reasons, repack=use_repack,
+                       repack_reason=why_repack)
     raise PlanError("; ".join(skipped))
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import logging
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,8 +35,11 @@ HF_PATTERNS = (".safetensors", ".json", ".txt", ".jinja", ".model")
 DISK_MARGIN = 256 * 2**20
 
 
+_log = logging.getLogger(__name__)
+
+
 def log(msg: str) -> None:
-    print(f"verm-local: {msg}", file=sys.stderr, flush=True)
+    _log.info("%s", msg)
 
 
 def variant_dir(name: str, home: Path | None = None) -> Path:
@@ -148,6 +151,47 @@ def remove(name: str, home: Path | None = None) -> Path:
 
 
 # ---------------------------------------------------------------- pull
+
+
+def pull_prompts(required: bool = False, home: Path | None = None) -> Path | None:
+    """Fetch the authors' training prompts into the store unless they are there (always
+    with `required`). Without `required` a failure (offline, no network) is a warning:
+    judge then says it uses the built-in prompts."""
+    from huggingface_hub.constants import is_offline_mode
+
+    from .prompts import fetch_trained, prompts_path, trained_record
+
+    if not required and trained_record(home) is not None:
+        return prompts_path(home)
+    if is_offline_mode():
+        if required:
+            raise FetchError("HF_HUB_OFFLINE is set; the training prompts cannot be fetched")
+        return None
+    try:
+        path = fetch_trained(home=home)
+    except FetchError as exc:
+        if required:
+            raise
+        _log.warning("the training prompts were not fetched (%s); judge uses the built-in "
+                     "ones until `verm-local pull --prompts-only` succeeds", exc)
+        return None
+    log(f"training prompts stored: {path}")
+    return path
+
+
+def check_variant(name: str, path: Path, repack: bool | None = None) -> None:
+    """A GGUF variant loads and runs on this machine (its text model, a few tokens), with
+    the repack decision judge will use."""
+    variant = get_variant(name)
+    if variant.format != "gguf":
+        return
+    from .backends.llamacpp import repack_choice
+    from .backends.native import check_runs
+    from .modelref import resolve_model
+
+    use, _ = repack_choice(repack)
+    check_runs(resolve_model(path).path, use)
+    log(f"{name} runs on this machine ({'repacked' if use else 'plain'} weights)")
 
 def pull(name: str, *, repo: str | None = None, revision: str | None = None,
          from_dir: Path | None = None, endpoint: str | None = None,
@@ -367,7 +411,7 @@ def _build(variant: Variant, bf16: Path, staging: Path, final: Path) -> Path:
         from .convert.gguf import convert_gguf
 
         quants = [] if variant.quant == "F16" else [variant.quant]
-        manifest = convert_gguf(bf16, staging, quants, "f16")
+        manifest = convert_gguf(bf16, staging, quants, "f16", check=False)  # pull checks
         keep = {f"model-{variant.quant}.gguf", manifest["mmproj"]}
         for entry in manifest["files"]:
             if entry["file"] not in keep:

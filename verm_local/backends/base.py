@@ -1,39 +1,52 @@
-"""What every backend offers: load once, generate an answer for [images..., prompt]
-(optionally constrained to a JSON schema), and report timings."""
+"""What every backend offers, and the request and result types they share.
+
+A `Request` is the exact chat a model sees (messages whose image parts stand for
+`images`, in order), how to decode it, and the grammar the answer must follow. Every
+backend runs lists of requests (`generate_all`, as batches where it can), scores forced
+answers (`answer_logprobs`) and reports what it loaded (`info`, `load_s`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..constants import DEFAULT_MAX_TOKENS, RL_SAMPLING
+import numpy as np
+
+from ..decoding import Sampling
+from ..errors import VermError
 from ..images import PreparedImage
 from ..schema import ModelInfo
 
+__all__ = ["Backend", "Generation", "Request", "Sampling", "user_turn"]
 
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings; the defaults are greedy so a judgement reproduces."""
 
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    presence_penalty: float = 0.0
-    repeat_penalty: float = 1.0
-    seed: int = 0
+@dataclass
+class Request:
+    """One generation: images in order; chat messages whose `{"type": "image"}` parts stand
+    for them, in order; decoding; the answer's grammar (GBNF text, root rule `root`)."""
 
-    @classmethod
-    def rl(cls, max_tokens: int, seed: int = 0) -> Sampling:
-        """The authors' RL sampling (`constants.RL_SAMPLING`), seeded."""
-        keys = ("temperature", "top_p", "top_k", "presence_penalty")
-        return cls(max_tokens=max_tokens, seed=seed, **{k: RL_SAMPLING[k] for k in keys})
+    images: list[PreparedImage]
+    messages: list[dict[str, Any]]
+    sampling: Sampling = field(default_factory=Sampling)
+    grammar: str | None = None
+    reuse_prefix: bool = True  # False: evaluate the whole prompt, leave the cache alone
+
+
+def user_turn(images: list[PreparedImage], prompt: str | list[dict[str, Any]]
+              ) -> list[dict[str, Any]]:
+    """Messages for `prompt`: a list of messages as given, or text after the images in one
+    user turn."""
+    if isinstance(prompt, list):
+        return prompt
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
 
 
 @dataclass
 class Generation:
     text: str
-    finish_reason: str
+    finish_reason: str  # "stop" | "length"
     prompt_tokens: int  # text + image tokens actually evaluated
     image_tokens: int
     completion_tokens: int
@@ -43,15 +56,39 @@ class Generation:
 
 
 class Backend(Protocol):
+    """A loaded judge model. `parallel` requests run at once in `generate_all`."""
+
     info: ModelInfo
     load_s: float
+    parallel: int
 
-    def generate(
-        self,
-        images: list[PreparedImage],
-        prompt: str,
-        sampling: Sampling,
-        schema: dict[str, Any] | None = None,
-    ) -> Generation: ...
+    def generate_all(self, requests: list[Request]) -> list[Generation | VermError]:
+        """A generation (or the error) per request, in order."""
+        ...
+
+    def generate(self, images: list[PreparedImage], prompt: str | list[dict[str, Any]],
+                 sampling: Sampling, grammar: str | dict[str, Any] | None = None
+                 ) -> Generation:
+        """One generation; `prompt` is text after the images, or messages; `grammar` is
+        GBNF text or a JSON schema. Raises VermError."""
+        ...
+
+    def answer_logprobs(self, images: list[PreparedImage],
+                        prompt: str | list[dict[str, Any]], answer: list[int]) -> np.ndarray:
+        """Log-probabilities [len(answer), vocab] at each position of a forced answer."""
+        ...
+
+    def answer_tokens(self, text: str) -> list[int]:
+        """An answer's token ids as the model would emit them, ending with <|im_end|>."""
+        ...
+
+    def prompt_text_tokens(self, images: list[PreparedImage],
+                           prompt: str | list[dict[str, Any]]) -> list[int]:
+        """The prompt's text token ids, image tokens left out (to compare tokenizers)."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the engine (prefix cache hits and misses); {} where there are none."""
+        ...
 
     def close(self) -> None: ...

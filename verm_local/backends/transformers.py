@@ -1,6 +1,8 @@
 """transformers backend: the bf16 reference (and GPTQ checkpoints) through the same
-interface as llama.cpp, with the answer constrained to the same JSON schema by xgrammar
-(the grammar engine vLLM uses).
+interface as llama.cpp: the same request (messages and images), the same grammar text
+(compiled by xgrammar, the grammar engine vLLM uses), and vLLM's sampling semantics
+(repetition penalty over prompt and output, presence penalty over the output,
+temperature before top-k and top-p), applied in one logits processor.
 
 dtype: bf16 on CUDA and MPS. On a CPU the default is float32 over the bf16 weights: it is
 the exact reference the quantized forms are measured against (bf16 matmuls on a CPU round
@@ -9,16 +11,18 @@ without native bf16). `dtype="bfloat16"` is available on a CPU for speed."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
+from ..decoding import Sampling
 from ..errors import ModelError, VermError
 from ..images import PreparedImage
 from ..modelref import ResolvedModel
 from ..schema import ModelInfo
-from .base import Generation, Sampling
+from ..settings import export_default
+from .base import Generation, Request, user_turn
+from .grammar import grammar_for
 
 STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 
@@ -50,6 +54,8 @@ def pick_dtype(device: str, requested: str | None = None):
 class TransformersBackend:
     """A loaded HF (or GPTQ) Qwen3-VL checkpoint; reusable across judgements."""
 
+    parallel = 1  # requests run one after another
+
     def __init__(
         self,
         model: ResolvedModel,
@@ -69,7 +75,7 @@ class TransformersBackend:
         if threads:
             torch.set_num_threads(threads)
         if model.format == "gptq":
-            os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+            export_default("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         self.torch = torch
@@ -87,25 +93,36 @@ class TransformersBackend:
         self.info = ModelInfo(path=str(model.path), quant=quant, sha256=model.sha256,
                               vision="transformers")
         self._grammar_compiler = None
+        self._compiled: dict[str, Any] = {}
 
     def close(self) -> None:
         self.model = None
 
+    def stats(self) -> dict[str, int]:
+        return {}
+
     # -- inputs -------------------------------------------------------------------------
 
-    def inputs(self, images: list[PreparedImage], prompt: str) -> dict[str, Any]:
-        """Tokenized chat (images first, then the prompt) with pixel values, on the device."""
-        content: list[dict[str, Any]] = [{"type": "image", "image": im.image} for im in images]
-        content.append({"type": "text", "text": prompt})
+    def inputs(self, images: list[PreparedImage], prompt: str | list[dict[str, Any]]
+               ) -> dict[str, Any]:
+        """The tokenized chat (image parts filled with the images, in order) with pixel
+        values, on the device."""
+        it = iter(images)
+        messages = []
+        for m in user_turn(images, prompt):
+            content = m["content"]
+            if isinstance(content, list):
+                content = [{"type": "image", "image": next(it).image}
+                           if p.get("type") == "image" else p for p in content]
+            messages.append({**m, "content": content})
         batch = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=True, add_generation_prompt=True,
-            return_dict=True, return_tensors="pt")
+            messages, tokenize=True, add_generation_prompt=True, return_dict=True,
+            return_tensors="pt")
         return batch.to(self.device)
 
-    def _json_processor(self, schema: dict[str, Any]):
+    def _compiled_grammar(self, grammar: str):
         try:
             import xgrammar as xgr
-            from xgrammar.contrib.hf import LogitsProcessor
         except ImportError:
             raise VermError("constrained decoding with transformers needs xgrammar "
                             "(pip install xgrammar), or pass --free") from None
@@ -114,48 +131,58 @@ class TransformersBackend:
                 self.processor.tokenizer, vocab_size=self.model.config.text_config.vocab_size,
                 stop_token_ids=list(STOP_IDS))
             self._grammar_compiler = xgr.GrammarCompiler(info)
-        compiled = self._grammar_compiler.compile_json_schema(json.dumps(schema),
-                                                              any_whitespace=False)
-        return LogitsProcessor(compiled)
+        if grammar not in self._compiled:
+            self._compiled[grammar] = self._grammar_compiler.compile_grammar(grammar)
+        return self._compiled[grammar]
 
     # -- generation ---------------------------------------------------------------------
 
-    def generate(
-        self,
-        images: list[PreparedImage],
-        prompt: str,
-        sampling: Sampling,
-        schema: dict[str, Any] | None = None,
-    ) -> Generation:
+    def generate_all(self, requests: list[Request]) -> list[Generation | VermError]:
+        out: list[Generation | VermError] = []
+        for r in requests:
+            try:
+                out.append(self._generate(r))
+            except VermError as exc:
+                out.append(exc)
+        return out
+
+    def generate(self, images: list[PreparedImage], prompt: str | list[dict[str, Any]],
+                 sampling: Sampling, grammar: str | dict[str, Any] | None = None
+                 ) -> Generation:
+        return self._generate(Request(images, user_turn(images, prompt), sampling,
+                                      grammar_for(grammar)))
+
+    def _generate(self, request: Request) -> Generation:
         from transformers import LogitsProcessorList
 
         torch = self.torch
         if self.model is None:
             raise VermError("model is closed")
-        # Compiled before the clock starts: it is per schema, not per judgement.
-        grammar = self._json_processor(schema) if schema is not None else None
+        sampling = request.sampling
+        # Compiled before the clock starts: it is per grammar, not per judgement.
+        grammar = None
+        if request.grammar is not None:
+            from xgrammar.contrib.hf import LogitsProcessor
+
+            grammar = LogitsProcessor(self._compiled_grammar(request.grammar))
         t0 = time.perf_counter()
-        batch = self.inputs(images, prompt)
+        batch = self.inputs(request.images, request.messages)
         n_prompt = int(batch["input_ids"].shape[1])
         image_token = self.model.config.image_token_id
         n_image = int((batch["input_ids"] == image_token).sum())
         first = _FirstCall()
         vision = _Stopwatch(self._vision_module())
-        processors = [first, _PresencePenalty(sampling.presence_penalty, n_prompt)]
-        if grammar is not None:
-            processors.append(grammar)
-        kwargs: dict[str, Any] = {"do_sample": sampling.temperature > 0}
+        processors = [first, _VllmLogits(sampling, n_prompt, grammar)]
         if sampling.temperature > 0:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
-                          top_k=sampling.top_k or None)
             torch.manual_seed(sampling.seed)
         try:
             with torch.inference_mode():
                 out = self.model.generate(
                     **batch, max_new_tokens=sampling.max_tokens,
                     logits_processor=LogitsProcessorList(processors),
-                    repetition_penalty=sampling.repeat_penalty,
-                    eos_token_id=list(STOP_IDS), pad_token_id=STOP_IDS[1], **kwargs)
+                    do_sample=sampling.temperature > 0, temperature=1.0, top_k=0, top_p=1.0,
+                    repetition_penalty=1.0, eos_token_id=list(STOP_IDS),
+                    pad_token_id=STOP_IDS[1])
         finally:
             vision.remove()
         end = time.perf_counter()
@@ -182,7 +209,7 @@ class TransformersBackend:
 
     # -- teacher forcing ---------------------------------------------------------------
 
-    def answer_logprobs(self, images: list[PreparedImage], prompt: str,
+    def answer_logprobs(self, images: list[PreparedImage], prompt: str | list[dict[str, Any]],
                         answer: list[int]):
         """Log-probabilities (float32, [len(answer), vocab]) the model assigns at each answer
         position when the answer is forced after the prompt."""
@@ -203,7 +230,8 @@ class TransformersBackend:
         """An answer's token ids as the model would emit them, ending with <|im_end|>."""
         return self.processor.tokenizer.encode(text, add_special_tokens=False) + [STOP_IDS[0]]
 
-    def prompt_text_tokens(self, images: list[PreparedImage], prompt: str) -> list[int]:
+    def prompt_text_tokens(self, images: list[PreparedImage],
+                           prompt: str | list[dict[str, Any]]) -> list[int]:
         """The prompt's token ids with image placeholders removed (to compare tokenizers)."""
         ids = self.inputs(images, prompt)["input_ids"][0].tolist()
         return [t for t in ids if t != self.model.config.image_token_id]
@@ -222,18 +250,40 @@ class _FirstCall:
         return scores
 
 
-class _PresencePenalty:
-    """OpenAI/vLLM presence penalty: subtract a constant from every token already generated."""
+class _VllmLogits:
+    """vLLM's order of logits processing in one step: repetition penalty (prompt and
+    output tokens), presence penalty (output tokens), the grammar's mask, then
+    temperature, top-k and top-p (sampling only)."""
 
-    def __init__(self, penalty: float, n_prompt: int):
-        self.penalty, self.n_prompt = penalty, n_prompt
+    def __init__(self, sampling: Sampling, n_prompt: int, grammar: Any = None):
+        self.s, self.n_prompt, self.grammar = sampling, n_prompt, grammar
 
     def __call__(self, input_ids, scores):
-        if not self.penalty or input_ids.shape[1] <= self.n_prompt:
-            return scores
-        seen = scores.new_zeros(scores.shape)
-        seen.scatter_(1, input_ids[:, self.n_prompt:], 1.0)
-        return scores - self.penalty * seen
+        import torch
+
+        s = self.s
+        if s.repeat_penalty != 1.0:
+            seen = scores.gather(1, input_ids)
+            seen = torch.where(seen < 0, seen * s.repeat_penalty, seen / s.repeat_penalty)
+            scores = scores.scatter(1, input_ids, seen)
+        if s.presence_penalty and input_ids.shape[1] > self.n_prompt:
+            out = scores.new_zeros(scores.shape)
+            out.scatter_(1, input_ids[:, self.n_prompt:], 1.0)
+            scores = scores - s.presence_penalty * out
+        if self.grammar is not None:
+            scores = self.grammar(input_ids, scores)
+        if s.temperature > 0:
+            scores = scores / s.temperature
+            if s.top_k > 0:
+                kth = scores.topk(min(s.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            if s.top_p < 1.0:
+                ordered, index = scores.sort(dim=-1, descending=True)
+                probs = ordered.softmax(dim=-1)
+                drop = probs.cumsum(dim=-1) - probs > s.top_p  # keep the first over top_p
+                ordered = ordered.masked_fill(drop, float("-inf"))
+                scores = torch.full_like(scores, float("-inf")).scatter(1, index, ordered)
+        return scores
 
 
 class _Stopwatch:

@@ -1,0 +1,116 @@
+"""A native crash never ends a command silently: it becomes one line (what ran, the signal,
+what to try, where the stack is) and ExitCode.NATIVE_CRASH, and the server logs a crashed
+worker the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from verm_local import events
+from verm_local.crash import Recorder, crash_report, last_step, supervise
+from verm_local.errors import ExitCode
+
+from .conftest import run_cli
+
+
+def _die(sig: int):
+    def run() -> int:
+        events.stage("decode", model="model-Q8_0.gguf", quant="Q8_0")
+        os.kill(os.getpid(), sig)
+        return 0
+
+    return run
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGABRT, signal.SIGILL, signal.SIGBUS])
+def test_a_child_killed_by_a_signal_becomes_one_line(sig, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("VERM_LOCAL_CACHE", str(tmp_path))
+    code = supervise(_die(sig), "verm-local judge")
+    assert code == ExitCode.NATIVE_CRASH == 10
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    line = err[0]
+    name = signal.Signals(sig).name
+    assert line.startswith("verm-local: error: verm-local judge crashed in native code")
+    assert name in line and "during decode (model-Q8_0.gguf, Q8_0)" in line
+    assert "--no-repack" in line and "verm-local doctor" in line
+    log = tmp_path / "crash" / line.rsplit("native stack: ", 1)[1]
+    log = next((tmp_path / "crash").glob("*.log"))
+    text = log.read_text()
+    assert "step: decode" in text and "Fatal Python error" in text  # faulthandler's stack
+
+
+def test_a_normal_exit_keeps_its_code_and_leaves_no_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("VERM_LOCAL_CACHE", str(tmp_path))
+    assert supervise(lambda: 0, "verm-local judge") == 0
+    assert supervise(lambda: 4, "verm-local judge") == 4
+    assert list((tmp_path / "crash").glob("*.log")) == []
+
+
+def test_crash_report_names_the_stage_and_the_log(tmp_path):
+    log = tmp_path / "w.log"
+    rec = Recorder(log, "serve model worker")
+    events.stage("encode image", image="ground truth", done=1, total=2)
+    rec.close(keep=True)
+    assert last_step(log) == "encode image (ground truth, 1/2)"
+    line = crash_report("the model worker", signal.SIGSEGV, log)
+    assert "SIGSEGV" in line and "encode image" in line and str(log) in line
+    assert "out of memory" in crash_report("the model worker", signal.SIGKILL, None)
+
+
+@pytest.mark.slow
+def test_judge_that_crashes_in_native_code_prints_one_line(tiny_gguf, pair, tmp_path):
+    """A forced SIGSEGV at the first native stage of `verm-local judge` (loading the text
+    model) ends as one line and exit code 10, with faulthandler's stack in the log."""
+    env = {"VERM_LOCAL_CRASH_TEST": "SEGV", "VERM_LOCAL_CACHE": str(tmp_path)}
+    proc = run_cli("judge", *pair, "--model", tiny_gguf, "--quant", "Q8_0", env=env)
+    assert proc.returncode == 10, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    line = lines[0]
+    assert "verm-local judge crashed in native code (SIGSEGV)" in line
+    assert "load text model (model-Q8_0.gguf, Q8_0" in line and "--no-repack" in line
+    log = line.rsplit("native stack: ", 1)[1]
+    text = open(log).read()
+    assert "Segmentation fault" in text and "step: load text model" in text
+    assert "cpu:" in text and "command:" in text
+    proc = run_cli("judge", *pair, "--model", tiny_gguf, "--quant", "Q8_0", "--json",
+                   env={"VERM_LOCAL_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["model"]["quant"] == "Q8_0"
+
+
+@pytest.mark.slow
+def test_server_logs_a_crashed_worker_and_replaces_it(tiny_gguf, tmp_path, pair):
+    from .test_serve import Served, _url
+
+    gt, pred = pair
+    s = Served(tiny_gguf, "--parallel", "1", env={"VERM_LOCAL_CACHE": str(tmp_path)})
+    body = json.dumps({"gt": _url(gt), "pred": _url(pred), "max_errors": 2}).encode()
+    try:
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=s.request("POST", "/v1/judge", body)))
+        t.start()
+        deadline = time.time() + 60
+        while s.metric("verm_in_flight") < 1:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.kill(s.get("/health")["worker_pid"], signal.SIGSEGV)
+        t.join(120)
+        code, res = out["r"]
+        assert code == 500 and "SIGSEGV" in res["error"]["message"]
+        assert "native stack" in res["error"]["message"]
+        assert s.metric('verm_worker_crashes_total{signal="SIGSEGV"}') == 1
+        code, res = s.request("POST", "/v1/judge", body)
+        assert code == 200, res
+    finally:
+        assert s.stop() == 0
+    err = s.proc.stderr.read()
+    crash = [ln for ln in err.splitlines() if "SIGSEGV" in ln]
+    assert len(crash) == 1 and "native stack:" in crash[0] and "restarting" in crash[0]

@@ -1,0 +1,143 @@
+"""Hardware-dependent decisions from recorded machines: llama.cpp's extra buffer types
+(AMX / repacked weights) and the wheel cache key. The CPUs under tests/data/cpuinfo are an
+AWS m7i (Intel Sapphire Rapids, AMX), this project's AMD EPYC development machine and an
+AWS Graviton3 (ARM); the Apple machine is a hardware record (no /proc/cpuinfo on macOS)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from verm_local.errors import InputError
+from verm_local.hardware import AMX_FLAGS, Hardware, has_amx, isa_flags, parse_cpuinfo, wheel_key
+from verm_local.select import repack_decision, select_plan
+
+from .conftest import run_cli
+
+DATA = Path(__file__).parent / "data" / "cpuinfo"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpuinfo(name: str) -> str:
+    return (DATA / f"{name}.txt").read_text()
+
+
+def record(name: str, **kw) -> Hardware:
+    model, flags, cores = parse_cpuinfo(cpuinfo(name))
+    base = dict(os="linux", arch="arm64" if "graviton" in name else "x86_64", cpu_model=model,
+                cores_logical=4, cores_physical=cores, cpu_flags=flags, ram_total=32 << 30,
+                ram_available=24 << 30, llama_cpp_version="0.3.36")
+    return Hardware(**{**base, **kw})
+
+
+APPLE_M2 = Hardware(os="darwin", arch="arm64", cpu_model="Apple M2", cores_logical=8,
+                    cores_physical=8, cpu_flags=("neon",), ram_total=16 << 30,
+                    ram_available=10 << 30, metal=True, metal_working_set=int(16 * 2**30 * 0.67),
+                    llama_cpp_version="0.3.36", llama_gpu_offload=True)
+
+
+def test_recorded_cpus_are_read():
+    spr = record("sapphire-rapids-m7i")
+    assert spr.cpu_model == "Intel(R) Xeon(R) Platinum 8488C"
+    assert set(AMX_FLAGS) <= set(spr.cpu_flags) and spr.amx
+    assert "avx512f" in spr.cpu_flags and spr.cores_physical == 2
+    amd = record("amd-epyc-dev")
+    assert "avx2" in amd.cpu_flags and not amd.amx
+    arm = record("graviton3-arm64")
+    assert "neon" in arm.cpu_flags and "sve" in arm.cpu_flags and not arm.amx
+    assert not APPLE_M2.amx
+
+
+def test_amx_cpu_loads_without_extra_buffer_types():
+    use, why = repack_decision(record("sapphire-rapids-m7i").cpu_flags)
+    assert use is False
+    assert "AMX" in why and "amx_tile" in why and "20824" in why
+    plan = select_plan(record("sapphire-rapids-m7i"))
+    assert plan.repack is False and plan.repack_reason == why
+
+
+@pytest.mark.parametrize("machine", ["amd-epyc-dev", "graviton3-arm64", "apple"])
+def test_other_cpus_follow_the_measured_default(machine):
+    hw = APPLE_M2 if machine == "apple" else record(machine)
+    use, why = repack_decision(hw.cpu_flags)
+    assert use is True and "measured" in why
+    assert select_plan(hw).repack is True
+
+
+def test_override_both_ways():
+    spr, amd = record("sapphire-rapids-m7i").cpu_flags, record("amd-epyc-dev").cpu_flags
+    assert repack_decision(spr, True)[0] is True and repack_decision(spr, "on")[0] is True
+    assert repack_decision(amd, False)[0] is False and repack_decision(amd, "off")[0] is False
+    assert "asked for" in repack_decision(spr, "on")[1]
+    assert repack_decision(spr, "auto")[0] is False
+    with pytest.raises(InputError):
+        repack_decision(amd, "sometimes")
+
+
+def test_environment_override_reaches_the_backend_choice(monkeypatch):
+    from verm_local.backends.llamacpp import repack_choice
+
+    monkeypatch.setenv("VERM_LOCAL_REPACK", "off")
+    assert repack_choice(None)[0] is False
+    assert repack_choice(True)[0] is True  # the flag wins over the environment
+    monkeypatch.setenv("VERM_LOCAL_REPACK", "on")
+    assert repack_choice(None)[0] is True
+    monkeypatch.setenv("VERM_LOCAL_REPACK", "maybe")
+    with pytest.raises(InputError, match="VERM_LOCAL_REPACK"):
+        repack_choice(None)
+
+
+def test_doctor_shows_the_decision_for_a_recorded_amx_machine(tmp_path):
+    rec = tmp_path / "m7i.json"
+    rec.write_text(json.dumps(record("sapphire-rapids-m7i").to_dict()))
+    proc = run_cli("doctor", "--json", "--hardware", rec)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["decisions"]["repack"]["enabled"] is False
+    assert "AMX" in out["decisions"]["repack"]["reason"]
+    assert out["plan"]["repack"] is False
+    forced = json.loads(run_cli("doctor", "--json", "--hardware", rec, "--repack").stdout)
+    assert forced["decisions"]["repack"]["enabled"] is True
+    env = json.loads(run_cli("doctor", "--json", "--hardware", rec,
+                             env={"VERM_LOCAL_REPACK": "on"}).stdout)
+    assert env["decisions"]["repack"]["enabled"] is True
+    text = run_cli("doctor", "--hardware", rec)
+    assert "repack" in text.stdout and "AMX" in text.stdout
+    assert any(r["variable"] == "VERM_LOCAL_REPACK" for r in out["settings"])
+
+
+def test_wheel_cache_key_follows_the_instruction_set():
+    spr, amd = isa_flags(cpuinfo("sapphire-rapids-m7i")), isa_flags(cpuinfo("amd-epyc-dev"))
+    arm = isa_flags(cpuinfo("graviton3-arm64"))
+    assert has_amx(spr) and not has_amx(amd)
+    keys = {wheel_key("0.3.36", "", "x86_64", spr), wheel_key("0.3.36", "", "x86_64", amd),
+            wheel_key("0.3.36", "", "arm64", arm)}
+    assert len(keys) == 3
+    # Same instruction set, other kernel or hypervisor flags: the same wheel fits.
+    noisy = cpuinfo("amd-epyc-dev").replace("flags\t\t: ", "flags\t\t: hypervisor constant_tsc ")
+    assert wheel_key("0.3.36", "", "x86_64", isa_flags(noisy)) == \
+        wheel_key("0.3.36", "", "x86_64", amd)
+    # One extension fewer (a CPU without AVX-512): another wheel.
+    no512 = tuple(f for f in amd if not f.startswith("avx512"))
+    assert wheel_key("0.3.36", "", "x86_64", no512) != wheel_key("0.3.36", "", "x86_64", amd)
+    # Build flags and versions count too.
+    assert wheel_key("0.3.36", "-DGGML_CUDA=on", "x86_64", amd) != \
+        wheel_key("0.3.36", "", "x86_64", amd)
+    assert wheel_key("0.3.37", "", "x86_64", amd) != wheel_key("0.3.36", "", "x86_64", amd)
+
+
+def test_install_script_key_is_the_package_key():
+    """scripts/wheel_key.py (what install.sh runs before any venv exists) computes the same
+    key as the package, from a recorded cpuinfo."""
+    for name in ("sapphire-rapids-m7i", "amd-epyc-dev"):
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "wheel_key.py"),
+                              "--version", "0.3.36", "--cmake-args=-DGGML_CUDA=on",
+                              "--cpuinfo", str(DATA / f"{name}.txt"), "--arch", "x86_64"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == wheel_key("0.3.36", "-DGGML_CUDA=on", "x86_64",
+                                isa_flags(cpuinfo(name)))
+    assert "wheel_key.py" in (ROOT / "scripts" / "install.sh").read_text()

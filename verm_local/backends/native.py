@@ -1,0 +1,273 @@
+"""llama.cpp through llama-cpp-python's public low-level bindings: a loaded model, a
+context with its KV streams and batch, and llama.cpp's logs routed into `logging`.
+
+The high-level `llama_cpp.Llama` is not used: it cannot load weights without llama.cpp's
+extra buffer types (the AMX and repacked layouts, `use_extra_bufts`), has no way to give a
+context several KV streams, and its internals are private. Everything here is a thin,
+typed wrapper over `llama_cpp.llama_*` and `llama_cpp.mtmd_cpp`."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelError, VermError
+
+log = logging.getLogger("verm_local.llama_cpp")
+
+# ggml_log_level (ggml.h: NONE, DEBUG, INFO, WARN, ERROR; CONT continues the previous
+# line at its level) -> logging level.
+_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING,
+           4: logging.ERROR}
+_state: dict[str, Any] = {"init": False, "last": logging.DEBUG, "callback": None,
+                          "errors": []}
+
+
+def _bindings() -> tuple[Any, Any]:
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+
+    return llama_cpp, mtmd
+
+
+def init() -> tuple[Any, Any]:
+    """Initialise llama.cpp once per process: backends loaded, its logs (and mtmd's) sent
+    to the `verm_local.llama_cpp` logger at DEBUG (INFO and below) or their own level.
+    Returns the bindings (llama_cpp, mtmd_cpp)."""
+    lc, mtmd = _bindings()
+    if _state["init"]:
+        return lc, mtmd
+
+    @lc.llama_log_callback
+    def _forward(level: int, text: bytes, _user: Any) -> None:
+        lvl = _state["last"] if level == 5 else _LEVELS.get(level, logging.DEBUG)
+        _state["last"] = lvl
+        msg = text.decode("utf-8", errors="replace").rstrip("\n")
+        if lvl >= logging.ERROR and msg:
+            _state["errors"] = (_state["errors"] + [msg])[-4:]  # for the one-line error
+        # llama.cpp's INFO chatter (tensor lists, timings) is debugging detail here.
+        lvl = logging.DEBUG if lvl <= logging.INFO else lvl
+        if msg and log.isEnabledFor(lvl):
+            log.log(lvl, "%s", msg)
+
+    _state["callback"] = _forward  # keep the C callback alive
+    lc.llama_log_set(_forward, ctypes.c_void_p(0))
+    setter = _mtmd_log_set(lc)
+    if setter is not None:
+        setter(_forward, ctypes.c_void_p(0))
+    lc.llama_backend_init()
+    _state["init"] = True
+    return lc, mtmd
+
+
+def last_error(since: int = 0) -> str:
+    """llama.cpp's last error message logged after `error_mark()` returned `since`."""
+    errors = _state["errors"][since:] if since <= len(_state["errors"]) else _state["errors"]
+    return errors[-1].split(": ", 1)[-1].strip() if errors else ""
+
+
+def error_mark() -> int:
+    return len(_state["errors"])
+
+
+def _mtmd_log_set(lc: Any) -> Any:
+    """mtmd's `mtmd_helper_log_set` (in the library, not in the Python bindings)."""
+    libdir = Path(lc.__file__).parent / "lib"
+    names = {"linux": "libmtmd.so", "darwin": "libmtmd.dylib", "win32": "mtmd.dll"}
+    path = libdir / names.get(sys.platform, "libmtmd.so")
+    if not path.exists():
+        return None
+    try:
+        fn = ctypes.CDLL(str(path)).mtmd_helper_log_set
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [lc.llama_log_callback, ctypes.c_void_p]
+    fn.restype = None
+    return fn
+
+
+class Model:
+    """A GGUF text model loaded by llama.cpp.
+
+    `repack=False` keeps the weights in plain CPU buffers (no extra buffer types: no AMX
+    tiles, no repacked Q4_0/Q4_K layouts): llama-server's `--no-repack`."""
+
+    def __init__(self, path: str | Path, *, gpu_layers: int = 0, repack: bool = True):
+        lc, _ = init()
+        self.lc = lc
+        self.path = Path(path)
+        self.repack = repack
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
+        params.use_extra_bufts = repack
+        _state["errors"] = []
+        self.ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            why = last_error() or "corrupt, truncated or not a llama.cpp model"
+            raise ModelError(f"{self.path}: llama.cpp could not load the model ({why})")
+        self.vocab = lc.llama_model_get_vocab(self.ptr)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        self.n_embd_inp = int(lc.llama_model_n_embd_inp(self.ptr))
+        self.n_layer = int(lc.llama_model_n_layer(self.ptr))
+        self._piece = ctypes.create_string_buffer(256)
+
+    def meta(self, key: str) -> str | None:
+        """A metadata value as a string (None when the key is absent)."""
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self.lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def chat_template(self) -> str | None:
+        raw = self.lc.llama_model_chat_template(self.ptr, None)
+        return raw.decode("utf-8") if raw else None
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of `text` (no BOS); `special` parses special-token text."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (self.lc.llama_token * n_max)()
+        n = self.lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, False, special)
+        if n < 0:
+            raise VermError("llama.cpp could not tokenize the text")
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        n = self.lc.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0,
+                                         special)
+        return self._piece.raw[:max(n, 0)]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of generated tokens (special tokens left out), invalid UTF-8 replaced."""
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.lc.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self.lc.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class Context:
+    """A llama.cpp context over a `Model`: `n_seq` sequences, each with its own KV stream
+    of `n_ctx` cells (not one unified cache: a token attends only its own sequence's cells,
+    so a batched sequence computes what it would alone), and one batch of `n_batch` rows."""
+
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int = 2048, n_ubatch: int = 512,
+                 threads: int = 1, n_seq: int = 1, flash_attn: bool | None = None,
+                 kv_type: str | None = None):
+        lc = model.lc
+        self.lc, self.model = lc, model
+        self.n_ctx, self.n_seq = n_ctx, n_seq
+        self.n_batch = min(n_batch, n_ctx)
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = n_ctx * n_seq
+        cp.n_batch = self.n_batch
+        cp.n_ubatch = min(n_ubatch, self.n_batch)
+        cp.n_seq_max = n_seq
+        cp.kv_unified = False
+        cp.n_threads = cp.n_threads_batch = max(1, threads)
+        cp.no_perf = True
+        # Off unless asked for (llama.cpp's default, auto, turns it on for CPUs): with it a
+        # batched row and a lone one can round apart; it is a measured lever, not a default.
+        cp.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                              else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        if kv_type is not None:
+            cp.type_k = cp.type_v = KV_TYPES[kv_type]
+        self.ptr = lc.llama_init_from_model(model.ptr, cp)
+        if not self.ptr:
+            raise ModelError(f"llama.cpp could not make a context of {n_ctx} tokens x {n_seq} "
+                             "sequences (out of memory?); lower --parallel or the token cap")
+        self.mem = lc.llama_get_memory(self.ptr)
+        self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        self.n_vocab = model.n_vocab
+
+    # -- decoding ----------------------------------------------------------------------
+
+    def decode(self, rows: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of rows (token, position, sequence, want logits)."""
+        b = self.batch
+        for i, (tok, pos, seq, logits) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
+            b.seq_id[i][0], b.logits[i] = seq, logits
+        b.n_tokens = len(rows)
+        rc = self.lc.llama_decode(self.ptr, b)
+        if rc != 0:
+            raise VermError(f"llama.cpp could not decode a batch (code {rc}); the context may "
+                            "be full: lower --parallel or the image size")
+
+    def eval_tokens(self, tokens: list[int], pos: int, seq: int = 0, logits: str = "last"
+                    ) -> np.ndarray | None:
+        """Evaluate `tokens` from position `pos` in sequence `seq`. logits: "last" (a copy
+        of the last row's), "all" ([len(tokens), n_vocab] copies) or "none"."""
+        out = []
+        for i in range(0, len(tokens), self.n_batch):
+            part = tokens[i : i + self.n_batch]
+            final = i + len(part) == len(tokens)
+            want = [logits == "all" or (logits == "last" and final and j == len(part) - 1)
+                    for j in range(len(part))]
+            self.decode([(t, pos + i + j, seq, w) for j, (t, w) in enumerate(zip(part, want))])
+            if logits == "all":
+                out.extend(self.logits(j) for j in range(len(part)))
+            elif want[-1]:
+                out.append(self.logits(len(part) - 1))
+        if logits == "all":
+            return np.stack(out) if out else np.zeros((0, self.n_vocab), np.float32)
+        return out[-1] if out else None
+
+    def logits(self, i: int, copy: bool = True) -> np.ndarray:
+        """Row i of the last decode's logits; a view is valid until the next decode."""
+        ptr = self.lc.llama_get_logits_ith(self.ptr, i)
+        row = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return row.copy() if copy else row
+
+    # -- KV cache ----------------------------------------------------------------------
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        self.lc.llama_memory_seq_rm(self.mem, seq, p0, p1)
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        self.lc.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+
+    def clear(self) -> None:
+        self.lc.llama_memory_clear(self.mem, True)
+
+    def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            self.lc.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ptr", None):
+            self.lc.llama_free(self.ptr)
+            self.ptr = None
+
+
+# ggml_type ids of the KV cache types a context may use (ggml.h).
+KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2, "f32": 0, "bf16": 30}
+
+
+def check_runs(path: str | Path, repack: bool, threads: int = 1) -> None:
+    """Load a GGUF text model and evaluate a few tokens: a model that loads but cannot run
+    on this CPU (an AMX kernel, a wheel built for another CPU) fails here, in a check,
+    not in the first judgement. ModelError when its logits are not finite."""
+    from ..events import stage
+
+    stage("check model runs", model=Path(path).name,
+          repack="repack" if repack else "no repack")
+    model = Model(path, repack=repack)
+    try:
+        ctx = Context(model, n_ctx=64, n_batch=64, threads=threads)
+        try:
+            tokens = model.tokenize("The chart shows four bars.") or [0]
+            logits = ctx.eval_tokens(tokens, 0)
+        finally:
+            ctx.close()
+    finally:
+        model.close()
+    if logits is None or not np.isfinite(logits).all():
+        raise ModelError(f"{path}: the model's logits are not finite on this machine")

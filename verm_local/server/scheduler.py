@@ -1,0 +1,301 @@
+"""The model worker (its own process) and the scheduler that feeds it batches.
+
+The worker holds the loaded model and runs lists of jobs as one batch (shared ground-truth
+prefix, batched decoding: `backends/batch.py`). llama.cpp aborts the process on some
+internal asserts and can crash in native code; in the worker that fails only the jobs in
+flight: the scheduler logs the crash (signal, stage, crash log) and starts a fresh worker.
+
+The scheduler takes jobs from a bounded queue (full: 429). A group of requests that
+arrive together (one RL step's rollouts against one ground truth) forms one batch: after
+the first job it keeps taking jobs while they keep coming (each within `batch_window` of
+the last, up to `parallel` of them, at most ten windows in all)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..crash import crash_report, new_log_path
+from ..errors import VermError
+from .config import ServeConfig
+from .errors import APIError
+from .metrics import Metrics
+
+log = logging.getLogger("verm_local.server")
+
+
+# -- the model worker (its own process) -------------------------------------------------
+
+
+def _worker_main(cfg: ServeConfig, conn: Any) -> None:
+    """Load the model, then run batches of jobs sent over `conn` until told to stop."""
+    import os
+
+    from ..crash import Recorder
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent shuts us down
+    recorder = Recorder(Path(cfg.crash_log), "serve model worker") if cfg.crash_log else None
+    from ..judge import Judge
+    from ..select import task_context
+
+    try:
+        judge = Judge(cfg.model, variant=cfg.variant, threads=cfg.threads,
+                      n_gpu_layers=cfg.gpu_layers, vision=cfg.vision,
+                      image_token_budget=cfg.image_tokens, max_tokens=cfg.answer_cap,
+                      parallel=cfg.parallel, prefix_cache=cfg.prefix_cache, repack=cfg.repack,
+                      n_ctx=max(task_context(None, cfg.image_tokens, cfg.answer_cap),
+                                _chat_context(cfg)))
+    except VermError as exc:
+        conn.send(("failed", str(exc)))
+        if recorder:
+            recorder.close()
+        return
+    conn.send(("ready", {"model": judge.backend.info.model_dump(), "pid": os.getpid(),
+                         "parallel": judge.backend.parallel}))
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:
+                return
+            if msg is None:
+                return
+            results = run_jobs(judge, cfg, msg)
+            conn.send((results, judge.backend.stats()))
+    finally:
+        if recorder:
+            recorder.close()
+
+
+def _chat_context(cfg: ServeConfig) -> int:
+    from ..select import context_size
+
+    return context_size(cfg.chat_image_tokens, cfg.answer_cap)
+
+
+def run_jobs(judge: Any, cfg: ServeConfig, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run a batch of jobs on a loaded Judge; a result (or an error and status) per job."""
+    from ..backends.base import Request
+    from ..decoding import Sampling
+    from ..images import load_image
+    from ..judge import build_request, judgement_of
+
+    built: list[tuple[int, Any, Any]] = []  # (job index, Request, JudgeRequest or None)
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    for i, job in enumerate(jobs):
+        try:
+            sampling = Sampling(**job["sampling"])
+            if job["kind"] == "judge":
+                jr = build_request(job["gt"], job["pred"], job["task"], sampling=sampling,
+                                   free=job["free"], max_errors=job.get("max_errors"),
+                                   image_token_budget=cfg.image_tokens, warn=False)
+                built.append((i, jr.request, jr))
+            else:
+                images = [load_image(b, token_budget=cfg.chat_image_tokens)
+                          for b in job["images"]]
+                built.append((i, Request(images, job["messages"], sampling, job["grammar"]),
+                              None))
+        except VermError as exc:
+            results[i] = {"error": str(exc), "status": 400}
+    todo = built
+    for attempt in range(2):  # an unreadable sampled judgement is asked once more
+        try:
+            gens = judge.generate_all([r for _, r, _ in todo])
+        except Exception as exc:  # noqa: BLE001 - a bug fails this batch, not the worker
+            gens = [VermError(f"internal error: {exc.__class__.__name__}: {exc}")] * len(todo)
+        again = []
+        for (i, req, jr), gen in zip(todo, gens):
+            if isinstance(gen, Exception):
+                results[i] = {"error": str(gen), "status": 500}
+            elif jr is None:
+                results[i] = {"text": gen.text, "finish_reason": gen.finish_reason,
+                              "prompt_tokens": gen.prompt_tokens,
+                              "completion_tokens": gen.completion_tokens}
+            else:
+                last = attempt == 1 or req.sampling.greedy
+                try:
+                    j = judgement_of(jr.task, gen, prompt_source=jr.prompt.source,
+                                     model=judge.backend.info, load_s=judge.backend.load_s,
+                                     unreadable="score" if last else "raise")
+                    results[i] = {"judgement": j.model_dump(mode="json")}
+                except VermError:
+                    again.append((i, Request(req.images, req.messages,
+                                             req.sampling.with_(seed=req.sampling.seed + 1),
+                                             req.grammar), jr))
+        if not again:
+            break
+        todo = again
+    return [r or {"error": "no result", "status": 500} for r in results]
+
+
+class Worker:
+    """The model process and the pipe to it; restarted when it dies."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.ctx = mp.get_context("spawn")
+        self.proc: Any = None
+        self.conn: Any = None
+        self.info: dict[str, Any] = {}
+        self.crash_log: Path | None = None
+
+    def start(self) -> None:
+        parent, child = self.ctx.Pipe()
+        self.crash_log = new_log_path("serve-worker")
+        cfg = self.cfg.model_copy(update={"crash_log": str(self.crash_log)})
+        self.proc = self.ctx.Process(target=_worker_main, args=(cfg, child), daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        kind, info = self._recv(None)
+        if kind != "ready":
+            self.proc.join(5)
+            raise VermError(info if kind == "failed" else "the model worker did not start")
+        self.info = info
+
+    def _recv(self, timeout: float | None) -> Any:
+        while True:
+            if self.conn.poll(0.2):
+                try:
+                    return self.conn.recv()
+                except (EOFError, OSError):
+                    return ("died", self.death())
+            if not self.proc.is_alive():
+                if self.conn.poll(0):
+                    continue
+                return ("died", self.death())
+            if timeout is not None:
+                timeout -= 0.2
+                if timeout <= 0:
+                    return ("died", "the model worker did not answer in time")
+
+    def death(self) -> str:
+        """Why the worker is gone, in one line (a crash names its signal, stage and log)."""
+        self.proc.join(5)
+        code = self.proc.exitcode
+        if code is not None and code < 0:
+            return "the model worker " + crash_report("", -code, self.crash_log).lstrip()
+        return f"the model worker exited (code {code})"
+
+    def run(self, jobs: list[dict[str, Any]], timeout: float) -> Any:
+        """(results, stats), or raise RuntimeError if the worker died or hung."""
+        try:
+            self.conn.send(jobs)
+        except (BrokenPipeError, OSError):
+            raise RuntimeError(self.death()) from None
+        msg = self._recv(timeout)
+        if isinstance(msg, tuple) and msg and msg[0] == "died":
+            raise RuntimeError(msg[1])
+        return msg
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+@dataclass
+class Job:
+    payload: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future = field(default=None)  # type: ignore[assignment]
+    cancelled: bool = False
+
+    def finish(self, result: dict[str, Any]) -> None:
+        def set_result() -> None:
+            if not self.future.done():
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(set_result)
+
+
+class Scheduler:
+    """Bounded queue -> batches of up to `parallel` jobs -> the worker."""
+
+    def __init__(self, cfg: ServeConfig, worker: Worker, metrics: Metrics):
+        self.cfg, self.worker, self.metrics = cfg, worker, metrics
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.queue_size)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="verm-dispatch", daemon=True)
+
+    def submit(self, payload: dict[str, Any]) -> Job:
+        if self.stopping:
+            raise APIError(503, "the server is shutting down")
+        loop = asyncio.get_running_loop()
+        job = Job(payload, loop, loop.create_future())
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise APIError(429, f"the queue is full ({self.cfg.queue_size} waiting); retry "
+                                "later") from None
+        self.metrics.queue_depth.set(self.queue.qsize())
+        return job
+
+    def _take(self) -> list[Job]:
+        try:
+            first = self.queue.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        jobs = [first]
+        window = self.cfg.batch_window
+        deadline = time.monotonic() + 10 * window
+        while len(jobs) < self.cfg.parallel:
+            wait = min(window, deadline - time.monotonic())
+            try:
+                jobs.append(self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait())
+            except queue.Empty:
+                break
+        self.metrics.queue_depth.set(self.queue.qsize())
+        return [j for j in jobs if not j.cancelled]
+
+    def _loop(self) -> None:
+        while not (self.stopping and self.queue.empty()):
+            jobs = self._take()
+            if not jobs:
+                continue
+            self.metrics.in_flight.set(len(jobs))
+            try:
+                results, stats = self.worker.run([j.payload for j in jobs],
+                                                 self.cfg.timeout * 2 + 60)
+                self.metrics.worker_stats(stats)
+                self.metrics.batches.inc()
+                self.metrics.batched_requests.inc(len(jobs))
+            except RuntimeError as exc:
+                results = [{"error": f"{exc}; the request failed and the worker was restarted",
+                            "status": 500}] * len(jobs)
+                self._restart(str(exc))
+            self.metrics.in_flight.set(0)
+            for job, res in zip(jobs, results):
+                job.finish(res)
+
+    def _restart(self, why: str) -> None:
+        self.metrics.restarted()
+        code = self.worker.proc.exitcode if self.worker.proc is not None else None
+        if code is not None and code < 0:
+            from ..crash import signal_name
+
+            self.metrics.worker_crashes.labels(signal_name(-code)).inc()
+        log.error("%s; restarting it", why)
+        self.worker.stop()
+        while not self.stopping:
+            try:
+                self.worker.start()
+                return
+            except VermError as exc:
+                log.error("restart failed: %s", exc)
+                time.sleep(1)

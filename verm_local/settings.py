@@ -1,0 +1,131 @@
+"""Every environment variable verm-local reads, declared once with its default and a
+one-line description (`verm-local doctor` lists them with their current values).
+
+Nothing else in the package reads or writes the environment: modules ask `settings()`
+for the values, and `child_env()` / `export_default()` are the only ways a variable is
+handed to another program or library. Settings are read afresh on each call (cheap), so a
+changed environment (tests, `monkeypatch.setenv`) is seen at once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import InputError
+
+PREFIX = "VERM_LOCAL_"
+
+
+class Settings(BaseSettings):
+    """verm-local's environment. Field `x` is read from `VERM_LOCAL_X` unless it says
+    otherwise."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore",
+                                      populate_by_name=True)
+
+    home: Path | None = Field(
+        None, description="The model store (default: the user cache dir + /models).")
+    cache: Path | None = Field(
+        None, description="Cache for build inputs (llama.cpp sources) and crash logs "
+                          "(default: the user cache dir).")
+    model: str | None = Field(
+        None, description="Model for judge and serve when --model is not given.")
+    repo: str | None = Field(
+        None, description="Hugging Face repository of prebuilt quantized variants.")
+    sdist: Path | None = Field(
+        None, description="A llama-cpp-python sdist tarball to take llama.cpp's converter "
+                          "from (default: fetched once with pip).")
+    repack: Literal["auto", "on", "off"] = Field(
+        "auto", description="llama.cpp weight repacking / extra buffer types (AMX): auto "
+                            "(off on CPUs with AMX), on or off; --repack/--no-repack win.")
+    api_key: str | None = Field(
+        None, description="serve: require `Authorization: Bearer KEY` on /v1 and /metrics.")
+    prompts_url: str = Field(
+        "https://raw.githubusercontent.com/InternLM/Visual-ERM",
+        description="Where pull fetches the authors' files with the training prompts "
+                    "(a mirror of raw.githubusercontent.com/<owner>/<repo>).")
+    browser: str | None = Field(
+        None, description="Chromium/Chrome binary that renders predicted HTML tables for "
+                          "compute_score (default: found on PATH).")
+    reward_scale: float | None = Field(
+        None, gt=0, description="chart/svg reward: the S divisor (default 50).")
+    parse_fail_severity: float | None = Field(
+        None, description="chart/svg reward: S for an answer unreadable after its tries "
+                          "(default 25).")
+    render_fail_reward: float | None = Field(
+        None, description="chart/svg reward for no code, a failed or an all-white render "
+                          "(default 0.0).")
+    table_fail_reward: float | None = Field(
+        None, description="table reward for an unreadable answer or any failure "
+                          "(default -4).")
+    debug: bool = Field(False, description="Show tracebacks of internal errors.")
+    crash_test: str | None = Field(
+        None, description="Testing only: raise this signal (SEGV, ABRT, ILL, BUS) at the "
+                          "first native step, to check crash reporting.")
+    openai_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_API_KEY"),
+        description="OPENAI_API_KEY: key for the LLM matcher of bench agreement.")
+    github_step_summary: Path | None = Field(
+        None, validation_alias=AliasChoices("GITHUB_STEP_SUMMARY"),
+        description="GITHUB_STEP_SUMMARY: bench latency appends its table and verdict here.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`VAR=` (set but empty) means the default, as a shell user expects."""
+        return None if value == "" else value
+
+
+def settings() -> Settings:
+    """The current settings (read from the environment now). A malformed value is the
+    user's to fix: one InputError naming the variable."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = PREFIX + str(err["loc"][0]).upper() if err.get("loc") else "environment"
+        raise InputError(f"{name}: {err['msg']}") from None
+
+
+def describe() -> list[dict[str, str]]:
+    """Every variable: name, current value (secrets masked), default, description."""
+    current = settings()
+    rows = []
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        env = alias.choices[0] if isinstance(alias, AliasChoices) else PREFIX + name.upper()
+        value = getattr(current, name)
+        if value is not None and ("key" in name or "token" in name):
+            value = "***"
+        rows.append({"variable": env, "value": "" if value is None else str(value),
+                     "default": "" if field.default is None else str(field.default),
+                     "description": field.description or ""})
+    return rows
+
+
+def child_env(**extra: str | None) -> dict[str, str]:
+    """This process's environment for a child program, with `extra` set (None: removed)."""
+    env = dict(os.environ)
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def export_default(name: str, value: str) -> None:
+    """Set a variable a library reads (GPTQModel's worker count, tokenizers' threads)
+    unless the user set it."""
+    os.environ.setdefault(name, value)
+
+
+def environ(name: str) -> str | None:
+    """A variable of another program, read for a child's command line (PYTHONPATH)."""
+    return os.environ.get(name)
