@@ -118,7 +118,7 @@ def measure_stock(model: str, gt: str, pred: str, task: str, repeat: int, thread
                  else [{"type": "image_url", "image_url": {"url": data_url(next(images))}}
                        if p.get("type") == "image" else p for p in m["content"]]}
                 for m in jr.request.messages]
-    use_repack, _ = repack_choice(repack)
+    use_repack, _ = repack_choice(repack, resolved.quant)
     t0 = time.perf_counter()
     handler = MTMDChatHandler(clip_model_path=str(resolved.mmproj), verbose=False)
     with _model_params(use_extra_bufts=use_repack):

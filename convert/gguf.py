@@ -223,11 +223,10 @@ def convert_gguf(
         from verm_local.backends.llamacpp import repack_choice
         from verm_local.backends.native import check_runs
 
-        use, _ = repack_choice(repack)
-        steps.start(f"check that each model runs here ({'repacked' if use else 'plain'} weights)")
+        steps.start("check that each model runs here")
         for e in entries:
             if e["kind"] == "text":
-                check_runs(out_dir / e["file"], use)
+                check_runs(out_dir / e["file"], repack_choice(repack, e["quant"])[0])
         steps.done(out_dir / entries[-1]["file"])
 
     steps.start("manifest with sha256")

@@ -60,11 +60,24 @@ def test_amx_cpu_loads_without_extra_buffer_types():
     assert plan.repack is False and plan.repack_reason == why
 
 
-@pytest.mark.parametrize("machine", ["amd-epyc-dev", "graviton3-arm64", "apple"])
-def test_other_cpus_follow_the_measured_default(machine):
-    hw = APPLE_M2 if machine == "apple" else record(machine)
-    use, why = repack_decision(hw.cpu_flags)
+def test_avx512_cpus_follow_the_measured_figures():
+    """On this project's AVX-512 EPYC, `bench latency --compare-repack` measured Q4_K_M
+    faster plain (prefill-bound judgements) and Q8_0 faster repacked (decode)."""
+    amd = record("amd-epyc-dev")
+    use, why = repack_decision(amd.cpu_flags, quant="Q4_K_M")
+    assert use is False and "measured" in why and "prefill" in why
+    use, why = repack_decision(amd.cpu_flags, quant="Q8_0")
     assert use is True and "measured" in why
+    assert select_plan(amd).repack is False  # the CPU plan is Q4_K_M
+    assert select_plan(amd, variant="gguf-q8_0").repack is True
+
+
+@pytest.mark.parametrize("machine", ["graviton3-arm64", "apple"])
+def test_other_cpus_keep_llama_cpp_default(machine):
+    hw = APPLE_M2 if machine == "apple" else record(machine)
+    for quant in ("Q4_K_M", "Q8_0"):
+        use, why = repack_decision(hw.cpu_flags, quant=quant)
+        assert use is True and "default" in why
     assert select_plan(hw).repack is True
 
 
@@ -82,10 +95,10 @@ def test_environment_override_reaches_the_backend_choice(monkeypatch):
     from verm_local.backends.llamacpp import repack_choice
 
     monkeypatch.setenv("VERM_LOCAL_REPACK", "off")
-    assert repack_choice(None)[0] is False
+    assert repack_choice(None, "Q8_0")[0] is False
     assert repack_choice(True)[0] is True  # the flag wins over the environment
     monkeypatch.setenv("VERM_LOCAL_REPACK", "on")
-    assert repack_choice(None)[0] is True
+    assert repack_choice(None, "Q4_K_M")[0] is True
     monkeypatch.setenv("VERM_LOCAL_REPACK", "maybe")
     with pytest.raises(InputError, match="VERM_LOCAL_REPACK"):
         repack_choice(None)

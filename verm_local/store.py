@@ -189,8 +189,9 @@ def check_variant(name: str, path: Path, repack: bool | None = None) -> None:
     from .backends.native import check_runs
     from .modelref import resolve_model
 
-    use, _ = repack_choice(repack)
-    check_runs(resolve_model(path).path, use)
+    resolved = resolve_model(path)
+    use, _ = repack_choice(repack, resolved.quant)
+    check_runs(resolved.path, use)
     log(f"{name} runs on this machine ({'repacked' if use else 'plain'} weights)")
 
 def pull(name: str, *, repo: str | None = None, revision: str | None = None,

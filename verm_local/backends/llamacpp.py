@@ -86,16 +86,16 @@ def _text_tokens(mtmd: Any, chunk: Any) -> list[int]:
     return [ptr[j] for j in range(n.value)]
 
 
-def repack_choice(repack: bool | None) -> tuple[bool, str]:
-    """Whether to load with llama.cpp's extra buffer types, and why (the CPU's record and
-    the override: `select.repack_decision`)."""
+def repack_choice(repack: bool | None, quant: str | None = None) -> tuple[bool, str]:
+    """Whether to load a model of `quant` with llama.cpp's extra buffer types, and why (the
+    CPU's record and the override: `select.repack_decision`)."""
     from ..hardware import probe_cpu
     from ..select import repack_decision
     from ..settings import settings
 
     _, flags, _ = probe_cpu()
     override = repack if repack is not None else settings().repack
-    return repack_decision(flags, override)
+    return repack_decision(flags, override, quant)
 
 
 class LlamaCppBackend:
@@ -130,7 +130,7 @@ class LlamaCppBackend:
         lc, mtmd = native.init()
         self.lc, self.mtmd, self.verbose = lc, mtmd, verbose
         self.vision = vision  # an external encoder (vision_onnx.OnnxVision) or None: mmproj
-        self.repack, self.repack_reason = repack_choice(repack)
+        self.repack, self.repack_reason = repack_choice(repack, model.quant)
         self.n_ctx = n_ctx
         self.parallel = parallel
         self._grammars: dict[str, str | None] = {}
