@@ -10,10 +10,9 @@ are injected), several per pair, some pairs with none. Deterministic for a seed.
 
 from __future__ import annotations
 
-import logging
-
 import copy
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,23 +43,38 @@ def _typo(word: str, rng: random.Random) -> str:
     if len(word) < 3:
         return word + "x"
     i = rng.randrange(1, len(word) - 1)
-    return word[:i] + word[i + 1] + word[i] + word[i + 2:] if word[i] != word[i + 1] else \
-        word[:i] + "x" + word[i + 1:]
+    return (
+        word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+        if word[i] != word[i + 1]
+        else word[:i] + "x" + word[i + 1 :]
+    )
 
 
 def _err(category: str, severity: int, location: str, description: str) -> dict[str, Any]:
-    return {"category": category, "severity": severity, "location": location,
-            "description": description}
+    return {
+        "category": category,
+        "severity": severity,
+        "location": location,
+        "description": description,
+    }
 
 
 # ---------------------------------------------------------------- charts (matplotlib)
 
+
 def chart_spec(rng: random.Random) -> dict[str, Any]:
     n = rng.randint(4, 6)
-    series = [{"name": name, "values": [rng.randint(2, 20) for _ in range(n)], "colour": c}
-              for name, c in zip(rng.sample(NAMES, 2), rng.sample(COLOURS, 2))]
-    return {"kind": rng.choice(["bar", "line"]), "title": f"{rng.choice(WORDS)} by quarter",
-            "labels": [f"Q{i + 1}" for i in range(n)], "series": series, "legend": True}
+    series = [
+        {"name": name, "values": [rng.randint(2, 20) for _ in range(n)], "colour": c}
+        for name, c in zip(rng.sample(NAMES, 2), rng.sample(COLOURS, 2))
+    ]
+    return {
+        "kind": rng.choice(["bar", "line"]),
+        "title": f"{rng.choice(WORDS)} by quarter",
+        "labels": [f"Q{i + 1}" for i in range(n)],
+        "series": series,
+        "legend": True,
+    }
 
 
 def _chart_errors(spec: dict, rng: random.Random) -> dict[str, Callable[[], dict]]:
@@ -71,14 +85,19 @@ def _chart_errors(spec: dict, rng: random.Random) -> dict[str, Callable[[], dict
         i = rng.randrange(len(s["values"]))
         old = s["values"][i]
         s["values"][i] = old + rng.choice([-1, 1]) * max(3, old // 2)
-        return _err("data_error", 2, f"{s['name']} at {spec['labels'][i]}",
-                    f"value {old} became {s['values'][i]}")
+        return _err(
+            "data_error",
+            2,
+            f"{s['name']} at {spec['labels'][i]}",
+            f"value {old} became {s['values'][i]}",
+        )
 
     def colour():
         s = spec["series"][0]
         old = s["colour"]
-        s["colour"] = rng.choice([c for c in COLOURS if c not in
-                                  [x["colour"] for x in spec["series"]]])
+        s["colour"] = rng.choice(
+            [c for c in COLOURS if c not in [x["colour"] for x in spec["series"]]]
+        )
         return _err("style_error", 1, f"{s['name']} series", f"colour {old} became {s['colour']}")
 
     def title():
@@ -94,8 +113,7 @@ def _chart_errors(spec: dict, rng: random.Random) -> dict[str, Callable[[], dict
         gone = spec["series"].pop()
         return _err("structure_error", 3, f"{gone['name']} series", "a whole series is missing")
 
-    return {"value": value, "colour": colour, "title": title, "legend": legend,
-            "series": series}
+    return {"value": value, "colour": colour, "title": title, "legend": legend, "series": series}
 
 
 def render_chart(spec: dict, path: Path) -> None:
@@ -109,8 +127,9 @@ def render_chart(spec: dict, path: Path) -> None:
     width = 0.8 / max(1, len(spec["series"]))
     for k, s in enumerate(spec["series"]):
         if spec["kind"] == "bar":
-            ax.bar([i + k * width for i in x], s["values"], width, color=s["colour"],
-                   label=s["name"])
+            ax.bar(
+                [i + k * width for i in x], s["values"], width, color=s["colour"], label=s["name"]
+            )
         else:
             ax.plot(x, s["values"], color=s["colour"], marker="o", label=s["name"])
     ax.set_xticks(x, spec["labels"])
@@ -124,9 +143,12 @@ def render_chart(spec: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------- tables (matplotlib)
 
+
 def table_spec(rng: random.Random) -> dict[str, Any]:
-    rows = [[name, str(rng.randint(10, 999)), f"{rng.uniform(0, 99):.1f}"]
-            for name in rng.sample(NAMES, 4)]
+    rows = [
+        [name, str(rng.randint(10, 999)), f"{rng.uniform(0, 99):.1f}"]
+        for name in rng.sample(NAMES, 4)
+    ]
     return {"header": ["Name", rng.choice(WORDS), "Share %"], "rows": rows}
 
 
@@ -136,15 +158,20 @@ def _table_errors(spec: dict, rng: random.Random) -> dict[str, Callable[[], dict
         old = spec["rows"][r][c]
         new = str(int(old) + rng.randint(1, 9) * 10)
         spec["rows"][r][c] = new
-        return _err("numeric_error", 2, f"row {spec['rows'][r][0]}, column {spec['header'][c]}",
-                    f"{old} became {new}")
+        return _err(
+            "numeric_error",
+            2,
+            f"row {spec['rows'][r][0]}, column {spec['header'][c]}",
+            f"{old} became {new}",
+        )
 
     def typo():
         r = len(spec["rows"]) - 1
         old = spec["rows"][r][0]
         spec["rows"][r][0] = _typo(old, rng)
-        return _err("text_error", 1, f"row {old}, column Name",
-                    f"'{old}' became '{spec['rows'][r][0]}'")
+        return _err(
+            "text_error", 1, f"row {old}, column Name", f"'{old}' became '{spec['rows'][r][0]}'"
+        )
 
     def swap():
         a, b = rng.sample(range(len(spec["rows"])), 2)
@@ -169,8 +196,9 @@ def render_table(spec: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(SIZE_PX[0] / 64, SIZE_PX[1] / 64), dpi=64)
     ax.axis("off")
-    table = ax.table(cellText=spec["rows"], colLabels=spec["header"], loc="center",
-                     cellLoc="center")
+    table = ax.table(
+        cellText=spec["rows"], colLabels=spec["header"], loc="center", cellLoc="center"
+    )
     table.scale(1, 1.6)
     fig.savefig(path, dpi=64)
     plt.close(fig)
@@ -178,12 +206,20 @@ def render_table(spec: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------- SVG (cairosvg)
 
+
 def svg_spec(rng: random.Random) -> dict[str, Any]:
     shapes = []
     for i, kind in enumerate(rng.sample(["circle", "rect", "triangle", "ellipse"], 3)):
-        shapes.append({"kind": kind, "x": 50 + i * 110, "y": rng.randint(70, 150),
-                       "w": rng.randint(50, 80), "h": rng.randint(50, 80),
-                       "fill": rng.choice(COLOURS)})
+        shapes.append(
+            {
+                "kind": kind,
+                "x": 50 + i * 110,
+                "y": rng.randint(70, 150),
+                "w": rng.randint(50, 80),
+                "h": rng.randint(50, 80),
+                "fill": rng.choice(COLOURS),
+            }
+        )
     return {"shapes": shapes, "label": rng.choice(WORDS)}
 
 
@@ -196,13 +232,17 @@ def _svg_errors(spec: dict, rng: random.Random) -> dict[str, Callable[[], dict]]
     def distort():
         s = rng.choice(spec["shapes"][:2])
         s["w"] = int(s["w"] * 1.8)
-        return _err("shape_error", 2, f"{s['kind']} at x={s['x']}", "the shape is distorted (width x1.8)")
+        return _err(
+            "shape_error", 2, f"{s['kind']} at x={s['x']}", "the shape is distorted (width x1.8)"
+        )
 
     def fill():
         s = rng.choice(spec["shapes"][:2])
         old = s["fill"]
         s["fill"] = rng.choice([c for c in COLOURS if c != old])
-        return _err("style_error", 1, f"{s['kind']} at x={s['x']}", f"fill {old} became {s['fill']}")
+        return _err(
+            "style_error", 1, f"{s['kind']} at x={s['x']}", f"fill {old} became {s['fill']}"
+        )
 
     def text():
         old = spec["label"]
@@ -213,26 +253,33 @@ def _svg_errors(spec: dict, rng: random.Random) -> dict[str, Callable[[], dict]]
         s = rng.choice(spec["shapes"][:2])
         old = s["y"]
         s["y"] = old + 90 if old < 150 else old - 90
-        return _err("structure_error", 2, f"{s['kind']} at x={s['x']}",
-                    f"moved from y={old} to y={s['y']}")
+        return _err(
+            "structure_error", 2, f"{s['kind']} at x={s['x']}", f"moved from y={old} to y={s['y']}"
+        )
 
     return {"missing": missing, "distort": distort, "fill": fill, "text": text, "move": move}
 
 
 def svg_text(spec: dict) -> str:
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{SIZE_PX[0]}" '
-             f'height="{SIZE_PX[1]}"><rect width="100%" height="100%" fill="white"/>',
-             f'<text x="150" y="36" font-size="24" font-family="sans-serif">{spec["label"]}</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{SIZE_PX[0]}" '
+        f'height="{SIZE_PX[1]}"><rect width="100%" height="100%" fill="white"/>',
+        f'<text x="150" y="36" font-size="24" font-family="sans-serif">{spec["label"]}</text>',
+    ]
     for s in spec["shapes"]:
         x, y, w, h, f = s["x"], s["y"], s["w"], s["h"], s["fill"]
         if s["kind"] == "circle":
             parts.append(f'<circle cx="{x}" cy="{y}" r="{w // 2}" fill="{f}" stroke="black"/>')
         elif s["kind"] == "ellipse":
-            parts.append(f'<ellipse cx="{x}" cy="{y}" rx="{w // 2}" ry="{h // 3}" fill="{f}" '
-                         'stroke="black"/>')
+            parts.append(
+                f'<ellipse cx="{x}" cy="{y}" rx="{w // 2}" ry="{h // 3}" fill="{f}" '
+                'stroke="black"/>'
+            )
         elif s["kind"] == "rect":
-            parts.append(f'<rect x="{x - w // 2}" y="{y - h // 2}" width="{w}" height="{h}" '
-                         f'fill="{f}" stroke="black"/>')
+            parts.append(
+                f'<rect x="{x - w // 2}" y="{y - h // 2}" width="{w}" height="{h}" '
+                f'fill="{f}" stroke="black"/>'
+            )
         else:
             pts = f"{x},{y - h // 2} {x - w // 2},{y + h // 2} {x + w // 2},{y + h // 2}"
             parts.append(f'<polygon points="{pts}" fill="{f}" stroke="black"/>')
@@ -265,8 +312,13 @@ def make_pair(task: str, rng: random.Random, n_errors: int) -> tuple[dict, dict,
     return gt, pred, [injectors[k]() for k in kinds]
 
 
-def synthetic(out_dir: str | Path, n: int = 12, seed: int = 0,
-              tasks: tuple[str, ...] = TASKS, quiet: bool = False) -> Path:
+def synthetic(
+    out_dir: str | Path,
+    n: int = 12,
+    seed: int = 0,
+    tasks: tuple[str, ...] = TASKS,
+    quiet: bool = False,
+) -> Path:
     """Write `n` labelled pairs (round-robin over tasks) and data.jsonl; return the jsonl."""
     for t in tasks:
         if t not in TASKS:
@@ -283,10 +335,17 @@ def synthetic(out_dir: str | Path, n: int = 12, seed: int = 0,
         render = GENERATORS[task][2]
         for spec, side in ((gt, "gt"), (pred, "pred")):
             render(spec, out / "images" / f"{item_id}_{side}.png")
-        rows.append({"id": item_id, "category": task,
-                     "gt_img_path": f"images/{item_id}_gt.png",
-                     "pred_img_path": f"images/{item_id}_pred.png",
-                     "human_errors": errors, "source": "synthetic", "seed": seed})
+        rows.append(
+            {
+                "id": item_id,
+                "category": task,
+                "gt_img_path": f"images/{item_id}_gt.png",
+                "pred_img_path": f"images/{item_id}_pred.png",
+                "human_errors": errors,
+                "source": "synthetic",
+                "seed": seed,
+            }
+        )
         if not quiet:
             log.info("[%d/%d] %s: %d injected errors", i + 1, n, item_id, len(errors))
     path = out / DATA_FILE
@@ -298,6 +357,7 @@ def synthetic(out_dir: str | Path, n: int = 12, seed: int = 0,
 
 # ---------------------------------------------------------------- loading
 
+
 def _task_of(row: dict) -> str:
     raw = str(row.get("category") or row.get("task") or "").lower()
     for task in TASKS:
@@ -307,10 +367,12 @@ def _task_of(row: dict) -> str:
 
 
 def _normal_error(e: dict) -> dict:
-    return {"category": str(e.get("category") or e.get("type") or ""),
-            "severity": int(e.get("severity", 1) or 1),
-            "location": str(e.get("location", "") or ""),
-            "description": str(e.get("description", "") or "")}
+    return {
+        "category": str(e.get("category") or e.get("type") or ""),
+        "severity": int(e.get("severity", 1) or 1),
+        "location": str(e.get("location", "") or ""),
+        "description": str(e.get("description", "") or ""),
+    }
 
 
 def load_items(source: str | Path, limit: int | None = None) -> list[Item]:
@@ -324,8 +386,10 @@ def load_items(source: str | Path, limit: int | None = None) -> list[Item]:
             try:
                 path = Path(snapshot_download(str(source), repo_type="dataset"))
             except Exception as exc:  # noqa: BLE001 - one line for any hub failure
-                raise InputError(f"{source}: not a local directory, and the hub dataset could "
-                                 f"not be fetched ({exc.__class__.__name__})") from None
+                raise InputError(
+                    f"{source}: not a local directory, and the hub dataset could "
+                    f"not be fetched ({exc.__class__.__name__})"
+                ) from None
         else:
             raise InputError(f"{source}: no such data directory")
     if path.is_dir():
@@ -343,9 +407,15 @@ def load_items(source: str | Path, limit: int | None = None) -> list[Item]:
                 continue
             try:
                 row = json.loads(line)
-                items.append(Item(str(row["id"]), _task_of(row), base / row["gt_img_path"],
-                                  base / row["pred_img_path"],
-                                  [_normal_error(e) for e in row.get("human_errors") or []]))
+                items.append(
+                    Item(
+                        str(row["id"]),
+                        _task_of(row),
+                        base / row["gt_img_path"],
+                        base / row["pred_img_path"],
+                        [_normal_error(e) for e in row.get("human_errors") or []],
+                    )
+                )
             except (KeyError, ValueError, TypeError) as exc:
                 raise InputError(f"{jsonl}:{n}: not a VC-RewardBench row ({exc})") from None
             if limit and len(items) >= limit:

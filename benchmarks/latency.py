@@ -12,12 +12,11 @@ process of its own (greedy, or --rl-sampling), and `shared_ratio` = batched / in
 
 from __future__ import annotations
 
-import logging
-
 import base64
 import contextlib
 import io
 import json
+import logging
 import resource
 import statistics
 import subprocess
@@ -58,14 +57,27 @@ def _judge_once(judge: Any, gt: Any, pred: Any, task: str, sampling: Any) -> Any
     return judge.last_generation
 
 
-def measure_verm(model: str, gt: str, pred: str, task: str, repeat: int, threads: int | None,
-                 image_tokens: int | None, max_tokens: int | None,
-                 repack: bool | None = None) -> dict[str, Any]:
+def measure_verm(
+    model: str,
+    gt: str,
+    pred: str,
+    task: str,
+    repeat: int,
+    threads: int | None,
+    image_tokens: int | None,
+    max_tokens: int | None,
+    repack: bool | None = None,
+) -> dict[str, Any]:
     from verm_local.judge import Judge
 
     t0 = time.perf_counter()
-    judge = Judge(model, threads=threads, image_token_budget=image_tokens, max_tokens=max_tokens,
-                  repack=repack)
+    judge = Judge(
+        model,
+        threads=threads,
+        image_token_budget=image_tokens,
+        max_tokens=max_tokens,
+        repack=repack,
+    )
     load_wall = time.perf_counter() - t0
     images = [judge.prepare(gt, task, "gt"), judge.prepare(pred, task, "pred")]
     sampling = judge.sampling(task)
@@ -76,21 +88,42 @@ def measure_verm(model: str, gt: str, pred: str, task: str, repeat: int, threads
         gen = _judge_once(judge, *images, task, sampling)
         e2e = time.perf_counter() - t
         n = max(1, gen.completion_tokens)
-        runs.append({"vision_s": gen.vision_s, "text_prefill_s": gen.prefill_s - gen.vision_s,
-                     "ttft_s": gen.prefill_s + gen.decode_s / n,
-                     "decode_tok_s": n / gen.decode_s if gen.decode_s else 0.0,
-                     "e2e_s": e2e, "completion_tokens": gen.completion_tokens,
-                     "prompt_tokens": gen.prompt_tokens, "cut": gen.finish_reason == "length"})
+        runs.append(
+            {
+                "vision_s": gen.vision_s,
+                "text_prefill_s": gen.prefill_s - gen.vision_s,
+                "ttft_s": gen.prefill_s + gen.decode_s / n,
+                "decode_tok_s": n / gen.decode_s if gen.decode_s else 0.0,
+                "e2e_s": e2e,
+                "completion_tokens": gen.completion_tokens,
+                "prompt_tokens": gen.prompt_tokens,
+                "cut": gen.finish_reason == "length",
+            }
+        )
     info = judge.backend.info.model_dump()
-    used = getattr(judge.backend, "repack", None)
+    used = judge.backend.info.repack
     judge.close()
-    return {"model": info, "load_s": load_wall, "runs": runs, "peak_rss": _peak_rss(),
-            "peak_gpu": _peak_gpu(), "repack": used}
+    return {
+        "model": info,
+        "load_s": load_wall,
+        "runs": runs,
+        "peak_rss": _peak_rss(),
+        "peak_gpu": _peak_gpu(),
+        "repack": used,
+    }
 
 
-def measure_stock(model: str, gt: str, pred: str, task: str, repeat: int, threads: int | None,
-                  image_tokens: int | None, max_tokens: int | None,
-                  repack: bool | None = None) -> dict[str, Any]:
+def measure_stock(
+    model: str,
+    gt: str,
+    pred: str,
+    task: str,
+    repeat: int,
+    threads: int | None,
+    image_tokens: int | None,
+    max_tokens: int | None,
+    repack: bool | None = None,
+) -> dict[str, Any]:
     """llama-cpp-python's own multimodal path: Llama + MTMDChatHandler + response_format,
     on the same request (messages, prepared images, answer schema, greedy decoding)."""
     from llama_cpp import Llama
@@ -114,25 +147,45 @@ def measure_stock(model: str, gt: str, pred: str, task: str, repeat: int, thread
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
     images = iter(jr.request.images)
-    messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
-                 else [{"type": "image_url", "image_url": {"url": data_url(next(images))}}
-                       if p.get("type") == "image" else p for p in m["content"]]}
-                for m in jr.request.messages]
+    messages = [
+        {
+            "role": m["role"],
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else [
+                {"type": "image_url", "image_url": {"url": data_url(next(images))}}
+                if p.get("type") == "image"
+                else p
+                for p in m["content"]
+            ],
+        }
+        for m in jr.request.messages
+    ]
     use_repack, _ = repack_choice(repack, resolved.quant)
     t0 = time.perf_counter()
     handler = MTMDChatHandler(clip_model_path=str(resolved.mmproj), verbose=False)
     with _model_params(use_extra_bufts=use_repack):
-        llama = Llama(model_path=str(resolved.path), chat_handler=handler, verbose=False,
-                      n_ctx=task_context(task, image_tokens, sampling.max_tokens),
-                      n_threads=threads, n_gpu_layers=0, seed=0)
+        llama = Llama(
+            model_path=str(resolved.path),
+            chat_handler=handler,
+            verbose=False,
+            n_ctx=task_context(task, image_tokens, sampling.max_tokens),
+            n_threads=threads,
+            n_gpu_layers=0,
+            seed=0,
+        )
     load_s = time.perf_counter() - t0
     fmt = {"type": "json_object", "schema": answer_schema(task, sampling.max_tokens)}
 
     def once() -> tuple[float, int]:
         t = time.perf_counter()
-        out = llama.create_chat_completion(messages=messages, response_format=fmt,
-                                           temperature=0.0, max_tokens=sampling.max_tokens,
-                                           repeat_penalty=sampling.repeat_penalty)
+        out = llama.create_chat_completion(
+            messages=messages,
+            response_format=fmt,
+            temperature=0.0,
+            max_tokens=sampling.max_tokens,
+            repeat_penalty=sampling.repeat_penalty,
+        )
         return time.perf_counter() - t, int(out["usage"]["completion_tokens"])
 
     once()  # warm-up
@@ -162,8 +215,9 @@ def _model_params(**fields: Any) -> Iterator[None]:
         bindings.llama_model_default_params = original
 
 
-def _variants(pred: str, n: int, image_tokens: int | None, task: str = "chart",
-              role: str = "pred") -> list[Any]:
+def _variants(
+    pred: str, n: int, image_tokens: int | None, task: str = "chart", role: str = "pred"
+) -> list[Any]:
     """N distinct predictions from PRED: each with a small box drawn at its own place."""
     from PIL import ImageDraw
 
@@ -182,10 +236,13 @@ def _variants(pred: str, n: int, image_tokens: int | None, task: str = "chart",
     return out
 
 
-def _shared_setup(pred: str, gt: str, predictions: int, image_tokens: int | None,
-                  task: str = "chart") -> tuple[list[Any], list[Any]]:
-    return (_variants(pred, predictions, image_tokens, task),
-            _variants(gt, 2, image_tokens, task, "gt"))
+def _shared_setup(
+    pred: str, gt: str, predictions: int, image_tokens: int | None, task: str = "chart"
+) -> tuple[list[Any], list[Any]]:
+    return (
+        _variants(pred, predictions, image_tokens, task),
+        _variants(gt, 2, image_tokens, task, "gt"),
+    )
 
 
 def _sampling(task: str, max_tokens: int | None, rl: bool) -> Any:
@@ -196,10 +253,19 @@ def _sampling(task: str, max_tokens: int | None, rl: bool) -> Any:
     return decoding(task, "rl" if rl else "default", max_tokens)
 
 
-def measure_independent(model: str, gt: str, pred: str, task: str, repeat: int,
-                        threads: int | None, image_tokens: int | None, max_tokens: int | None,
-                        predictions: int = 8, rl: bool = False,
-                        repack: bool | None = None) -> dict[str, Any]:
+def measure_independent(
+    model: str,
+    gt: str,
+    pred: str,
+    task: str,
+    repeat: int,
+    threads: int | None,
+    image_tokens: int | None,
+    max_tokens: int | None,
+    predictions: int = 8,
+    rl: bool = False,
+    repack: bool | None = None,
+) -> dict[str, Any]:
     """N predictions against one ground truth as N independent judge calls (one model, one
     request at a time), after a warm-up on other images; best of `repeat`."""
     from verm_local.judge import Judge
@@ -207,8 +273,13 @@ def measure_independent(model: str, gt: str, pred: str, task: str, repeat: int,
     preds, warm = _shared_setup(pred, gt, predictions, image_tokens, task)
     sampling = _sampling(task, max_tokens, rl)
 
-    with Judge(model, threads=threads, image_token_budget=image_tokens,
-               max_tokens=max_tokens, repack=repack) as j:
+    with Judge(
+        model,
+        threads=threads,
+        image_token_budget=image_tokens,
+        max_tokens=max_tokens,
+        repack=repack,
+    ) as j:
         gt_img = j.prepare(gt, task)
         _judge_once(j, warm[0], warm[1], task, sampling)
         runs = []
@@ -222,10 +293,19 @@ def measure_independent(model: str, gt: str, pred: str, task: str, repeat: int,
     return min(runs, key=lambda r: r["s"])
 
 
-def measure_batched(model: str, gt: str, pred: str, task: str, repeat: int,
-                    threads: int | None, image_tokens: int | None, max_tokens: int | None,
-                    predictions: int = 8, rl: bool = False,
-                    repack: bool | None = None) -> dict[str, Any]:
+def measure_batched(
+    model: str,
+    gt: str,
+    pred: str,
+    task: str,
+    repeat: int,
+    threads: int | None,
+    image_tokens: int | None,
+    max_tokens: int | None,
+    predictions: int = 8,
+    rl: bool = False,
+    repack: bool | None = None,
+) -> dict[str, Any]:
     """The same N predictions as one `judge_many` batch (ground truth encoded once, answers
     decoded together), after a warm-up on other images; best of `repeat`. The ground
     truth's cached prefix is dropped before each run, so each run evaluates it once."""
@@ -233,8 +313,15 @@ def measure_batched(model: str, gt: str, pred: str, task: str, repeat: int,
 
     preds, warm = _shared_setup(pred, gt, predictions, image_tokens, task)
     sampling = _sampling(task, max_tokens, rl)
-    with Judge(model, threads=threads, image_token_budget=image_tokens, max_tokens=max_tokens,
-               parallel=predictions, prefix_cache=1, repack=repack) as j:
+    with Judge(
+        model,
+        threads=threads,
+        image_token_budget=image_tokens,
+        max_tokens=max_tokens,
+        parallel=predictions,
+        prefix_cache=1,
+        repack=repack,
+    ) as j:
         gt_img = j.prepare(gt, task)
         j.judge_many([(warm[0], warm[1], task)])
         engine = j.backend.batch
@@ -243,14 +330,20 @@ def measure_batched(model: str, gt: str, pred: str, task: str, repeat: int,
             engine.reset()
             t = time.perf_counter()
             res = j.judge_many([(gt_img, p, task) for p in preds], sampling=sampling)
-            runs.append({"s": time.perf_counter() - t, "tokens": engine.last_tokens,
-                         "decode_s": engine.last_decode_s,
-                         "failed": sum(isinstance(r, Exception) for r in res)})
+            runs.append(
+                {
+                    "s": time.perf_counter() - t,
+                    "tokens": engine.last_tokens,
+                    "decode_s": engine.last_decode_s,
+                    "failed": sum(isinstance(r, Exception) for r in res),
+                }
+            )
     return min(runs, key=lambda r: r["s"])
 
 
-def shared_summary(ind: dict[str, Any], bat: dict[str, Any], predictions: int,
-                   rl: bool = False) -> dict[str, Any]:
+def shared_summary(
+    ind: dict[str, Any], bat: dict[str, Any], predictions: int, rl: bool = False
+) -> dict[str, Any]:
     """The ratio, and where it comes from: the prompts' evaluation (vision, prefill; the
     ground truth's share is what reuse saves) and the decode rate (what batching buys:
     on a GPU an N-row step costs about one row's; on a small CPU about N rows')."""
@@ -258,18 +351,27 @@ def shared_summary(ind: dict[str, Any], bat: dict[str, Any], predictions: int,
     def rate(r: dict[str, Any]) -> float:
         return r["tokens"] / r["decode_s"] if r["decode_s"] > 0 else 0.0
 
-    out = {"predictions": predictions, "sampling": "rl" if rl else "greedy",
-           "independent_s": ind["s"], "batched_s": bat["s"],
-           "ratio": bat["s"] / ind["s"], "independent_tokens": ind["tokens"],
-           "batched_tokens": bat["tokens"], "failed": bat["failed"],
-           "ratio_per_token": (bat["s"] / max(bat["tokens"], 1))
-           / (ind["s"] / max(ind["tokens"], 1)),
-           "independent_prompt_s": ind["s"] - ind["decode_s"],
-           "batched_prompt_s": bat["s"] - bat["decode_s"],
-           "independent_decode_tok_s": rate(ind), "batched_decode_tok_s": rate(bat)}
+    out = {
+        "predictions": predictions,
+        "sampling": "rl" if rl else "greedy",
+        "independent_s": ind["s"],
+        "batched_s": bat["s"],
+        "ratio": bat["s"] / ind["s"],
+        "independent_tokens": ind["tokens"],
+        "batched_tokens": bat["tokens"],
+        "failed": bat["failed"],
+        "ratio_per_token": (bat["s"] / max(bat["tokens"], 1)) / (ind["s"] / max(ind["tokens"], 1)),
+        "independent_prompt_s": ind["s"] - ind["decode_s"],
+        "batched_prompt_s": bat["s"] - bat["decode_s"],
+        "independent_decode_tok_s": rate(ind),
+        "batched_decode_tok_s": rate(bat),
+    }
     out["prompt_ratio"] = out["batched_prompt_s"] / out["independent_prompt_s"]
-    out["decode_speedup"] = (out["batched_decode_tok_s"] / out["independent_decode_tok_s"]
-                             if out["independent_decode_tok_s"] else 0.0)
+    out["decode_speedup"] = (
+        out["batched_decode_tok_s"] / out["independent_decode_tok_s"]
+        if out["independent_decode_tok_s"]
+        else 0.0
+    )
     return out
 
 
@@ -280,12 +382,20 @@ def _worker(kind: str, model: str, args: dict[str, Any]) -> dict[str, Any]:
     from verm_local.errors import NativeCrash
 
     log = new_log_path(f"bench-{kind}")
-    cmd = [sys.executable, "-m", "verm_local.benchmarks.latency", kind, model,
-           json.dumps(args), str(log)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "verm_local.benchmarks.latency",
+        kind,
+        model,
+        json.dumps(args),
+        str(log),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode < 0:
-        raise NativeCrash(crash_report(f"the latency worker for {model} ({kind})",
-                                       -proc.returncode, log))
+        raise NativeCrash(
+            crash_report(f"the latency worker for {model} ({kind})", -proc.returncode, log)
+        )
     log.unlink(missing_ok=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -301,50 +411,83 @@ def repack_summary(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, m in (("on", on), ("off", off)):
         runs = m["runs"]
-        out[name] = {k: statistics.median(r[k] for r in runs)
-                     for k in ("e2e_s", "text_prefill_s", "vision_s", "decode_tok_s")}
+        out[name] = {
+            k: statistics.median(r[k] for r in runs)
+            for k in ("e2e_s", "text_prefill_s", "vision_s", "decode_tok_s")
+        }
         out[name]["load_s"] = m["load_s"]
         out[name]["peak_rss"] = m["peak_rss"]
     out["e2e_ratio_off_on"] = out["off"]["e2e_s"] / out["on"]["e2e_s"]
-    out["prefill_ratio_off_on"] = (out["off"]["text_prefill_s"] / out["on"]["text_prefill_s"]
-                                   if out["on"]["text_prefill_s"] else 0.0)
-    out["decode_ratio_on_off"] = (out["on"]["decode_tok_s"] / out["off"]["decode_tok_s"]
-                                  if out["off"]["decode_tok_s"] else 0.0)
+    out["prefill_ratio_off_on"] = (
+        out["off"]["text_prefill_s"] / out["on"]["text_prefill_s"]
+        if out["on"]["text_prefill_s"]
+        else 0.0
+    )
+    out["decode_ratio_on_off"] = (
+        out["on"]["decode_tok_s"] / out["off"]["decode_tok_s"]
+        if out["off"]["decode_tok_s"]
+        else 0.0
+    )
     out["faster"] = "on" if out["e2e_ratio_off_on"] > 1 else "off"
     return out
 
 
 def summarize_model(verm: dict[str, Any], stock: dict[str, Any] | None) -> dict[str, Any]:
     runs = verm["runs"]
-    out: dict[str, Any] = {"model": verm["model"], "load_s": verm["load_s"],
-                           "peak_rss": verm["peak_rss"], "peak_gpu": verm["peak_gpu"],
-                           "completion_tokens": runs[-1]["completion_tokens"],
-                           "prompt_tokens": runs[-1]["prompt_tokens"],
-                           "cut_runs": sum(bool(r.get("cut")) for r in runs)}
+    out: dict[str, Any] = {
+        "model": verm["model"],
+        "load_s": verm["load_s"],
+        "peak_rss": verm["peak_rss"],
+        "peak_gpu": verm["peak_gpu"],
+        "completion_tokens": runs[-1]["completion_tokens"],
+        "prompt_tokens": runs[-1]["prompt_tokens"],
+        "cut_runs": sum(bool(r.get("cut")) for r in runs),
+    }
     for key in STAGES[1:]:
         out[key] = _spread([r[key] for r in runs])
     if stock is not None:
         e2e = [r["e2e_s"] for r in stock["runs"]]
-        out["llamacpp"] = {"load_s": stock["load_s"], "e2e_s": _spread(e2e),
-                           "completion_tokens": stock["runs"][-1]["completion_tokens"],
-                           "peak_rss": stock["peak_rss"]}
+        out["llamacpp"] = {
+            "load_s": stock["load_s"],
+            "e2e_s": _spread(e2e),
+            "completion_tokens": stock["runs"][-1]["completion_tokens"],
+            "peak_rss": stock["peak_rss"],
+        }
         out["overhead_ratio"] = out["e2e_s"]["median"] / statistics.median(e2e)
     return out
 
 
-def run_latency(models: list[str], gt: str, pred: str, *, task: str = "chart", repeat: int = 3,
-                threads: int | None = None, image_tokens: int | None = None,
-                max_tokens: int | None = None, stock: bool = True,
-                out: str | Path | None = None, predictions: int = 0,
-                rl_sampling: bool = False, repack: bool | None = None,
-                compare_repack: bool = False) -> dict[str, Any]:
+def run_latency(
+    models: list[str],
+    gt: str,
+    pred: str,
+    *,
+    task: str = "chart",
+    repeat: int = 3,
+    threads: int | None = None,
+    image_tokens: int | None = None,
+    max_tokens: int | None = None,
+    stock: bool = True,
+    out: str | Path | None = None,
+    predictions: int = 0,
+    rl_sampling: bool = False,
+    repack: bool | None = None,
+    compare_repack: bool = False,
+) -> dict[str, Any]:
     from verm_local.modelref import resolve_model
 
     from .agreement import model_path
 
-    args = {"gt": str(gt), "pred": str(pred), "task": task, "repeat": repeat,
-            "threads": threads, "image_tokens": image_tokens, "max_tokens": max_tokens,
-            "repack": repack}
+    args = {
+        "gt": str(gt),
+        "pred": str(pred),
+        "task": task,
+        "repeat": repeat,
+        "threads": threads,
+        "image_tokens": image_tokens,
+        "max_tokens": max_tokens,
+        "repack": repack,
+    }
     report: dict[str, Any] = {"settings": args, "machine": _machine(), "models": {}}
     for name in models:
         path = model_path(name)
@@ -359,15 +502,25 @@ def run_latency(models: list[str], gt: str, pred: str, *, task: str = "chart", r
             log.info("latency: %s: weights repacked and not, side by side ...", name)
             both = {}
             for setting in (True, False):  # the default run above is one of the two
-                both[setting] = (verm if verm.get("repack") is setting
-                                 else _worker("verm", path, {**args, "repack": setting}))
+                both[setting] = (
+                    verm
+                    if verm.get("repack") is setting
+                    else _worker("verm", path, {**args, "repack": setting})
+                )
             report["models"][name]["repack"] = repack_summary(both[True], both[False])
         if predictions > 1 and resolve_model(path).format == "gguf":
-            log.info("latency: %s: %d predictions vs one ground truth, independent and "
-                     "batched ...", name, predictions)
+            log.info(
+                "latency: %s: %d predictions vs one ground truth, independent and batched ...",
+                name,
+                predictions,
+            )
             extra = {**args, "predictions": predictions, "rl": rl_sampling}
-            shared = shared_summary(_worker("independent", path, extra),
-                                    _worker("batched", path, extra), predictions, rl_sampling)
+            shared = shared_summary(
+                _worker("independent", path, extra),
+                _worker("batched", path, extra),
+                predictions,
+                rl_sampling,
+            )
             report["models"][name]["shared_prefix"] = shared
             report["models"][name]["shared_ratio"] = shared["ratio"]
     first = next(iter(report["models"].values()))["e2e_s"]["median"]
@@ -382,8 +535,12 @@ def _machine() -> dict[str, Any]:
     from verm_local.hardware import probe
 
     hw = probe(with_torch=False)
-    return {"cpu": hw.cpu_model, "threads": hw.cores_logical, "ram_gb": round(hw.ram_total / 1e9, 1),
-            "cuda": [g.name for g in hw.cuda]}
+    return {
+        "cpu": hw.cpu_model,
+        "threads": hw.cores_logical,
+        "ram_gb": round(hw.ram_total / 1e9, 1),
+        "cuda": [g.name for g in hw.cuda],
+    }
 
 
 def compare(report: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> list[str]:
@@ -399,70 +556,101 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], tolerance: float) 
             if key in cur and key in old and old[key] > 0:
                 change = cur[key] / old[key] - 1
                 if change > tolerance:
-                    found.append(f"{name}: {key} {cur[key]:.3f} vs baseline {old[key]:.3f} "
-                                 f"(+{change:.0%} > {tolerance:.0%})")
+                    found.append(
+                        f"{name}: {key} {cur[key]:.3f} vs baseline {old[key]:.3f} "
+                        f"(+{change:.0%} > {tolerance:.0%})"
+                    )
     return found
 
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
-    lines = [f"# Latency ({m['cpu']}, {m['threads']} threads; median of "
-             f"{report['settings']['repeat']} after a warm-up)", "",
-             "| model | load s | vision s | text prefill s | TTFT s | decode tok/s | "
-             "end-to-end s | peak RSS MB | llama.cpp own path s | overhead ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Latency ({m['cpu']}, {m['threads']} threads; median of "
+        f"{report['settings']['repeat']} after a warm-up)",
+        "",
+        "| model | load s | vision s | text prefill s | TTFT s | decode tok/s | "
+        "end-to-end s | peak RSS MB | llama.cpp own path s | overhead ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in report["models"].items():
         own = r.get("llamacpp")
         e2e = r["e2e_s"]
-        row = (f"| {name} ({r['model']['quant']}) | {r['load_s']:.2f} | "
-               f"{r['vision_s']['median']:.3f} | {r['text_prefill_s']['median']:.3f} | "
-               f"{r['ttft_s']['median']:.3f} | {r['decode_tok_s']['median']:.1f} | ")
+        row = (
+            f"| {name} ({r['model']['quant']}) | {r['load_s']:.2f} | "
+            f"{r['vision_s']['median']:.3f} | {r['text_prefill_s']['median']:.3f} | "
+            f"{r['ttft_s']['median']:.3f} | {r['decode_tok_s']['median']:.1f} | "
+        )
         if own:
-            row += (f"{e2e['median']:.2f} ({e2e['min']:.2f}-{e2e['max']:.2f}) | "
-                    f"{r['peak_rss'] / 1e6:.0f} | {own['e2e_s']['median']:.2f} "
-                    f"({own['completion_tokens']} tok) | {r['overhead_ratio']:.2f} |")
+            row += (
+                f"{e2e['median']:.2f} ({e2e['min']:.2f}-{e2e['max']:.2f}) | "
+                f"{r['peak_rss'] / 1e6:.0f} | {own['e2e_s']['median']:.2f} "
+                f"({own['completion_tokens']} tok) | {r['overhead_ratio']:.2f} |"
+            )
         else:
             row += f"{e2e['median']:.2f} | {r['peak_rss'] / 1e6:.0f} | n/a | n/a |"
         lines.append(row)
-    cut = [f"{n} ({r['cut_runs']} of {report['settings']['repeat']})"
-           for n, r in report["models"].items() if r.get("cut_runs")]
+    cut = [
+        f"{n} ({r['cut_runs']} of {report['settings']['repeat']})"
+        for n, r in report["models"].items()
+        if r.get("cut_runs")
+    ]
     if cut:
-        lines += ["", f"Answers cut at --max-tokens {report['settings']['max_tokens']} (timed "
-                  f"as generated; random weights ramble): {', '.join(cut)}."]
+        lines += [
+            "",
+            f"Answers cut at --max-tokens {report['settings']['max_tokens']} (timed "
+            f"as generated; random weights ramble): {', '.join(cut)}.",
+        ]
     shared = {n: r["shared_prefix"] for n, r in report["models"].items() if r.get("shared_prefix")}
     if shared:
         how = next(iter(shared.values())).get("sampling", "greedy")
-        lines += ["", "N predictions against one ground truth (best of "
-                  f"{report['settings']['repeat']}, {how} decoding): independent judge calls "
-                  "vs one batch (ground truth encoded once, answers decoded together):", "",
-                  "| model | N | independent s (tokens) | batched s (tokens) | ratio | "
-                  "ratio per generated token | prompts s, independent -> batched | "
-                  "decode tok/s, alone -> batched |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "N predictions against one ground truth (best of "
+            f"{report['settings']['repeat']}, {how} decoding): independent judge calls "
+            "vs one batch (ground truth encoded once, answers decoded together):",
+            "",
+            "| model | N | independent s (tokens) | batched s (tokens) | ratio | "
+            "ratio per generated token | prompts s, independent -> batched | "
+            "decode tok/s, alone -> batched |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for n, sp in shared.items():
-            lines.append(f"| {n} | {sp['predictions']} | {sp['independent_s']:.2f} "
-                         f"({sp['independent_tokens']}) | {sp['batched_s']:.2f} "
-                         f"({sp['batched_tokens']}) | {sp['ratio']:.2f} | "
-                         f"{sp['ratio_per_token']:.2f} | {sp['independent_prompt_s']:.2f} -> "
-                         f"{sp['batched_prompt_s']:.2f} ({sp['prompt_ratio']:.2f}x) | "
-                         f"{sp['independent_decode_tok_s']:.1f} -> "
-                         f"{sp['batched_decode_tok_s']:.1f} ({sp['decode_speedup']:.2f}x) |")
-        lines += ["", "Prompts: vision, prefill and parsing, everything but decoding (reuse "
-                  "evaluates the ground truth once). Decode: generated tokens per second of "
-                  "the decode loops (batching runs the N answers in one step each)."]
+            lines.append(
+                f"| {n} | {sp['predictions']} | {sp['independent_s']:.2f} "
+                f"({sp['independent_tokens']}) | {sp['batched_s']:.2f} "
+                f"({sp['batched_tokens']}) | {sp['ratio']:.2f} | "
+                f"{sp['ratio_per_token']:.2f} | {sp['independent_prompt_s']:.2f} -> "
+                f"{sp['batched_prompt_s']:.2f} ({sp['prompt_ratio']:.2f}x) | "
+                f"{sp['independent_decode_tok_s']:.1f} -> "
+                f"{sp['batched_decode_tok_s']:.1f} ({sp['decode_speedup']:.2f}x) |"
+            )
+        lines += [
+            "",
+            "Prompts: vision, prefill and parsing, everything but decoding (reuse "
+            "evaluates the ground truth once). Decode: generated tokens per second of "
+            "the decode loops (batching runs the N answers in one step each).",
+        ]
     repack = {n: r["repack"] for n, r in report["models"].items() if r.get("repack")}
     if repack:
-        lines += ["", "Weights repacked (llama.cpp's extra buffer types) and not, same model, "
-                  "one run (median of the repeats):", "",
-                  "| model | end-to-end s, repacked -> plain | text prefill s | decode tok/s | "
-                  "load s | plain / repacked end-to-end | faster |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Weights repacked (llama.cpp's extra buffer types) and not, same model, "
+            "one run (median of the repeats):",
+            "",
+            "| model | end-to-end s, repacked -> plain | text prefill s | decode tok/s | "
+            "load s | plain / repacked end-to-end | faster |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for n, rp in repack.items():
             on, off = rp["on"], rp["off"]
-            lines.append(f"| {n} | {on['e2e_s']:.3f} -> {off['e2e_s']:.3f} | "
-                         f"{on['text_prefill_s']:.3f} -> {off['text_prefill_s']:.3f} | "
-                         f"{on['decode_tok_s']:.1f} -> {off['decode_tok_s']:.1f} | "
-                         f"{on['load_s']:.2f} -> {off['load_s']:.2f} | "
-                         f"{rp['e2e_ratio_off_on']:.3f} | {rp['faster']} |")
+            lines.append(
+                f"| {n} | {on['e2e_s']:.3f} -> {off['e2e_s']:.3f} | "
+                f"{on['text_prefill_s']:.3f} -> {off['text_prefill_s']:.3f} | "
+                f"{on['decode_tok_s']:.1f} -> {off['decode_tok_s']:.1f} | "
+                f"{on['load_s']:.2f} -> {off['load_s']:.2f} | "
+                f"{rp['e2e_ratio_off_on']:.3f} | {rp['faster']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -478,18 +666,32 @@ def plot(report: dict[str, Any], path: Path) -> None:
     names = list(report["models"])
     shared = [n for n in names if report["models"][n].get("shared_prefix")]
     rows = [len(names)] + ([2 * len(shared)] if shared else [])
-    fig, axes = plt.subplots(len(rows), 1, squeeze=False, height_ratios=rows,
-                             figsize=(8, 1.6 + 0.6 * sum(rows)))
+    fig, axes = plt.subplots(
+        len(rows), 1, squeeze=False, height_ratios=rows, figsize=(8, 1.6 + 0.6 * sum(rows))
+    )
     ax = axes[0][0]
     for i, n in enumerate(names):
         r = report["models"][n]
         vision, text = r["vision_s"]["median"], r["text_prefill_s"]["median"]
         decode = r["e2e_s"]["median"] - vision - text
-        _stack(ax, i, ((vision, "vision", "#1f77b4"), (text, "text prefill", "#ff7f0e"),
-                       (decode, "decode + parse", "#2ca02c")), labels=i == 0)
+        _stack(
+            ax,
+            i,
+            (
+                (vision, "vision", "#1f77b4"),
+                (text, "text prefill", "#ff7f0e"),
+                (decode, "decode + parse", "#2ca02c"),
+            ),
+            labels=i == 0,
+        )
         if r.get("llamacpp"):
-            ax.plot(r["llamacpp"]["e2e_s"]["median"], i, "k|", markersize=22,
-                    label="llama.cpp own path" if i == 0 else None)
+            ax.plot(
+                r["llamacpp"]["e2e_s"]["median"],
+                i,
+                "k|",
+                markersize=22,
+                label="llama.cpp own path" if i == 0 else None,
+            )
     ax.set_yticks(range(len(names)), [Path(n).name for n in names])
     ax.set_xlabel("seconds per judgement (median)")
     ax.legend(loc="best", fontsize=8)
@@ -501,14 +703,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
             for k, kind in enumerate(("independent", "batched")):
                 y = 2 * i + k
                 total, prompt = sp[f"{kind}_s"], sp[f"{kind}_prompt_s"]
-                _stack(ax, y, ((prompt, "prompts (vision, prefill, parse)", "#9467bd"),
-                               (total - prompt, "decode", "#2ca02c")), labels=y == 0)
+                _stack(
+                    ax,
+                    y,
+                    (
+                        (prompt, "prompts (vision, prefill, parse)", "#9467bd"),
+                        (total - prompt, "decode", "#2ca02c"),
+                    ),
+                    labels=y == 0,
+                )
                 ticks.append(f"{Path(n).name}: {kind}")
-            ax.text(sp["batched_s"], 2 * i + 1, f"  {sp['ratio']:.2f}x", va="center",
-                    fontsize=8)
+            ax.text(sp["batched_s"], 2 * i + 1, f"  {sp['ratio']:.2f}x", va="center", fontsize=8)
         ax.set_yticks(range(len(ticks)), ticks)
-        ax.set_xlabel(f"seconds for {report['models'][shared[0]]['shared_prefix']['predictions']}"
-                      " predictions against one ground truth (best run)")
+        ax.set_xlabel(
+            f"seconds for {report['models'][shared[0]]['shared_prefix']['predictions']}"
+            " predictions against one ground truth (best run)"
+        )
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -541,16 +751,32 @@ def _main(argv: list[str]) -> None:
     kind, model, raw, log = argv
     args = json.loads(raw)
     recorder = Recorder(Path(log), f"bench latency worker ({kind})")
-    fn = {"verm": measure_verm, "stock": measure_stock, "independent": measure_independent,
-          "batched": measure_batched}[kind]
-    extra = ({"predictions": args["predictions"], "rl": args.get("rl", False)}
-             if "predictions" in args else {})
+    fn = {
+        "verm": measure_verm,
+        "stock": measure_stock,
+        "independent": measure_independent,
+        "batched": measure_batched,
+    }[kind]
+    extra = (
+        {"predictions": args["predictions"], "rl": args.get("rl", False)}
+        if "predictions" in args
+        else {}
+    )
     extra["repack"] = args.get("repack")
     from verm_local.stdio import stdout_to_stderr
 
     with stdout_to_stderr():
-        result = fn(model, args["gt"], args["pred"], args["task"], args["repeat"],
-                    args["threads"], args["image_tokens"], args["max_tokens"], **extra)
+        result = fn(
+            model,
+            args["gt"],
+            args["pred"],
+            args["task"],
+            args["repeat"],
+            args["threads"],
+            args["image_tokens"],
+            args["max_tokens"],
+            **extra,
+        )
     recorder.close()
     print(json.dumps(result))
 

@@ -6,13 +6,13 @@ the one-to-one assignment is still made optimally from its answers."""
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 
 import numpy as np
 
 from verm_local.errors import VermError
 from verm_local.schema import extract_json
+from verm_local.settings import settings
 
 PROMPT = """Two lists of visual discrepancies describe the same pair of images.
 List A (predicted):
@@ -21,7 +21,8 @@ List B (reference):
 {gold}
 For every pair that points at the same discrepancy in the same place of the image, give
 its match: "full" if they describe the same error, "partial" if they overlap only in part.
-Answer with JSON only: {{"matches": [{{"a": <index in A>, "b": <index in B>, "match": "full"|"partial"}}]}}"""
+Answer with JSON only:
+{{"matches": [{{"a": <index in A>, "b": <index in B>, "match": "full"|"partial"}}]}}"""
 
 
 class EndpointMatcher:
@@ -31,15 +32,23 @@ class EndpointMatcher:
 
     def __call__(self, pred: list[dict], gold: list[dict]) -> np.ndarray:
         def listing(errors: list[dict]) -> str:
-            return "\n".join(f"{i}. [{e['category']}] {e.get('location', '')}: "
-                             f"{e.get('description', '')}" for i, e in enumerate(errors))
+            return "\n".join(
+                f"{i}. [{e['category']}] {e.get('location', '')}: {e.get('description', '')}"
+                for i, e in enumerate(errors)
+            )
 
-        body = {"model": self.model, "temperature": 0, "max_tokens": 1024,
-                "messages": [{"role": "user", "content": PROMPT.format(
-                    pred=listing(pred), gold=listing(gold))}]}
+        body = {
+            "model": self.model,
+            "temperature": 0,
+            "max_tokens": 1024,
+            "messages": [
+                {"role": "user", "content": PROMPT.format(pred=listing(pred), gold=listing(gold))}
+            ],
+        }
         headers = {"Content-Type": "application/json"}
-        if os.environ.get("OPENAI_API_KEY"):
-            headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+        key = settings().openai_api_key
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         req = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:

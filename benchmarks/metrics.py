@@ -49,7 +49,8 @@ Scorer = Callable[[list[dict], list[dict]], np.ndarray]
 
 def credit_matrix(pred: list[dict], gold: list[dict]) -> np.ndarray:
     return np.array([[credit(p, g) for g in gold] for p in pred], dtype=float).reshape(
-        len(pred), len(gold))
+        len(pred), len(gold)
+    )
 
 
 def match(pred: list[dict], gold: list[dict], scorer: Scorer = credit_matrix) -> float:
@@ -72,8 +73,9 @@ def prf(matched: float, n_pred: int, n_gold: int) -> dict[str, float]:
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
 
 
-def set_f1(pairs: Sequence[tuple[list[dict], list[dict]]], scorer: Scorer = credit_matrix
-           ) -> dict[str, float]:
+def set_f1(
+    pairs: Sequence[tuple[list[dict], list[dict]]], scorer: Scorer = credit_matrix
+) -> dict[str, float]:
     """Micro-averaged precision/recall/F1 over items of (predicted, gold) error lists."""
     matched = sum(match(p, g, scorer) for p, g in pairs)
     return prf(matched, sum(len(p) for p, _ in pairs), sum(len(g) for _, g in pairs))
@@ -104,18 +106,22 @@ def severity_sum(errors: list[dict]) -> int:
     return sum(int(e.get("severity", 0)) for e in errors)
 
 
-def count_agreement(a: list[list[dict]], b: list[list[dict]], categories: Sequence[str]
-                    ) -> dict[str, float]:
+def count_agreement(
+    a: list[list[dict]], b: list[list[dict]], categories: Sequence[str]
+) -> dict[str, float]:
     """Per category: the share of items where both sides count the same errors of it."""
     out = {}
     for cat in categories:
-        same = [sum(e["category"] == cat for e in x) == sum(e["category"] == cat for e in y)
-                for x, y in zip(a, b)]
+        same = [
+            sum(e["category"] == cat for e in x) == sum(e["category"] == cat for e in y)
+            for x, y in zip(a, b)
+        ]
         out[cat] = float(np.mean(same)) if same else float("nan")
     return out
 
 
 # ---------------------------------------------------------------- token level (top-k cache)
+
 
 def topk_cache(logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids [T,k], log-probs [T,k], tail mass [T]) of a [T, vocab] log-prob array; k <= 0
@@ -128,8 +134,9 @@ def topk_cache(logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np
     return ids.astype(np.int64), top.astype(np.float32), tail.astype(np.float64)
 
 
-def kl_from_topk(ids: np.ndarray, ref_top: np.ndarray, ref_tail: np.ndarray,
-                 cand_logprobs: np.ndarray) -> np.ndarray:
+def kl_from_topk(
+    ids: np.ndarray, ref_top: np.ndarray, ref_tail: np.ndarray, cand_logprobs: np.ndarray
+) -> np.ndarray:
     """KL(ref || cand) per token on the reference's top-k tokens plus one bucket for the
     rest: exact for the coarsened distributions, a lower bound of the full KL (equal when
     k covers the vocabulary)."""
@@ -139,7 +146,9 @@ def kl_from_topk(ids: np.ndarray, ref_top: np.ndarray, ref_tail: np.ndarray,
     terms = np.exp(p_top) * (p_top - q_top)
     q_tail = np.clip(1.0 - np.exp(q_top).sum(axis=1), 1e-12, 1.0)
     p_tail = np.asarray(ref_tail, dtype=np.float64)
-    tail = np.where(p_tail > 1e-12, p_tail * (np.log(np.maximum(p_tail, 1e-12)) - np.log(q_tail)), 0.0)
+    tail = np.where(
+        p_tail > 1e-12, p_tail * (np.log(np.maximum(p_tail, 1e-12)) - np.log(q_tail)), 0.0
+    )
     return np.maximum(terms.sum(axis=1) + tail, 0.0)
 
 

@@ -20,8 +20,14 @@ import numpy as np
 from verm_local.images import load_image
 
 
-def measure(model_dir: Path, image_path: Path, onnx_dirs: list[Path], repeat: int = 3,
-            threads: int | None = None, image_tokens: int = 1024) -> list[dict]:
+def measure(
+    model_dir: Path,
+    image_path: Path,
+    onnx_dirs: list[Path],
+    repeat: int = 3,
+    threads: int | None = None,
+    image_tokens: int = 1024,
+) -> list[dict]:
     """One row per path: median/min seconds over `repeat` runs after a warm-up."""
     from verm_local.backends.llamacpp import LlamaCppBackend
     from verm_local.modelref import resolve_model
@@ -29,8 +35,10 @@ def measure(model_dir: Path, image_path: Path, onnx_dirs: list[Path], repeat: in
 
     image = load_image(image_path, token_budget=image_tokens)
     text = resolve_model(model_dir, quant=None)
-    paths = [(f"mmproj {p.stem.removeprefix('mmproj-')}", p, None)
-             for p in sorted(model_dir.glob("mmproj-*.gguf"))]
+    paths = [
+        (f"mmproj {p.stem.removeprefix('mmproj-')}", p, None)
+        for p in sorted(model_dir.glob("mmproj-*.gguf"))
+    ]
     for d in onnx_dirs:
         for f in sorted(d.glob("vision-*.onnx")):
             paths.append((f"onnx {f.stem.removeprefix('vision-')}", text.mmproj, (d, f)))
@@ -41,8 +49,11 @@ def measure(model_dir: Path, image_path: Path, onnx_dirs: list[Path], repeat: in
         paths.insert(0, paths.pop(exact[0]))
     rows, reference = [], None
     for name, mmproj, onnx in paths:
-        vision = OnnxVision(onnx[0], onnx[1].stem.removeprefix("vision-"), threads=threads) \
-            if onnx else None
+        vision = (
+            OnnxVision(onnx[0], onnx[1].stem.removeprefix("vision-"), threads=threads)
+            if onnx
+            else None
+        )
         model = resolve_model(text.path, mmproj=mmproj)
         backend = LlamaCppBackend(model, n_ctx=4096, threads=threads, vision=vision)
         try:
@@ -53,19 +64,33 @@ def measure(model_dir: Path, image_path: Path, onnx_dirs: list[Path], repeat: in
         if reference is None:
             reference = emb
         rel = float(np.linalg.norm(emb - reference) / np.linalg.norm(reference))
-        rows.append({"path": name, "median_s": statistics.median(times), "min_s": min(times),
-                     "rel_error_vs_ref": rel, "tokens": int(emb.shape[0])})
-        print(f"{name:>14}: {rows[-1]['median_s']:.3f} s (median of {repeat}), "
-              f"rel. error {rel:.2e}", file=sys.stderr, flush=True)
+        rows.append(
+            {
+                "path": name,
+                "median_s": statistics.median(times),
+                "min_s": min(times),
+                "rel_error_vs_ref": rel,
+                "tokens": int(emb.shape[0]),
+            }
+        )
+        print(
+            f"{name:>14}: {rows[-1]['median_s']:.3f} s (median of {repeat}), rel. error {rel:.2e}",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
 def markdown(rows: list[dict], image: str, size: tuple[int, int]) -> str:
-    head = (f"Vision stage, one {size[0]}x{size[1]} image ({rows[0]['tokens']} visual tokens), "
-            f"{platform.processor() or platform.machine()}\n\n"
-            f"| path | median s | min s | rel. error vs {rows[0]['path']} |\n|---|---|---|---|\n")
-    return head + "".join(f"| {r['path']} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
-                          f"{r['rel_error_vs_ref']:.2e} |\n" for r in rows)
+    head = (
+        f"Vision stage, one {size[0]}x{size[1]} image ({rows[0]['tokens']} visual tokens), "
+        f"{platform.processor() or platform.machine()}\n\n"
+        f"| path | median s | min s | rel. error vs {rows[0]['path']} |\n|---|---|---|---|\n"
+    )
+    return head + "".join(
+        f"| {r['path']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['rel_error_vs_ref']:.2e} |\n"
+        for r in rows
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

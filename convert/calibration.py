@@ -64,8 +64,12 @@ def _shapes(shapes: list[tuple[str, tuple[int, int, int, int], str]]) -> Image.I
 
 
 def _error(category: str, severity: int, location: str, description: str) -> dict[str, Any]:
-    return {"category": category, "severity": severity, "location": location,
-            "description": description}
+    return {
+        "category": category,
+        "severity": severity,
+        "location": location,
+        "description": description,
+    }
 
 
 def synthetic_pair(task: str, rng: random.Random) -> tuple[Image.Image, Image.Image, list]:
@@ -91,7 +95,8 @@ def synthetic_pair(task: str, rng: random.Random) -> tuple[Image.Image, Image.Im
     if task == "table":
         cols = rng.randint(3, 4)
         rows = [[f"H{c}" for c in range(cols)]] + [
-            [str(rng.randint(10, 999)) for _ in range(cols)] for _ in range(rng.randint(3, 6))]
+            [str(rng.randint(10, 999)) for _ in range(cols)] for _ in range(rng.randint(3, 6))
+        ]
         pred = [list(r) for r in rows]
         if inject:
             r, c = rng.randrange(1, len(rows)), rng.randrange(cols)
@@ -101,9 +106,19 @@ def synthetic_pair(task: str, rng: random.Random) -> tuple[Image.Image, Image.Im
                 pred[1], pred[2] = pred[2], pred[1]
                 errors.append(_error("layout_error", 2, "rows 1-2", "rows swapped"))
         return _table(rows), _table(pred), errors
-    shapes = [(rng.choice(["ellipse", "rect", "triangle"]),
-               (x := rng.randint(10, 250), y := rng.randint(10, 170), x + rng.randint(40, 120),
-                y + rng.randint(40, 100)), rng.choice(PALETTE)) for _ in range(rng.randint(2, 5))]
+    shapes = [
+        (
+            rng.choice(["ellipse", "rect", "triangle"]),
+            (
+                x := rng.randint(10, 250),
+                y := rng.randint(10, 170),
+                x + rng.randint(40, 120),
+                y + rng.randint(40, 100),
+            ),
+            rng.choice(PALETTE),
+        )
+        for _ in range(rng.randint(2, 5))
+    ]
     pred = list(shapes)
     if inject:
         i = rng.randrange(len(pred))
@@ -122,20 +137,30 @@ def answer_json(task: str, errors: list[dict[str, Any]]) -> str:
     return json.dumps({**counts, "errors": errors})
 
 
-def conversation(task: str, gt: Image.Image, pred: Image.Image,
-                 errors: list[dict[str, Any]] | None) -> Conversation:
+def conversation(
+    task: str, gt: Image.Image, pred: Image.Image, errors: list[dict[str, Any]] | None
+) -> Conversation:
     """[user: gt image, pred image, prompt] (+ assistant: the answer, when known)."""
-    conv: Conversation = [{"role": "user", "content": [
-        {"type": "image", "image": gt}, {"type": "image", "image": pred},
-        {"type": "text", "text": default_prompt(task)}]}]
+    conv: Conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": gt},
+                {"type": "image", "image": pred},
+                {"type": "text", "text": default_prompt(task)},
+            ],
+        }
+    ]
     if errors is not None:
-        conv.append({"role": "assistant",
-                     "content": [{"type": "text", "text": answer_json(task, errors)}]})
+        conv.append(
+            {"role": "assistant", "content": [{"type": "text", "text": answer_json(task, errors)}]}
+        )
     return conv
 
 
-def synthetic_conversations(n: int, seed: int = 0,
-                            tasks: tuple[str, ...] = TASKS) -> list[Conversation]:
+def synthetic_conversations(
+    n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS
+) -> list[Conversation]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -167,11 +192,20 @@ def directory_conversations(directory: str | Path, n: int) -> list[Conversation]
             continue
         gt = load_image(directory / gt_path, token_budget=256).image
         pred = load_image(directory / pred_path, token_budget=256).image
-        errors = [dict(e, category=e.get("category", e.get("type"))) for e in
-                  row.get("human_errors", []) if e.get("category", e.get("type"))
-                  in CATEGORIES[task]]
-        errors = [_error(e["category"], int(e.get("severity", 1)), str(e.get("location", "")),
-                         str(e.get("description", ""))) for e in errors]
+        errors = [
+            dict(e, category=e.get("category", e.get("type")))
+            for e in row.get("human_errors", [])
+            if e.get("category", e.get("type")) in CATEGORIES[task]
+        ]
+        errors = [
+            _error(
+                e["category"],
+                int(e.get("severity", 1)),
+                str(e.get("location", "")),
+                str(e.get("description", "")),
+            )
+            for e in errors
+        ]
         out.append(conversation(task, gt, pred, errors))
     if not out:
         raise InputError(f"{files[0]}: no usable chart/table/svg rows")

@@ -4,9 +4,8 @@ for converter and runtime) and `llama_cpp.llama_model_quantize` for the quants."
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -102,8 +101,10 @@ def _k_quant_warning(config: dict[str, Any], quants: list[str]) -> str | None:
     text = config.get("text_config") or {}
     widths = {int(text.get("hidden_size", 0)), int(text.get("intermediate_size", 0))}
     if any("_K" in q for q in quants) and any(w % K_QUANT_BLOCK for w in widths):
-        return (f"row widths {sorted(widths)} are not multiples of {K_QUANT_BLOCK}; "
-                "llama.cpp falls back to q5_0/q8_0 for those tensors in K-quants")
+        return (
+            f"row widths {sorted(widths)} are not multiples of {K_QUANT_BLOCK}; "
+            "llama.cpp falls back to q5_0/q8_0 for those tensors in K-quants"
+        )
     return None
 
 
@@ -133,21 +134,38 @@ def _run_converter(hf_dir: Path, out: Path, outtype: str, mmproj: bool, verbose:
     from verm_local.errors import NativeCrash
     from verm_local.settings import child_env, environ
 
-    cmd = [sys.executable, "-X", "faulthandler", str(src / "convert_hf_to_gguf.py"),
-           str(hf_dir), "--outfile", str(out), "--outtype", outtype]
+    cmd = [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        str(src / "convert_hf_to_gguf.py"),
+        str(hf_dir),
+        "--outfile",
+        str(out),
+        "--outtype",
+        outtype,
+    ]
     if mmproj:
         cmd.append("--mmproj")
     # The converter wants its own gguf-py, not a newer one from PyPI.
     env = child_env(PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), environ("PYTHONPATH") or ""]))
-    proc = subprocess.run(cmd, env=env, text=True,
-                          stdout=None if verbose else subprocess.PIPE,
-                          stderr=None if verbose else subprocess.STDOUT)
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        text=True,
+        stdout=None if verbose else subprocess.PIPE,
+        stderr=None if verbose else subprocess.STDOUT,
+    )
     if proc.returncode < 0:  # torch or numpy died in native code: keep its stack
         log_path = new_log_path("convert")
         log_path.write_text(f"command: {' '.join(cmd)}\n{proc.stdout or ''}", encoding="utf-8")
-        raise NativeCrash(crash_report(f"llama.cpp's converter ({outtype}"
-                                       f"{', mmproj' if mmproj else ''})", -proc.returncode,
-                                       log_path))
+        raise NativeCrash(
+            crash_report(
+                f"llama.cpp's converter ({outtype}{', mmproj' if mmproj else ''})",
+                -proc.returncode,
+                log_path,
+            )
+        )
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stdout or "").splitlines() if ln.strip()]
         last = lines[-1] if lines else f"exit code {proc.returncode}"
@@ -157,18 +175,18 @@ def _run_converter(hf_dir: Path, out: Path, outtype: str, mmproj: bool, verbose:
         raise ModelError(f"llama.cpp converter wrote no {out.name}")
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, threads: int | None = None,
-                  verbose: bool = False) -> None:
+def quantize_gguf(
+    src: Path, dst: Path, quant: str, threads: int | None = None, verbose: bool = False
+) -> None:
     """Quantize an F16 GGUF with llama.cpp's quantizer (atomic output)."""
-    import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
+    from verm_local.backends import native
 
+    llama_cpp, _ = native.init()  # llama.cpp's log goes to logging, not the terminal
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[quant]
     params.nthread = threads or os.cpu_count() or 1
     with atomic_output(dst) as tmp:
-        with suppress_stdout_stderr(disable=verbose):
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise ModelError(f"llama.cpp failed to quantize {src.name} to {quant} (code {rc})")
 
@@ -189,7 +207,9 @@ def convert_gguf(
     (with the repack decision judge will use on this CPU). Returns the manifest."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if mmproj_type not in MMPROJ_TYPES:
-        raise InputError(f"unknown mmproj type {mmproj_type!r}; choose from {', '.join(MMPROJ_TYPES)}")
+        raise InputError(
+            f"unknown mmproj type {mmproj_type!r}; choose from {', '.join(MMPROJ_TYPES)}"
+        )
     config = check_checkpoint(hf_dir)
     warning = _k_quant_warning(config, quants)
     if warning and not quiet:

@@ -5,9 +5,8 @@ layout, `quant_method: gptq`), which transformers loads and vLLM serves, plus a 
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 import os
 import shutil
 import time
@@ -17,6 +16,7 @@ from typing import Any
 from verm_local.constants import MANIFEST_NAME, MODEL_ARCHITECTURE
 from verm_local.errors import InputError, ModelError
 from verm_local.fileio import atomic_directory, manifest_entry, write_json_atomic
+from verm_local.settings import export_default
 
 from .calibration import directory_conversations, synthetic_conversations
 from .gguf import check_checkpoint
@@ -25,9 +25,15 @@ log = logging.getLogger(__name__)
 
 BITS = (4, 8)
 # Processor files GPTQModel may not carry over; the judge needs them beside the weights.
-_SIDE_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
-               "chat_template.jinja", "chat_template.json", "tokenizer.json",
-               "tokenizer_config.json", "generation_config.json")
+_SIDE_FILES = (
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+)
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -57,7 +63,7 @@ def convert_gptq(
     if group_size != -1 and (group_size <= 0 or hidden % group_size):
         raise InputError(f"--group-size {group_size} does not divide the hidden size {hidden}")
     # GPTQModel's default worker count fails on small machines; one per core works.
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    export_default("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     try:
         from gptqmodel import GPTQModel, QuantizeConfig
     except ImportError:
@@ -89,8 +95,11 @@ def convert_gptq(
         for name in _SIDE_FILES:
             if (hf_dir / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(hf_dir / name, tmp / name)
-        entries = [manifest_entry(p, _kind(p), f"gptq-int{bits}")
-                   for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST_NAME]
+        entries = [
+            manifest_entry(p, _kind(p), f"gptq-int{bits}")
+            for p in sorted(tmp.iterdir())
+            if p.is_file() and p.name != MANIFEST_NAME
+        ]
         manifest = {
             "format": "gptq",
             "architecture": MODEL_ARCHITECTURE,

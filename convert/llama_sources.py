@@ -6,7 +6,6 @@ converter and the runtime sit on one llama.cpp commit. Fetched with pip once, ca
 from __future__ import annotations
 
 import logging
-
 import os
 import shutil
 import subprocess
@@ -32,13 +31,15 @@ def runtime_version() -> str:
         from importlib.metadata import version
 
         return version("llama_cpp_python")
-    except Exception:
+    except Exception:  # noqa: BLE001 - not installed (or unreadable metadata): the pin
         return LLAMA_CPP_PYTHON_VERSION
 
 
 def sdist_path(version: str) -> Path:
     """The sdist tarball: $VERM_LOCAL_SDIST if set, else downloaded into the cache by pip."""
-    env = os.environ.get("VERM_LOCAL_SDIST")
+    from verm_local.settings import settings
+
+    env = settings().sdist
     if env:
         path = Path(env)
         if not path.is_file():
@@ -52,8 +53,16 @@ def sdist_path(version: str) -> Path:
     log.info("fetching llama-cpp-python %s sources with pip (once) ...", version)
     cmd = [
         # Only this package from source; its build tools may come as wheels (fast).
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-        f"llama-cpp-python=={version}", "-d", str(target),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        "llama-cpp-python",
+        f"llama-cpp-python=={version}",
+        "-d",
+        str(target),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not (target / name).is_file():

@@ -7,9 +7,8 @@ image's patches, so no per-image split is traced into the graph."""
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -86,22 +85,34 @@ def _export_fp32(hf_dir: Path, out: Path, spec: dict[str, Any]) -> None:
 
     model = Qwen3VLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32)
     tower = _tower(model.model.visual)
-    s = VisionSpec(**{**spec, "image_mean": tuple(spec["image_mean"]),
-                      "image_std": tuple(spec["image_std"])})
+    s = VisionSpec(
+        **{**spec, "image_mean": tuple(spec["image_mean"]), "image_std": tuple(spec["image_std"])}
+    )
     gh, gw = 8, 12  # an example grid; every axis below is dynamic
     dim = 3 * s.temporal_patch_size * s.patch_size**2
     idx, wts = position_interpolation(gh, gw, s.merge_size, s.num_grid_per_side)
-    args = (torch.randn(gh * gw, dim), torch.from_numpy(idx), torch.from_numpy(wts),
-            torch.from_numpy(rotary_positions(gh, gw, s.merge_size)))
+    args = (
+        torch.randn(gh * gw, dim),
+        torch.from_numpy(idx),
+        torch.from_numpy(wts),
+        torch.from_numpy(rotary_positions(gh, gw, s.merge_size)),
+    )
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         with torch.no_grad():
             torch.onnx.export(
-                tower, args, str(scratch / out.name), input_names=list(INPUTS),
+                tower,
+                args,
+                str(scratch / out.name),
+                input_names=list(INPUTS),
                 output_names=["embeddings"],
-                dynamic_axes={**{name: {0: "patches"} for name in INPUTS},
-                              "embeddings": {0: "tokens"}},
-                opset_version=18, dynamo=False)
+                dynamic_axes={
+                    **{name: {0: "patches"} for name in INPUTS},
+                    "embeddings": {0: "tokens"},
+                },
+                opset_version=18,
+                dynamo=False,
+            )
         _save_compact(scratch / out.name, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -122,9 +133,14 @@ def _save_compact(src: Path, dst: Path) -> None:
     if total < _PROTO_LIMIT:
         onnx.save_model(model, str(dst))
     else:
-        onnx.save_model(model, str(dst), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=dst.name + ".data",
-                        size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(dst),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=dst.name + ".data",
+            size_threshold=1024,
+        )
 
 
 def _data_size(path: Path) -> int:
@@ -139,8 +155,9 @@ def _remove_graph(path: Path) -> None:
         data.unlink()
 
 
-def convert_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32",
-                 *, quiet: bool = False) -> dict[str, Any]:
+def convert_onnx(
+    hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32", *, quiet: bool = False
+) -> dict[str, Any]:
     """Write vision-<precision>.onnx, vision_spec.json and manifest.json to out_dir."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if precision not in PRECISIONS:
@@ -150,7 +167,9 @@ def convert_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32
         import onnx
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise ModelError("ONNX export needs onnx and onnxruntime: pip install 'verm-local[onnx]'") from None
+        raise ModelError(
+            "ONNX export needs onnx and onnxruntime: pip install 'verm-local[onnx]'"
+        ) from None
     say = (lambda m: None) if quiet else (lambda m: log.info("%s", m))
     spec = vision_spec(hf_dir, config)
     t0 = time.perf_counter()
@@ -175,8 +194,13 @@ def convert_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32
             if not big:
                 onnx.save_model(half, str(final))
             else:
-                onnx.save_model(half, str(final), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=final.name + ".data")
+                onnx.save_model(
+                    half,
+                    str(final),
+                    save_as_external_data=True,
+                    all_tensors_to_one_file=True,
+                    location=final.name + ".data",
+                )
         else:
             say("[2/3] fp32: nothing to convert")
         (tmp / "vision_spec.json").write_text(json.dumps(spec, indent=2))
@@ -188,8 +212,9 @@ def convert_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "fp32
             "precision": precision,
             "inputs": list(INPUTS),
             "output": "embeddings [tokens, out_dim * (1 + n_deepstack)], llama.cpp's layout",
-            "files": [manifest_entry(p, "vision", precision) for p in sorted(tmp.iterdir())
-                      if p.is_file()],
+            "files": [
+                manifest_entry(p, "vision", precision) for p in sorted(tmp.iterdir()) if p.is_file()
+            ],
         }
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
     say(f"      done in {time.perf_counter() - t0:.0f} s -> {out_dir}")

@@ -7,9 +7,8 @@ quantization, multimodal inference) runs for real; only the weights are random."
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,11 +54,25 @@ VISION = dict(
 )
 
 # Real Qwen3-VL-8B shapes (DESIGN.md §2), for speed and memory work with random weights.
-TEXT_8B = dict(TEXT, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-               max_position_embeddings=262144)
-VISION_8B = dict(VISION, depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
-                 out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24])
+TEXT_8B = dict(
+    TEXT,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=262144,
+)
+VISION_8B = dict(
+    VISION,
+    depth=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_heads=16,
+    out_hidden_size=4096,
+    deepstack_visual_indexes=[8, 16, 24],
+)
 SHAPES = {
     "tiny": (TEXT, VISION),
     # The real vision tower with a 3-layer text model: vision-stage timings without 16 GB.
@@ -205,13 +218,18 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, shape: str = "tiny") ->
         # 2 GB shards: safetensors serializes a shard in memory, so one 17 GB file of the
         # 8B shape would need the weights twice over.
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
-        gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
-               "do_sample": False}
+        gen = {
+            "bos_token_id": 151643,
+            "eos_token_id": [151645, 151643],
+            "pad_token_id": 151643,
+            "do_sample": False,
+        }
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
         log.info("[4/4] image processor and chat template")
         (tmp / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR, indent=2))
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         (tmp / "tiny-model.json").write_text(
-            json.dumps({"seed": seed, "shape": shape, "random_weights": True}))
+            json.dumps({"seed": seed, "shape": shape, "random_weights": True})
+        )
     return out_dir

@@ -36,8 +36,11 @@ def _cpuinfo() -> str:
         return path.read_text(errors="replace")
     if sys.platform == "darwin":  # Intel Macs list features; Apple silicon: the brand
         out = []
-        for key in ("machdep.cpu.features", "machdep.cpu.leaf7_features",
-                    "machdep.cpu.brand_string"):
+        for key in (
+            "machdep.cpu.features",
+            "machdep.cpu.leaf7_features",
+            "machdep.cpu.brand_string",
+        ):
             r = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True)
             out.append(r.stdout.strip().lower())
         return "flags: " + " ".join(out).replace(".", "_")

@@ -14,18 +14,26 @@ from PIL import Image, ImageDraw
 CLI = Path(sys.executable).parent / "verm-local"
 
 
-def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the installed `verm-local` console script in a subprocess."""
     cmd = [str(CLI)] if CLI.exists() else [sys.executable, "-m", "verm_local.cli"]
     full_env = dict(os.environ)
     full_env.pop("VERM_LOCAL_DEBUG", None)
     full_env.update(env or {})
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
-def draw_chart(path: Path, values: list[int], colour: str = "steelblue",
-               title: str = "Sales 2024", size: tuple[int, int] = (320, 256)) -> Path:
+def draw_chart(
+    path: Path,
+    values: list[int],
+    colour: str = "steelblue",
+    title: str = "Sales 2024",
+    size: tuple[int, int] = (320, 256),
+) -> Path:
     """A small bar chart; differing values/colours make a prediction with known errors."""
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
@@ -63,8 +71,7 @@ def tiny_gguf(tmp_path_factory, tiny_hf) -> Path:
 
 def _gptq(tmp_path_factory, tiny_hf, bits: int) -> Path:
     out = tmp_path_factory.mktemp("gptq") / f"tiny-gptq{bits}"
-    proc = run_cli("convert", "gptq", tiny_hf, out, "--bits", bits, "--samples", "4",
-                   timeout=900)
+    proc = run_cli("convert", "gptq", tiny_hf, out, "--bits", bits, "--samples", "4", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

@@ -31,8 +31,11 @@ class Repo:
         blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         out = {"rfilename": name, "size": len(data), "blobId": blob}
         if name.endswith(LFS_SUFFIXES):
-            out["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-                          "pointerSize": 134}
+            out["lfs"] = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+                "pointerSize": 134,
+            }
         return out
 
 
@@ -44,8 +47,9 @@ class Hub:
     corrupt: set[str] = field(default_factory=set)  # files served with a flipped byte
     url: str = ""
 
-    def add_dir(self, repo_id: str, directory: Path, prefix: str = "",
-                token: str | None = None) -> None:
+    def add_dir(
+        self, repo_id: str, directory: Path, prefix: str = "", token: str | None = None
+    ) -> None:
         files = {}
         for path in sorted(directory.rglob("*")):
             if path.is_file():
@@ -79,8 +83,11 @@ def _handler(hub: Hub):
 
         def _error(self, code: int, kind: str) -> None:
             body = json.dumps({"error": kind}).encode()
-            self._send(code, body, {"X-Error-Code": kind, "X-Error-Message": kind,
-                                    "Content-Type": "application/json"})
+            self._send(
+                code,
+                body,
+                {"X-Error-Code": kind, "X-Error-Message": kind, "Content-Type": "application/json"},
+            )
 
         def _repo(self, repo_id: str) -> Repo | None:
             repo = hub.repos.get(repo_id)
@@ -114,8 +121,13 @@ def _handler(hub: Hub):
                 repo = self._repo(repo_id)
                 if repo is None or not self._revision_ok(repo, rev):
                     return
-                info = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
-                        "siblings": [repo.sibling(n) for n in sorted(repo.files)]}
+                info = {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": repo.commit,
+                    "private": False,
+                    "siblings": [repo.sibling(n) for n in sorted(repo.files)],
+                }
                 self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
                 return
             if len(parts) >= 5 and parts[2] == "resolve":
@@ -136,8 +148,7 @@ def _handler(hub: Hub):
             etag = sib["lfs"]["sha256"] if "lfs" in sib else sib["blobId"]
             if name in hub.corrupt:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
-            headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{etag}"',
-                       "Accept-Ranges": "bytes"}
+            headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
             start = 0
             rng = self.headers.get("Range", "")
             if rng.startswith("bytes=") and self.command == "GET":

@@ -40,7 +40,8 @@ def test_error_set_f1_known_cases():
     # One-to-one: two copies of A against one gold A match once.
     assert metrics.match([A, A], [A]) == 1.0
     assert metrics.set_f1([([A, A], [A])]) == pytest.approx(
-        {"precision": 0.5, "recall": 1.0, "f1": 2 / 3})
+        {"precision": 0.5, "recall": 1.0, "f1": 2 / 3}
+    )
     # The optimal assignment beats a greedy one.
     m = lambda p, g: np.array([[1.0, 0.9], [0.8, 0.0]])  # noqa: E731
     assert metrics.match([A, B], [A, B], scorer=m) == pytest.approx(1.7)
@@ -54,7 +55,9 @@ def test_correlations_on_known_vectors():
     assert metrics.spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)
     assert metrics.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
     assert metrics.count_agreement([[A], [A, B]], [[A], [B]], ["data_error", "style_error"]) == {
-        "data_error": 0.5, "style_error": 1.0}
+        "data_error": 0.5,
+        "style_error": 1.0,
+    }
 
 
 def test_kl_known_values_and_topk():
@@ -108,7 +111,9 @@ def test_synthetic_is_deterministic_and_rendered(tmp_path):
     for it in items:
         same = it.gt.read_bytes() == it.pred.read_bytes()
         assert same == (not it.human_errors)  # item 3 has none: identical renders
-        assert (tmp_path / "b" / it.gt.relative_to(tmp_path / "a")).read_bytes() == it.gt.read_bytes()
+        assert (
+            tmp_path / "b" / it.gt.relative_to(tmp_path / "a")
+        ).read_bytes() == it.gt.read_bytes()
     # Older VC-RewardBench rows say "type"; both are read.
     row = json.loads(a.read_text().splitlines()[0])
     row["human_errors"] = [{"type": "data_error", "severity": 3, "description": "x"}]
@@ -128,8 +133,13 @@ def test_endpoint_matcher(tmp_path):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             assert "List A" in body["messages"][0]["content"]
-            answer = {"matches": [{"a": 0, "b": 1, "match": "full"},
-                                  {"a": 1, "b": 0, "match": "partial"}, {"a": 9, "b": 0}]}
+            answer = {
+                "matches": [
+                    {"a": 0, "b": 1, "match": "full"},
+                    {"a": 1, "b": 0, "match": "partial"},
+                    {"a": 9, "b": 0},
+                ]
+            }
             out = json.dumps({"choices": [{"message": {"content": json.dumps(answer)}}]}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(out)))
@@ -153,8 +163,22 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "agree"
     cands = f"{tiny_gguf / 'model-F16.gguf'},{tiny_gguf / 'model-Q4_K_M.gguf'}"
-    args = ["bench", "agreement", "--reference", tiny_hf, "--candidates", cands, "--data", data,
-            "--out", out, "--max-errors", "2", "--top-k", "0"]
+    args = [
+        "bench",
+        "agreement",
+        "--reference",
+        tiny_hf,
+        "--candidates",
+        cands,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-errors",
+        "2",
+        "--top-k",
+        "0",
+    ]
     proc = run_cli(*args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "agreement.json").read_text())
@@ -178,9 +202,22 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     assert proc.returncode == 0 and "reusing the cache" in proc.stderr
 
     lat = tmp_path / "lat" / "latency.json"
-    proc = run_cli("bench", "latency", "--models", str(tiny_gguf / "model-Q4_K_M.gguf"),
-                   "--images", *pair, "--repeat", "1", "--out", lat, "--predictions", "3",
-                   "--rl-sampling", timeout=600)
+    proc = run_cli(
+        "bench",
+        "latency",
+        "--models",
+        str(tiny_gguf / "model-Q4_K_M.gguf"),
+        "--images",
+        *pair,
+        "--repeat",
+        "1",
+        "--out",
+        lat,
+        "--predictions",
+        "3",
+        "--rl-sampling",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(lat.read_text())
     m = next(iter(rep["models"].values()))
@@ -191,13 +228,15 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     assert 0 < sp["batched_prompt_s"] < sp["batched_s"]
     assert 0 < sp["independent_prompt_s"] < sp["independent_s"]
     assert sp["batched_decode_tok_s"] > 0 and sp["independent_decode_tok_s"] > 0
-    assert sp["decode_speedup"] == pytest.approx(sp["batched_decode_tok_s"]
-                                                 / sp["independent_decode_tok_s"])
+    assert sp["decode_speedup"] == pytest.approx(
+        sp["batched_decode_tok_s"] / sp["independent_decode_tok_s"]
+    )
     md = lat.with_suffix(".md").read_text()
     assert "N predictions against one ground truth" in md and "decode tok/s, alone" in md
     assert m["overhead_ratio"] > 0 and m["llamacpp"]["e2e_s"]["median"] > 0
     assert m["vision_s"]["median"] > 0 and m["decode_tok_s"]["median"] > 0
     assert m["peak_rss"] > 50e6 and lat.with_suffix(".png").is_file()
+
     # The gate on the CLI: a baseline no real run can match (ratios a millionth of
     # today's) is a regression, exit 1; one no real run can miss passes. Timing noise
     # between two runs cannot flip either outcome.
@@ -208,9 +247,20 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
             mm["relative_e2e"] *= scale
         base = tmp_path / f"base-{scale}.json"
         base.write_text(json.dumps(doctored))
-        return run_cli("bench", "latency", "--models", str(tiny_gguf / "model-Q4_K_M.gguf"),
-                       "--images", *pair, "--repeat", "1", "--baseline", base, *extra,
-                       timeout=600)
+        return run_cli(
+            "bench",
+            "latency",
+            "--models",
+            str(tiny_gguf / "model-Q4_K_M.gguf"),
+            "--images",
+            *pair,
+            "--repeat",
+            "1",
+            "--baseline",
+            base,
+            *extra,
+            timeout=600,
+        )
 
     proc = gate(1e-6)
     assert proc.returncode == 1 and "regression" in proc.stderr, proc.stderr[-2000:]
@@ -253,21 +303,42 @@ def test_candidate_vision_suffix():
 def test_latency_gate_compares_ratios():
     from verm_local.benchmarks.latency import compare
 
-    base = {"models": {"q4": {"overhead_ratio": 0.60, "relative_e2e": 1.0},
-                       "q8": {"overhead_ratio": 0.90, "relative_e2e": 1.4}}}
-    same = {"models": {"q4": {"overhead_ratio": 0.65, "relative_e2e": 1.0},
-                       "q8": {"overhead_ratio": 0.95, "relative_e2e": 1.5}}}
+    base = {
+        "models": {
+            "q4": {"overhead_ratio": 0.60, "relative_e2e": 1.0},
+            "q8": {"overhead_ratio": 0.90, "relative_e2e": 1.4},
+        }
+    }
+    same = {
+        "models": {
+            "q4": {"overhead_ratio": 0.65, "relative_e2e": 1.0},
+            "q8": {"overhead_ratio": 0.95, "relative_e2e": 1.5},
+        }
+    }
     assert compare(same, base, 0.10) == []  # +8%, +6%, +7%: within 10%
-    worse = {"models": {"q4": {"overhead_ratio": 0.70, "relative_e2e": 1.0},
-                        "q8": {"overhead_ratio": 0.90, "relative_e2e": 1.4},
-                        "new": {"overhead_ratio": 9.0, "relative_e2e": 9.0}}}
+    worse = {
+        "models": {
+            "q4": {"overhead_ratio": 0.70, "relative_e2e": 1.0},
+            "q8": {"overhead_ratio": 0.90, "relative_e2e": 1.4},
+            "new": {"overhead_ratio": 9.0, "relative_e2e": 9.0},
+        }
+    }
     found = compare(worse, base, 0.10)
     assert len(found) == 1 and found[0].startswith("q4: overhead_ratio 0.700 vs baseline 0.600")
 
 
 def test_bench_bad_inputs_are_one_line(tmp_path, pair):
-    proc = run_cli("bench", "agreement", "--reference", "gguf-q4_k_m", "--candidates", "x",
-                   "--data", tmp_path, env={"VERM_LOCAL_HOME": str(tmp_path / "s")})
+    proc = run_cli(
+        "bench",
+        "agreement",
+        "--reference",
+        "gguf-q4_k_m",
+        "--candidates",
+        "x",
+        "--data",
+        tmp_path,
+        env={"VERM_LOCAL_HOME": str(tmp_path / "s")},
+    )
     assert proc.returncode == 2 and "no data.jsonl" in proc.stderr
     proc = run_cli("bench", "data", "synthetic", tmp_path / "d", "--tasks", "poster")
     assert proc.returncode == 2 and "unknown task" in proc.stderr

@@ -21,8 +21,12 @@ def _tensor_types(path):
 def test_manifest_lists_every_file_with_sha256(tiny_gguf):
     manifest = json.loads((tiny_gguf / "manifest.json").read_text())
     files = {e["file"]: e for e in manifest["files"]}
-    assert set(files) == {"model-F16.gguf", "model-Q8_0.gguf", "model-Q4_K_M.gguf",
-                          "mmproj-f16.gguf"}
+    assert set(files) == {
+        "model-F16.gguf",
+        "model-Q8_0.gguf",
+        "model-Q4_K_M.gguf",
+        "mmproj-f16.gguf",
+    }
     for name, entry in files.items():
         path = tiny_gguf / name
         assert entry["size"] == path.stat().st_size
@@ -61,6 +65,7 @@ def test_refuses_an_incomplete_checkpoint(tmp_path, tiny_hf):
     proc = run_cli("convert", "gguf", broken, tmp_path / "out")
     assert proc.returncode == 3
     assert proc.stderr.strip().splitlines() == [
-        f"verm-local: error: {broken}: incomplete checkpoint, no safetensors weights"]
+        f"verm-local: error: {broken}: incomplete checkpoint, no safetensors weights"
+    ]
     proc = run_cli("convert", "gguf", tmp_path / "nowhere", tmp_path / "out")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

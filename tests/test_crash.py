@@ -80,8 +80,16 @@ def test_judge_that_crashes_in_native_code_prints_one_line(tiny_gguf, pair, tmp_
     text = open(log).read()
     assert "Segmentation fault" in text and "step: load text model" in text
     assert "cpu:" in text and "command:" in text
-    proc = run_cli("judge", *pair, "--model", tiny_gguf, "--quant", "Q8_0", "--json",
-                   env={"VERM_LOCAL_CACHE": str(tmp_path)})
+    proc = run_cli(
+        "judge",
+        *pair,
+        "--model",
+        tiny_gguf,
+        "--quant",
+        "Q8_0",
+        "--json",
+        env={"VERM_LOCAL_CACHE": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["model"]["quant"] == "Q8_0"
 

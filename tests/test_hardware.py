@@ -28,16 +28,34 @@ def cpuinfo(name: str) -> str:
 
 def record(name: str, **kw) -> Hardware:
     model, flags, cores = parse_cpuinfo(cpuinfo(name))
-    base = dict(os="linux", arch="arm64" if "graviton" in name else "x86_64", cpu_model=model,
-                cores_logical=4, cores_physical=cores, cpu_flags=flags, ram_total=32 << 30,
-                ram_available=24 << 30, llama_cpp_version="0.3.36")
+    base = dict(
+        os="linux",
+        arch="arm64" if "graviton" in name else "x86_64",
+        cpu_model=model,
+        cores_logical=4,
+        cores_physical=cores,
+        cpu_flags=flags,
+        ram_total=32 << 30,
+        ram_available=24 << 30,
+        llama_cpp_version="0.3.36",
+    )
     return Hardware(**{**base, **kw})
 
 
-APPLE_M2 = Hardware(os="darwin", arch="arm64", cpu_model="Apple M2", cores_logical=8,
-                    cores_physical=8, cpu_flags=("neon",), ram_total=16 << 30,
-                    ram_available=10 << 30, metal=True, metal_working_set=int(16 * 2**30 * 0.67),
-                    llama_cpp_version="0.3.36", llama_gpu_offload=True)
+APPLE_M2 = Hardware(
+    os="darwin",
+    arch="arm64",
+    cpu_model="Apple M2",
+    cores_logical=8,
+    cores_physical=8,
+    cpu_flags=("neon",),
+    ram_total=16 << 30,
+    ram_available=10 << 30,
+    metal=True,
+    metal_working_set=int(16 * 2**30 * 0.67),
+    llama_cpp_version="0.3.36",
+    llama_gpu_offload=True,
+)
 
 
 def test_recorded_cpus_are_read():
@@ -115,8 +133,9 @@ def test_doctor_shows_the_decision_for_a_recorded_amx_machine(tmp_path):
     assert out["plan"]["repack"] is False
     forced = json.loads(run_cli("doctor", "--json", "--hardware", rec, "--repack").stdout)
     assert forced["decisions"]["repack"]["enabled"] is True
-    env = json.loads(run_cli("doctor", "--json", "--hardware", rec,
-                             env={"VERM_LOCAL_REPACK": "on"}).stdout)
+    env = json.loads(
+        run_cli("doctor", "--json", "--hardware", rec, env={"VERM_LOCAL_REPACK": "on"}).stdout
+    )
     assert env["decisions"]["repack"]["enabled"] is True
     text = run_cli("doctor", "--hardware", rec)
     assert "repack" in text.stdout and "AMX" in text.stdout
@@ -127,19 +146,24 @@ def test_wheel_cache_key_follows_the_instruction_set():
     spr, amd = isa_flags(cpuinfo("sapphire-rapids-m7i")), isa_flags(cpuinfo("amd-epyc-dev"))
     arm = isa_flags(cpuinfo("graviton3-arm64"))
     assert has_amx(spr) and not has_amx(amd)
-    keys = {wheel_key("0.3.36", "", "x86_64", spr), wheel_key("0.3.36", "", "x86_64", amd),
-            wheel_key("0.3.36", "", "arm64", arm)}
+    keys = {
+        wheel_key("0.3.36", "", "x86_64", spr),
+        wheel_key("0.3.36", "", "x86_64", amd),
+        wheel_key("0.3.36", "", "arm64", arm),
+    }
     assert len(keys) == 3
     # Same instruction set, other kernel or hypervisor flags: the same wheel fits.
     noisy = cpuinfo("amd-epyc-dev").replace("flags\t\t: ", "flags\t\t: hypervisor constant_tsc ")
-    assert wheel_key("0.3.36", "", "x86_64", isa_flags(noisy)) == \
-        wheel_key("0.3.36", "", "x86_64", amd)
+    assert wheel_key("0.3.36", "", "x86_64", isa_flags(noisy)) == wheel_key(
+        "0.3.36", "", "x86_64", amd
+    )
     # One extension fewer (a CPU without AVX-512): another wheel.
     no512 = tuple(f for f in amd if not f.startswith("avx512"))
     assert wheel_key("0.3.36", "", "x86_64", no512) != wheel_key("0.3.36", "", "x86_64", amd)
     # Build flags and versions count too.
-    assert wheel_key("0.3.36", "-DGGML_CUDA=on", "x86_64", amd) != \
-        wheel_key("0.3.36", "", "x86_64", amd)
+    assert wheel_key("0.3.36", "-DGGML_CUDA=on", "x86_64", amd) != wheel_key(
+        "0.3.36", "", "x86_64", amd
+    )
     assert wheel_key("0.3.37", "", "x86_64", amd) != wheel_key("0.3.36", "", "x86_64", amd)
 
 
@@ -147,10 +171,21 @@ def test_install_script_key_is_the_package_key():
     """scripts/wheel_key.py (what install.sh runs before any venv exists) computes the same
     key as the package, from a recorded cpuinfo."""
     for name in ("sapphire-rapids-m7i", "amd-epyc-dev"):
-        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "wheel_key.py"),
-                              "--version", "0.3.36", "--cmake-args=-DGGML_CUDA=on",
-                              "--cpuinfo", str(DATA / f"{name}.txt"), "--arch", "x86_64"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        assert out == wheel_key("0.3.36", "-DGGML_CUDA=on", "x86_64",
-                                isa_flags(cpuinfo(name)))
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "wheel_key.py"),
+                "--version",
+                "0.3.36",
+                "--cmake-args=-DGGML_CUDA=on",
+                "--cpuinfo",
+                str(DATA / f"{name}.txt"),
+                "--arch",
+                "x86_64",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert out == wheel_key("0.3.36", "-DGGML_CUDA=on", "x86_64", isa_flags(cpuinfo(name)))
     assert "wheel_key.py" in (ROOT / "scripts" / "install.sh").read_text()

@@ -12,8 +12,9 @@ def _save(img: Image.Image, path, fmt: str, **kw):
     return path
 
 
-@pytest.mark.parametrize("fmt,ext", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"),
-                                     ("BMP", "bmp"), ("GIF", "gif")])
+@pytest.mark.parametrize(
+    "fmt,ext", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"), ("BMP", "bmp"), ("GIF", "gif")]
+)
 def test_supported_formats_load_as_rgb(tmp_path, fmt, ext):
     p = _save(Image.new("RGB", (320, 256), (200, 10, 10)), tmp_path / f"a.{ext}", fmt)
     img = load_image(p)

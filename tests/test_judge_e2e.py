@@ -24,13 +24,25 @@ def _judge_json(*args):
 
 def _check_judgement(out, task, quant):
     jsonschema.validate(out, judgement_schema())
-    assert set(out) == {"task", "errors", "counts", "total_severity", "reward", "rm_reward",
-                        "complete", "problem", "prompt_source", "model", "timings"}
+    assert set(out) == {
+        "task",
+        "errors",
+        "counts",
+        "total_severity",
+        "reward",
+        "rm_reward",
+        "complete",
+        "problem",
+        "prompt_source",
+        "model",
+        "timings",
+    }
     assert out["task"] == task and out["complete"] is True
     assert set(out["counts"]) == set(CATEGORIES[task])
     # A table error has no location (the trained table answer has none).
     keys = {"category", "severity", "description"} | (
-        {"location"} if profile(task).has_location else set())
+        {"location"} if profile(task).has_location else set()
+    )
     for e in out["errors"]:
         assert e["category"] in CATEGORIES[task] and e["severity"] in (1, 2, 3)
         assert set(e) == keys
@@ -78,16 +90,29 @@ def test_greedy_is_reproducible_and_terminal_output_is_a_table(tiny_gguf, pair):
 
 
 def test_free_mode_reads_with_the_tolerant_parser_or_fails_cleanly(tiny_gguf, pair):
-    proc = run_cli("judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "--free",
-                   "--json", "--max-tokens", "64")
+    proc = run_cli(
+        "judge",
+        *pair,
+        "--model",
+        tiny_gguf,
+        "--quant",
+        "Q4_K_M",
+        "--free",
+        "--json",
+        "--max-tokens",
+        "64",
+    )
     if proc.returncode == 0:
         jsonschema.validate(json.loads(proc.stdout), judgement_schema())
     else:
         # A random-weight model writes no JSON: one clear line, exit 4, no traceback (a
         # warning line may say the built-in prompts were used).
         assert proc.returncode in (4, 7)
-        lines = [ln for ln in proc.stderr.strip().splitlines()
-                 if not ln.startswith("verm-local: warning:")]
+        lines = [
+            ln
+            for ln in proc.stderr.strip().splitlines()
+            if not ln.startswith("verm-local: warning:")
+        ]
         assert len(lines) == 1 and lines[0].startswith("verm-local: error:")
 
 
@@ -95,8 +120,7 @@ def test_prompt_file_replaces_the_prompt(tiny_gguf, pair, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Compare image 2 with image 1. JSON only.")
     base = _judge_json(*pair, "--model", tiny_gguf, "--quant", "Q4_K_M")
-    custom = _judge_json(*pair, "--model", tiny_gguf, "--quant", "Q4_K_M",
-                         "--prompt-file", prompt)
+    custom = _judge_json(*pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "--prompt-file", prompt)
     assert custom["timings"]["prompt_tokens"] < base["timings"]["prompt_tokens"]
 
 
@@ -117,8 +141,9 @@ def _bad_inputs(tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "non-image", "truncated", "bomb",
-                                  "directory"])
+@pytest.mark.parametrize(
+    "case", ["missing", "empty", "non-image", "truncated", "bomb", "directory"]
+)
 @pytest.mark.parametrize("position", ["gt", "pred"])
 def test_bad_input_is_one_line_and_exit_2(tiny_gguf, pair, tmp_path, case, position):
     bad, expected = _bad_inputs(tmp_path)[case]
@@ -210,14 +235,17 @@ def test_fast_grammar_decoding_gives_the_same_answer(tiny_gguf, pair):
             out = {}
             for fast in (True, False):
                 j.backend.fast_grammar = fast
-                out[fast] = j.backend.generate(images, default_prompt(task),
-                                               Sampling(max_tokens=1024), answer_schema(task))
+                out[fast] = j.backend.generate(
+                    images, default_prompt(task), Sampling(max_tokens=1024), answer_schema(task)
+                )
             assert out[True].text == out[False].text
             assert out[True].completion_tokens == out[False].completion_tokens
             assert out[True].finish_reason == out[False].finish_reason == "stop"
-            print(f"{task}: {out[True].decode_s:.2f} s fast vs {out[False].decode_s:.2f} s full "
-                  f"({j.backend.full_grammar_passes} full passes of "
-                  f"{out[True].completion_tokens} tokens)")
+            print(
+                f"{task}: {out[True].decode_s:.2f} s fast vs {out[False].decode_s:.2f} s full "
+                f"({j.backend.full_grammar_passes} full passes of "
+                f"{out[True].completion_tokens} tokens)"
+            )
 
 
 def test_grammar_argmax_is_the_best_allowed_token(tiny_gguf):
@@ -263,8 +291,11 @@ def test_answer_grammar_keeps_strings_json(tiny_gguf):
     from verm_local.answer import answer_grammar
     from verm_local.backends.grammar import json_schema_grammar
 
-    schema = {"type": "object", "properties": {"d": {"type": "string", "maxLength": 8}},
-              "required": ["d"]}
+    schema = {
+        "type": "object",
+        "properties": {"d": {"type": "string", "maxLength": 8}},
+        "required": ["d"],
+    }
     with verm_local_judge(tiny_gguf) as j:
         b = j.backend
         lc, pick = b.lc, b.picker
@@ -280,7 +311,9 @@ def test_answer_grammar_keeps_strings_json(tiny_gguf):
             try:
                 for t in b.model.tokenize(prefix):
                     lc.llama_sampler_accept(smpl, t)
-                return {s for s in ("\n", "\t", "\\", "n", "x") if pick.allows(smpl, tok(s), logits)}
+                return {
+                    s for s in ("\n", "\t", "\\", "n", "x") if pick.allows(smpl, tok(s), logits)
+                }
             finally:
                 lc.llama_sampler_free(smpl)
 
@@ -292,10 +325,12 @@ def test_answer_grammar_keeps_strings_json(tiny_gguf):
         assert b.grammar(schema) is b.grammar(dict(schema))  # compiled once per schema
         # The answer's own grammar keeps strings JSON too.
         answer = answer_grammar("chart")
-        assert allowed_after(answer, '{"structure_error_count": 0, "data_error_count": 0, '
-                             '"text_error_count": 0, "style_error_count": 0, "errors": '
-                             '[{"category": "data_error", "severity": 1, "location": "a') \
-            == {"\\", "n", "x"}
+        assert allowed_after(
+            answer,
+            '{"structure_error_count": 0, "data_error_count": 0, '
+            '"text_error_count": 0, "style_error_count": 0, "errors": '
+            '[{"category": "data_error", "severity": 1, "location": "a',
+        ) == {"\\", "n", "x"}
 
 
 def verm_local_judge(model):

@@ -31,11 +31,19 @@ def test_header_reader_reads_strings_and_ints(tmp_path):
 
 
 def test_depth_below_deepstack_is_refused_before_loading(tmp_path):
-    model = _gguf(tmp_path / "model-F16.gguf", {
-        "general.architecture": "qwen3vl", "qwen3vl.block_count": 2,
-        "qwen3vl.n_deepstack_layers": 3, "qwen3vl.embedding_length": 256})
-    mm = _gguf(tmp_path / "mmproj-f16.gguf", {"general.architecture": "clip",
-                                              "clip.projector_type": "qwen3vl_merger"})
+    model = _gguf(
+        tmp_path / "model-F16.gguf",
+        {
+            "general.architecture": "qwen3vl",
+            "qwen3vl.block_count": 2,
+            "qwen3vl.n_deepstack_layers": 3,
+            "qwen3vl.embedding_length": 256,
+        },
+    )
+    mm = _gguf(
+        tmp_path / "mmproj-f16.gguf",
+        {"general.architecture": "clip", "clip.projector_type": "qwen3vl_merger"},
+    )
     with pytest.raises(ModelError, match="text depth 2 is below its 3 deepstack layers"):
         resolve_model(model, mm)
 

@@ -38,9 +38,13 @@ def env(hub, tmp_path):
     hub.corrupt.clear()
     # The training prompts come from GitHub, which these machines cannot reach: a closed
     # port makes pull's (non-fatal) prompt fetch fail at once.
-    return {"HF_ENDPOINT": hub.url, "VERM_LOCAL_HOME": str(tmp_path / "home"),
-            "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
-            "VERM_LOCAL_PROMPTS_URL": "http://127.0.0.1:9"}
+    return {
+        "HF_ENDPOINT": hub.url,
+        "VERM_LOCAL_HOME": str(tmp_path / "home"),
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "VERM_LOCAL_PROMPTS_URL": "http://127.0.0.1:9",
+    }
 
 
 def one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
@@ -66,8 +70,11 @@ def test_readme_flow_pull_then_judge(hub, env, tiny_gguf, pair):
     path = Path(proc.stdout.strip())
     assert path.name == "gguf-q4_k_m"
     src = read_manifest(tiny_gguf)
-    want = {e["file"]: e["sha256"] for e in src["files"] if e["file"] in
-            ("model-Q4_K_M.gguf", "mmproj-f16.gguf")}
+    want = {
+        e["file"]: e["sha256"]
+        for e in src["files"]
+        if e["file"] in ("model-Q4_K_M.gguf", "mmproj-f16.gguf")
+    }
     got = {e["file"]: e["sha256"] for e in read_manifest(path)["files"]}
     assert got == want
     assert {p.name for p in path.iterdir()} == set(want) | {"manifest.json"}
@@ -101,11 +108,15 @@ def test_unpublished_variant_is_built_from_bf16(hub, env, pair):
     assert rows["gguf-q6_k"]["source"].startswith("built from bf16")
     built = Path(rows["gguf-q6_k"]["path"])
     assert sorted(p.name for p in built.iterdir()) == [
-        "manifest.json", "mmproj-f16.gguf", "model-Q6_K.gguf"]  # no F16 intermediate left
+        "manifest.json",
+        "mmproj-f16.gguf",
+        "model-Q6_K.gguf",
+    ]  # no F16 intermediate left
     assert not list((Path(env["VERM_LOCAL_HOME"]) / ".staging").glob("*/*.gguf"))
     gt, pred = pair
-    proc = run_cli("judge", gt, pred, "--variant", "gguf-q6_k", "--json", "--max-tokens", "200",
-                   env=env)
+    proc = run_cli(
+        "judge", gt, pred, "--variant", "gguf-q6_k", "--json", "--max-tokens", "200", env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["model"]["quant"] == "Q6_K"
 
@@ -165,9 +176,16 @@ def test_two_concurrent_pulls_download_once(hub, env):
     import os
 
     full = dict(os.environ, **env)
-    procs = [subprocess.Popen([str(CLI), "pull", "gguf-q4_k_m", "--repo", QUANT_REPO],
-                              env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [str(CLI), "pull", "gguf-q4_k_m", "--repo", QUANT_REPO],
+            env=full,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
     assert outs[0][0] == outs[1][0]
@@ -194,8 +212,9 @@ def test_offline_mode(hub, env, pair):
 def test_token_is_honoured(hub, env):
     proc = run_cli("pull", "gguf-q4_k_m", "--repo", "test/private-quants", env=env)
     one_line_error(proc, 6, "test/private-quants", "HF_TOKEN")
-    proc = run_cli("pull", "gguf-q4_k_m", "--repo", "test/private-quants",
-                   env=dict(env, HF_TOKEN="hf_secret"))
+    proc = run_cli(
+        "pull", "gguf-q4_k_m", "--repo", "test/private-quants", env=dict(env, HF_TOKEN="hf_secret")
+    )
     assert proc.returncode == 0, proc.stderr
 
 

@@ -3,14 +3,18 @@ import json
 import jsonschema
 import pytest
 
+from verm_local.answer import answer_schema
 from verm_local.constants import CATEGORIES, TASKS
 from verm_local.errors import AnswerError
-from verm_local.answer import answer_schema
 from verm_local.schema import Judgement, extract_json, normalise_errors
 from verm_local.tasks import profile
 
-ANSWER = {"data_error_count": 1, "errors": [
-    {"category": "data_error", "severity": 2, "location": "bar 2", "description": "5 -> 4"}]}
+ANSWER = {
+    "data_error_count": 1,
+    "errors": [
+        {"category": "data_error", "severity": 2, "location": "bar 2", "description": "5 -> 4"}
+    ],
+}
 
 
 def test_plain_json():
@@ -33,8 +37,16 @@ def test_unclosed_think_is_stripped_up_to_end():
 
 
 def test_trailing_garbage_and_braces_in_strings():
-    obj = {"errors": [{"category": "text_error", "severity": 1, "location": "title",
-                       "description": "brace } inside \" quoted"}]}
+    obj = {
+        "errors": [
+            {
+                "category": "text_error",
+                "severity": 1,
+                "location": "title",
+                "description": 'brace } inside " quoted',
+            }
+        ]
+    }
     text = json.dumps(obj) + " trailing words } and more {"
     assert extract_json(text) == obj
 
@@ -62,26 +74,38 @@ def test_broken_answers_raise(text):
 
 
 def test_type_key_is_accepted_for_category():
-    errors = normalise_errors("table", {"errors": [
-        {"type": "numeric_error", "severity": 3, "location": "r2c3", "description": "1.5"}]})
+    errors = normalise_errors(
+        "table",
+        {
+            "errors": [
+                {"type": "numeric_error", "severity": 3, "location": "r2c3", "description": "1.5"}
+            ]
+        },
+    )
     assert errors[0].category == "numeric_error"
 
 
-@pytest.mark.parametrize("bad", [
-    {"category": "colour_error", "severity": 1},
-    {"category": "data_error", "severity": 4},
-    {"category": "data_error", "severity": "high"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"category": "colour_error", "severity": 1},
+        {"category": "data_error", "severity": 4},
+        {"category": "data_error", "severity": "high"},
+    ],
+)
 def test_out_of_set_errors_are_refused(bad):
     with pytest.raises(AnswerError):
         normalise_errors("chart", {"errors": [bad]})
 
 
 def test_judgement_counts_severity_and_score():
-    answer = {"errors": [
-        {"category": "data_error", "severity": 2, "location": "a", "description": "b"},
-        {"category": "data_error", "severity": 3, "location": "c", "description": "d"},
-        {"category": "style_error", "severity": 1, "location": "e", "description": "f"}]}
+    answer = {
+        "errors": [
+            {"category": "data_error", "severity": 2, "location": "a", "description": "b"},
+            {"category": "data_error", "severity": 3, "location": "c", "description": "d"},
+            {"category": "style_error", "severity": 1, "location": "e", "description": "f"},
+        ]
+    }
     j = Judgement.from_answer("chart", answer)
     assert j.counts == {"structure_error": 0, "data_error": 2, "text_error": 0, "style_error": 1}
     assert j.total_severity == 6

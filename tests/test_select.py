@@ -23,24 +23,46 @@ GiB = 2**30
 
 
 def machine(ram_gib: float, **kw) -> Hardware:
-    base = dict(os="linux", arch="x86_64", cpu_model="test cpu", cores_logical=8,
-                cores_physical=4, cpu_flags=("avx2", "fma"), ram_total=int(ram_gib * GiB),
-                ram_available=int(ram_gib * GiB * 0.8), llama_cpp_version="0.3.36")
+    base = dict(
+        os="linux",
+        arch="x86_64",
+        cpu_model="test cpu",
+        cores_logical=8,
+        cores_physical=4,
+        cpu_flags=("avx2", "fma"),
+        ram_total=int(ram_gib * GiB),
+        ram_available=int(ram_gib * GiB * 0.8),
+        llama_cpp_version="0.3.36",
+    )
     base.update(kw)
     return Hardware(**base)
 
 
 def cuda_box(name: str, vram_gib: float, ram_gib: float, **kw) -> Hardware:
     gpu = GpuDevice(0, name, int(vram_gib * GiB), int(vram_gib * GiB * 0.97))
-    fields = dict(cores_logical=32, cores_physical=16, cuda=(gpu,), llama_gpu_offload=True,
-                  torch_version="2.14.1", torch_cuda=True, gptqmodel=True)
+    fields = dict(
+        cores_logical=32,
+        cores_physical=16,
+        cuda=(gpu,),
+        llama_gpu_offload=True,
+        torch_version="2.14.1",
+        torch_cuda=True,
+        gptqmodel=True,
+    )
     return machine(ram_gib, **{**fields, **kw})
 
 
 LAPTOP_8GB = machine(8, cores_logical=4, cores_physical=2)
-M2_16GB = machine(16, os="darwin", arch="arm64", cpu_model="Apple M2", cpu_flags=("neon",),
-                  metal=True, metal_working_set=metal_working_set(16 * GiB),
-                  llama_gpu_offload=True)
+M2_16GB = machine(
+    16,
+    os="darwin",
+    arch="arm64",
+    cpu_model="Apple M2",
+    cpu_flags=("neon",),
+    metal=True,
+    metal_working_set=metal_working_set(16 * GiB),
+    llama_gpu_offload=True,
+)
 RTX4090 = cuda_box("NVIDIA GeForce RTX 4090", 24, 64)
 H100 = cuda_box("NVIDIA H100 80GB HBM3", 80, 512)
 TINY_4GB = machine(4, cores_logical=2, cores_physical=2)
@@ -49,7 +71,11 @@ TINY_4GB = machine(4, cores_logical=2, cores_physical=2)
 def test_cpu_laptop_gets_q4_k_m_on_cpu():
     plan = select_plan(LAPTOP_8GB)
     assert (plan.variant, plan.backend, plan.device, plan.gpu_layers) == (
-        "gguf-q4_k_m", "llamacpp", "cpu", 0)
+        "gguf-q4_k_m",
+        "llamacpp",
+        "cpu",
+        0,
+    )
     assert plan.threads == 2  # physical cores
     assert plan.memory_bytes <= plan.budget_bytes
     assert any("memory-bandwidth" in r for r in plan.reasons)
@@ -86,8 +112,7 @@ def test_cpu_build_of_llama_on_a_cuda_box_uses_transformers():
     assert (plan.variant, plan.backend, plan.device) == ("bf16", "transformers", "cuda")
     assert "CMAKE_ARGS" in plan.reasons[0]
     # Without torch CUDA either, the CPU is used and the reason says why not CUDA.
-    box = cuda_box("NVIDIA H100 80GB HBM3", 80, 512, llama_gpu_offload=False,
-                   torch_cuda=False)
+    box = cuda_box("NVIDIA H100 80GB HBM3", 80, 512, llama_gpu_offload=False, torch_cuda=False)
     plan = select_plan(box)
     assert plan.device == "cpu" and plan.variant == "gguf-q4_k_m"
     assert plan.reasons[0].startswith("not cuda:")
@@ -128,10 +153,12 @@ def test_parsers_on_recorded_output():
     smi = "0, NVIDIA H100 80GB HBM3, 81559, 80770\n1, NVIDIA H100 80GB HBM3, 81559, 1000\n"
     gpus = parse_nvidia_smi(smi)
     assert [g.index for g in gpus] == [0, 1] and gpus[0].total_bytes == 81559 * 2**20
-    cpuinfo = ("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nphysical id\t: 0\ncore id\t: 0\n"
-               "flags\t\t: fpu avx2 fma avx512f avx512_bf16\n\n"
-               "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nphysical id\t: 0\ncore id\t: 0\n"
-               "flags\t\t: fpu avx2 fma avx512f avx512_bf16\n")
+    cpuinfo = (
+        "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nphysical id\t: 0\ncore id\t: 0\n"
+        "flags\t\t: fpu avx2 fma avx512f avx512_bf16\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nphysical id\t: 0\ncore id\t: 0\n"
+        "flags\t\t: fpu avx2 fma avx512f avx512_bf16\n"
+    )
     model, flags, cores = parse_cpuinfo(cpuinfo)
     assert model == "AMD EPYC 9R14" and cores == 1
     assert flags == ("avx2", "fma", "avx512f", "avx512_bf16")
@@ -143,8 +170,9 @@ def test_real_probe_and_plan_on_this_machine():
     assert hw.ram_total > 0 and hw.cores_logical >= 1 and hw.llama_cpp_version == "0.3.36"
     assert Hardware.from_dict(json.loads(json.dumps(hw.to_dict()))) == hw
     plan = select_plan(hw)
-    assert plan.device == ("cuda" if hw.cuda and hw.llama_gpu_offload else
-                           "metal" if hw.metal else plan.device)
+    assert plan.device == (
+        "cuda" if hw.cuda and hw.llama_gpu_offload else "metal" if hw.metal else plan.device
+    )
     assert plan.reasons
 
 

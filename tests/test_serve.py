@@ -39,10 +39,26 @@ class Served:
         self.port = _port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [str(CLI), "serve", "-m", str(model / "model-Q8_0.gguf"), "--port", str(self.port),
-             "--vision", "gguf", "--max-tokens", "400", "--image-tokens", "64", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **(env or {})})
+            [
+                str(CLI),
+                "serve",
+                "-m",
+                str(model / "model-Q8_0.gguf"),
+                "--port",
+                str(self.port),
+                "--vision",
+                "gguf",
+                "--max-tokens",
+                "400",
+                "--image-tokens",
+                "64",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         deadline = time.time() + 120
         while time.time() < deadline:
             assert self.proc.poll() is None, self.proc.stderr.read()
@@ -53,10 +69,12 @@ class Served:
                 time.sleep(0.5)
         raise AssertionError("server did not come up")
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                key: str | None = "k") -> tuple[int, dict | str]:
-        req = urllib.request.Request(self.base + path, data=body, method=method,
-                                     headers={"Content-Type": "application/json"})
+    def request(
+        self, method: str, path: str, body: bytes | None = None, key: str | None = "k"
+    ) -> tuple[int, dict | str]:
+        req = urllib.request.Request(
+            self.base + path, data=body, method=method, headers={"Content-Type": "application/json"}
+        )
         if key:
             req.add_header("Authorization", f"Bearer {key}")
         try:
@@ -87,8 +105,14 @@ class Served:
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     gt = draw_chart(root / "gt.png", [3, 5, 2, 6])
-    preds = [draw_chart(root / f"pred{i}.png", [3, 5 - i % 3, 2, 6],
-                        colour=["orange", "steelblue", "green", "red"][i % 4]) for i in range(8)]
+    preds = [
+        draw_chart(
+            root / f"pred{i}.png",
+            [3, 5 - i % 3, 2, 6],
+            colour=["orange", "steelblue", "green", "red"][i % 4],
+        )
+        for i in range(8)
+    ]
     return gt, preds
 
 
@@ -102,10 +126,16 @@ def server(tiny_gguf):
 def _rl_message(gt: Path, pred: Path) -> list[dict]:
     from verm_local.prompts import load_prompt
 
-    return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": _url(gt)}},
-        {"type": "image_url", "image_url": {"url": _url(pred)}},
-        {"type": "text", "text": load_prompt("chart", None)}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": _url(gt)}},
+                {"type": "image_url", "image_url": {"url": _url(pred)}},
+                {"type": "text", "text": load_prompt("chart", None)},
+            ],
+        }
+    ]
 
 
 def test_openai_client_gets_schema_valid_json(server, images):
@@ -119,10 +149,15 @@ def test_openai_client_gets_schema_valid_json(server, images):
     assert [m.id for m in client.models.list().data] == ["model-Q8_0.gguf"]
     schema = answer_schema("chart")
     r = client.chat.completions.create(
-        model="model-Q8_0.gguf", messages=_rl_message(gt, preds[0]), max_tokens=400,
-        temperature=0.7, top_p=0.8, presence_penalty=1.5,
+        model="model-Q8_0.gguf",
+        messages=_rl_message(gt, preds[0]),
+        max_tokens=400,
+        temperature=0.7,
+        top_p=0.8,
+        presence_penalty=1.5,
         extra_body={"top_k": 20, "repetition_penalty": 1.05},
-        response_format={"type": "json_schema", "json_schema": {"name": "verm", "schema": schema}})
+        response_format={"type": "json_schema", "json_schema": {"name": "verm", "schema": schema}},
+    )
     assert r.choices[0].finish_reason == "stop"
     answer = json.loads(r.choices[0].message.content)
     # The grammar bounds strings in characters as the model emits them; random weights emit
@@ -145,8 +180,13 @@ def test_judge_endpoint_returns_a_judgement(server, images):
     from verm_local.schema import Judgement
 
     gt, preds = images
-    code, out = server.request("POST", "/v1/judge", json.dumps(
-        {"gt": _url(gt), "pred": _url(preds[1]), "task": "chart", "max_errors": 2}).encode())
+    code, out = server.request(
+        "POST",
+        "/v1/judge",
+        json.dumps(
+            {"gt": _url(gt), "pred": _url(preds[1]), "task": "chart", "max_errors": 2}
+        ).encode(),
+    )
     assert code == 200, out
     j = Judgement.model_validate(out)
     assert j.task == "chart" and 0 <= j.score <= 1 and len(j.errors) <= 2
@@ -161,8 +201,11 @@ def test_concurrent_load_shares_the_prefix(server, images):
 
     def one(i):
         t0 = time.perf_counter()
-        code, out = server.request("POST", "/v1/judge", json.dumps(
-            {"gt": _url(gt), "pred": _url(preds[i % 8]), "max_errors": 2}).encode())
+        code, out = server.request(
+            "POST",
+            "/v1/judge",
+            json.dumps({"gt": _url(gt), "pred": _url(preds[i % 8]), "max_errors": 2}).encode(),
+        )
         return code, time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -176,27 +219,98 @@ def test_concurrent_load_shares_the_prefix(server, images):
     hits = server.metric("verm_prefix_cache_hits_total") - hits0
     assert batches < 32  # requests were batched
     assert hits >= 32 - batches  # every request but the first of each batch reused the prefix
-    print(f"\n32 requests, 8 clients: {wall:.1f} s, p50 {lat[15]:.2f} s, p95 {lat[30]:.2f} s, "
-          f"{batches:.0f} batches, {hits:.0f} prefix hits")
+    print(
+        f"\n32 requests, 8 clients: {wall:.1f} s, p50 {lat[15]:.2f} s, p95 {lat[30]:.2f} s, "
+        f"{batches:.0f} batches, {hits:.0f} prefix hits"
+    )
 
 
-@pytest.mark.parametrize("body,code,needle", [
-    (b"{not json", 400, "not valid JSON"),
-    (json.dumps({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}).encode(),
-     400, "base64"),
-    (json.dumps({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
-                                            + base64.b64encode(b"plain text").decode()}}]}]}
-               ).encode(), 400, "not a readable image"),
-    (json.dumps({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}]}]}).encode(),
-     400, "remote image URLs are refused"),
-    (json.dumps({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
-                                            + "A" * 400_000}}]}]}).encode(), 413, "image over"),
-    (json.dumps({"messages": []}).encode(), 400, "messages"),
-])
+@pytest.mark.parametrize(
+    "body,code,needle",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {
+                                    "type": "image_url",
+                                    "image_url": {"url": "data:image/png;base64,@@@"},
+                                }
+                            ],
+                        }
+                    ]
+                }
+            ).encode(),
+            400,
+            "base64",
+        ),
+        (
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {
+                                    "type": "image_url",
+                                    "image_url": {
+                                        "url": "data:image/png;base64,"
+                                        + base64.b64encode(b"plain text").decode()
+                                    },
+                                }
+                            ],
+                        }
+                    ]
+                }
+            ).encode(),
+            400,
+            "not a readable image",
+        ),
+        (
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {
+                                    "type": "image_url",
+                                    "image_url": {"url": "http://example.com/x.png"},
+                                }
+                            ],
+                        }
+                    ]
+                }
+            ).encode(),
+            400,
+            "remote image URLs are refused",
+        ),
+        (
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {
+                                    "type": "image_url",
+                                    "image_url": {"url": "data:image/png;base64," + "A" * 400_000},
+                                }
+                            ],
+                        }
+                    ]
+                }
+            ).encode(),
+            413,
+            "image over",
+        ),
+        (json.dumps({"messages": []}).encode(), 400, "messages"),
+    ],
+)
 def test_bad_requests_get_clear_errors(server, body, code, needle):
     got, out = server.request("POST", "/v1/chat/completions", body)
     assert got == code, out
@@ -218,8 +332,7 @@ def test_queue_full_worker_crash_and_graceful_shutdown(tiny_gguf, images):
     body = json.dumps({"gt": _url(gt), "pred": _url(preds[2]), "max_errors": 2}).encode()
     try:
         with ThreadPoolExecutor(8) as ex:
-            codes = [c for c, _ in ex.map(lambda _: s.request("POST", "/v1/judge", body),
-                                          range(8))]
+            codes = [c for c, _ in ex.map(lambda _: s.request("POST", "/v1/judge", body), range(8))]
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
 
         out = {}
@@ -258,11 +371,18 @@ def test_batch_engine_matches_the_single_path(tiny_gguf, images):
 
     gt, preds = images
     schema = answer_schema("chart", 400, 2)
-    with Judge(str(tiny_gguf / "model-Q8_0.gguf"), vision="gguf", image_token_budget=64,
-               max_tokens=400, parallel=4, prefix_cache=2) as j:
+    with Judge(
+        str(tiny_gguf / "model-Q8_0.gguf"),
+        vision="gguf",
+        image_token_budget=64,
+        max_tokens=400,
+        parallel=4,
+        prefix_cache=2,
+    ) as j:
         images_ = [j.prepare(gt), j.prepare(preds[0])]
-        single = j.backend.generate(images_, load_prompt("chart", None), Sampling(max_tokens=400),
-                                    schema)
+        single = j.backend.generate(
+            images_, load_prompt("chart", None), Sampling(max_tokens=400), schema
+        )
         many = j.judge_many([(gt, preds[0], "chart")], max_errors=2)
         again = j.judge_many([(gt, preds[0], "chart")], max_errors=2)
         engine = j.backend.batch
@@ -275,14 +395,19 @@ def test_batch_engine_matches_the_single_path(tiny_gguf, images):
         # Each sequence has its own KV stream, so decoding four together leaves each answer
         # as the single path gives it (Q8_0 rounds the same at 1 and 4 rows on this CPU).
         for p, r in zip(preds[:4], out):
-            alone = j.backend.generate([j.prepare(gt), j.prepare(p)], load_prompt("chart", None),
-                                       Sampling(max_tokens=400), schema)
+            alone = j.backend.generate(
+                [j.prepare(gt), j.prepare(p)],
+                load_prompt("chart", None),
+                Sampling(max_tokens=400),
+                schema,
+            )
             assert r.errors == Judgement.from_answer("chart", extract_json(alone.text)).errors
 
 
 @pytest.mark.parametrize("temperature", [0.7, 0.0])
-def test_sampler_shortlist_samples_what_the_whole_vocabulary_does(tiny_gguf, images,
-                                                                  temperature, monkeypatch):
+def test_sampler_shortlist_samples_what_the_whole_vocabulary_does(
+    tiny_gguf, images, temperature, monkeypatch
+):
     """RL sampling (top-k 20, top-p, presence penalty, seeded), and greedy with penalties,
     under the answer grammar: the chain run on the shortlist draws the same tokens as the
     chain run on all 151,936, in a batch and on the single path alike."""
@@ -293,19 +418,34 @@ def test_sampler_shortlist_samples_what_the_whole_vocabulary_does(tiny_gguf, ima
     from verm_local.prompts import load_prompt
 
     gt, preds = images
-    sampling = Sampling(max_tokens=300, temperature=temperature, top_p=0.8, top_k=20,
-                        presence_penalty=1.5, repeat_penalty=1.05, seed=7)
-    with Judge(str(tiny_gguf / "model-Q8_0.gguf"), vision="gguf", image_token_budget=64,
-               max_tokens=300, parallel=2, prefix_cache=1) as j:
+    sampling = Sampling(
+        max_tokens=300,
+        temperature=temperature,
+        top_p=0.8,
+        top_k=20,
+        presence_penalty=1.5,
+        repeat_penalty=1.05,
+        seed=7,
+    )
+    with Judge(
+        str(tiny_gguf / "model-Q8_0.gguf"),
+        vision="gguf",
+        image_token_budget=64,
+        max_tokens=300,
+        parallel=2,
+        prefix_cache=1,
+    ) as j:
         imgs = [j.prepare(gt), j.prepare(preds[1])]
         texts = {}
         for short in (True, False):
             monkeypatch.setattr(TokenSampler, "shortlist", short)
-            out = j.generate_all([build_request(*imgs, "chart", sampling=sampling,
-                                                max_errors=2).request])
+            out = j.generate_all(
+                [build_request(*imgs, "chart", sampling=sampling, max_errors=2).request]
+            )
             texts[short] = out[0].text
-            single = j.backend.generate(imgs, load_prompt("chart", None), sampling,
-                                        answer_schema("chart", 300, 2))
+            single = j.backend.generate(
+                imgs, load_prompt("chart", None), sampling, answer_schema("chart", 300, 2)
+            )
             assert single.text == out[0].text
         assert texts[True] == texts[False]
         assert out[0].completion_tokens > 20
@@ -314,17 +454,34 @@ def test_sampler_shortlist_samples_what_the_whole_vocabulary_does(tiny_gguf, ima
 def test_judge_pairs_batch_mode(tiny_gguf, images, tmp_path):
     gt, preds = images
     other = draw_chart(tmp_path / "gt2.png", [1, 2, 3, 4])
-    rows = [{"gt": str(gt), "pred": str(preds[0]), "id": "a"},
-            {"gt": str(other), "pred": str(preds[1]), "id": "b"},
-            {"gt": str(gt), "pred": str(preds[2]), "id": "c", "task": "chart"},
-            {"gt_img_path": "gt2.png", "pred_img_path": str(preds[3]), "id": "d",
-             "category": "chart"}]
+    rows = [
+        {"gt": str(gt), "pred": str(preds[0]), "id": "a"},
+        {"gt": str(other), "pred": str(preds[1]), "id": "b"},
+        {"gt": str(gt), "pred": str(preds[2]), "id": "c", "task": "chart"},
+        {"gt_img_path": "gt2.png", "pred_img_path": str(preds[3]), "id": "d", "category": "chart"},
+    ]
     src = tmp_path / "pairs.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out.jsonl"
-    proc = run_cli("judge", "--pairs", src, "--out", out, "-m", tiny_gguf / "model-Q8_0.gguf",
-                   "--vision", "gguf", "--image-tokens", "64", "--max-errors", "2",
-                   "--max-tokens", "400", "--parallel", "4")
+    proc = run_cli(
+        "judge",
+        "--pairs",
+        src,
+        "--out",
+        out,
+        "-m",
+        tiny_gguf / "model-Q8_0.gguf",
+        "--vision",
+        "gguf",
+        "--image-tokens",
+        "64",
+        "--max-errors",
+        "2",
+        "--max-tokens",
+        "400",
+        "--parallel",
+        "4",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "judged 4/4 pairs" in proc.stderr
     got = [json.loads(line) for line in out.read_text().splitlines()]
@@ -346,32 +503,61 @@ def test_reward_client_retries_and_scores(server, images, tmp_path):
     rc = RewardClient([dead, server.base], api_key="k", retries=1, timeout=300, max_errors=2)
     j = rc.judge(gt, preds[0])
     assert 0 <= j.score <= 1 and j.reward == pytest.approx(1 + j.rm_reward)
-    code = ("import matplotlib.pyplot as plt\n"
-            "plt.bar(['a', 'b', 'c', 'd'], [3, 5, 2, 6])\nplt.title('Sales 2024')\n")
+    code = (
+        "import matplotlib.pyplot as plt\n"
+        "plt.bar(['a', 'b', 'c', 'd'], [3, 5, 2, 6])\nplt.title('Sales 2024')\n"
+    )
     # The authors' recipe: a rendered chart or SVG earns 1 plus the judge's clipped term.
     score = rc.compute_score("chart2code", f"```python\n{code}```", str(gt))
     assert 1 <= score <= 2
     assert rc.compute_score("chart", "```python\nraise SystemExit(3)\n```", str(gt)) == MIN_REWARD
     assert rc.compute_score("chart", "no code here", str(gt)) == MIN_REWARD
-    assert rc.compute_score("chart", "```python\nwhile True: pass\n```", str(gt),
-                            {"render_timeout": 2}) == MIN_REWARD
-    assert rc.compute_score("svg", '<svg xmlns="http://www.w3.org/2000/svg" width="64" '
-                                   'height="64"></svg>', str(gt)) == MIN_REWARD
-    svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
-           '<rect x="8" y="8" width="30" height="40" fill="red"/></svg>')
+    assert (
+        rc.compute_score(
+            "chart", "```python\nwhile True: pass\n```", str(gt), {"render_timeout": 2}
+        )
+        == MIN_REWARD
+    )
+    assert (
+        rc.compute_score(
+            "svg", '<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"></svg>', str(gt)
+        )
+        == MIN_REWARD
+    )
+    svg = (
+        '<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
+        '<rect x="8" y="8" width="30" height="40" fill="red"/></svg>'
+    )
     assert 1 <= rc.compute_score("icon2svg", svg, str(gt)) <= 2
 
 
 def test_vllm_command_line(tiny_hf, tiny_gguf):
     from verm_local.server import ServeConfig, vllm_command
 
-    proc = run_cli("serve", "--engine", "vllm", "--dry-run", "-m", tiny_hf, "--parallel", "16",
-                   "--api-key", "s3", "--port", "9001")
+    proc = run_cli(
+        "serve",
+        "--engine",
+        "vllm",
+        "--dry-run",
+        "-m",
+        tiny_hf,
+        "--parallel",
+        "16",
+        "--api-key",
+        "s3",
+        "--port",
+        "9001",
+    )
     assert proc.returncode == 0, proc.stderr
     cmd = proc.stdout.split()
     assert cmd[:3] == ["vllm", "serve", str(tiny_hf)]
-    for flag, value in (("--max-num-seqs", "16"), ("--port", "9001"), ("--api-key", "s3"),
-                        ("--dtype", "bfloat16"), ("--host", "127.0.0.1")):
+    for flag, value in (
+        ("--max-num-seqs", "16"),
+        ("--port", "9001"),
+        ("--api-key", "s3"),
+        ("--dtype", "bfloat16"),
+        ("--host", "127.0.0.1"),
+    ):
         assert cmd[cmd.index(flag) + 1] == value
     assert "--limit-mm-per-prompt" in cmd and "--enable-prefix-caching" in cmd
     gptq = vllm_command("/m/gptq-int4", ServeConfig(), quant="gptq-int4")

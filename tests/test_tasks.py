@@ -38,7 +38,12 @@ def test_chart_and_svg_profiles_are_the_rl_pipeline():
         assert p.max_tokens == 4096 and p.reward.kind == "render_base"
         rl = decoding(task, "rl")
         assert (rl.temperature, rl.top_p, rl.top_k, rl.presence_penalty, rl.max_tokens) == (
-            0.7, 0.8, 20, 1.5, 4096)
+            0.7,
+            0.8,
+            20,
+            1.5,
+            4096,
+        )
         assert rl.repeat_penalty == 1.0
         judging = decoding(task)
         assert judging.greedy and judging.max_tokens == 4096 and judging.presence_penalty == 0
@@ -50,7 +55,11 @@ def test_table_profile_is_the_table_pipeline():
     assert p.text_prefix == "<image>\n<image>\n"
     assert (p.gt.max_side, p.gt.encoding, p.gt.crop) == (768, "png", False)
     assert (p.pred.max_side, p.pred.encoding, p.pred.crop, p.pred.crop_padding) == (
-        768, "png", True, 12)
+        768,
+        "png",
+        True,
+        12,
+    )
     assert p.error_keys == ("type", "description", "severity") and not p.has_location
     assert p.count_keys == ("layout_error_count", "text_error_count", "numeric_error_count")
     for mode in ("default", "rl"):
@@ -70,8 +79,17 @@ def test_answer_schema_has_the_trained_keys_in_order(task):
     assert ("location" in item["properties"]) == (task != "table")
 
 
-@pytest.mark.parametrize("task,cap", [("chart", 4096), ("svg", 4096), ("table", 8192),
-                                      ("chart", 1024), ("table", 400), ("svg", 300)])
+@pytest.mark.parametrize(
+    "task,cap",
+    [
+        ("chart", 4096),
+        ("svg", 4096),
+        ("table", 8192),
+        ("chart", 1024),
+        ("table", 400),
+        ("svg", 300),
+    ],
+)
 def test_the_longest_allowed_answer_fits_the_cap(task, cap):
     """Write the longest answer the grammar allows (every bound at its maximum, the widest
     whitespace) and count its characters: at one token per character, it fits."""
@@ -80,12 +98,28 @@ def test_the_longest_allowed_answer_fits_the_cap(task, cap):
     assert b.max_errors >= (1 if cap >= 400 else 0)  # at 300 not even one item fits
     ws = "\n" + " " * 12
     value = {p.category_key: f'"{max(p.categories, key=len)}"', "severity": "3"}
-    item = "{" + ",".join(
-        f'{ws}"{k}": ' + (value[k] if k in value else '"' + "x" * b.lengths[k] + '"')
-        for k in p.error_keys) + ws + "}"
+    item = (
+        "{"
+        + ",".join(
+            f'{ws}"{k}": ' + (value[k] if k in value else '"' + "x" * b.lengths[k] + '"')
+            for k in p.error_keys
+        )
+        + ws
+        + "}"
+    )
     counts = ",".join(f'{ws}"{k}": 99' for k in p.count_keys)
-    longest = ("{" + counts + "," + ws + '"errors": [' + ",".join(ws + item for _ in range(
-        b.max_errors)) + ws + "]" + ws + "}")
+    longest = (
+        "{"
+        + counts
+        + ","
+        + ws
+        + '"errors": ['
+        + ",".join(ws + item for _ in range(b.max_errors))
+        + ws
+        + "]"
+        + ws
+        + "}"
+    )
     assert len(longest) <= cap
     json.loads(longest)
     # ... and the grammar takes exactly that shape (llama.cpp's parser is checked in e2e).
@@ -156,11 +190,19 @@ def test_reward_constants_are_settings(monkeypatch):
 
 
 def test_judgements_carry_the_recipe():
-    chart = Judgement.from_answer("chart", {"errors": [
-        {"category": "data_error", "severity": 3, "location": "a", "description": "b"}]})
+    chart = Judgement.from_answer(
+        "chart",
+        {
+            "errors": [
+                {"category": "data_error", "severity": 3, "location": "a", "description": "b"}
+            ]
+        },
+    )
     assert (chart.reward, chart.rm_reward, chart.score) == (1.94, 0.94, 0.94)
-    table = Judgement.from_answer("table", {"errors": [
-        {"type": "numeric_error", "description": "1.5 became 15", "severity": 2}]})
+    table = Judgement.from_answer(
+        "table",
+        {"errors": [{"type": "numeric_error", "description": "1.5 became 15", "severity": 2}]},
+    )
     assert table.reward == -2.0 and table.errors[0].location is None
     assert "location" not in table.model_dump()["errors"][0]
     cut = Judgement.failed("chart", "cut at 4096 tokens")
@@ -343,6 +385,7 @@ def test_pull_prompts_then_dry_run_uses_them(prompt_server, tmp_path, pair):
     assert out["messages"][0]["content"][-1]["text"].startswith("FAKE svg prompt")
     table = _dry_run(*pair, "--task", "table", env=env)
     assert table["messages"][1]["content"][-1]["text"].startswith("<image>\n<image>\n\nFAKE")
-    bad = run_cli("pull", "--prompts-only", env={**env, "VERM_LOCAL_PROMPTS_URL":
-                                                  "http://127.0.0.1:9"})
+    bad = run_cli(
+        "pull", "--prompts-only", env={**env, "VERM_LOCAL_PROMPTS_URL": "http://127.0.0.1:9"}
+    )
     assert bad.returncode == 6 and "cannot fetch" in bad.stderr

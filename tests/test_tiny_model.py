@@ -30,8 +30,12 @@ def test_chat_template_places_images_as_vision_blocks(tiny_hf):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_hf))
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                         {"type": "text", "text": "compare"}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "compare"}],
+        }
+    ]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     block = "<|vision_start|><|image_pad|><|vision_end|>"
     assert text == f"<|im_start|>user\n{block}{block}compare<|im_end|>\n<|im_start|>assistant\n"
@@ -41,12 +45,22 @@ def test_config_shapes(tiny_hf):
     cfg = json.loads((tiny_hf / "config.json").read_text())
     text, vision = cfg["text_config"], cfg["vision_config"]
     assert cfg["architectures"] == ["Qwen3VLForConditionalGeneration"]
-    for width in (text["hidden_size"], text["intermediate_size"],
-                  vision["hidden_size"], vision["intermediate_size"]):
+    for width in (
+        text["hidden_size"],
+        text["intermediate_size"],
+        vision["hidden_size"],
+        vision["intermediate_size"],
+    ):
         assert width % 256 == 0
     assert text["num_hidden_layers"] >= len(vision["deepstack_visual_indexes"])
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "preprocessor_config.json", "chat_template.jinja", "generation_config.json"):
+    for name in (
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
         assert (tiny_hf / name).is_file(), name
 
 
@@ -71,7 +85,13 @@ def test_shapes_that_decode_keep_a_layer_after_the_deepstack_ones():
         if name != "8b-vision":
             assert text["num_hidden_layers"] > len(vision["deepstack_visual_indexes"]), name
     text, _ = SHAPES["8b-text4"]
-    widths = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-              "head_dim", "vocab_size")
+    widths = (
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+    )
     assert {k: text[k] for k in widths} == {k: TEXT_8B[k] for k in widths}
     assert text["num_hidden_layers"] == 4

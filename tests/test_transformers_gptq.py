@@ -29,8 +29,9 @@ def test_transformers_backend_judges_the_hf_checkpoint(tiny_hf, tiny_gguf, pair)
     out = _judge(tiny_hf, pair, "--backend", "transformers", "--task", "table")
     assert out["model"]["quant"] == "bf16@float32"
     assert len(out["errors"]) <= 1
-    assert all(e["category"] in ("layout_error", "text_error", "numeric_error")
-               for e in out["errors"])
+    assert all(
+        e["category"] in ("layout_error", "text_error", "numeric_error") for e in out["errors"]
+    )
     # Same prompt and image handling as llama.cpp: the same token count.
     gguf = _judge(tiny_gguf, pair, "--task", "table", "--quant", "Q4_K_M")
     assert out["timings"]["prompt_tokens"] == gguf["timings"]["prompt_tokens"]
@@ -58,8 +59,9 @@ def test_gptq_export_is_a_gptq_v1_checkpoint_with_manifest(request, bits):
         assert qweights and all(k.startswith("model.language_model.layers.") for k in qweights)
         # The vision tower stays 16-bit.
         vision = [k for k in keys if k.startswith("model.visual.") and k.endswith(".weight")]
-        assert vision and all(str(f.get_tensor(k).dtype) in ("torch.bfloat16", "torch.float16")
-                              for k in vision[:20])
+        assert vision and all(
+            str(f.get_tensor(k).dtype) in ("torch.bfloat16", "torch.float16") for k in vision[:20]
+        )
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -88,8 +90,9 @@ def test_gptq_refuses_bad_input(tmp_path, tiny_hf):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     fake = tmp_path / "llama"
     fake.mkdir()
-    (fake / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
-                                                  "model_type": "llama"}))
+    (fake / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    )
     proc = run_cli("convert", "gptq", fake, tmp_path / "out")
     assert proc.returncode == 3 and "is not Qwen3VLForConditionalGeneration" in proc.stderr
     proc = run_cli("convert", "gptq", tiny_hf, tmp_path / "out", "--bits", "3")

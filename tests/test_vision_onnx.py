@@ -45,7 +45,8 @@ def test_grid_inputs_match_transformers(gh, gw):
 
     thw = torch.tensor([[1, gh, gw]])
     idx, wts = get_vision_interpolation_indices_and_weights(
-        thw, num_grid_per_side=48, mode="bilinear", align_corners=True, spatial_merge_size=2)
+        thw, num_grid_per_side=48, mode="bilinear", align_corners=True, spatial_merge_size=2
+    )
     mine_idx, mine_wts = position_interpolation(gh, gw, 2, 48)
     assert np.array_equal(mine_idx, idx.numpy())
     assert np.allclose(mine_wts, wts.numpy(), atol=1e-6)
@@ -58,7 +59,8 @@ def test_patches_match_the_hf_image_processor(tiny_hf, pair):
 
     img = load_image(pair[0])
     hf = AutoProcessor.from_pretrained(str(tiny_hf)).image_processor(
-        images=[img.image], return_tensors="pt")
+        images=[img.image], return_tensors="pt"
+    )
     ours = graph_inputs(img, VisionSpec())["patches"]
     assert hf["image_grid_thw"].tolist() == [[1, 16, 20]]
     assert np.abs(ours - hf["pixel_values"].numpy()).max() < 1e-5
@@ -102,15 +104,18 @@ def test_onnx_fp32_matches_the_f32_mmproj(tiny_gguf_f32_mmproj, tiny_onnx, pair)
         assert e_mm.shape == e_ox.shape and rel < 1e-3
         prompt = default_prompt("chart")
         answer = mm.model.tokenize(FORCED_ANSWER)
-        kl = kl_per_token(mm.answer_logprobs(images, prompt, answer),
-                          ox.answer_logprobs(images, prompt, answer))
+        kl = kl_per_token(
+            mm.answer_logprobs(images, prompt, answer), ox.answer_logprobs(images, prompt, answer)
+        )
         print(f"judge logits, ONNX fp32 path vs mmproj path: mean KL {kl.mean():.2e}")
         assert kl.mean() < 1e-3
         int8 = LlamaCppBackend(model, n_ctx=2048, vision=OnnxVision(tiny_onnx / "int8"))
         e_i8 = int8.image_embeddings(images[0])
         int8.close()
-        print(f"ONNX int8 vs f32 mmproj: relative error "
-              f"{np.linalg.norm(e_mm - e_i8) / np.linalg.norm(e_mm):.2e}")
+        print(
+            f"ONNX int8 vs f32 mmproj: relative error "
+            f"{np.linalg.norm(e_mm - e_i8) / np.linalg.norm(e_mm):.2e}"
+        )
     finally:
         mm.close()
         ox.close()
@@ -118,8 +123,19 @@ def test_onnx_fp32_matches_the_f32_mmproj(tiny_gguf_f32_mmproj, tiny_onnx, pair)
 
 @pytest.mark.slow
 def test_judge_with_onnx_vision_end_to_end(tiny_gguf, tiny_onnx, pair, tmp_path):
-    proc = run_cli("judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "--json",
-                   "--vision", "onnx", "--vision-model", tiny_onnx / "int8")
+    proc = run_cli(
+        "judge",
+        *pair,
+        "--model",
+        tiny_gguf,
+        "--quant",
+        "Q4_K_M",
+        "--json",
+        "--vision",
+        "onnx",
+        "--vision-model",
+        tiny_onnx / "int8",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["model"]["vision"] == "onnx-int8" and out["timings"]["vision_s"] > 0

@@ -1,8 +1,8 @@
 """verm-local: quantized, verified local inference for the Visual-ERM reward model.
 
-    import verm_local
-    j = verm_local.judge("gt.png", "pred.png", task="chart", model="models/tiny-gguf")
-    with verm_local.Judge(model="models/tiny-gguf") as judge: ...
+import verm_local
+j = verm_local.judge("gt.png", "pred.png", task="chart", model="models/tiny-gguf")
+with verm_local.Judge(model="models/tiny-gguf") as judge: ...
 """
 
 # `judge` the function shadows the `verm_local.judge` module on purpose: the public API is

@@ -58,8 +58,7 @@ def _item_chars(p: TaskProfile, lengths: dict[str, int]) -> int:
     return total + 1 + _WS  # the "," and whitespace before the item
 
 
-def bounds(task: str | TaskProfile, max_tokens: int, max_errors: int | None = None
-           ) -> AnswerBounds:
+def bounds(task: str | TaskProfile, max_tokens: int, max_errors: int | None = None) -> AnswerBounds:
     """The largest error list and strings that fit `max_tokens` at one token a character.
 
     The profile's string targets are kept while at least one error fits; `max_errors`
@@ -86,16 +85,18 @@ def bounds(task: str | TaskProfile, max_tokens: int, max_errors: int | None = No
     return AnswerBounds(0, {k: 0 for k in targets})
 
 
-def answer_schema(task: str, max_tokens: int | None = None, max_errors: int | None = None
-                  ) -> dict[str, Any]:
+def answer_schema(
+    task: str, max_tokens: int | None = None, max_errors: int | None = None
+) -> dict[str, Any]:
     """JSON schema of the model's answer for a task: `<category>_count` integers in the
     task's category order, then `errors` whose items have the trained keys in the trained
     order; bounded so the longest allowed answer fits `max_tokens` (default: the trained
     cap)."""
     p = profile(task)
     b = bounds(p, max_tokens or p.max_tokens, max_errors)
-    props: dict[str, Any] = {k: {"type": "integer", "enum": list(range(b.max_errors + 1))}
-                             for k in p.count_keys}
+    props: dict[str, Any] = {
+        k: {"type": "integer", "enum": list(range(b.max_errors + 1))} for k in p.count_keys
+    }
     item: dict[str, Any] = {}
     for k in p.error_keys:
         if k == p.category_key:
@@ -107,11 +108,19 @@ def answer_schema(task: str, max_tokens: int | None = None, max_errors: int | No
     props["errors"] = {
         "type": "array",
         "maxItems": b.max_errors,
-        "items": {"type": "object", "properties": item, "required": list(item),
-                  "additionalProperties": False},
+        "items": {
+            "type": "object",
+            "properties": item,
+            "required": list(item),
+            "additionalProperties": False,
+        },
     }
-    return {"type": "object", "properties": props, "required": list(props),
-            "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": props,
+        "required": list(props),
+        "additionalProperties": False,
+    }
 
 
 # ---------------------------------------------------------------- grammar
@@ -153,17 +162,28 @@ def _object(schema: Any, name: str, rules: dict[str, str]) -> str:
     if not isinstance(schema, dict) or schema.get("type") != "object":
         raise _Unsupported
     props = schema.get("properties")
-    allowed = {"type", "properties", "required", "additionalProperties", "title",
-               "description", "$id"}
-    if (not isinstance(props, dict) or not props or set(schema) - allowed
-            or list(schema.get("required") or []) != list(props)
-            or schema.get("additionalProperties", True) is not False):
+    allowed = {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "title",
+        "description",
+        "$id",
+    }
+    if (
+        not isinstance(props, dict)
+        or not props
+        or set(schema) - allowed
+        or list(schema.get("required") or []) != list(props)
+        or schema.get("additionalProperties", True) is not False
+    ):
         raise _Unsupported
     parts = []
     for i, (key, sub) in enumerate(props.items()):
         rule = f"{name}-{i}"
         rules[rule] = _value(sub, rule, rules)
-        parts.append(f'{_literal(json.dumps(key))} colon {rule}')
+        parts.append(f"{_literal(json.dumps(key))} colon {rule}")
     return '"{" ws ' + ' "," ws '.join(parts) + ' ws "}"'
 
 
@@ -171,14 +191,15 @@ def _value(schema: Any, name: str, rules: dict[str, str]) -> str:
     if not isinstance(schema, dict):
         raise _Unsupported
     kind = schema.get("type")
-    extra = set(schema) - {"type", "enum", "maxLength", "maxItems", "items", "title",
-                           "description"}
+    extra = set(schema) - {"type", "enum", "maxLength", "maxItems", "items", "title", "description"}
     if extra:
         raise _Unsupported
     if "enum" in schema:
         values = schema["enum"]
-        ok = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "string": lambda v: isinstance(v, str)}.get(kind)
+        ok = {
+            "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "string": lambda v: isinstance(v, str),
+        }.get(kind)
         if ok is None or not values or not all(ok(v) for v in values):
             raise _Unsupported
         return _alternatives(values)
@@ -195,8 +216,7 @@ def _value(schema: Any, name: str, rules: dict[str, str]) -> str:
     raise _Unsupported
 
 
-def answer_grammar(task: str, max_tokens: int | None = None,
-                   max_errors: int | None = None) -> str:
+def answer_grammar(task: str, max_tokens: int | None = None, max_errors: int | None = None) -> str:
     """The grammar text of a task's answer (see `answer_schema`)."""
     grammar = schema_grammar(answer_schema(task, max_tokens, max_errors))
     assert grammar is not None  # the answer schema is of the supported shape

@@ -12,13 +12,11 @@ A variant that repository does not publish is built locally from the bf16 checkp
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from .errors import InputError
 
 BF16_REPO = "internlm/Visual-ERM"
-REPO_ENV = "VERM_LOCAL_REPO"
 GB = 1_000_000_000
 
 # Qwen3-VL-8B: 36 layers x 8 KV heads x 128 dims x (K and V) x 2 bytes (f16 cache).
@@ -66,17 +64,27 @@ class Variant:
 def _gguf(quant: str, text_gb: float, ratio: float) -> Variant:
     text = int(text_gb * GB)
     return Variant(
-        name=f"gguf-{quant.lower()}", format="gguf", backend="llamacpp", quant=quant,
-        size_bytes=text + MMPROJ_F16_BYTES, text_bytes=text,
-        files=(f"model-{quant}.gguf", "mmproj-f16.gguf"), build_ratio=ratio,
+        name=f"gguf-{quant.lower()}",
+        format="gguf",
+        backend="llamacpp",
+        quant=quant,
+        size_bytes=text + MMPROJ_F16_BYTES,
+        text_bytes=text,
+        files=(f"model-{quant}.gguf", "mmproj-f16.gguf"),
+        build_ratio=ratio,
     )
 
 
 def _gptq(bits: int, gb: float, ratio: float) -> Variant:
     size = int(gb * GB)
     return Variant(
-        name=f"gptq-int{bits}", format="gptq", backend="transformers", quant=f"gptq-int{bits}",
-        size_bytes=size, text_bytes=size - MMPROJ_F16_BYTES, subfolder=f"gptq-int{bits}",
+        name=f"gptq-int{bits}",
+        format="gptq",
+        backend="transformers",
+        quant=f"gptq-int{bits}",
+        size_bytes=size,
+        text_bytes=size - MMPROJ_F16_BYTES,
+        subfolder=f"gptq-int{bits}",
         build_ratio=ratio,
     )
 
@@ -84,8 +92,14 @@ def _gptq(bits: int, gb: float, ratio: float) -> Variant:
 CATALOG: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant(name="bf16", format="hf", backend="transformers", quant="bf16",
-                size_bytes=int(17.5 * GB), text_bytes=int(16.4 * GB)),
+        Variant(
+            name="bf16",
+            format="hf",
+            backend="transformers",
+            quant="bf16",
+            size_bytes=int(17.5 * GB),
+            text_bytes=int(16.4 * GB),
+        ),
         _gguf("F16", 16.4, 1.0),
         _gguf("Q8_0", 8.71, 0.53),
         _gguf("Q6_K", 6.73, 0.41),
@@ -110,15 +124,22 @@ def get_variant(name: str) -> Variant:
 def quantized_repo(repo: str | None = None) -> str | None:
     """The repository of prebuilt quantized files: --repo, else VERM_LOCAL_REPO, else none
     (every quantized variant is then built from bf16)."""
-    return repo or os.environ.get(REPO_ENV) or None
+    from .settings import settings
+
+    return repo or settings().repo or None
 
 
 def catalog_rows(n_ctx: int, repo: str | None = None) -> list[dict]:
     """The catalog as printable rows (for `verm-local models --catalog` and the docs)."""
     repo = quantized_repo(repo)
     return [
-        {"variant": v.name, "format": v.format, "backend": v.backend,
-         "size_gb": round(v.size_bytes / GB, 1),
-         "memory_gb": round(v.memory_bytes(n_ctx) / GB, 1), "source": v.source(repo)}
+        {
+            "variant": v.name,
+            "format": v.format,
+            "backend": v.backend,
+            "size_gb": round(v.size_bytes / GB, 1),
+            "memory_gb": round(v.memory_bytes(n_ctx) / GB, 1),
+            "source": v.source(repo),
+        }
         for v in CATALOG.values()
     ]

@@ -20,11 +20,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-convert_app = typer.Typer(help="Build models: tiny test model, GGUF conversion and quants.",
-                          no_args_is_help=True)
+convert_app = typer.Typer(
+    help="Build models: tiny test model, GGUF conversion and quants.", no_args_is_help=True
+)
 app.add_typer(convert_app, name="convert")
-bench_app = typer.Typer(help="Benchmarks: labelled data, agreement with the reference, latency.",
-                        no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks: labelled data, agreement with the reference, latency.", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 
 _verbosity = {"level": 0}
@@ -32,15 +34,20 @@ _verbosity = {"level": 0}
 
 @app.callback()
 def _options(
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
-                                help="More on stderr: -v progress and details, -vv "
-                                     "llama.cpp's own log too."),
+    verbose: int = typer.Option(
+        0,
+        "--verbose",
+        "-v",
+        count=True,
+        help="More on stderr: -v progress and details, -vv llama.cpp's own log too.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only on stderr."),
 ) -> None:
     """Quantized, verified local inference for the Visual-ERM reward model."""
     _verbosity["level"] = -1 if quiet else verbose
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
-        _verbosity["level"], logging.DEBUG)
+        _verbosity["level"], logging.DEBUG
+    )
     logging.getLogger("verm_local").setLevel(level)
     if _verbosity["level"] >= 2:
         logging.getLogger("verm_local.llama_cpp").setLevel(logging.DEBUG)
@@ -50,8 +57,11 @@ def show_progress() -> None:
     """Long work (pull, convert, bench, serve) reports its steps unless -q."""
     if _verbosity["level"] == 0:
         logging.getLogger("verm_local").setLevel(logging.INFO)
-bench_data_app = typer.Typer(help="Benchmark data in VC-RewardBench's layout.",
-                             no_args_is_help=True)
+
+
+bench_data_app = typer.Typer(
+    help="Benchmark data in VC-RewardBench's layout.", no_args_is_help=True
+)
 bench_app.add_typer(bench_data_app, name="data")
 
 
@@ -63,80 +73,120 @@ def fail(message: str, code: int) -> None:
 
 @app.command("judge")
 def judge_cmd(
-    gt: Optional[Path] = typer.Argument(None, help="Ground-truth image (shown to the model "
-                                                   "first)."),
+    gt: Optional[Path] = typer.Argument(
+        None, help="Ground-truth image (shown to the model first)."
+    ),
     pred: Optional[Path] = typer.Argument(None, help="Image rendered from the prediction."),
     pairs: Optional[Path] = typer.Option(
-        None, "--pairs", help="Batch mode: a JSONL file of {gt, pred, task[, id]} (or "
-                              "VC-RewardBench's gt_img_path, pred_img_path, category)."),
-    out: Optional[Path] = typer.Option(None, "--out",
-                                       help="--pairs: write the judgements here (JSONL)."),
-    parallel: int = typer.Option(4, "--parallel", min=1,
-                                 help="--pairs: predictions judged at once per ground truth."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="A .gguf file, a `convert` directory or an HF "
-                                             "checkpoint (default: the planned variant "
-                                             "from the store)."),
-    variant: Optional[str] = typer.Option(None, "--variant",
-                                          help="Store variant to use instead of the plan's."),
+        None,
+        "--pairs",
+        help="Batch mode: a JSONL file of {gt, pred, task[, id]} (or "
+        "VC-RewardBench's gt_img_path, pred_img_path, category).",
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="--pairs: write the judgements here (JSONL)."
+    ),
+    parallel: int = typer.Option(
+        4, "--parallel", min=1, help="--pairs: predictions judged at once per ground truth."
+    ),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="A .gguf file, a `convert` directory or an HF "
+        "checkpoint (default: the planned variant "
+        "from the store).",
+    ),
+    variant: Optional[str] = typer.Option(
+        None, "--variant", help="Store variant to use instead of the plan's."
+    ),
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF."),
-    quant: Optional[str] = typer.Option(None, "--quant",
-                                        help="Quant to use from a model directory."),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", help="Quant to use from a model directory."
+    ),
     task: str = typer.Option("chart", "--task", "-t", help="chart | table | svg"),
     as_json: bool = typer.Option(False, "--json", help="Print the Judgement as JSON."),
-    dry_run: bool = typer.Option(False, "--dry-run",
-                                 help="Print the exact request (messages, image sizes and "
-                                      "encoding, schema, decoding, prompt source) without "
-                                      "loading a model."),
-    free: bool = typer.Option(False, "--free",
-                              help="Do not constrain the answer to the JSON schema."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1,
-                                             help="Answer cap (default: the trained one, "
-                                                  "4096 chart/svg, 8192 table)."),
-    max_errors: Optional[int] = typer.Option(None, "--max-errors", min=0,
-                                             help="Cap the constrained error list (default: "
-                                                  "what fits the token cap)."),
-    backend: str = typer.Option("auto", "--backend",
-                                help="auto | llamacpp | transformers (auto: by model format)."),
-    device: Optional[str] = typer.Option(None, "--device",
-                                         help="cuda | metal | cpu (default: planned)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype",
-                                        help="transformers: auto | float32 | bfloat16."),
-    vision: str = typer.Option("auto", "--vision",
-                               help="GGUF: auto | gguf (mmproj) | onnx (ONNX Runtime tower)."),
-    vision_model: Optional[Path] = typer.Option(None, "--vision-model",
-                                                help="`convert onnx` output (default: <model>/onnx)."),
-    vision_precision: Optional[str] = typer.Option(None, "--vision-precision",
-                                                   help="fp32 | fp16 | int8 (default: first found)."),
-    sampling_mode: str = typer.Option("default", "--sampling",
-                                      help="default (greedy; table with its repetition "
-                                           "penalty 1.05) | greedy | rl (the authors' RL "
-                                           "decoding per task)."),
-    rl_sampling: bool = typer.Option(False, "--rl-sampling", hidden=True,
-                                     help="Same as --sampling rl."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0,
-                                                help="Override the decoding's temperature "
-                                                     "(0 = greedy)."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print the exact request (messages, image sizes and "
+        "encoding, schema, decoding, prompt source) without "
+        "loading a model.",
+    ),
+    free: bool = typer.Option(
+        False, "--free", help="Do not constrain the answer to the JSON schema."
+    ),
+    max_tokens: Optional[int] = typer.Option(
+        None,
+        "--max-tokens",
+        min=1,
+        help="Answer cap (default: the trained one, 4096 chart/svg, 8192 table).",
+    ),
+    max_errors: Optional[int] = typer.Option(
+        None,
+        "--max-errors",
+        min=0,
+        help="Cap the constrained error list (default: what fits the token cap).",
+    ),
+    backend: str = typer.Option(
+        "auto", "--backend", help="auto | llamacpp | transformers (auto: by model format)."
+    ),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="cuda | metal | cpu (default: planned)."
+    ),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="transformers: auto | float32 | bfloat16."
+    ),
+    vision: str = typer.Option(
+        "auto", "--vision", help="GGUF: auto | gguf (mmproj) | onnx (ONNX Runtime tower)."
+    ),
+    vision_model: Optional[Path] = typer.Option(
+        None, "--vision-model", help="`convert onnx` output (default: <model>/onnx)."
+    ),
+    vision_precision: Optional[str] = typer.Option(
+        None, "--vision-precision", help="fp32 | fp16 | int8 (default: first found)."
+    ),
+    sampling_mode: str = typer.Option(
+        "default",
+        "--sampling",
+        help="default (greedy; table with its repetition "
+        "penalty 1.05) | greedy | rl (the authors' RL "
+        "decoding per task).",
+    ),
+    rl_sampling: bool = typer.Option(
+        False, "--rl-sampling", hidden=True, help="Same as --sampling rl."
+    ),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", min=0.0, help="Override the decoding's temperature (0 = greedy)."
+    ),
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty"),
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers",
-                                             help="Layers to offload (-1 = all; default: "
-                                                  "planned)."),
-    repack: Optional[bool] = typer.Option(None, "--repack/--no-repack",
-                                          help="llama.cpp weight repacking / AMX buffers "
-                                               "(default: off on AMX CPUs, else on; "
-                                               "VERM_LOCAL_REPACK)."),
-    image_tokens: Optional[int] = typer.Option(None, "--image-tokens", min=1,
-                                               help="Cap visual tokens per image below the "
-                                                    "task's trained size (costs fidelity)."),
-    reward_scale: Optional[float] = typer.Option(None, "--reward-scale",
-                                                 help="S divisor of the reward (default 50)."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file",
-                                               help="Prompt text, or JSON keyed by task."),
+    gpu_layers: Optional[int] = typer.Option(
+        None, "--gpu-layers", help="Layers to offload (-1 = all; default: planned)."
+    ),
+    repack: Optional[bool] = typer.Option(
+        None,
+        "--repack/--no-repack",
+        help="llama.cpp weight repacking / AMX buffers "
+        "(default: off on AMX CPUs, else on; "
+        "VERM_LOCAL_REPACK).",
+    ),
+    image_tokens: Optional[int] = typer.Option(
+        None,
+        "--image-tokens",
+        min=1,
+        help="Cap visual tokens per image below the task's trained size (costs fidelity).",
+    ),
+    reward_scale: Optional[float] = typer.Option(
+        None, "--reward-scale", help="S divisor of the reward (default 50)."
+    ),
+    prompt_file: Optional[Path] = typer.Option(
+        None, "--prompt-file", help="Prompt text, or JSON keyed by task."
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own logs."),
 ) -> None:
     """Judge PRED against GT: structured discrepancies and a reward."""
@@ -157,9 +207,14 @@ def judge_cmd(
     if verbose:
         _verbose_native()
     mode = "rl" if rl_sampling else sampling_mode
-    overrides = dict(temperature=temperature, top_p=top_p, top_k=top_k,
-                     presence_penalty=presence_penalty, repeat_penalty=repetition_penalty,
-                     seed=seed)
+    overrides = dict(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        presence_penalty=presence_penalty,
+        repeat_penalty=repetition_penalty,
+        seed=seed,
+    )
 
     def sampling_for(t: str):
         return decoding(t, mode, max_tokens).with_(**overrides)
@@ -170,27 +225,56 @@ def judge_cmd(
             sampling_for(p)
     else:
         # The request is built (images checked) before the model loads: bad input fails fast.
-        request = build_request(gt, pred, task, sampling=sampling_for(task), free=free,
-                                prompt_file=prompt_file, max_errors=max_errors,
-                                image_token_budget=image_tokens, warn=dry_run)
+        request = build_request(
+            gt,
+            pred,
+            task,
+            sampling=sampling_for(task),
+            free=free,
+            prompt_file=prompt_file,
+            max_errors=max_errors,
+            image_token_budget=image_tokens,
+            warn=dry_run,
+        )
         if dry_run:
             _print_request(request.describe(), as_json)
             return
-    with stdout_to_stderr(), Judge(
-        model, mmproj=mmproj, quant=quant, threads=threads, n_gpu_layers=gpu_layers,
-        variant=variant, backend_name=backend, device=device, dtype=dtype, vision=vision,
-        vision_model=vision_model, vision_precision=vision_precision,
-        image_token_budget=image_tokens, max_tokens=max_tokens, reward_scale=reward_scale,
-        verbose=verbose, parallel=parallel if pairs is not None else 1,
-        prefix_cache=2 if pairs is not None else 0, repack=repack,
-    ) as j:
+    with (
+        stdout_to_stderr(),
+        Judge(
+            model,
+            mmproj=mmproj,
+            quant=quant,
+            threads=threads,
+            n_gpu_layers=gpu_layers,
+            variant=variant,
+            backend_name=backend,
+            device=device,
+            dtype=dtype,
+            vision=vision,
+            vision_model=vision_model,
+            vision_precision=vision_precision,
+            image_token_budget=image_tokens,
+            max_tokens=max_tokens,
+            reward_scale=reward_scale,
+            verbose=verbose,
+            parallel=parallel if pairs is not None else 1,
+            prefix_cache=2 if pairs is not None else 0,
+            repack=repack,
+        ) as j,
+    ):
         if pairs is not None:
-            _judge_pairs(j, batch, out, free=free, max_errors=max_errors,
-                         sampling_for=sampling_for)
+            _judge_pairs(j, batch, out, free=free, max_errors=max_errors, sampling_for=sampling_for)
             return
-        result = j.judge(request.request.images[0], request.request.images[1], task,
-                         free=free, sampling=request.request.sampling, prompt_file=prompt_file,
-                         max_errors=max_errors)
+        result = j.judge(
+            request.request.images[0],
+            request.request.images[1],
+            task,
+            free=free,
+            sampling=request.request.sampling,
+            prompt_file=prompt_file,
+            max_errors=max_errors,
+        )
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
     else:
@@ -198,8 +282,10 @@ def judge_cmd(
 
         print_judgement(result)
     if not result.complete:
-        fail(f"incomplete judgement: {result.problem}; raise --max-tokens or lower "
-             "--max-errors", ExitCode.INCOMPLETE)
+        fail(
+            f"incomplete judgement: {result.problem}; raise --max-tokens or lower --max-errors",
+            ExitCode.INCOMPLETE,
+        )
 
 
 def _print_request(described: dict, as_json: bool) -> None:
@@ -231,11 +317,19 @@ def _judge_pairs(j, batch, out: Optional[Path], sampling_for, **kwargs) -> None:
 
     def progress(done: int, total: int) -> None:
         rate = done / max(time.perf_counter() - t0, 1e-9)
-        print(f"\rjudged {done}/{total} pairs, {rate:.2f} pairs/s", end="",
-              file=sys.stderr, flush=True)
+        print(
+            f"\rjudged {done}/{total} pairs, {rate:.2f} pairs/s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    results = j.judge_many([(p["gt"], p["pred"], p["task"]) for p in batch],
-                           progress=progress, sampling=sampling_for, **kwargs)
+    results = j.judge_many(
+        [(p["gt"], p["pred"], p["task"]) for p in batch],
+        progress=progress,
+        sampling=sampling_for,
+        **kwargs,
+    )
     print(file=sys.stderr)
     lines, failed = [], 0
     for p, r in zip(batch, results):
@@ -258,39 +352,52 @@ def _judge_pairs(j, batch, out: Optional[Path], sampling_for, **kwargs) -> None:
 
 @app.command("serve")
 def serve_cmd(
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="Model to serve (default: the planned variant)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Model to serve (default: the planned variant)."
+    ),
     variant: Optional[str] = typer.Option(None, "--variant", help="Store variant to serve."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback unless "
-                                                         "told otherwise)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Interface to bind (loopback unless told otherwise)."
+    ),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
-    parallel: int = typer.Option(4, "--parallel", min=1, max=64,
-                                 help="Requests run at once in the loaded model."),
-    api_key: Optional[str] = typer.Option(None, "--api-key",
-                                          help="Require `Authorization: Bearer KEY` on /v1 "
-                                               "(default: VERM_LOCAL_API_KEY)."),
+    parallel: int = typer.Option(
+        4, "--parallel", min=1, max=64, help="Requests run at once in the loaded model."
+    ),
+    api_key: Optional[str] = typer.Option(
+        None,
+        "--api-key",
+        help="Require `Authorization: Bearer KEY` on /v1 (default: VERM_LOCAL_API_KEY).",
+    ),
     max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1),
     max_request_bytes: int = typer.Option(64 << 20, "--max-request-bytes", min=1),
     timeout: float = typer.Option(300.0, "--timeout", min=0.1, help="Seconds per request."),
-    queue_size: int = typer.Option(64, "--queue", min=1,
-                                   help="Requests that may wait; more are answered 429."),
-    prefix_cache: int = typer.Option(4, "--prefix-cache", min=0,
-                                     help="Ground-truth prefixes kept evaluated."),
-    image_tokens: Optional[int] = typer.Option(None, "--image-tokens", min=1,
-                                               help="Cap on visual tokens per image (chat "
-                                                    "images: 1024 when unset)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1,
-                                             help="Cap on answer tokens (default 8192)."),
+    queue_size: int = typer.Option(
+        64, "--queue", min=1, help="Requests that may wait; more are answered 429."
+    ),
+    prefix_cache: int = typer.Option(
+        4, "--prefix-cache", min=0, help="Ground-truth prefixes kept evaluated."
+    ),
+    image_tokens: Optional[int] = typer.Option(
+        None,
+        "--image-tokens",
+        min=1,
+        help="Cap on visual tokens per image (chat images: 1024 when unset).",
+    ),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", min=1, help="Cap on answer tokens (default 8192)."
+    ),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers"),
-    repack: Optional[bool] = typer.Option(None, "--repack/--no-repack",
-                                          help="llama.cpp weight repacking / AMX buffers."),
+    repack: Optional[bool] = typer.Option(
+        None, "--repack/--no-repack", help="llama.cpp weight repacking / AMX buffers."
+    ),
     vision: str = typer.Option("auto", "--vision", help="auto | gguf | onnx"),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images"),
     allow_local_images: bool = typer.Option(False, "--allow-local-images"),
     served_name: Optional[str] = typer.Option(None, "--served-model-name"),
-    engine: str = typer.Option("llamacpp", "--engine",
-                               help="llamacpp (in-process batches) | vllm (bf16/GPTQ on CUDA)"),
+    engine: str = typer.Option(
+        "llamacpp", "--engine", help="llamacpp (in-process batches) | vllm (bf16/GPTQ on CUDA)"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="--engine vllm: print the command."),
 ) -> None:
     """OpenAI-compatible reward endpoint: /v1/chat/completions, /v1/judge, /health, /metrics."""
@@ -298,21 +405,35 @@ def serve_cmd(
     from .server import ServeConfig, serve, vllm_command
     from .settings import settings
 
-    cfg = ServeConfig(model=model, variant=variant, host=host, port=port, parallel=parallel,
-                      api_key=api_key or settings().api_key, max_image_bytes=max_image_bytes,
-                      max_request_bytes=max_request_bytes, timeout=timeout,
-                      queue_size=queue_size, prefix_cache=prefix_cache,
-                      image_tokens=image_tokens, max_tokens=max_tokens, threads=threads,
-                      gpu_layers=gpu_layers, vision=vision, repack=repack,
-                      allow_remote_images=allow_remote_images,
-                      allow_local_images=allow_local_images, served_name=served_name)
+    cfg = ServeConfig(
+        model=model,
+        variant=variant,
+        host=host,
+        port=port,
+        parallel=parallel,
+        api_key=api_key or settings().api_key,
+        max_image_bytes=max_image_bytes,
+        max_request_bytes=max_request_bytes,
+        timeout=timeout,
+        queue_size=queue_size,
+        prefix_cache=prefix_cache,
+        image_tokens=image_tokens,
+        max_tokens=max_tokens,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        vision=vision,
+        repack=repack,
+        allow_remote_images=allow_remote_images,
+        allow_local_images=allow_local_images,
+        served_name=served_name,
+    )
     if engine == "vllm":
         import shutil
 
         from .modelref import resolve_model
 
         if model is None:
-            from .store import installed
+            from .paths import installed
 
             name = variant or "bf16"
             path = installed(name)
@@ -321,18 +442,25 @@ def serve_cmd(
             model = str(path)
         resolved = resolve_model(model)
         if resolved.format == "gguf":
-            fail(f"{model}: vLLM serves the bf16 or GPTQ checkpoint, not GGUF "
-                 "(use --engine llamacpp)", 2)
-        cmd = vllm_command(resolved.path, cfg, resolved.quant if resolved.format == "gptq"
-                           else None)
+            fail(
+                f"{model}: vLLM serves the bf16 or GPTQ checkpoint, not GGUF "
+                "(use --engine llamacpp)",
+                2,
+            )
+        cmd = vllm_command(
+            resolved.path, cfg, resolved.quant if resolved.format == "gptq" else None
+        )
         if dry_run:
             import shlex
 
             typer.echo(shlex.join(cmd))
             return
         if shutil.which("vllm") is None:
-            fail("vLLM is not installed (pip install vllm, on a CUDA machine); "
-                 "--dry-run prints the command", 5)
+            fail(
+                "vLLM is not installed (pip install vllm, on a CUDA machine); "
+                "--dry-run prints the command",
+                5,
+            )
         os.execvp(cmd[0], cmd)
     if engine != "llamacpp":
         fail(f"unknown engine {engine!r}; choose llamacpp or vllm", 2)
@@ -344,22 +472,30 @@ def serve_cmd(
 
 @app.command("pull")
 def pull_cmd(
-    variant: str = typer.Argument("auto", help="A catalog variant (see `verm-local models "
-                                               "--catalog`), or auto: the plan's."),
-    repo: Optional[str] = typer.Option(None, "--repo",
-                                       help="Repository of prebuilt quantized variants "
-                                            "(default: $VERM_LOCAL_REPO)."),
+    variant: str = typer.Argument(
+        "auto", help="A catalog variant (see `verm-local models --catalog`), or auto: the plan's."
+    ),
+    repo: Optional[str] = typer.Option(
+        None,
+        "--repo",
+        help="Repository of prebuilt quantized variants (default: $VERM_LOCAL_REPO).",
+    ),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit."),
-    from_dir: Optional[Path] = typer.Option(None, "--from",
-                                            help="Import files you have (a `convert` output)."),
-    device: Optional[str] = typer.Option(None, "--device",
-                                         help="Plan for cuda | metal | cpu (with auto)."),
-    prompts_only: bool = typer.Option(False, "--prompts-only",
-                                      help="Only fetch the authors' training prompts."),
-    check: bool = typer.Option(True, "--check/--no-check",
-                               help="Load a pulled GGUF variant and run a few tokens."),
-    repack: Optional[bool] = typer.Option(None, "--repack/--no-repack",
-                                          help="llama.cpp weight repacking for the check."),
+    from_dir: Optional[Path] = typer.Option(
+        None, "--from", help="Import files you have (a `convert` output)."
+    ),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="Plan for cuda | metal | cpu (with auto)."
+    ),
+    prompts_only: bool = typer.Option(
+        False, "--prompts-only", help="Only fetch the authors' training prompts."
+    ),
+    check: bool = typer.Option(
+        True, "--check/--no-check", help="Load a pulled GGUF variant and run a few tokens."
+    ),
+    repack: Optional[bool] = typer.Option(
+        None, "--repack/--no-repack", help="llama.cpp weight repacking for the check."
+    ),
 ) -> None:
     """Fetch, build or import a variant into the store, verified, and the training prompts;
     print the variant's directory."""
@@ -373,8 +509,11 @@ def pull_cmd(
     if variant == "auto":
         _, plan = plan_here(device=device)
         variant = plan.variant
-        typer.echo(f"verm-local: plan for this machine: {plan.variant} on {plan.device} "
-                   f"({plan.reasons[-1] if plan.reasons else ''})", err=True)
+        typer.echo(
+            f"verm-local: plan for this machine: {plan.variant} on {plan.device} "
+            f"({plan.reasons[-1] if plan.reasons else ''})",
+            err=True,
+        )
     with stdout_to_stderr():
         path = pull(variant, repo=repo, revision=revision, from_dir=from_dir)
         pull_prompts(required=False)
@@ -422,20 +561,22 @@ def doctor_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda | metal | cpu"),
     variant: Optional[str] = typer.Option(None, "--variant"),
-    hardware: Optional[Path] = typer.Option(None, "--hardware",
-                                            help="Plan for a recorded machine (doctor --json "
-                                                 "output or its 'hardware' part)."),
-    repack: Optional[bool] = typer.Option(None, "--repack/--no-repack",
-                                          help="Plan with llama.cpp weight repacking forced "
-                                               "on or off."),
+    hardware: Optional[Path] = typer.Option(
+        None,
+        "--hardware",
+        help="Plan for a recorded machine (doctor --json output or its 'hardware' part).",
+    ),
+    repack: Optional[bool] = typer.Option(
+        None, "--repack/--no-repack", help="Plan with llama.cpp weight repacking forced on or off."
+    ),
 ) -> None:
     """What this machine has, the plan for it and why, and verm-local's settings."""
     import json
 
     from .hardware import Hardware, probe
+    from .paths import installed
     from .runtime import plan_here
     from .settings import describe, settings
-    from .store import installed
 
     if hardware is not None:
         try:
@@ -445,13 +586,17 @@ def doctor_cmd(
             fail(f"{hardware}: not a hardware record ({exc.__class__.__name__})", 2)
     else:
         hw = probe(with_torch=True)
-    _, plan = plan_here(device, variant, hardware=hw,
-                        repack=repack if repack is not None else settings().repack)
+    _, plan = plan_here(
+        device, variant, hardware=hw, repack=repack if repack is not None else settings().repack
+    )
     path = installed(plan.variant)
-    out = {"hardware": hw.to_dict(), "plan": plan.to_dict(),
-           "decisions": {"repack": {"enabled": plan.repack, "reason": plan.repack_reason}},
-           "store": {"variant": plan.variant, "path": str(path) if path else None},
-           "settings": describe()}
+    out = {
+        "hardware": hw.to_dict(),
+        "plan": plan.to_dict(),
+        "decisions": {"repack": {"enabled": plan.repack, "reason": plan.repack_reason}},
+        "store": {"variant": plan.variant, "path": str(path) if path else None},
+        "settings": describe(),
+    }
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
@@ -482,26 +627,35 @@ def bench_data_synthetic_cmd(
 def bench_agreement_cmd(
     reference: str = typer.Option(..., "--reference", help="Variant name or path (bf16)."),
     candidates: str = typer.Option(
-        ..., "--candidates",
+        ...,
+        "--candidates",
         help="Comma-separated variants/paths; MODEL#onnx-int8 (or #onnx, #onnx-fp32, "
-             "#onnx-fp16, #gguf) picks the vision path a GGUF candidate runs with."),
+        "#onnx-fp16, #gguf) picks the vision path a GGUF candidate runs with.",
+    ),
     data: str = typer.Option(..., "--data", help="VC-RewardBench-layout dir or hub dataset id."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1),
     out: Path = typer.Option(Path("bench-agreement"), "--out"),
     free: bool = typer.Option(False, "--free", help="Unconstrained answers (JSON validity)."),
-    matcher_url: Optional[str] = typer.Option(None, "--matcher-url",
-                                              help="OpenAI-compatible base URL for LLM matching."),
+    matcher_url: Optional[str] = typer.Option(
+        None, "--matcher-url", help="OpenAI-compatible base URL for LLM matching."
+    ),
     matcher_model: str = typer.Option("default", "--matcher-model"),
-    top_k: int = typer.Option(32, "--top-k", min=0,
-                              help="Reference log-probs kept per token (0 = all: exact KL)."),
+    top_k: int = typer.Option(
+        32, "--top-k", min=0, help="Reference log-probs kept per token (0 = all: exact KL)."
+    ),
     seed: int = typer.Option(0, "--seed"),
-    image_tokens: Optional[int] = typer.Option(None, "--image-tokens", min=1,
-                                               help="Cap visual tokens per image (default: "
-                                                    "the task's trained size)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1,
-                                             help="Answer cap (default: the task's)."),
-    max_errors: Optional[int] = typer.Option(None, "--max-errors", min=0,
-                                             help="Cap each constrained answer's error list."),
+    image_tokens: Optional[int] = typer.Option(
+        None,
+        "--image-tokens",
+        min=1,
+        help="Cap visual tokens per image (default: the task's trained size).",
+    ),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", min=1, help="Answer cap (default: the task's)."
+    ),
+    max_errors: Optional[int] = typer.Option(
+        None, "--max-errors", min=0, help="Cap each constrained answer's error list."
+    ),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
 ) -> None:
     """Token- and judgement-level agreement of candidates with the reference (and humans)."""
@@ -509,10 +663,22 @@ def bench_agreement_cmd(
     from .benchmarks.agreement import markdown, run_agreement
 
     with stdout_to_stderr():
-        report = run_agreement(reference, _split(candidates), data, limit=limit, out=out,
-                               free=free, matcher_url=matcher_url, matcher_model=matcher_model,
-                               top_k=top_k, seed=seed, image_tokens=image_tokens,
-                               max_tokens=max_tokens, threads=threads, max_errors=max_errors)
+        report = run_agreement(
+            reference,
+            _split(candidates),
+            data,
+            limit=limit,
+            out=out,
+            free=free,
+            matcher_url=matcher_url,
+            matcher_model=matcher_model,
+            top_k=top_k,
+            seed=seed,
+            image_tokens=image_tokens,
+            max_tokens=max_tokens,
+            threads=threads,
+            max_errors=max_errors,
+        )
     typer.echo(markdown(report))
     typer.echo(f"reports: {out}/agreement.json, agreement.md, agreement.png, results/")
 
@@ -527,25 +693,42 @@ def bench_latency_cmd(
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="A stored latency.json."),
     tolerance: float = typer.Option(0.10, "--tolerance", min=0.0),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    image_tokens: Optional[int] = typer.Option(None, "--image-tokens", min=1,
-                                               help="Cap visual tokens per image (default: "
-                                                    "the task's trained size)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1,
-                                             help="Answer cap (default: the task's)."),
-    no_llamacpp: bool = typer.Option(False, "--no-llamacpp",
-                                     help="Skip timing llama.cpp's own path."),
-    predictions: int = typer.Option(0, "--predictions", min=0, max=64,
-                                    help="Also time N predictions against GT: N independent "
-                                         "judge calls vs one shared-prefix batch."),
-    rl_sampling: bool = typer.Option(False, "--rl-sampling",
-                                     help="--predictions: sample as the authors' RL does for "
-                                          "the task (seeded), not the judging default."),
-    repack: Optional[bool] = typer.Option(None, "--repack/--no-repack",
-                                          help="llama.cpp weight repacking for every run "
-                                               "(default: decided from the CPU)."),
-    compare_repack: bool = typer.Option(False, "--compare-repack",
-                                        help="Also time each GGUF model with and without "
-                                             "repacked weights, side by side."),
+    image_tokens: Optional[int] = typer.Option(
+        None,
+        "--image-tokens",
+        min=1,
+        help="Cap visual tokens per image (default: the task's trained size).",
+    ),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", min=1, help="Answer cap (default: the task's)."
+    ),
+    no_llamacpp: bool = typer.Option(
+        False, "--no-llamacpp", help="Skip timing llama.cpp's own path."
+    ),
+    predictions: int = typer.Option(
+        0,
+        "--predictions",
+        min=0,
+        max=64,
+        help="Also time N predictions against GT: N independent "
+        "judge calls vs one shared-prefix batch.",
+    ),
+    rl_sampling: bool = typer.Option(
+        False,
+        "--rl-sampling",
+        help="--predictions: sample as the authors' RL does for "
+        "the task (seeded), not the judging default.",
+    ),
+    repack: Optional[bool] = typer.Option(
+        None,
+        "--repack/--no-repack",
+        help="llama.cpp weight repacking for every run (default: decided from the CPU).",
+    ),
+    compare_repack: bool = typer.Option(
+        False,
+        "--compare-repack",
+        help="Also time each GGUF model with and without repacked weights, side by side.",
+    ),
 ) -> None:
     """Per-stage latency and memory, with llama.cpp's own path as a ratio; a CI gate."""
     show_progress()
@@ -564,11 +747,21 @@ def bench_latency_cmd(
             base = json.loads(baseline.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             fail(f"{baseline}: not a latency report", 2)
-    report = run_latency(_split(models), str(images[0]), str(images[1]), task=task,
-                         repeat=repeat, threads=threads, image_tokens=image_tokens,
-                         max_tokens=max_tokens, stock=not no_llamacpp,
-                         predictions=predictions, rl_sampling=rl_sampling, repack=repack,
-                         compare_repack=compare_repack)
+    report = run_latency(
+        _split(models),
+        str(images[0]),
+        str(images[1]),
+        task=task,
+        repeat=repeat,
+        threads=threads,
+        image_tokens=image_tokens,
+        max_tokens=max_tokens,
+        stock=not no_llamacpp,
+        predictions=predictions,
+        rl_sampling=rl_sampling,
+        repack=repack,
+        compare_repack=compare_repack,
+    )
     typer.echo(markdown(report))
     if out is not None:
         typer.echo(f"report: {write_reports(report, out)}")
@@ -577,25 +770,31 @@ def bench_latency_cmd(
         for line in regressions:
             typer.echo(f"regression: {line}", err=True)
         if regressions:
-            fail(f"{len(regressions)} latency regression(s) beyond {tolerance:.0%} "
-                 f"against {baseline}", ExitCode.REGRESSION)
+            fail(
+                f"{len(regressions)} latency regression(s) beyond {tolerance:.0%} "
+                f"against {baseline}",
+                ExitCode.REGRESSION,
+            )
         typer.echo(f"no regression beyond {tolerance:.0%} against {baseline}")
 
 
 def _echo_files(out_dir: Path, entries: list[dict], label) -> None:
     """One line per file a converter wrote: label, size, sha256 prefix, path."""
     for e in entries:
-        typer.echo(f"{label(e)}  {e['size'] / 1e6:8.1f} MB  {e['sha256'][:12]}  "
-                   f"{out_dir / e['file']}")
+        typer.echo(
+            f"{label(e)}  {e['size'] / 1e6:8.1f} MB  {e['sha256'][:12]}  {out_dir / e['file']}"
+        )
 
 
 @convert_app.command("tiny-model")
 def tiny_model_cmd(
     out_dir: Path = typer.Argument(..., help="Where to write the HF checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Weights are deterministic for a seed."),
-    shape: str = typer.Option("tiny", "--shape",
-                              help="tiny (tests) | 8b-vision | 8b | 8b-text4 (real shapes, for "
-                                   "speed work)."),
+    shape: str = typer.Option(
+        "tiny",
+        "--shape",
+        help="tiny (tests) | 8b-vision | 8b | 8b-text4 (real shapes, for speed work).",
+    ),
 ) -> None:
     """Write a tiny random-weight Qwen3-VL checkpoint with the real Qwen2 tokenizer."""
     show_progress()
@@ -609,21 +808,33 @@ def tiny_model_cmd(
 def gguf_cmd(
     hf_dir: Path = typer.Argument(..., help="Hugging Face Qwen3-VL checkpoint."),
     out_dir: Path = typer.Argument(..., help="Output directory."),
-    quant: str = typer.Option("Q8_0,Q4_K_M", "--quant",
-                              help="Comma-separated quants beside F16 (Q8_0,Q6_K,Q5_K_M,Q4_K_M)."),
+    quant: str = typer.Option(
+        "Q8_0,Q4_K_M",
+        "--quant",
+        help="Comma-separated quants beside F16 (Q8_0,Q6_K,Q5_K_M,Q4_K_M).",
+    ),
     mmproj_type: str = typer.Option("f16", "--mmproj-type", help="f16 | bf16 | q8_0 | f32"),
-    check: bool = typer.Option(True, "--check/--no-check",
-                               help="Load each written model and run a few tokens here."),
-    repack: Optional[bool] = typer.Option(None, "--repack/--no-repack",
-                                          help="llama.cpp weight repacking for the check."),
+    check: bool = typer.Option(
+        True, "--check/--no-check", help="Load each written model and run a few tokens here."
+    ),
+    repack: Optional[bool] = typer.Option(
+        None, "--repack/--no-repack", help="llama.cpp weight repacking for the check."
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Show the converter's own output."),
 ) -> None:
     """Convert to GGUF (F16 + quants) and mmproj, with a sha256 manifest."""
     show_progress()
     from .convert.gguf import convert_gguf, parse_quants
 
-    manifest = convert_gguf(hf_dir, out_dir, parse_quants(quant), mmproj_type, verbose=verbose,
-                            check=check, repack=repack)
+    manifest = convert_gguf(
+        hf_dir,
+        out_dir,
+        parse_quants(quant),
+        mmproj_type,
+        verbose=verbose,
+        check=check,
+        repack=repack,
+    )
     _echo_files(out_dir, manifest["files"], lambda e: f"{e['quant']:>7}")
 
 
@@ -633,9 +844,11 @@ def gptq_cmd(
     out_dir: Path = typer.Argument(..., help="Output directory."),
     bits: int = typer.Option(4, "--bits", help="4 or 8."),
     group_size: int = typer.Option(128, "--group-size", help="Columns per scale (-1 = per row)."),
-    calibration: str = typer.Option("synthetic", "--calibration",
-                                    help="'synthetic' (drawn chart/table/SVG pairs) or a "
-                                         "directory in VC-RewardBench layout."),
+    calibration: str = typer.Option(
+        "synthetic",
+        "--calibration",
+        help="'synthetic' (drawn chart/table/SVG pairs) or a directory in VC-RewardBench layout.",
+    ),
     samples: int = typer.Option(8, "--samples", help="Calibration conversations."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -643,10 +856,18 @@ def gptq_cmd(
     show_progress()
     from .convert.gptq import convert_gptq
 
-    manifest = convert_gptq(hf_dir, out_dir, bits=bits, group_size=group_size,
-                            calibration=calibration, samples=samples, seed=seed)
-    _echo_files(out_dir, [e for e in manifest["files"] if e["kind"] == "weights"],
-                lambda e: e["quant"])
+    manifest = convert_gptq(
+        hf_dir,
+        out_dir,
+        bits=bits,
+        group_size=group_size,
+        calibration=calibration,
+        samples=samples,
+        seed=seed,
+    )
+    _echo_files(
+        out_dir, [e for e in manifest["files"] if e["kind"] == "weights"], lambda e: e["quant"]
+    )
 
 
 @convert_app.command("onnx")
@@ -660,8 +881,9 @@ def onnx_cmd(
     from .convert.onnx import convert_onnx
 
     manifest = convert_onnx(hf_dir, out_dir, precision)
-    _echo_files(out_dir, [e for e in manifest["files"] if e["file"].endswith(".onnx")],
-                lambda e: precision)
+    _echo_files(
+        out_dir, [e for e in manifest["files"] if e["file"].endswith(".onnx")], lambda e: precision
+    )
 
 
 @app.command("version")
@@ -728,8 +950,9 @@ def run() -> int:
         typer.echo("verm-local: interrupted", err=True)
         return int(ExitCode.INTERRUPTED)
     except MemoryError:
-        typer.echo("verm-local: error: out of memory; try a smaller quant or --image-tokens",
-                   err=True)
+        typer.echo(
+            "verm-local: error: out of memory; try a smaller quant or --image-tokens", err=True
+        )
         return int(ExitCode.MODEL)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         try:
@@ -738,8 +961,11 @@ def run() -> int:
             debug = False
         if debug:
             raise
-        typer.echo(f"verm-local: internal error: {exc.__class__.__name__}: {exc} "
-                   "(set VERM_LOCAL_DEBUG=1 for a traceback)", err=True)
+        typer.echo(
+            f"verm-local: internal error: {exc.__class__.__name__}: {exc} "
+            "(set VERM_LOCAL_DEBUG=1 for a traceback)",
+            err=True,
+        )
         return int(ExitCode.INTERNAL)
     return 0
 

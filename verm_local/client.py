@@ -40,8 +40,7 @@ from .reward import with_settings
 from .schema import Judgement, extract_json
 from .tasks import profile
 
-__all__ = ["EndpointError", "RenderError", "RewardClient", "extract_code",
-           "render_prediction"]
+__all__ = ["EndpointError", "RenderError", "RewardClient", "extract_code", "render_prediction"]
 
 
 def data_url(image: str | Path | bytes, media_type: str | None = None) -> str:
@@ -52,10 +51,19 @@ def data_url(image: str | Path | bytes, media_type: str | None = None) -> str:
 
 
 class RewardClient:
-    def __init__(self, endpoints: list[str], *, api_key: str | None = None,
-                 model: str | None = None, timeout: float = 300.0, retries: int = 2,
-                 reward_scale: float | None = None, max_errors: int | None = None,
-                 sampling: str = "rl", tries: int = 2):
+    def __init__(
+        self,
+        endpoints: list[str],
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float = 300.0,
+        retries: int = 2,
+        reward_scale: float | None = None,
+        max_errors: int | None = None,
+        sampling: str = "rl",
+        tries: int = 2,
+    ):
         if not endpoints:
             raise InputError("RewardClient needs at least one endpoint")
         self.endpoints = [e.rstrip("/") for e in endpoints]
@@ -73,20 +81,33 @@ class RewardClient:
     # -- HTTP -----------------------------------------------------------------------------
 
     def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         with urllib.request.urlopen(req, timeout=self.timeout) as r:
             return json.loads(r.read())
 
-    def _once(self, endpoint: str, gt: bytes, pred: bytes, task: str,
-              overrides: dict[str, Any]) -> Judgement:
+    def _once(
+        self, endpoint: str, gt: bytes, pred: bytes, task: str, overrides: dict[str, Any]
+    ) -> Judgement:
         if self._kind.get(endpoint, "verm") == "verm":
             try:
-                out = self._post(endpoint + "/judge", {
-                    "gt": data_url(gt), "pred": data_url(pred), "task": task,
-                    "sampling": self.sampling, "max_errors": self.max_errors, **overrides})
+                out = self._post(
+                    endpoint + "/judge",
+                    {
+                        "gt": data_url(gt),
+                        "pred": data_url(pred),
+                        "task": task,
+                        "sampling": self.sampling,
+                        "max_errors": self.max_errors,
+                        **overrides,
+                    },
+                )
                 return Judgement.model_validate(out)
             except urllib.error.HTTPError as exc:
                 if exc.code != 404:
@@ -94,8 +115,9 @@ class RewardClient:
                 self._kind[endpoint] = "openai"  # a vLLM server: no /v1/judge
         return self._chat(endpoint, gt, pred, task, overrides)
 
-    def _chat(self, endpoint: str, gt: bytes, pred: bytes, task: str,
-              overrides: dict[str, Any]) -> Judgement:
+    def _chat(
+        self, endpoint: str, gt: bytes, pred: bytes, task: str, overrides: dict[str, Any]
+    ) -> Judgement:
         """The authors' own request to an OpenAI-compatible server, read here."""
         from .judge import build_request
         from .tasks import decoding
@@ -107,15 +129,28 @@ class RewardClient:
         for m in jr.request.messages:
             content = m["content"]
             if isinstance(content, list):
-                content = [{"type": "image_url", "image_url": {"url": data_url(
-                    (img := next(images)).encoded or b"", img.media_type)}}
-                    if p.get("type") == "image" else p for p in content]
+                content = [
+                    {
+                        "type": "image_url",
+                        "image_url": {
+                            "url": data_url((img := next(images)).encoded or b"", img.media_type)
+                        },
+                    }
+                    if p.get("type") == "image"
+                    else p
+                    for p in content
+                ]
             messages.append({"role": m["role"], "content": content})
         s = jr.request.sampling
-        body: dict[str, Any] = {"model": self.model or self._model_of(endpoint),
-                                "messages": messages, "max_tokens": s.max_tokens,
-                                "temperature": s.temperature, "top_p": s.top_p,
-                                "presence_penalty": s.presence_penalty, "seed": s.seed}
+        body: dict[str, Any] = {
+            "model": self.model or self._model_of(endpoint),
+            "messages": messages,
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "presence_penalty": s.presence_penalty,
+            "seed": s.seed,
+        }
         if s.top_k > 0:
             body["top_k"] = s.top_k
         if s.repeat_penalty != 1.0:
@@ -128,13 +163,17 @@ class RewardClient:
                 problem = f"the answer was cut at {s.max_tokens} tokens"
                 continue
             try:
-                return Judgement.from_answer(task, extract_json(choice["message"]["content"]),
-                                             reward_scale=self.reward_scale,
-                                             prompt_source=jr.prompt.source)
+                return Judgement.from_answer(
+                    task,
+                    extract_json(choice["message"]["content"]),
+                    reward_scale=self.reward_scale,
+                    prompt_source=jr.prompt.source,
+                )
             except VermError as exc:
                 problem = str(exc)
-        return Judgement.failed(task, problem, reward_scale=self.reward_scale,
-                                prompt_source=jr.prompt.source)
+        return Judgement.failed(
+            task, problem, reward_scale=self.reward_scale, prompt_source=jr.prompt.source
+        )
 
     def _model_of(self, endpoint: str) -> str:
         req = urllib.request.Request(endpoint + "/models")
@@ -143,8 +182,13 @@ class RewardClient:
         with urllib.request.urlopen(req, timeout=self.timeout) as r:
             return json.loads(r.read())["data"][0]["id"]
 
-    def judge(self, gt: str | Path | bytes, pred: str | Path | bytes, task: str = "chart",
-              **overrides: Any) -> Judgement:
+    def judge(
+        self,
+        gt: str | Path | bytes,
+        pred: str | Path | bytes,
+        task: str = "chart",
+        **overrides: Any,
+    ) -> Judgement:
         """Judge one pair on some endpoint, retrying failures on the others. `overrides`:
         sampling fields (temperature, top_p, top_k, presence_penalty, repetition_penalty,
         seed, max_tokens) over the task's decoding."""
@@ -166,8 +210,9 @@ class RewardClient:
                 last = exc
         raise EndpointError(f"every endpoint failed ({tries} tries); last: {last}")
 
-    def judge_many(self, pairs: list[tuple[Any, Any, str]], workers: int = 16
-                   ) -> list[Judgement | Exception]:
+    def judge_many(
+        self, pairs: list[tuple[Any, Any, str]], workers: int = 16
+    ) -> list[Judgement | Exception]:
         """Judge pairs concurrently (so a server batches them); errors returned in place."""
         from concurrent.futures import ThreadPoolExecutor
 
@@ -182,8 +227,13 @@ class RewardClient:
 
     # -- RL reward ---------------------------------------------------------------------------
 
-    def compute_score(self, data_source: str, solution_str: str, ground_truth: Any,
-                      extra_info: dict[str, Any] | None = None) -> float:
+    def compute_score(
+        self,
+        data_source: str,
+        solution_str: str,
+        ground_truth: Any,
+        extra_info: dict[str, Any] | None = None,
+    ) -> float:
         """verl-style reward function: the authors' reward for `solution_str` (the policy's
         response) against the ground-truth image. `data_source` (or extra_info["task"])
         names the task: chart (chart2code), svg (icon2svg) or table."""
@@ -192,8 +242,7 @@ class RewardClient:
         recipe = with_settings(profile(task).reward, self.reward_scale)
         gt = extra.get("gt_img_path") or ground_truth
         try:
-            image = render_prediction(solution_str, task,
-                                      timeout=extra.get("render_timeout"))
+            image = render_prediction(solution_str, task, timeout=extra.get("render_timeout"))
         except RenderError:
             return recipe.unrendered()
         return self.judge(gt, image, task).reward
@@ -205,14 +254,23 @@ def task_of(data_source: str) -> str:
     for key, task in (("table", "table"), ("svg", "svg"), ("chart", "chart")):
         if key in s:
             return task
-    raise InputError(f"cannot tell the task of data source {data_source!r}; pass "
-                     "extra_info={'task': 'chart' | 'table' | 'svg'}")
+    raise InputError(
+        f"cannot tell the task of data source {data_source!r}; pass "
+        "extra_info={'task': 'chart' | 'table' | 'svg'}"
+    )
 
 
 def _sampling_fields(overrides: dict[str, Any]) -> dict[str, Any]:
     names = {"repetition_penalty": "repeat_penalty"}
-    keep = {"temperature", "top_p", "top_k", "presence_penalty", "repetition_penalty", "seed",
-            "max_tokens"}
+    keep = {
+        "temperature",
+        "top_p",
+        "top_k",
+        "presence_penalty",
+        "repetition_penalty",
+        "seed",
+        "max_tokens",
+    }
     return {names.get(k, k): v for k, v in overrides.items() if k in keep}
 
 
@@ -296,9 +354,13 @@ def _run_renderer(runner: str, code: str, timeout: float) -> bytes:
         src, out = Path(d, "prediction"), Path(d, "prediction.png")
         src.write_text(code, encoding="utf-8")
         try:
-            r = subprocess.run([sys.executable, "-c", runner, str(src), str(out)], cwd=d,
-                               capture_output=True, timeout=timeout,
-                               env=child_env(MPLBACKEND="Agg", MPLCONFIGDIR=d))
+            r = subprocess.run(
+                [sys.executable, "-c", runner, str(src), str(out)],
+                cwd=d,
+                capture_output=True,
+                timeout=timeout,
+                env=child_env(MPLBACKEND="Agg", MPLCONFIGDIR=d),
+            )
         except subprocess.TimeoutExpired:
             raise RenderError(f"render timed out after {timeout:g} s") from None
         if r.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
@@ -313,12 +375,13 @@ def browser() -> str:
     chosen = settings().browser
     if chosen:
         return chosen
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
-                 "chrome"):
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
         if shutil.which(name):
             return name
-    raise VermError("rendering a predicted table needs Chromium or Chrome (apt-get install "
-                    "chromium), or VERM_LOCAL_BROWSER=/path/to/chrome")
+    raise VermError(
+        "rendering a predicted table needs Chromium or Chrome (apt-get install "
+        "chromium), or VERM_LOCAL_BROWSER=/path/to/chrome"
+    )
 
 
 def _render_html(html: str, timeout: float) -> bytes:
@@ -327,10 +390,21 @@ def _render_html(html: str, timeout: float) -> bytes:
         page, out = Path(d, "table.html"), Path(d, "table.png")
         page.write_text(_TABLE_PAGE.format(body=html), encoding="utf-8")
         w, h = TABLE_WINDOW
-        cmd = [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-               "--disable-background-networking", "--disable-dev-shm-usage",
-               "--hide-scrollbars", "--mute-audio", f"--user-data-dir={d}/profile",
-               f"--window-size={w},{h}", f"--screenshot={out}", page.as_uri()]
+        cmd = [
+            exe,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--mute-audio",
+            f"--user-data-dir={d}/profile",
+            f"--window-size={w},{h}",
+            f"--screenshot={out}",
+            page.as_uri(),
+        ]
         try:
             subprocess.run(cmd, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:

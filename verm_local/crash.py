@@ -29,11 +29,16 @@ from typing import Any, Callable, TextIO
 from . import events
 from .errors import ExitCode
 
-SIGNALS = {getattr(signal, n): n for n in ("SIGSEGV", "SIGABRT", "SIGILL", "SIGBUS", "SIGFPE",
-                                           "SIGKILL") if hasattr(signal, n)}
+SIGNALS = {
+    getattr(signal, n): n
+    for n in ("SIGSEGV", "SIGABRT", "SIGILL", "SIGBUS", "SIGFPE", "SIGKILL")
+    if hasattr(signal, n)
+}
 STEP_PREFIX = "step: "
-ADVICE = ("try --no-repack (or VERM_LOCAL_REPACK=off), a smaller model or fewer threads, "
-          "and see `verm-local doctor`")
+ADVICE = (
+    "try --no-repack (or VERM_LOCAL_REPACK=off), a smaller model or fewer threads, "
+    "and see `verm-local doctor`"
+)
 
 
 def crash_dir() -> Path:
@@ -97,19 +102,23 @@ def _header(what: str) -> str:
         model, flags, _ = probe_cpu()
     except Exception:  # noqa: BLE001 - a header never stops the work
         model, flags = "?", ()
-    return (f"verm-local crash log: {what}\n"
-            f"command: {' '.join(sys.argv)}\n"
-            f"python {platform.python_version()} on {platform.platform()}\n"
-            f"cpu: {model}; flags: {' '.join(flags)}\n")
+    return (
+        f"verm-local crash log: {what}\n"
+        f"command: {' '.join(sys.argv)}\n"
+        f"python {platform.python_version()} on {platform.platform()}\n"
+        f"cpu: {model}; flags: {' '.join(flags)}\n"
+    )
 
 
 def last_step(path: Path | None) -> str:
     """The last stage a crash log recorded ('' when none)."""
     if path is None or not path.is_file():
         return ""
-    steps = [ln[len(STEP_PREFIX):].strip() for ln in
-             path.read_text(encoding="utf-8", errors="replace").splitlines()
-             if ln.startswith(STEP_PREFIX)]
+    steps = [
+        ln[len(STEP_PREFIX) :].strip()
+        for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if ln.startswith(STEP_PREFIX)
+    ]
     return steps[-1] if steps else ""
 
 
@@ -167,8 +176,10 @@ def _wait(pid: int, what: str, log: Path) -> int:
             pass
 
     # Ctrl-C reaches the child from the terminal itself; SIGTERM is passed on.
-    previous = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.SIG_IGN),
-                                                    (signal.SIGTERM, forward))}
+    previous = {
+        s: signal.signal(s, h)
+        for s, h in ((signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, forward))
+    }
     try:
         while True:
             try:

@@ -10,8 +10,19 @@ from typing import Any, BinaryIO
 
 from .errors import ModelError
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 # Large arrays (the vocabulary) are skipped, not kept.
 _KEEP_ARRAY_MAX = 64
@@ -95,11 +106,14 @@ def check_pair(model: Path, mmproj: Path) -> None:
         raise ModelError(f"{model}: text depth {depth} is below its {n_deep} deepstack layers")
     proj = read_metadata(mmproj)
     if proj.get("general.architecture") != "clip" or proj.get("clip.projector_type") not in (
-        "qwen3vl_merger", None
+        "qwen3vl_merger",
+        None,
     ):
         raise ModelError(f"{mmproj}: not a Qwen3-VL vision projector")
     width = proj.get("clip.vision.projection_dim")
     hidden = meta.get("qwen3vl.embedding_length")
     if width is not None and hidden is not None and int(width) != int(hidden):
-        raise ModelError(f"{mmproj}: projects to width {width} but the text model is {hidden} "
-                         "wide; they are not from the same checkpoint")
+        raise ModelError(
+            f"{mmproj}: projects to width {width} but the text model is {hidden} "
+            "wide; they are not from the same checkpoint"
+        )

@@ -16,23 +16,88 @@ from typing import Any
 
 # The CPU features llama.cpp's kernels are built for (and a wheel built with GGML_NATIVE
 # depends on), as /proc/cpuinfo names them; "neon" stands for ARM's asimd.
-CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f",
-             "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
-             "amx_bf16", "neon", "sve")
+CPU_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "bmi2",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "neon",
+    "sve",
+)
 # Intel Advanced Matrix Extensions (Sapphire Rapids and later): llama.cpp's AMX kernel.
 AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
 # Instruction-set extensions a compiler may use when it builds for the machine it runs on
 # (llama.cpp's default GGML_NATIVE): a wheel built where one of these is present can die
 # with SIGILL where it is not. The wheel cache is keyed by them (`wheel_key`); flags that
 # only describe the kernel or the hypervisor (constant_tsc, hypervisor, ...) are not.
-ISA_FLAGS = ("sse", "sse2", "sse3", "pni", "ssse3", "sse4_1", "sse4_2", "popcnt", "aes",
-             "pclmulqdq", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "lzcnt", "abm", "movbe",
-             "adx", "sha_ni", "vaes", "vpclmulqdq", "gfni", "avx_vnni", "avx_vnni_int8",
-             "avx_ifma", "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl",
-             "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_vnni", "avx512_bitalg",
-             "avx512_vpopcntdq", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
-             "amx_bf16", "amx_fp16", "asimd", "fp", "fphp", "asimdhp", "asimddp", "dotprod",
-             "i8mm", "bf16", "sve", "sve2", "sme")
+ISA_FLAGS = (
+    "sse",
+    "sse2",
+    "sse3",
+    "pni",
+    "ssse3",
+    "sse4_1",
+    "sse4_2",
+    "popcnt",
+    "aes",
+    "pclmulqdq",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "bmi1",
+    "bmi2",
+    "lzcnt",
+    "abm",
+    "movbe",
+    "adx",
+    "sha_ni",
+    "vaes",
+    "vpclmulqdq",
+    "gfni",
+    "avx_vnni",
+    "avx_vnni_int8",
+    "avx_ifma",
+    "avx512f",
+    "avx512dq",
+    "avx512cd",
+    "avx512bw",
+    "avx512vl",
+    "avx512ifma",
+    "avx512vbmi",
+    "avx512_vbmi2",
+    "avx512_vnni",
+    "avx512_bitalg",
+    "avx512_vpopcntdq",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "amx_fp16",
+    "asimd",
+    "fp",
+    "fphp",
+    "asimdhp",
+    "asimddp",
+    "dotprod",
+    "i8mm",
+    "bf16",
+    "sve",
+    "sve2",
+    "sme",
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +153,7 @@ class Hardware:
 
 # ---------------------------------------------------------------- parsers (pure)
 
+
 def parse_nvidia_smi(text: str) -> tuple[GpuDevice, ...]:
     """`nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader,
     nounits` -> devices (memory in MiB there)."""
@@ -139,15 +205,15 @@ def isa_flags(cpuinfo: str) -> tuple[str, ...]:
     return tuple(sorted(f for f in found if f in ISA_FLAGS))
 
 
-def wheel_key(version: str, cmake_args: str, arch: str, flags: tuple[str, ...] | list[str]
-              ) -> str:
+def wheel_key(version: str, cmake_args: str, arch: str, flags: tuple[str, ...] | list[str]) -> str:
     """The cache key of a llama-cpp-python wheel built here: its version, its build flags,
     the CPU architecture and instruction-set extensions (a natively built wheel runs only
     where they all are). 16 hex digits."""
     import hashlib
 
-    text = "\n".join([version, " ".join((cmake_args or "cpu").split()), arch,
-                      " ".join(sorted(set(flags)))])
+    text = "\n".join(
+        [version, " ".join((cmake_args or "cpu").split()), arch, " ".join(sorted(set(flags)))]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -160,6 +226,7 @@ def metal_working_set(ram_total: int) -> int:
 
 # ---------------------------------------------------------------- probes (read the machine)
 
+
 def _run(cmd: list[str]) -> str | None:
     if shutil.which(cmd[0]) is None:
         return None
@@ -171,8 +238,13 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def probe_cuda() -> tuple[GpuDevice, ...]:
-    out = _run(["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free",
-                "--format=csv,noheader,nounits"])
+    out = _run(
+        [
+            "nvidia-smi",
+            "--query-gpu=index,name,memory.total,memory.free",
+            "--format=csv,noheader,nounits",
+        ]
+    )
     return parse_nvidia_smi(out) if out else ()
 
 
@@ -235,12 +307,21 @@ def probe(with_torch: bool = True) -> Hardware:
     llama_version, offload = probe_llama_cpp()
     torch_version, torch_cuda = probe_torch() if with_torch else (None, None)
     return Hardware(
-        os=system, arch=arch, cpu_model=model, cores_logical=os.cpu_count() or 1,
-        cores_physical=physical, cpu_flags=flags, ram_total=total, ram_available=available,
-        cuda=probe_cuda(), metal=metal,
+        os=system,
+        arch=arch,
+        cpu_model=model,
+        cores_logical=os.cpu_count() or 1,
+        cores_physical=physical,
+        cpu_flags=flags,
+        ram_total=total,
+        ram_available=available,
+        cuda=probe_cuda(),
+        metal=metal,
         metal_working_set=metal_working_set(total) if metal else None,
-        llama_cpp_version=llama_version, llama_gpu_offload=offload,
-        torch_version=torch_version, torch_cuda=torch_cuda,
+        llama_cpp_version=llama_version,
+        llama_gpu_offload=offload,
+        torch_version=torch_version,
+        torch_cuda=torch_cuda,
         gptqmodel=importlib.util.find_spec("gptqmodel") is not None,
         onnxruntime_providers=probe_onnxruntime(),
     )

@@ -63,8 +63,9 @@ def visual_tokens(width: int, height: int) -> int:
     return max(1, math.ceil(width / s)) * max(1, math.ceil(height / s))
 
 
-def fit_to_budget(width: int, height: int, budget: int,
-                  min_tokens: int = MIN_IMAGE_TOKENS) -> tuple[int, int]:
+def fit_to_budget(
+    width: int, height: int, budget: int, min_tokens: int = MIN_IMAGE_TOKENS
+) -> tuple[int, int]:
     """Qwen-VL's own smart resize with factor 32: sides multiples of 32, aspect kept as
     closely as possible, between `min_tokens` and `budget` visual tokens. Done here, once,
     so llama.cpp and transformers both receive pixels they leave as they are."""
@@ -96,8 +97,9 @@ def load_image(
     most `token_budget` visual tokens; raise InputError on any problem."""
     label, data = _read(path, name)
     rgb, original = _decode(data, label)
-    return PreparedImage(image=_fit(rgb, token_budget), source=label, original_size=original,
-                         sent_size=rgb.size)
+    return PreparedImage(
+        image=_fit(rgb, token_budget), source=label, original_size=original, sent_size=rgb.size
+    )
 
 
 def prepare_image(
@@ -121,8 +123,14 @@ def prepare_image(
     if prep.encoding == "jpeg":  # the model saw the JPEG's pixels, artefacts included
         with Image.open(io.BytesIO(encoded)) as im:
             rgb = im.convert("RGB")
-    return PreparedImage(image=_fit(rgb, token_budget), source=label, original_size=original,
-                         encoding=prep.encoding, sent_size=rgb.size, encoded=encoded)
+    return PreparedImage(
+        image=_fit(rgb, token_budget),
+        source=label,
+        original_size=original,
+        encoding=prep.encoding,
+        sent_size=rgb.size,
+        encoded=encoded,
+    )
 
 
 def crop_to_content(img: Image.Image, padding: int = 12) -> Image.Image:
@@ -135,8 +143,14 @@ def crop_to_content(img: Image.Image, padding: int = 12) -> Image.Image:
     if not box:
         return img
     left, top, right, bottom = box
-    return img.crop((max(0, left - padding), max(0, top - padding),
-                     min(img.width, right + padding), min(img.height, bottom + padding)))
+    return img.crop(
+        (
+            max(0, left - padding),
+            max(0, top - padding),
+            min(img.width, right + padding),
+            min(img.height, bottom + padding),
+        )
+    )
 
 
 def _fit(rgb: Image.Image, token_budget: int | None) -> Image.Image:
@@ -179,8 +193,10 @@ def _decode(data: bytes, label: str) -> tuple[Image.Image, tuple[int, int]]:
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{label}: image is too large (over {MAX_IMAGE_PIXELS} pixels; "
-                         "possible decompression bomb)") from None
+        raise InputError(
+            f"{label}: image is too large (over {MAX_IMAGE_PIXELS} pixels; "
+            "possible decompression bomb)"
+        ) from None
     except UnidentifiedImageError:
         raise InputError(f"{label}: not an image (or a format Pillow cannot read)") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -192,8 +208,10 @@ def _decode(data: bytes, label: str) -> tuple[Image.Image, tuple[int, int]]:
     rgb = to_rgb(img)
     w, h = rgb.size
     if max(w, h) / min(w, h) > MAX_ASPECT:
-        raise InputError(f"{label}: aspect ratio {max(w, h) / min(w, h):.0f}:1 is beyond "
-                         f"{MAX_ASPECT}:1, which the vision encoder cannot take")
+        raise InputError(
+            f"{label}: aspect ratio {max(w, h) / min(w, h):.0f}:1 is beyond "
+            f"{MAX_ASPECT}:1, which the vision encoder cannot take"
+        )
     return rgb, original
 
 

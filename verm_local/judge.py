@@ -47,17 +47,23 @@ class JudgeRequest:
         for m in self.request.messages:
             content = m["content"]
             if isinstance(content, list):
-                content = [_describe_image(next(images)) if p.get("type") == "image" else p
-                           for p in content]
+                content = [
+                    _describe_image(next(images)) if p.get("type") == "image" else p
+                    for p in content
+                ]
             messages.append({"role": m["role"], "content": content})
         p = profile(self.task)
         return {
             "task": self.task,
             "messages": messages,
             "prompt_source": self.prompt.source,
-            "schema": None if self.free else answer_schema(
-                self.task, self.request.sampling.max_tokens,
-                self.bounds.max_errors if self.bounds else None),
+            "schema": None
+            if self.free
+            else answer_schema(
+                self.task,
+                self.request.sampling.max_tokens,
+                self.bounds.max_errors if self.bounds else None,
+            ),
             "bounds": self.bounds.to_dict() if self.bounds else None,
             "decoding": self.request.sampling.to_dict(),
             "reward": {"recipe": p.reward.kind},
@@ -65,24 +71,37 @@ class JudgeRequest:
 
 
 def _describe_image(img: PreparedImage) -> dict[str, Any]:
-    return {"type": "image", "source": img.source, "encoding": img.encoding,
-            "media_type": img.media_type, "original_size": list(img.original_size),
-            "sent_size": list(img.sent_size or img.size), "size": list(img.size),
-            "visual_tokens": img.visual_tokens,
-            "bytes": len(img.encoded) if img.encoded is not None else None}
+    return {
+        "type": "image",
+        "source": img.source,
+        "encoding": img.encoding,
+        "media_type": img.media_type,
+        "original_size": list(img.original_size),
+        "sent_size": list(img.sent_size or img.size),
+        "size": list(img.size),
+        "visual_tokens": img.visual_tokens,
+        "bytes": len(img.encoded) if img.encoded is not None else None,
+    }
 
 
-def prepare(image: ImageLike, prep: ImagePrep, token_budget: int | None = None
-            ) -> PreparedImage:
+def prepare(image: ImageLike, prep: ImagePrep, token_budget: int | None = None) -> PreparedImage:
     if isinstance(image, PreparedImage):
         return image
     return prepare_image(image, prep, token_budget=token_budget)
 
 
-def build_request(gt: ImageLike, pred: ImageLike, task: str = "chart", *,
-                  sampling: Sampling | None = None, free: bool = False,
-                  prompt_file: str | Path | None = None, max_errors: int | None = None,
-                  image_token_budget: int | None = None, warn: bool = True) -> JudgeRequest:
+def build_request(
+    gt: ImageLike,
+    pred: ImageLike,
+    task: str = "chart",
+    *,
+    sampling: Sampling | None = None,
+    free: bool = False,
+    prompt_file: str | Path | None = None,
+    max_errors: int | None = None,
+    image_token_budget: int | None = None,
+    warn: bool = True,
+) -> JudgeRequest:
     """The exact request of a judgement, per the task's profile (no model needed):
     [system], then one user turn of [ground truth, prediction, text]; the answer grammar
     bounded to the decoding's token cap."""
@@ -95,34 +114,58 @@ def build_request(gt: ImageLike, pred: ImageLike, task: str = "chart", *,
     messages: list[dict[str, Any]] = []
     if p.system is not None:
         messages.append({"role": "system", "content": p.system})
-    messages.append({"role": "user", "content": [
-        {"type": "image"}, {"type": "image"},
-        {"type": "text", "text": p.text_prefix + prompt.text}]})
+    messages.append(
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "image"},
+                {"type": "text", "text": p.text_prefix + prompt.text},
+            ],
+        }
+    )
     answer_bounds = None if free else bounds(p, sampling.max_tokens, max_errors)
     grammar = None if free else answer_grammar(task, sampling.max_tokens, max_errors)
-    return JudgeRequest(task, Request(images, messages, sampling, grammar), prompt,
-                        answer_bounds, free)
+    return JudgeRequest(
+        task, Request(images, messages, sampling, grammar), prompt, answer_bounds, free
+    )
 
 
-def judgement_of(task: str, gen: Generation, *, prompt_source: str = "",
-                 reward_scale: float | None = None, model: Any = None, load_s: float = 0.0,
-                 unreadable: str = "raise") -> Judgement:
+def judgement_of(
+    task: str,
+    gen: Generation,
+    *,
+    prompt_source: str = "",
+    reward_scale: float | None = None,
+    model: Any = None,
+    load_s: float = 0.0,
+    unreadable: str = "raise",
+) -> Judgement:
     """Read a generation into a Judgement. An answer cut at the token cap is reported
     incomplete (failure values, never scored as whole); an unreadable one raises
     AnswerError, or with `unreadable="score"` is reported the same way."""
-    timings = Timings(load_s=round(load_s, 4), vision_s=round(gen.vision_s, 4),
-                      prefill_s=round(gen.prefill_s, 4), decode_s=round(gen.decode_s, 4),
-                      prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
+    timings = Timings(
+        load_s=round(load_s, 4),
+        vision_s=round(gen.vision_s, 4),
+        prefill_s=round(gen.prefill_s, 4),
+        decode_s=round(gen.decode_s, 4),
+        prompt_tokens=gen.prompt_tokens,
+        completion_tokens=gen.completion_tokens,
+    )
     fields = {"prompt_source": prompt_source, "timings": timings}
     if model is not None:
         fields["model"] = model
     if gen.finish_reason == "length":
-        return Judgement.failed(task, f"the answer was cut at {gen.completion_tokens} tokens "
-                                      "before it was complete", reward_scale=reward_scale,
-                                **fields)
+        return Judgement.failed(
+            task,
+            f"the answer was cut at {gen.completion_tokens} tokens before it was complete",
+            reward_scale=reward_scale,
+            **fields,
+        )
     try:
-        return Judgement.from_answer(task, extract_json(gen.text), reward_scale=reward_scale,
-                                     **fields)
+        return Judgement.from_answer(
+            task, extract_json(gen.text), reward_scale=reward_scale, **fields
+        )
     except AnswerError as exc:
         if unreadable != "score":
             raise
@@ -192,25 +235,37 @@ class Judge:
         resolved = self.resolved = resolve_model(model, mmproj, quant)
         name = resolved.backend if backend_name == "auto" else backend_name
         if name != resolved.backend:
-            raise ModelError(f"{resolved.path}: a {resolved.format} model runs on the "
-                             f"{resolved.backend} backend, not {name}")
+            raise ModelError(
+                f"{resolved.path}: a {resolved.format} model runs on the "
+                f"{resolved.backend} backend, not {name}"
+            )
         if name == "transformers":
             from .backends.transformers import TransformersBackend
 
-            self.backend = TransformersBackend(resolved, device=device, dtype=dtype,
-                                               threads=threads, verbose=verbose)
+            self.backend = TransformersBackend(
+                resolved, device=device, dtype=dtype, threads=threads, verbose=verbose
+            )
             return
         from .backends.llamacpp import LlamaCppBackend
 
         t0 = time.perf_counter()
-        encoder = _vision_encoder(resolved.path.parent, vision, vision_model, vision_precision,
-                                  threads, n_gpu_layers != 0)
+        encoder = _vision_encoder(
+            resolved.path.parent, vision, vision_model, vision_precision, threads, n_gpu_layers != 0
+        )
         encoder_load_s = time.perf_counter() - t0
         max_image = max(p.max_image_tokens for p in _profiles())
         self.backend = LlamaCppBackend(
-            resolved, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
-            image_max_tokens=min(image_token_budget or max_image, max_image), vision=encoder,
-            verbose=verbose, parallel=parallel, prefix_slots=prefix_cache, repack=repack)
+            resolved,
+            n_ctx=n_ctx,
+            threads=threads,
+            n_gpu_layers=n_gpu_layers,
+            image_max_tokens=min(image_token_budget or max_image, max_image),
+            vision=encoder,
+            verbose=verbose,
+            parallel=parallel,
+            prefix_slots=prefix_cache,
+            repack=repack,
+        )
         self.backend.load_s += encoder_load_s  # the ONNX session is part of loading
 
     # -- requests ---------------------------------------------------------------------
@@ -224,13 +279,27 @@ class Judge:
         p = profile(task)
         return prepare(image, p.gt if role == "gt" else p.pred, self.image_token_budget)
 
-    def request(self, gt: ImageLike, pred: ImageLike, task: str = "chart", *,
-                sampling: Sampling | None = None, free: bool = False,
-                prompt_file: str | Path | None = None, max_errors: int | None = None
-                ) -> JudgeRequest:
-        return build_request(gt, pred, task, sampling=sampling or self.sampling(task),
-                             free=free, prompt_file=prompt_file, max_errors=max_errors,
-                             image_token_budget=self.image_token_budget)
+    def request(
+        self,
+        gt: ImageLike,
+        pred: ImageLike,
+        task: str = "chart",
+        *,
+        sampling: Sampling | None = None,
+        free: bool = False,
+        prompt_file: str | Path | None = None,
+        max_errors: int | None = None,
+    ) -> JudgeRequest:
+        return build_request(
+            gt,
+            pred,
+            task,
+            sampling=sampling or self.sampling(task),
+            free=free,
+            prompt_file=prompt_file,
+            max_errors=max_errors,
+            image_token_budget=self.image_token_budget,
+        )
 
     # -- judging ----------------------------------------------------------------------
 
@@ -253,22 +322,33 @@ class Judge:
         failure reward. An unreadable answer is asked again up to `tries` times when
         sampling (greedy would repeat it), then raises AnswerError, or with
         `unreadable="score"` comes back like a cut one (the authors' RL: S = 25)."""
-        jr = self.request(gt, pred, task, sampling=sampling, free=free,
-                          prompt_file=prompt_file, max_errors=max_errors)
+        jr = self.request(
+            gt,
+            pred,
+            task,
+            sampling=sampling,
+            free=free,
+            prompt_file=prompt_file,
+            max_errors=max_errors,
+        )
         attempts = max(1, tries) if not jr.request.sampling.greedy else 1
         for attempt in range(attempts):
             request = jr.request
             if attempt:
-                request = Request(request.images, request.messages,
-                                  request.sampling.with_(seed=request.sampling.seed + attempt),
-                                  request.grammar)
+                request = Request(
+                    request.images,
+                    request.messages,
+                    request.sampling.with_(seed=request.sampling.seed + attempt),
+                    request.grammar,
+                )
             gen = self._generate([request])[0]
             if isinstance(gen, Exception):
                 raise gen
             self.last_generation = gen  # the raw answer, for benchmarks scoring its tokens
             try:
-                return self._judgement(task, gen, jr.prompt.source,
-                                       "raise" if attempt + 1 < attempts else unreadable)
+                return self._judgement(
+                    task, gen, jr.prompt.source, "raise" if attempt + 1 < attempts else unreadable
+                )
             except AnswerError:
                 if attempt + 1 == attempts:
                     raise
@@ -289,7 +369,8 @@ class Judge:
         Pairs that share a ground truth are judged together: on a model loaded with
         `parallel` > 1 the ground truth is encoded once and the answers decode as one batch.
         `sampling`: a Sampling for every pair, a mode ("default", "greedy", "rl") each
-        task resolves, or a function of the task. `progress(done, total)` is called as pairs finish."""
+        task resolves, or a function of the task. `progress(done, total)` is called as
+        pairs finish."""
         results: list[Judgement | VermError | None] = [None] * len(pairs)
         built: list[tuple[int, JudgeRequest]] = []
         for i, (gt, pred, task) in enumerate(pairs):
@@ -337,11 +418,18 @@ class Judge:
     def _generate(self, requests: list[Request]) -> list[Generation | VermError]:
         return self.backend.generate_all(requests)
 
-    def _judgement(self, task: str, gen: Generation, prompt_source: str,
-                   unreadable: str = "raise") -> Judgement:
-        return judgement_of(task, gen, prompt_source=prompt_source,
-                            reward_scale=self.reward_scale, model=self.backend.info,
-                            load_s=self.backend.load_s, unreadable=unreadable)
+    def _judgement(
+        self, task: str, gen: Generation, prompt_source: str, unreadable: str = "raise"
+    ) -> Judgement:
+        return judgement_of(
+            task,
+            gen,
+            prompt_source=prompt_source,
+            reward_scale=self.reward_scale,
+            model=self.backend.info,
+            load_s=self.backend.load_s,
+            unreadable=unreadable,
+        )
 
     def close(self) -> None:
         self.backend.close()
@@ -382,7 +470,7 @@ def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, 
         gt, pred = row.get("gt", row.get("gt_img_path")), row.get("pred", row.get("pred_img_path"))
         task = row.get("task", row.get("category", default_task))
         if not isinstance(gt, str) or not isinstance(pred, str):
-            raise InputError(f"{path}:{n}: needs \"gt\" and \"pred\" image paths")
+            raise InputError(f'{path}:{n}: needs "gt" and "pred" image paths')
         try:
             profile(task)
         except InputError as exc:
@@ -399,8 +487,14 @@ def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, 
     return out
 
 
-def _vision_encoder(model_dir: Path, mode: str, vision_model: str | Path | None,
-                    precision: str | None, threads: int | None, gpu: bool):
+def _vision_encoder(
+    model_dir: Path,
+    mode: str,
+    vision_model: str | Path | None,
+    precision: str | None,
+    threads: int | None,
+    gpu: bool,
+):
     """The external vision encoder the GGUF path should use, or None for the mmproj."""
     from .vision_onnx import OnnxVision, choose_vision, find_tower, onnxruntime_available
 

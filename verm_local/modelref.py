@@ -29,8 +29,9 @@ class ResolvedModel:
         return "llamacpp" if self.format == "gguf" else "transformers"
 
 
-def resolve_model(model: str | Path, mmproj: str | Path | None = None,
-                  quant: str | None = None) -> ResolvedModel:
+def resolve_model(
+    model: str | Path, mmproj: str | Path | None = None, quant: str | None = None
+) -> ResolvedModel:
     """A .gguf file (mmproj given, or found through the manifest beside it) or a directory
     written by `convert gguf` (its best-fidelity quant unless `quant` is given)."""
     path = Path(model)
@@ -51,10 +52,13 @@ def resolve_model(model: str | Path, mmproj: str | Path | None = None,
 def _from_dir(directory: Path, mmproj: str | Path | None, quant: str | None) -> ResolvedModel:
     manifest = read_manifest(directory)
     if manifest is None:
-        raise ModelError(f"{directory}: no {MANIFEST_NAME}; pass a .gguf file or a directory "
-                         "written by `verm-local convert gguf`")
-    texts = {e.get("quant", "").upper(): e for e in manifest.get("files", [])
-             if e.get("kind") == "text"}
+        raise ModelError(
+            f"{directory}: no {MANIFEST_NAME}; pass a .gguf file or a directory "
+            "written by `verm-local convert gguf`"
+        )
+    texts = {
+        e.get("quant", "").upper(): e for e in manifest.get("files", []) if e.get("kind") == "text"
+    }
     if quant:
         want = quant.upper()
         if want not in texts:
@@ -83,8 +87,9 @@ def _mmproj_from(manifest: dict[str, Any] | None, directory: Path) -> Path | Non
     return found[0] if len(found) == 1 else None
 
 
-def _checked(path: Path, mmproj: Path | None, entry: dict[str, Any] | None,
-             manifest: dict[str, Any] | None) -> ResolvedModel:
+def _checked(
+    path: Path, mmproj: Path | None, entry: dict[str, Any] | None, manifest: dict[str, Any] | None
+) -> ResolvedModel:
     check_gguf_file(path, entry)
     if mmproj is None:
         raise ModelError(f"{path}: no vision projector found; pass --mmproj PATH")
@@ -109,8 +114,10 @@ def check_gguf_file(path: Path, entry: dict[str, Any] | None = None) -> None:
     if entry is not None and entry.get("size") is not None:
         size = path.stat().st_size
         if size != int(entry["size"]):
-            raise ModelError(f"{path}: size {size} differs from the manifest's {entry['size']}; "
-                             "the file is corrupt or incomplete")
+            raise ModelError(
+                f"{path}: size {size} differs from the manifest's {entry['size']}; "
+                "the file is corrupt or incomplete"
+            )
 
 
 def _quant_from_name(name: str) -> str:
@@ -130,8 +137,9 @@ def resolve_hf_dir(directory: Path) -> ResolvedModel:
     except (OSError, ValueError):
         raise ModelError(f"{directory}/config.json: unreadable") from None
     if config.get("model_type") != "qwen3_vl":
-        raise ModelError(f"{directory}: model_type {config.get('model_type')!r} is not "
-                         "qwen3_vl (Visual-ERM)")
+        raise ModelError(
+            f"{directory}: model_type {config.get('model_type')!r} is not qwen3_vl (Visual-ERM)"
+        )
     weights = sorted(directory.glob("*.safetensors"))
     if not weights:
         raise ModelError(f"{directory}: incomplete checkpoint, no safetensors weights")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import platformdirs
 
+from .constants import MANIFEST_NAME
 from .settings import settings
 
 
@@ -19,3 +20,14 @@ def cache_dir() -> Path:
     """Cache for build inputs (llama.cpp sdist parts) and logs: VERM_LOCAL_CACHE, else the
     user cache."""
     return settings().cache or Path(platformdirs.user_cache_dir("verm-local"))
+
+
+def variant_dir(name: str, home: Path | None = None) -> Path:
+    """Where variant `name` lives in the store (whether or not it is there)."""
+    return (home or home_dir()) / name
+
+
+def installed(name: str, home: Path | None = None) -> Path | None:
+    """The directory of variant `name` if the store holds it (its manifest is there)."""
+    path = variant_dir(name, home)
+    return path if (path / MANIFEST_NAME).is_file() else None

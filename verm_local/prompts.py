@@ -71,8 +71,11 @@ _RUBRIC = (
     "3 = severe, a structural or key-content error that misleads the reader."
 )
 
-_FIELD_HINTS = {"severity": "<1|2|3>", "location": '"<where in image 2>"',
-                "description": '"<what differs>"'}
+_FIELD_HINTS = {
+    "severity": "<1|2|3>",
+    "location": '"<where in image 2>"',
+    "description": '"<what differs>"',
+}
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,10 @@ def default_prompt(task: str) -> str:
     role, first, second, cats = _SUBJECT[task]
     cat_lines = "\n".join(f"- {c}: {d}" for c, d in cats.items())
     counts = ", ".join(f'"{k}": <int>' for k in p.count_keys)
-    fields = ", ".join(f'"{k}": ' + ('"<category>"' if k == p.category_key else _FIELD_HINTS[k])
-                       for k in p.error_keys)
+    fields = ", ".join(
+        f'"{k}": ' + ('"<category>"' if k == p.category_key else _FIELD_HINTS[k])
+        for k in p.error_keys
+    )
     return (
         f"You are {role}. Image 1 is {first} (the ground truth). "
         f"Image 2 is {second}.\n"
@@ -108,8 +113,9 @@ def load_prompt(task: str, prompt_file: str | Path | None = None) -> str:
     return resolve_prompt(task, prompt_file).text
 
 
-def resolve_prompt(task: str, prompt_file: str | Path | None = None,
-                   home: Path | None = None, warn: bool = True) -> Prompt:
+def resolve_prompt(
+    task: str, prompt_file: str | Path | None = None, home: Path | None = None, warn: bool = True
+) -> Prompt:
     """`prompt_file` when given (plain text, or a JSON object keyed by task), else the
     trained prompt from the store, else the built-in one (with a warning)."""
     profile(task)
@@ -130,8 +136,10 @@ def _warn_built_in() -> None:
     if "built-in" in _warned:
         return
     _warned.add("built-in")
-    log.warning("using the built-in prompts: the training prompts are not in the store; "
-                "`verm-local pull --prompts-only` fetches them")
+    log.warning(
+        "using the built-in prompts: the training prompts are not in the store; "
+        "`verm-local pull --prompts-only` fetches them"
+    )
 
 
 def read_prompt_file(task: str, prompt_file: str | Path) -> str:
@@ -147,7 +155,9 @@ def read_prompt_file(task: str, prompt_file: str | Path) -> str:
         try:
             table = json.loads(stripped)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: prompt file looks like JSON but is not ({exc.msg})") from None
+            raise InputError(
+                f"{path}: prompt file looks like JSON but is not ({exc.msg})"
+            ) from None
         if task not in table or not isinstance(table[task], str):
             raise InputError(f"{path}: no prompt for task {task!r} in the JSON object")
         stripped = table[task].strip()
@@ -173,8 +183,11 @@ def trained_record(home: Path | None = None) -> dict[str, Any] | None:
         prompts = record["prompts"]
         for task, entry in prompts.items():
             if hashlib.sha256(entry["text"].encode()).hexdigest() != entry["sha256"]:
-                log.warning("%s: the %s prompt fails its sha256 check; ignoring the stored "
-                            "prompts", path, task)
+                log.warning(
+                    "%s: the %s prompt fails its sha256 check; ignoring the stored prompts",
+                    path,
+                    task,
+                )
                 return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -190,8 +203,9 @@ def source_url(base: str, src: PromptSource) -> str:
     return f"{base.rstrip('/')}/{src.commit}/{src.path}"
 
 
-def fetch_trained(base_url: str | None = None, home: Path | None = None,
-                  timeout: float = 30.0) -> Path:
+def fetch_trained(
+    base_url: str | None = None, home: Path | None = None, timeout: float = 30.0
+) -> Path:
     """Download the authors' files at their pinned commits, extract the three training
     prompts with `ast`, and store them (text, sha256, source) in the store; returns the
     file written. FetchError when a file cannot be fetched or lacks a prompt."""
@@ -213,13 +227,26 @@ def fetch_trained(base_url: str | None = None, home: Path | None = None,
         source, file_sha = files[url]
         text = extract_prompt(source, p.prompt, url)
         check_prompt(task, text, url)
-        prompts[task] = {"text": text, "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                         "source": {"url": url, "path": p.prompt.path,
-                                    "commit": p.prompt.commit, "name": p.prompt.name,
-                                    "file_sha256": file_sha}}
+        prompts[task] = {
+            "text": text,
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "source": {
+                "url": url,
+                "path": p.prompt.path,
+                "commit": p.prompt.commit,
+                "name": p.prompt.name,
+                "file_sha256": file_sha,
+            },
+        }
     path = prompts_path(home)
-    write_json_atomic(path, {"version": FORMAT_VERSION, "fetched_at": time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "prompts": prompts})
+    write_json_atomic(
+        path,
+        {
+            "version": FORMAT_VERSION,
+            "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "prompts": prompts,
+        },
+    )
     return path
 
 
@@ -246,8 +273,13 @@ def extract_prompt(source: str, where: PromptSource, label: str = "") -> str:
     if where.kind == "assign":
         value = None
         for node in tree.body:
-            targets = (node.targets if isinstance(node, ast.Assign)
-                       else [node.target] if isinstance(node, ast.AnnAssign) else [])
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AnnAssign)
+                else []
+            )
             if any(isinstance(t, ast.Name) and t.id == where.name for t in targets):
                 value = node.value
         text = _string(value)
@@ -258,8 +290,9 @@ def extract_prompt(source: str, where: PromptSource, label: str = "") -> str:
                 func = node
         text = _returned_string(func) if func is not None else None
     if text is None:
-        raise FetchError(f"{label}: no {where.name} string in it (has the file changed?); "
-                         "nothing was stored")
+        raise FetchError(
+            f"{label}: no {where.name} string in it (has the file changed?); nothing was stored"
+        )
     return text
 
 
@@ -288,5 +321,7 @@ def check_prompt(task: str, text: str, label: str) -> None:
     missing = [c for c in CATEGORIES[task] if c not in text]
     missing += [k for k in profile(task).count_keys if k not in text]
     if not text.strip() or missing:
-        raise FetchError(f"{label}: the {task} prompt does not name {', '.join(missing) or 'anything'}; "
-                         "nothing was stored")
+        raise FetchError(
+            f"{label}: the {task} prompt does not name {', '.join(missing) or 'anything'}; "
+            "nothing was stored"
+        )

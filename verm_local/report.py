@@ -26,30 +26,40 @@ def print_judgement(result: Judgement, console: Console | None = None) -> None:
             cells.append(Text(e.location or ""))
         table.add_row(*cells, Text(e.description))
     if not result.complete:
-        console.print(f"incomplete judgement: {result.problem}", style="bold red",
-                      markup=False, highlight=False)
+        console.print(
+            f"incomplete judgement: {result.problem}",
+            style="bold red",
+            markup=False,
+            highlight=False,
+        )
     elif result.errors:
         console.print(table)
     else:
         console.print("no discrepancies found")
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     console.print(f"counts: {counts}")
-    console.print(f"total severity {result.total_severity:g}  ->  reward {result.reward:.3f} "
-                  f"(judge's term, score {result.rm_reward:.3f})", style="bold")
+    console.print(
+        f"total severity {result.total_severity:g}  ->  reward {result.reward:.3f} "
+        f"(judge's term, score {result.rm_reward:.3f})",
+        style="bold",
+    )
     t, m = result.timings, result.model
     console.print(
         f"model {m.path} ({m.quant}, vision {m.vision}); prompt {result.prompt_source}; "
         f"load {t.load_s:.2f} s, vision {t.vision_s:.2f} s, prefill {t.prefill_s:.2f} s "
         f"({t.prompt_tokens} tokens), decode {t.decode_s:.2f} s ({t.completion_tokens} tokens)",
-        style="dim", markup=False, highlight=False,
+        style="dim",
+        markup=False,
+        highlight=False,
     )
 
 
 def print_request(described: dict, console: Console | None = None) -> None:
     """`judge --dry-run`: the request as it would be sent."""
     console = console or Console(highlight=False)
-    console.print(f"[bold]{described['task']} request[/bold] (prompt: "
-                  f"{described['prompt_source']})")
+    console.print(
+        f"[bold]{described['task']} request[/bold] (prompt: {described['prompt_source']})"
+    )
     for m in described["messages"]:
         content = m["content"]
         if isinstance(content, str):
@@ -60,17 +70,21 @@ def print_request(described: dict, console: Console | None = None) -> None:
             if p.get("type") == "image":
                 w, h = p["size"]
                 sw, sh = p["sent_size"]
-                console.print(f"    image {p['source']}: sent as {p['encoding']} {sw}x{sh}, "
-                              f"seen at {w}x{h} ({p['visual_tokens']} visual tokens)",
-                              markup=False)
+                console.print(
+                    f"    image {p['source']}: sent as {p['encoding']} {sw}x{sh}, "
+                    f"seen at {w}x{h} ({p['visual_tokens']} visual tokens)",
+                    markup=False,
+                )
             else:
-                console.print("    text: " + p["text"].replace("\n", "\n          "),
-                              markup=False)
+                console.print("    text: " + p["text"].replace("\n", "\n          "), markup=False)
     b, d = described.get("bounds"), described["decoding"]
     console.print(f"  decoding: {d}", markup=False)
     if b:
-        console.print(f"  answer: at most {b['max_errors']} errors, strings "
-                      f"{b['max_lengths']} characters (schema: --json)", markup=False)
+        console.print(
+            f"  answer: at most {b['max_errors']} errors, strings "
+            f"{b['max_lengths']} characters (schema: --json)",
+            markup=False,
+        )
     else:
         console.print("  answer: free (no schema)")
     console.print(f"  reward: {described['reward']['recipe']}", markup=False)
@@ -96,36 +110,50 @@ def _human(key: str, value: object) -> str:
     return str(value)
 
 
-def print_doctor(hw, plan, path, settings_rows: list[dict] | None = None,
-                 console: Console | None = None) -> None:
+def print_doctor(
+    hw, plan, path, settings_rows: list[dict] | None = None, console: Console | None = None
+) -> None:
     """`verm-local doctor`: the hardware record, the plan and its reasons."""
     console = console or Console(highlight=False)
     gb = 1e9
     console.print("[bold]machine[/bold]")
     cores = f"{hw.cores_physical or '?'} cores / {hw.cores_logical} threads"
-    console.print(f"  cpu      {hw.cpu_model or hw.arch} ({cores}); "
-                  f"{', '.join(hw.cpu_flags) or 'no SIMD flags seen'}", markup=False)
+    console.print(
+        f"  cpu      {hw.cpu_model or hw.arch} ({cores}); "
+        f"{', '.join(hw.cpu_flags) or 'no SIMD flags seen'}",
+        markup=False,
+    )
     console.print(f"  ram      {hw.ram_total / gb:.1f} GB, {hw.ram_available / gb:.1f} GB free")
     for g in hw.cuda:
-        console.print(f"  cuda:{g.index}   {g.name}, {g.total_bytes / gb:.1f} GB, "
-                      f"{g.free_bytes / gb:.1f} GB free", markup=False)
+        console.print(
+            f"  cuda:{g.index}   {g.name}, {g.total_bytes / gb:.1f} GB, "
+            f"{g.free_bytes / gb:.1f} GB free",
+            markup=False,
+        )
     if not hw.cuda:
         console.print("  cuda     none")
     metal = f"yes, working set {hw.metal_working_set / gb:.1f} GB" if hw.metal else "no"
     console.print(f"  metal    {metal}")
-    console.print(f"  llama.cpp {hw.llama_cpp_version or 'not installed'}; GPU offload "
-                  f"{'yes' if hw.llama_gpu_offload else 'no (CPU build)'}")
+    console.print(
+        f"  llama.cpp {hw.llama_cpp_version or 'not installed'}; GPU offload "
+        f"{'yes' if hw.llama_gpu_offload else 'no (CPU build)'}"
+    )
     torch = hw.torch_version or "not installed"
     if hw.torch_version:
         torch += f", CUDA {'yes' if hw.torch_cuda else 'no'}"
-    console.print(f"  torch    {torch}; GPTQModel {'yes' if hw.gptqmodel else 'no'}; "
-                  f"onnxruntime {', '.join(hw.onnxruntime_providers) or 'no'}", markup=False)
+    console.print(
+        f"  torch    {torch}; GPTQModel {'yes' if hw.gptqmodel else 'no'}; "
+        f"onnxruntime {', '.join(hw.onnxruntime_providers) or 'no'}",
+        markup=False,
+    )
     console.print("[bold]plan[/bold]")
     layers = {-1: "all", 0: "none"}.get(plan.gpu_layers, str(plan.gpu_layers))
-    console.print(f"  {plan.variant} on {plan.backend}, device {plan.device}, GPU layers "
-                  f"{layers}, {plan.threads} threads, context {plan.n_ctx}; needs "
-                  f"{plan.memory_bytes / gb:.1f} GB of {plan.budget_bytes / gb:.1f} GB",
-                  markup=False)
+    console.print(
+        f"  {plan.variant} on {plan.backend}, device {plan.device}, GPU layers "
+        f"{layers}, {plan.threads} threads, context {plan.n_ctx}; needs "
+        f"{plan.memory_bytes / gb:.1f} GB of {plan.budget_bytes / gb:.1f} GB",
+        markup=False,
+    )
     console.print(f"  vision   {plan.vision}", markup=False)
     console.print(f"  repack   {plan.repack_reason}", markup=False)
     for reason in plan.reasons:
@@ -137,6 +165,9 @@ def print_doctor(hw, plan, path, settings_rows: list[dict] | None = None,
         for col in ("variable", "value", "description"):
             table.add_column(col, overflow="fold")
         for row in settings_rows:
-            table.add_row(Text(row["variable"]), Text(row["value"] or f"({row['default'] or 'unset'})"),
-                          Text(row["description"]))
+            table.add_row(
+                Text(row["variable"]),
+                Text(row["value"] or f"({row['default'] or 'unset'})"),
+                Text(row["description"]),
+            )
         console.print(table)

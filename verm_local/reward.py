@@ -61,9 +61,12 @@ def with_settings(recipe: RewardRecipe, scale: float | None = None) -> RewardRec
     from .settings import settings
 
     s = settings()
-    changes = {"scale": scale if scale is not None else s.reward_scale,
-               "parse_fail_severity": s.parse_fail_severity,
-               "render_fail": s.render_fail_reward, "fail": s.table_fail_reward}
+    changes = {
+        "scale": scale if scale is not None else s.reward_scale,
+        "parse_fail_severity": s.parse_fail_severity,
+        "render_fail": s.render_fail_reward,
+        "fail": s.table_fail_reward,
+    }
     return replace(recipe, **{k: float(v) for k, v in changes.items() if v is not None})
 
 

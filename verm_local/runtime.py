@@ -7,31 +7,43 @@ from pathlib import Path
 from .catalog import get_variant
 from .errors import ModelError
 from .hardware import Hardware, probe
+from .paths import installed
 from .select import Plan, select_plan
-from .store import installed
 
 
-def plan_here(device: str | None = None, variant: str | None = None,
-              n_ctx: int | None = None, hardware: Hardware | None = None,
-              repack: str | bool | None = None) -> tuple[Hardware, Plan]:
+def plan_here(
+    device: str | None = None,
+    variant: str | None = None,
+    n_ctx: int | None = None,
+    hardware: Hardware | None = None,
+    repack: str | bool | None = None,
+) -> tuple[Hardware, Plan]:
     """Probe (torch only when a transformers variant is asked for) and plan."""
     from .settings import settings
 
     if hardware is None:
         with_torch = bool(variant) and get_variant(variant).backend == "transformers"
         hardware = probe(with_torch=with_torch)
-    return hardware, select_plan(hardware, device=device, variant=variant, n_ctx=n_ctx,
-                                 repack=repack if repack is not None else settings().repack)
+    return hardware, select_plan(
+        hardware,
+        device=device,
+        variant=variant,
+        n_ctx=n_ctx,
+        repack=repack if repack is not None else settings().repack,
+    )
 
 
-def planned_model(device: str | None = None, variant: str | None = None,
-                  n_ctx: int | None = None) -> tuple[Plan, Path]:
+def planned_model(
+    device: str | None = None, variant: str | None = None, n_ctx: int | None = None
+) -> tuple[Plan, Path]:
     """The planned variant's directory in the store, or the exact command that fetches it."""
     _, plan = plan_here(device, variant, n_ctx)
     path = installed(plan.variant)
     if path is None:
-        raise ModelError(f"{plan.variant} (planned for this machine) is not in the store; run: "
-                         f"verm-local pull {plan.variant}")
+        raise ModelError(
+            f"{plan.variant} (planned for this machine) is not in the store; run: "
+            f"verm-local pull {plan.variant}"
+        )
     return plan, path
 
 

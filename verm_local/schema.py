@@ -28,6 +28,7 @@ class ModelInfo(BaseModel):
     quant: str = ""
     sha256: str = ""
     vision: str = ""  # which vision encoder ran: "mmproj-f16", "onnx-int8", "transformers"
+    repack: bool | None = None  # llama.cpp: weights in extra buffer types (None: not llama.cpp)
 
 
 class Timings(BaseModel):
@@ -62,9 +63,15 @@ class Judgement(BaseModel):
         return self.rm_reward
 
     @classmethod
-    def from_answer(cls, task: str, answer: dict[str, Any], *,
-                    reward_scale: float | None = None, recipe: RewardRecipe | None = None,
-                    **fields: Any) -> "Judgement":
+    def from_answer(
+        cls,
+        task: str,
+        answer: dict[str, Any],
+        *,
+        reward_scale: float | None = None,
+        recipe: RewardRecipe | None = None,
+        **fields: Any,
+    ) -> "Judgement":
         """Build a judgement from the model's JSON object (already parsed)."""
         p = profile(task)
         recipe = recipe or with_settings(p.reward, reward_scale)
@@ -73,21 +80,43 @@ class Judgement(BaseModel):
         for e in errors:
             counts[e.category] += 1
         total = sum(e.severity for e in errors)
-        return cls(task=task, errors=errors, counts=counts, total_severity=total,
-                   reward=recipe.reward(total), rm_reward=recipe.rm_reward(total), **fields)
+        return cls(
+            task=task,
+            errors=errors,
+            counts=counts,
+            total_severity=total,
+            reward=recipe.reward(total),
+            rm_reward=recipe.rm_reward(total),
+            **fields,
+        )
 
     @classmethod
-    def failed(cls, task: str, problem: str, *, reward_scale: float | None = None,
-               recipe: RewardRecipe | None = None, **fields: Any) -> "Judgement":
+    def failed(
+        cls,
+        task: str,
+        problem: str,
+        *,
+        reward_scale: float | None = None,
+        recipe: RewardRecipe | None = None,
+        **fields: Any,
+    ) -> "Judgement":
         """The judgement of an answer cut at the cap or unreadable: no errors, S and the
         reward at the recipe's failure values (chart, svg: S = 25; table: reward -4)."""
         p = profile(task)
         recipe = recipe or with_settings(p.reward, reward_scale)
-        severity = (-recipe.fail if recipe.kind == "negative_severity"
-                    else recipe.parse_fail_severity)
-        return cls(task=task, counts={c: 0 for c in p.categories}, total_severity=severity,
-                   reward=recipe.unreadable(), rm_reward=recipe.rm_reward(severity),
-                   complete=False, problem=problem, **fields)
+        severity = (
+            -recipe.fail if recipe.kind == "negative_severity" else recipe.parse_fail_severity
+        )
+        return cls(
+            task=task,
+            counts={c: 0 for c in p.categories},
+            total_severity=severity,
+            reward=recipe.unreadable(),
+            rm_reward=recipe.rm_reward(severity),
+            complete=False,
+            problem=problem,
+            **fields,
+        )
 
 
 def judgement_schema() -> dict[str, Any]:
@@ -175,6 +204,12 @@ def normalise_errors(task: str, answer: dict[str, Any]) -> list[JudgedError]:
         location = None
         if p.has_location:
             location = "" if item.get("location") is None else str(item["location"])
-        out.append(JudgedError(category=cat, severity=sev, location=location,
-                               description=str(item.get("description", ""))))
+        out.append(
+            JudgedError(
+                category=cat,
+                severity=sev,
+                location=location,
+                description=str(item.get("description", "")),
+            )
+        )
     return out

@@ -15,8 +15,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .catalog import CATALOG, GB, GGUF_LADDER, KV_BYTES_PER_TOKEN, RUNTIME_OVERHEAD, \
-    TEXT_LAYERS, Variant, get_variant
+from .catalog import (
+    CATALOG,
+    GB,
+    GGUF_LADDER,
+    KV_BYTES_PER_TOKEN,
+    RUNTIME_OVERHEAD,
+    TEXT_LAYERS,
+    Variant,
+    get_variant,
+)
 from .errors import InputError, PlanError
 from .hardware import AMX_FLAGS, Hardware, has_amx
 from .tasks import PROFILES
@@ -40,14 +48,19 @@ def context_size(image_tokens: int, max_tokens: int) -> int:
     return (need + 255) // 256 * 256
 
 
-def task_context(task: str | None = None, image_tokens: int | None = None,
-                 max_tokens: int | None = None) -> int:
+def task_context(
+    task: str | None = None, image_tokens: int | None = None, max_tokens: int | None = None
+) -> int:
     """The context a judgement needs at the trained sizes: of one task, or the largest
     over all tasks (a judge that may see any of them). `image_tokens` and `max_tokens`
     replace the profiles' (a caller's lower cap)."""
     profiles = [PROFILES[task]] if task else list(PROFILES.values())
-    return max(context_size(min(image_tokens or p.max_image_tokens, p.max_image_tokens),
-                            max_tokens or p.max_tokens) for p in profiles)
+    return max(
+        context_size(
+            min(image_tokens or p.max_image_tokens, p.max_image_tokens), max_tokens or p.max_tokens
+        )
+        for p in profiles
+    )
 
 
 def default_n_ctx() -> int:
@@ -67,8 +80,11 @@ def default_n_ctx() -> int:
 _PLAIN_ON_AVX512 = ("Q4_K", "Q4_0")  # quant families measured faster plain with AVX-512
 
 
-def repack_decision(cpu_flags: tuple[str, ...] | list[str], override: str | bool | None = None,
-                    quant: str | None = None) -> tuple[bool, str]:
+def repack_decision(
+    cpu_flags: tuple[str, ...] | list[str],
+    override: str | bool | None = None,
+    quant: str | None = None,
+) -> tuple[bool, str]:
     """Whether llama.cpp loads weights with its extra buffer types (AMX tiles, repacked
     Q4_0/Q4_K layouts), and why. llama.cpp 0.3.36's AMX kernel segfaults for Q8_0 and
     Q4_K_M weights (ggml-org/llama.cpp#20824, ollama/ollama#17205), so CPUs with AMX load
@@ -83,17 +99,23 @@ def repack_decision(cpu_flags: tuple[str, ...] | list[str], override: str | bool
         raise InputError(f"repack must be auto, on or off, not {override!r}")
     if has_amx(cpu_flags):
         found = " ".join(f for f in AMX_FLAGS if f in cpu_flags)
-        return False, (f"off: this CPU has AMX ({found}); llama.cpp 0.3.36's AMX kernel "
-                       "crashes on Q8_0 and Q4_K_M weights (ggml-org/llama.cpp#20824), so "
-                       "weights stay in plain CPU buffers (--repack forces them in)")
+        return False, (
+            f"off: this CPU has AMX ({found}); llama.cpp 0.3.36's AMX kernel "
+            "crashes on Q8_0 and Q4_K_M weights (ggml-org/llama.cpp#20824), so "
+            "weights stay in plain CPU buffers (--repack forces them in)"
+        )
     family = (quant or "Q4_K_M").upper()
     if "avx512f" in cpu_flags and family.startswith(_PLAIN_ON_AVX512):
-        return False, (f"off: {family} on an AVX-512 CPU prefills 1.54x faster in plain "
-                       "buffers (decode 12% slower), measured with `bench latency "
-                       "--compare-repack`; a judgement is prefill-bound")
+        return False, (
+            f"off: {family} on an AVX-512 CPU prefills 1.54x faster in plain "
+            "buffers (decode 12% slower), measured with `bench latency "
+            "--compare-repack`; a judgement is prefill-bound"
+        )
     if "avx512f" in cpu_flags:
-        return True, (f"on: {family} on an AVX-512 CPU decodes 14% faster repacked (Q8_0, "
-                      "measured with `bench latency --compare-repack`)")
+        return True, (
+            f"on: {family} on an AVX-512 CPU decodes 14% faster repacked (Q8_0, "
+            "measured with `bench latency --compare-repack`)"
+        )
     return True, "on: llama.cpp's default for this CPU (repacked layouts for AVX2/ARM)"
 
 
@@ -124,9 +146,15 @@ def _gb(n: int | float) -> str:
     return f"{n / GB:.1f} GB"
 
 
-def select_plan(hw: Hardware, *, device: str | None = None, variant: str | None = None,
-                n_ctx: int | None = None, catalog: dict[str, Variant] = CATALOG,
-                repack: str | bool | None = None) -> Plan:
+def select_plan(
+    hw: Hardware,
+    *,
+    device: str | None = None,
+    variant: str | None = None,
+    n_ctx: int | None = None,
+    catalog: dict[str, Variant] = CATALOG,
+    repack: str | bool | None = None,
+) -> Plan:
     """The plan for this machine; `device` and `variant` override the choice, `repack`
     the CPU decision. Raises PlanError with the reason when the request cannot run here."""
     n_ctx = n_ctx or default_n_ctx()
@@ -152,10 +180,10 @@ def select_plan(hw: Hardware, *, device: str | None = None, variant: str | None 
                 raise PlanError(str(exc)) from None
             skipped.append(f"not {dev}: {exc}")
             continue
-        use_repack, why_repack = repack_decision(hw.cpu_flags, repack,
-                                                 catalog[plan.variant].quant)
-        return replace(plan, reasons=tuple(skipped) + plan.reasons, repack=use_repack,
-                       repack_reason=why_repack)
+        use_repack, why_repack = repack_decision(hw.cpu_flags, repack, catalog[plan.variant].quant)
+        return replace(
+            plan, reasons=tuple(skipped) + plan.reasons, repack=use_repack, repack_reason=why_repack
+        )
     raise PlanError("; ".join(skipped))
 
 
@@ -165,53 +193,90 @@ def _vision(hw: Hardware, backend: str, device: str) -> str:
     if device != "cpu":
         return f"mmproj, offloaded to {device}"
     if "CPUExecutionProvider" in hw.onnxruntime_providers:
-        return ("ONNX Runtime tower when one is kept in <model>/onnx (faster on a CPU), "
-                "else the mmproj")
+        return (
+            "ONNX Runtime tower when one is kept in <model>/onnx (faster on a CPU), else the mmproj"
+        )
     return "mmproj (onnxruntime not installed)"
 
 
-def _plan(hw: Hardware, v: Variant, device: str, layers: int, need: int, budget: int,
-          n_ctx: int, *reasons: str) -> Plan:
-    return Plan(variant=v.name, backend=v.backend, device=device, gpu_layers=layers,
-                threads=hw.threads, n_ctx=n_ctx, memory_bytes=need, budget_bytes=budget,
-                vision=_vision(hw, v.backend, device), reasons=tuple(reasons))
+def _plan(
+    hw: Hardware,
+    v: Variant,
+    device: str,
+    layers: int,
+    need: int,
+    budget: int,
+    n_ctx: int,
+    *reasons: str,
+) -> Plan:
+    return Plan(
+        variant=v.name,
+        backend=v.backend,
+        device=device,
+        gpu_layers=layers,
+        threads=hw.threads,
+        n_ctx=n_ctx,
+        memory_bytes=need,
+        budget_bytes=budget,
+        vision=_vision(hw, v.backend, device),
+        reasons=tuple(reasons),
+    )
 
 
-def _gguf_on_gpu(hw: Hardware, want: Variant | None, n_ctx: int, catalog: dict[str, Variant],
-                 device: str, budget: int, where: str) -> Plan:
+def _gguf_on_gpu(
+    hw: Hardware,
+    want: Variant | None,
+    n_ctx: int,
+    catalog: dict[str, Variant],
+    device: str,
+    budget: int,
+    where: str,
+) -> Plan:
     """Full offload of the best GGUF quant that fits, else partial offload."""
     if not hw.llama_gpu_offload:
         flag = "-DGGML_CUDA=on" if device == "cuda" else "-DGGML_METAL=on"
-        raise _NoFit(f"this llama-cpp-python build cannot offload to a GPU; reinstall it "
-                     f"with CMAKE_ARGS=\"{flag}\" (see README)")
+        raise _NoFit(
+            f"this llama-cpp-python build cannot offload to a GPU; reinstall it "
+            f'with CMAKE_ARGS="{flag}" (see README)'
+        )
     candidates = [want] if want else [catalog[n] for n in GGUF_LADDER if n in catalog]
     for v in candidates:
         need = v.memory_bytes(n_ctx)
         if need <= budget:
-            why = (f"{v.name} fits {where} fully offloaded ({_gb(need)} of {_gb(budget)})")
+            why = f"{v.name} fits {where} fully offloaded ({_gb(need)} of {_gb(budget)})"
             if want is None:
-                why += ("; the best-fidelity quant that fits (Q8_0 is near-lossless and reads "
-                        "half the bytes of F16 per token)")
+                why += (
+                    "; the best-fidelity quant that fits (Q8_0 is near-lossless and reads "
+                    "half the bytes of F16 per token)"
+                )
             return _plan(hw, v, device, -1, need, budget, n_ctx, why)
     v = candidates[-1]
-    fixed = v.size_bytes - v.text_bytes + KV_BYTES_PER_TOKEN * n_ctx + \
-        RUNTIME_OVERHEAD["llamacpp"]
+    fixed = v.size_bytes - v.text_bytes + KV_BYTES_PER_TOKEN * n_ctx + RUNTIME_OVERHEAD["llamacpp"]
     per_layer = v.text_bytes / TEXT_LAYERS
     layers = int(max(0, budget - fixed) // per_layer)
     rest = int(v.text_bytes - layers * per_layer)
     ram = int(hw.ram_total * RAM_SHARE)
     if layers == 0 or rest > ram:
-        raise _NoFit(f"{v.name} needs {_gb(v.memory_bytes(n_ctx))}; {where} offers "
-                     f"{_gb(budget)} and RAM {_gb(ram)} cannot hold the rest")
+        raise _NoFit(
+            f"{v.name} needs {_gb(v.memory_bytes(n_ctx))}; {where} offers "
+            f"{_gb(budget)} and RAM {_gb(ram)} cannot hold the rest"
+        )
     need = int(fixed + layers * per_layer)
-    return _plan(hw, v, device, layers, need, budget, n_ctx,
-                 f"{v.name} does not fit {where} ({_gb(v.memory_bytes(n_ctx))} > "
-                 f"{_gb(budget)}): {layers} of {TEXT_LAYERS} layers offloaded, the rest "
-                 f"({_gb(rest)}) in RAM")
+    return _plan(
+        hw,
+        v,
+        device,
+        layers,
+        need,
+        budget,
+        n_ctx,
+        f"{v.name} does not fit {where} ({_gb(v.memory_bytes(n_ctx))} > "
+        f"{_gb(budget)}): {layers} of {TEXT_LAYERS} layers offloaded, the rest "
+        f"({_gb(rest)}) in RAM",
+    )
 
 
-def _plan_cuda(hw: Hardware, want: Variant | None, n_ctx: int,
-               catalog: dict[str, Variant]) -> Plan:
+def _plan_cuda(hw: Hardware, want: Variant | None, n_ctx: int, catalog: dict[str, Variant]) -> Plan:
     gpu = max(hw.cuda, key=lambda g: g.free_bytes)
     budget = int(gpu.free_bytes * VRAM_SHARE)
     where = f"{gpu.name} ({_gb(gpu.free_bytes)} free)"
@@ -227,11 +292,11 @@ def _plan_cuda(hw: Hardware, want: Variant | None, n_ctx: int,
         return replace(plan, reasons=(f"GGUF: {exc}",) + plan.reasons)
 
 
-def _transformers_on_cuda(hw: Hardware, order: list[Variant], n_ctx: int, budget: int,
-                          where: str) -> Plan:
+def _transformers_on_cuda(
+    hw: Hardware, order: list[Variant], n_ctx: int, budget: int, where: str
+) -> Plan:
     if hw.torch_cuda is False:
-        raise _NoFit("torch here has no CUDA support; the transformers backend cannot use "
-                     "the GPU")
+        raise _NoFit("torch here has no CUDA support; the transformers backend cannot use the GPU")
     tried = []
     for v in order:
         if v.format == "gptq" and not hw.gptqmodel:
@@ -239,14 +304,23 @@ def _transformers_on_cuda(hw: Hardware, order: list[Variant], n_ctx: int, budget
             continue
         need = v.memory_bytes(n_ctx)
         if need <= budget:
-            return _plan(hw, v, "cuda", 0, need, budget, n_ctx,
-                         f"{v.name} on transformers fits {where} ({_gb(need)} of {_gb(budget)})")
+            return _plan(
+                hw,
+                v,
+                "cuda",
+                0,
+                need,
+                budget,
+                n_ctx,
+                f"{v.name} on transformers fits {where} ({_gb(need)} of {_gb(budget)})",
+            )
         tried.append(f"{v.name} needs {_gb(need)}, {where} offers {_gb(budget)}")
     raise _NoFit("; ".join(tried))
 
 
-def _plan_metal(hw: Hardware, want: Variant | None, n_ctx: int,
-                catalog: dict[str, Variant]) -> Plan:
+def _plan_metal(
+    hw: Hardware, want: Variant | None, n_ctx: int, catalog: dict[str, Variant]
+) -> Plan:
     budget = int(hw.metal_working_set or hw.ram_total * 0.67)
     where = f"Metal's working set ({_gb(budget)} of {_gb(hw.ram_total)} unified memory)"
     if want is not None and want.format == "gptq":
@@ -255,13 +329,20 @@ def _plan_metal(hw: Hardware, want: Variant | None, n_ctx: int,
         need = want.memory_bytes(n_ctx)
         if need > budget:
             raise _NoFit(f"{want.name} needs {_gb(need)}, {where}")
-        return _plan(hw, want, "metal", 0, need, budget, n_ctx,
-                     f"{want.name} on transformers with MPS fits ({_gb(need)})")
+        return _plan(
+            hw,
+            want,
+            "metal",
+            0,
+            need,
+            budget,
+            n_ctx,
+            f"{want.name} on transformers with MPS fits ({_gb(need)})",
+        )
     return _gguf_on_gpu(hw, want, n_ctx, catalog, "metal", budget, where)
 
 
-def _plan_cpu(hw: Hardware, want: Variant | None, n_ctx: int,
-              catalog: dict[str, Variant]) -> Plan:
+def _plan_cpu(hw: Hardware, want: Variant | None, n_ctx: int, catalog: dict[str, Variant]) -> Plan:
     budget = int(hw.ram_total * RAM_SHARE)
     v = want or catalog[CPU_DEFAULT]
     if v.format == "gptq" and not hw.gptqmodel:
@@ -270,12 +351,16 @@ def _plan_cpu(hw: Hardware, want: Variant | None, n_ctx: int,
     need = v.memory_bytes(n_ctx, dtype_bytes=4 if v.format == "hf" else 2)
     if need > budget:
         which = f"{v.name}" if want else f"{v.name} (the smallest variant planned for a CPU)"
-        raise _NoFit(f"{which} needs {_gb(need)} of RAM at context {n_ctx}; this "
-                     f"machine has {_gb(budget)} usable ({RAM_SHARE:.0%} of {_gb(hw.ram_total)})")
+        raise _NoFit(
+            f"{which} needs {_gb(need)} of RAM at context {n_ctx}; this "
+            f"machine has {_gb(budget)} usable ({RAM_SHARE:.0%} of {_gb(hw.ram_total)})"
+        )
     reasons = [f"{v.name} fits RAM ({_gb(need)} of {_gb(budget)} usable)"]
     if want is None:
-        reasons.append("on a CPU decode is memory-bandwidth bound: Q4_K_M reads 1.7x fewer "
-                       "bytes per token than Q8_0 (fidelity cost: docs/fidelity.md)")
+        reasons.append(
+            "on a CPU decode is memory-bandwidth bound: Q4_K_M reads 1.7x fewer "
+            "bytes per token than Q8_0 (fidelity cost: docs/fidelity.md)"
+        )
     if hw.ram_available < need:
         reasons.append(f"only {_gb(hw.ram_available)} is free now: close other programs")
     return _plan(hw, v, "cpu", 0, need, budget, n_ctx, *reasons)

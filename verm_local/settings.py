@@ -24,54 +24,75 @@ class Settings(BaseSettings):
     """verm-local's environment. Field `x` is read from `VERM_LOCAL_X` unless it says
     otherwise."""
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore",
-                                      populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", populate_by_name=True)
 
     home: Path | None = Field(
-        None, description="The model store (default: the user cache dir + /models).")
+        None, description="The model store (default: the user cache dir + /models)."
+    )
     cache: Path | None = Field(
-        None, description="Cache for build inputs (llama.cpp sources) and crash logs "
-                          "(default: the user cache dir).")
+        None,
+        description="Cache for build inputs (llama.cpp sources) and crash logs "
+        "(default: the user cache dir).",
+    )
     model: str | None = Field(
-        None, description="Model for judge and serve when --model is not given.")
+        None, description="Model for judge and serve when --model is not given."
+    )
     repo: str | None = Field(
-        None, description="Hugging Face repository of prebuilt quantized variants.")
+        None, description="Hugging Face repository of prebuilt quantized variants."
+    )
     sdist: Path | None = Field(
-        None, description="A llama-cpp-python sdist tarball to take llama.cpp's converter "
-                          "from (default: fetched once with pip).")
+        None,
+        description="A llama-cpp-python sdist tarball to take llama.cpp's converter "
+        "from (default: fetched once with pip).",
+    )
     repack: Literal["auto", "on", "off"] = Field(
-        "auto", description="llama.cpp weight repacking / extra buffer types (AMX): auto "
-                            "(off on CPUs with AMX), on or off; --repack/--no-repack win.")
+        "auto",
+        description="llama.cpp weight repacking / extra buffer types (AMX): auto "
+        "(off on CPUs with AMX), on or off; --repack/--no-repack win.",
+    )
     api_key: str | None = Field(
-        None, description="serve: require `Authorization: Bearer KEY` on /v1 and /metrics.")
+        None, description="serve: require `Authorization: Bearer KEY` on /v1 and /metrics."
+    )
     prompts_url: str = Field(
         "https://raw.githubusercontent.com/InternLM/Visual-ERM",
         description="Where pull fetches the authors' files with the training prompts "
-                    "(a mirror of raw.githubusercontent.com/<owner>/<repo>).")
+        "(a mirror of raw.githubusercontent.com/<owner>/<repo>).",
+    )
     browser: str | None = Field(
-        None, description="Chromium/Chrome binary that renders predicted HTML tables for "
-                          "compute_score (default: found on PATH).")
+        None,
+        description="Chromium/Chrome binary that renders predicted HTML tables for "
+        "compute_score (default: found on PATH).",
+    )
     reward_scale: float | None = Field(
-        None, gt=0, description="chart/svg reward: the S divisor (default 50).")
+        None, gt=0, description="chart/svg reward: the S divisor (default 50)."
+    )
     parse_fail_severity: float | None = Field(
-        None, description="chart/svg reward: S for an answer unreadable after its tries "
-                          "(default 25).")
+        None,
+        description="chart/svg reward: S for an answer unreadable after its tries (default 25).",
+    )
     render_fail_reward: float | None = Field(
-        None, description="chart/svg reward for no code, a failed or an all-white render "
-                          "(default 0.0).")
+        None,
+        description="chart/svg reward for no code, a failed or an all-white render (default 0.0).",
+    )
     table_fail_reward: float | None = Field(
-        None, description="table reward for an unreadable answer or any failure "
-                          "(default -4).")
+        None, description="table reward for an unreadable answer or any failure (default -4)."
+    )
     debug: bool = Field(False, description="Show tracebacks of internal errors.")
     crash_test: str | None = Field(
-        None, description="Testing only: raise this signal (SEGV, ABRT, ILL, BUS) at the "
-                          "first native step, to check crash reporting.")
+        None,
+        description="Testing only: raise this signal (SEGV, ABRT, ILL, BUS) at the "
+        "first native step, to check crash reporting.",
+    )
     openai_api_key: str | None = Field(
-        None, validation_alias=AliasChoices("OPENAI_API_KEY"),
-        description="OPENAI_API_KEY: key for the LLM matcher of bench agreement.")
+        None,
+        validation_alias=AliasChoices("OPENAI_API_KEY"),
+        description="OPENAI_API_KEY: key for the LLM matcher of bench agreement.",
+    )
     github_step_summary: Path | None = Field(
-        None, validation_alias=AliasChoices("GITHUB_STEP_SUMMARY"),
-        description="GITHUB_STEP_SUMMARY: bench latency appends its table and verdict here.")
+        None,
+        validation_alias=AliasChoices("GITHUB_STEP_SUMMARY"),
+        description="GITHUB_STEP_SUMMARY: bench latency appends its table and verdict here.",
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -103,9 +124,14 @@ def describe() -> list[dict[str, str]]:
         value = getattr(current, name)
         if value is not None and ("key" in name or "token" in name):
             value = "***"
-        rows.append({"variable": env, "value": "" if value is None else str(value),
-                     "default": "" if field.default is None else str(field.default),
-                     "description": field.description or ""})
+        rows.append(
+            {
+                "variable": env,
+                "value": "" if value is None else str(value),
+                "default": "" if field.default is None else str(field.default),
+                "description": field.description or "",
+            }
+        )
     return rows
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -27,7 +27,7 @@ from .catalog import BF16_REPO, GB, Variant, get_variant, quantized_repo
 from .constants import MANIFEST_NAME
 from .errors import FetchError, ModelError, VermError
 from .fileio import atomic_directory, read_manifest, sha256_file, write_json_atomic
-from .paths import home_dir
+from .paths import home_dir, installed, variant_dir
 
 # bf16 checkpoint files worth fetching (weights, configs, tokenizer, chat template).
 HF_PATTERNS = (".safetensors", ".json", ".txt", ".jinja", ".model")
@@ -40,15 +40,6 @@ _log = logging.getLogger(__name__)
 
 def log(msg: str) -> None:
     _log.info("%s", msg)
-
-
-def variant_dir(name: str, home: Path | None = None) -> Path:
-    return (home or home_dir()) / name
-
-
-def installed(name: str, home: Path | None = None) -> Path | None:
-    path = variant_dir(name, home)
-    return path if (path / MANIFEST_NAME).is_file() else None
 
 
 @contextmanager
@@ -71,6 +62,7 @@ def variant_lock(name: str, home: Path | None = None) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- verification
+
 
 def git_blob_sha1(path: Path) -> str:
     """The git object id of a file: what the hub reports for files not stored in LFS."""
@@ -107,8 +99,10 @@ def free_bytes(path: Path) -> int:
 def ensure_free(path: Path, need: int, what: str) -> None:
     free = free_bytes(path)
     if need + DISK_MARGIN > free:
-        raise FetchError(f"not enough disk space for {what}: needs {need / GB:.2f} GB in "
-                         f"{path}, {free / GB:.2f} GB free")
+        raise FetchError(
+            f"not enough disk space for {what}: needs {need / GB:.2f} GB in "
+            f"{path}, {free / GB:.2f} GB free"
+        )
 
 
 def dir_size(path: Path) -> int:
@@ -116,6 +110,7 @@ def dir_size(path: Path) -> int:
 
 
 # ---------------------------------------------------------------- listing and removal
+
 
 def list_models(verify: bool = False, home: Path | None = None) -> list[dict[str, Any]]:
     """Every variant in the store with size, path and state ('ok' = files present at their
@@ -129,11 +124,21 @@ def list_models(verify: bool = False, home: Path | None = None) -> list[dict[str
         if manifest is None:
             continue
         problems = check_files(path, manifest, full=verify)
-        state = (("verified" if verify else "ok") if not problems
-                 else "corrupt: " + "; ".join(problems.values()))
+        state = (
+            ("verified" if verify else "ok")
+            if not problems
+            else "corrupt: " + "; ".join(problems.values())
+        )
         store = manifest.get("store", {})
-        rows.append({"variant": path.name, "size": dir_size(path), "path": str(path),
-                     "state": state, "source": store.get("source", "?")})
+        rows.append(
+            {
+                "variant": path.name,
+                "size": dir_size(path),
+                "path": str(path),
+                "state": state,
+                "source": store.get("source", "?"),
+            }
+        )
     return rows
 
 
@@ -172,8 +177,11 @@ def pull_prompts(required: bool = False, home: Path | None = None) -> Path | Non
     except FetchError as exc:
         if required:
             raise
-        _log.warning("the training prompts were not fetched (%s); judge uses the built-in "
-                     "ones until `verm-local pull --prompts-only` succeeds", exc)
+        _log.warning(
+            "the training prompts were not fetched (%s); judge uses the built-in "
+            "ones until `verm-local pull --prompts-only` succeeds",
+            exc,
+        )
         return None
     log(f"training prompts stored: {path}")
     return path
@@ -194,9 +202,16 @@ def check_variant(name: str, path: Path, repack: bool | None = None) -> None:
     check_runs(resolved.path, use)
     log(f"{name} runs on this machine ({'repacked' if use else 'plain'} weights)")
 
-def pull(name: str, *, repo: str | None = None, revision: str | None = None,
-         from_dir: Path | None = None, endpoint: str | None = None,
-         home: Path | None = None) -> Path:
+
+def pull(
+    name: str,
+    *,
+    repo: str | None = None,
+    revision: str | None = None,
+    from_dir: Path | None = None,
+    endpoint: str | None = None,
+    home: Path | None = None,
+) -> Path:
     """Make `name` present and verified in the store; return its directory."""
     variant = get_variant(name)
     home = home or home_dir()
@@ -208,16 +223,20 @@ def pull(name: str, *, repo: str | None = None, revision: str | None = None,
             if not problems:
                 log(f"{variant.name} is in the store and verified: {final}")
                 return final
-            log(f"{variant.name} in the store is corrupt ({'; '.join(problems.values())}); "
-                "fetching again")
+            log(
+                f"{variant.name} in the store is corrupt ({'; '.join(problems.values())}); "
+                "fetching again"
+            )
             _reclaim(final, staging, set(problems))
         if from_dir is not None:
             return _import(variant, Path(from_dir), staging, final)
         from huggingface_hub.constants import is_offline_mode
 
         if is_offline_mode():
-            raise FetchError(f"{variant.name} is not in the store and HF_HUB_OFFLINE is set; "
-                             "pull it online, or import files with --from DIR")
+            raise FetchError(
+                f"{variant.name} is not in the store and HF_HUB_OFFLINE is set; "
+                "pull it online, or import files with --from DIR"
+            )
         if variant.format == "hf":
             commit, siblings = _repo_files(BF16_REPO, revision, endpoint)
             files = _fetch(BF16_REPO, commit, siblings, variant, staging, endpoint)
@@ -227,13 +246,16 @@ def pull(name: str, *, repo: str | None = None, revision: str | None = None,
             commit, siblings = _repo_files(qrepo, revision, endpoint)
             published = _published(qrepo, commit, siblings, variant, endpoint)
             if published is not None:
-                files = _fetch(qrepo, commit, siblings, variant, staging, endpoint,
-                               wanted=published)
+                files = _fetch(
+                    qrepo, commit, siblings, variant, staging, endpoint, wanted=published
+                )
                 return _finish(variant, staging, final, files, f"hf://{qrepo}")
             log(f"{qrepo} does not publish {variant.name}; building it from bf16")
         else:
-            log(f"no repository of prebuilt variants set (--repo or VERM_LOCAL_REPO); "
-                f"building {variant.name} from bf16")
+            log(
+                f"no repository of prebuilt variants set (--repo or VERM_LOCAL_REPO); "
+                f"building {variant.name} from bf16"
+            )
         # Lock order is always variant, then bf16 (which takes no other lock): no deadlock.
         bf16 = pull("bf16", revision=revision, endpoint=endpoint, home=home)
         return _build(variant, bf16, staging, final)
@@ -264,8 +286,9 @@ def _hub_error(exc: Exception, repo: str) -> VermError:
     return FetchError(f"cannot download from {repo}: {first}")
 
 
-def _repo_files(repo: str, revision: str | None, endpoint: str | None
-                ) -> tuple[str, dict[str, Any]]:
+def _repo_files(
+    repo: str, revision: str | None, endpoint: str | None
+) -> tuple[str, dict[str, Any]]:
     """(commit, {path: sibling}) with sizes, git blob ids and LFS sha256 from the hub."""
     from huggingface_hub import HfApi
 
@@ -276,8 +299,9 @@ def _repo_files(repo: str, revision: str | None, endpoint: str | None
     return info.sha, {s.rfilename: s for s in info.siblings or []}
 
 
-def _published(repo: str, commit: str, files: dict[str, Any], variant: Variant,
-               endpoint: str | None) -> dict[str, str | None] | None:
+def _published(
+    repo: str, commit: str, files: dict[str, Any], variant: Variant, endpoint: str | None
+) -> dict[str, str | None] | None:
     """The files of `variant` that `repo` publishes at `commit` (`files` as `_repo_files`
     lists them), with the sha256 its manifest states (None where it states none), or
     None when it does not publish them all."""
@@ -305,8 +329,7 @@ def _download_json(repo: str, commit: str, name: str, endpoint: str | None) -> d
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = hf_hub_download(repo, name, revision=commit, local_dir=tmp,
-                                   endpoint=endpoint)
+            path = hf_hub_download(repo, name, revision=commit, local_dir=tmp, endpoint=endpoint)
             return json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
@@ -314,9 +337,15 @@ def _download_json(repo: str, commit: str, name: str, endpoint: str | None) -> d
             raise _hub_error(exc, repo) from None
 
 
-def _fetch(repo: str, commit: str, siblings: dict[str, Any], variant: Variant,
-           staging: Path, endpoint: str | None,
-           wanted: dict[str, str | None] | None = None) -> dict[str, str]:
+def _fetch(
+    repo: str,
+    commit: str,
+    siblings: dict[str, Any],
+    variant: Variant,
+    staging: Path,
+    endpoint: str | None,
+    wanted: dict[str, str | None] | None = None,
+) -> dict[str, str]:
     """Download the variant's files (default: the checkpoint files at the repo's root)
     into staging at `commit` and verify each; returns {name: sha256}."""
     from huggingface_hub import hf_hub_download
@@ -329,13 +358,16 @@ def _fetch(repo: str, commit: str, siblings: dict[str, Any], variant: Variant,
     todo = [n for n in wanted if not (staging / n).is_file()]
     need = sum(int(siblings[n].size or 0) for n in todo if n in siblings)
     ensure_free(staging, need, f"{variant.name} ({len(todo)} files)")
-    log(f"pulling {variant.name} from {repo}@{commit[:12]}: {len(wanted)} files, "
-        f"{need / GB:.2f} GB to download")
+    log(
+        f"pulling {variant.name} from {repo}@{commit[:12]}: {len(wanted)} files, "
+        f"{need / GB:.2f} GB to download"
+    )
     digests = {}
     for name in sorted(wanted):
         try:
-            path = Path(hf_hub_download(repo, name, revision=commit, local_dir=staging,
-                                        endpoint=endpoint))
+            path = Path(
+                hf_hub_download(repo, name, revision=commit, local_dir=staging, endpoint=endpoint)
+            )
         except Exception as exc:  # noqa: BLE001
             raise _hub_error(exc, repo) from None
         digests[name] = _verify_download(path, name, siblings.get(name), wanted[name])
@@ -353,18 +385,21 @@ def _verify_download(path: Path, name: str, sibling: Any, stated: str | None) ->
             bad = f"git blob {sibling.blob_id}"
     if bad is not None:
         path.unlink()
-        raise FetchError(f"{name}: integrity check failed (expected {bad[:16]}..., got "
-                         f"{digest[:16]}...); the file was removed and nothing was stored")
+        raise FetchError(
+            f"{name}: integrity check failed (expected {bad[:16]}..., got "
+            f"{digest[:16]}...); the file was removed and nothing was stored"
+        )
     return digest
 
 
-def _finish(variant: Variant, staging: Path, final: Path, digests: dict[str, str],
-            source: str) -> Path:
+def _finish(
+    variant: Variant, staging: Path, final: Path, digests: dict[str, str], source: str
+) -> Path:
     """Move verified files from staging into the store in one step, with a manifest."""
     entries = []
     with atomic_directory(final) as tmp:
         for name, digest in sorted(digests.items()):
-            rel = name[len(variant.subfolder) + 1:] if variant.subfolder else name
+            rel = name[len(variant.subfolder) + 1 :] if variant.subfolder else name
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / name, dst)
@@ -379,34 +414,51 @@ def _entry(variant: Variant, path: Path, rel: str, digest: str) -> dict[str, Any
     if variant.format == "gguf":
         mmproj = rel.lower().startswith("mmproj")
         kind = "mmproj" if mmproj else "text"
-        quant = rel[len("mmproj-"):].rsplit(".", 1)[0] if mmproj else variant.quant
+        quant = rel[len("mmproj-") :].rsplit(".", 1)[0] if mmproj else variant.quant
     else:
         kind, quant = ("weights" if rel.endswith(".safetensors") else "config"), variant.quant
-    return {"file": rel, "kind": kind, "quant": quant, "size": path.stat().st_size,
-            "sha256": digest}
+    return {
+        "file": rel,
+        "kind": kind,
+        "quant": quant,
+        "size": path.stat().st_size,
+        "sha256": digest,
+    }
 
 
-def _write_store_manifest(variant: Variant, directory: Path, entries: list[dict[str, Any]],
-                          source: str, base: dict[str, Any] | None = None) -> None:
+def _write_store_manifest(
+    variant: Variant,
+    directory: Path,
+    entries: list[dict[str, Any]],
+    source: str,
+    base: dict[str, Any] | None = None,
+) -> None:
     manifest = dict(base or {})
     manifest["format"] = variant.format
     manifest["files"] = entries
     if variant.format == "gguf":
         manifest["mmproj"] = next(e["file"] for e in entries if e["kind"] == "mmproj")
-    manifest["store"] = {"variant": variant.name, "source": source,
-                         "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest["store"] = {
+        "variant": variant.name,
+        "source": source,
+        "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     write_json_atomic(directory / MANIFEST_NAME, manifest)
 
 
 # ---------------------------------------------------------------- build and import
+
 
 def _build(variant: Variant, bf16: Path, staging: Path, final: Path) -> Path:
     """Convert the bf16 checkpoint into `variant` with the project's own converters."""
     shutil.rmtree(staging, ignore_errors=True)
     src = dir_size(bf16)
     extra = 1.0 if variant.format == "gguf" and variant.quant != "F16" else 0.0
-    ensure_free(staging.parent, int(src * (variant.build_ratio + extra)),
-                f"building {variant.name} from bf16")
+    ensure_free(
+        staging.parent,
+        int(src * (variant.build_ratio + extra)),
+        f"building {variant.name} from bf16",
+    )
     source = f"built from bf16 ({(read_manifest(bf16) or {}).get('store', {}).get('source', bf16)})"
     if variant.format == "gguf":
         from .convert.gguf import convert_gguf
@@ -442,10 +494,16 @@ def _import(variant: Variant, src: Path, staging: Path, final: Path) -> Path:
     else:
         resolved = resolve_model(src)
         if resolved.format != variant.format or (
-                variant.format == "gptq" and resolved.quant != variant.quant):
-            raise ModelError(f"--from {src}: holds a {resolved.quant} checkpoint, not {variant.name}")
-        names = [p.relative_to(src).as_posix() for p in src.rglob("*")
-                 if p.is_file() and p.name != MANIFEST_NAME and ".cache" not in p.parts]
+            variant.format == "gptq" and resolved.quant != variant.quant
+        ):
+            raise ModelError(
+                f"--from {src}: holds a {resolved.quant} checkpoint, not {variant.name}"
+            )
+        names = [
+            p.relative_to(src).as_posix()
+            for p in src.rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME and ".cache" not in p.parts
+        ]
     stated = {e["file"]: e.get("sha256") for e in manifest.get("files", [])}
     need = sum((src / n).stat().st_size for n in names)
     ensure_free(staging.parent, need, f"importing {variant.name}")
@@ -459,8 +517,10 @@ def _import(variant: Variant, src: Path, staging: Path, final: Path) -> Path:
         digest = sha256_file(dst)
         if stated.get(name) and stated[name] != digest:
             shutil.rmtree(staging, ignore_errors=True)
-            raise FetchError(f"{src / name}: sha256 differs from {src / MANIFEST_NAME}; "
-                             "the file is corrupt, nothing was imported")
+            raise FetchError(
+                f"{src / name}: sha256 differs from {src / MANIFEST_NAME}; "
+                "the file is corrupt, nothing was imported"
+            )
         digests[name] = digest
     flat = Variant(**{**variant.__dict__, "subfolder": ""})
     return _finish(flat, staging, final, digests, f"imported from {src.resolve()}")
@@ -473,8 +533,11 @@ def _resolve_or_explain(resolve_model: Any, src: Path, variant: Variant) -> Any:
         manifest = read_manifest(src)
         if manifest is None:
             # GGUF files without a manifest: the text model by its quant in the name.
-            texts = [p for p in src.glob("*.gguf") if variant.quant in p.name.upper()
-                     and not p.name.lower().startswith("mmproj")]
+            texts = [
+                p
+                for p in src.glob("*.gguf")
+                if variant.quant in p.name.upper() and not p.name.lower().startswith("mmproj")
+            ]
             if len(texts) == 1:
                 return resolve_model(texts[0])
         raise ModelError(f"--from {src}: {exc}") from None

@@ -85,8 +85,9 @@ _RL_FILE = "rl_scripts/reward_func/reward_utils.py"
 # chart and svg: reward_utils.py / omnirender_rm_v3.py. No system message; [gt, pred,
 # prompt] in one user turn; images thumbnailed to 1024 (MAX_IMG_SIDE), RGB, JPEG.
 _JPEG_1024 = ImagePrep(max_side=1024, encoding="jpeg")
-_CHART_SVG_RL = Sampling(max_tokens=4096, temperature=0.7, top_p=0.8, top_k=20,
-                         presence_penalty=1.5)
+_CHART_SVG_RL = Sampling(
+    max_tokens=4096, temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5
+)
 _CHART_SVG = dict(
     category_key="category",
     error_keys=("category", "severity", "location", "description"),
@@ -103,19 +104,24 @@ _CHART_SVG = dict(
 
 PROFILES: dict[str, TaskProfile] = {
     "chart": TaskProfile(
-        name="chart", categories=CATEGORIES["chart"],
+        name="chart",
+        categories=CATEGORIES["chart"],
         prompt=PromptSource(_RL_FILE, _AUTHORS_RL, "assign", "PROMPT_CHART2CODE_JUDGEMENT"),
-        **_CHART_SVG),
+        **_CHART_SVG,
+    ),
     "svg": TaskProfile(
-        name="svg", categories=CATEGORIES["svg"],
+        name="svg",
+        categories=CATEGORIES["svg"],
         prompt=PromptSource(_RL_FILE, _AUTHORS_RL, "assign", "PROMPT_IMG2SVG_JUDGEMENT"),
-        **_CHART_SVG),
+        **_CHART_SVG,
+    ),
     # table: table_parse_rm_v2.py. A system message; the text starts with two lines of the
     # literal <image>; ground truth thumbnailed to 768 (PNG), the rendered prediction
     # cropped to its content (12 px padding) then thumbnailed to 768; temperature 0 with
     # repetition penalty 1.05 and 8192 tokens, for judging and RL alike.
     "table": TaskProfile(
-        name="table", categories=CATEGORIES["table"],
+        name="table",
+        categories=CATEGORIES["table"],
         category_key="type",
         error_keys=("type", "description", "severity"),
         system="You are a helpful assistant.",
@@ -126,8 +132,12 @@ PROFILES: dict[str, TaskProfile] = {
         judging=Sampling(max_tokens=8192, repeat_penalty=1.05),
         rl=Sampling(max_tokens=8192, repeat_penalty=1.05),
         reward=NEGATIVE_SEVERITY,
-        prompt=PromptSource("rl_scripts/reward_func/table_parse_rm_v2.py", _AUTHORS_TABLE,
-                            "function", "build_error_prompt_for_images"),
+        prompt=PromptSource(
+            "rl_scripts/reward_func/table_parse_rm_v2.py",
+            _AUTHORS_TABLE,
+            "function",
+            "build_error_prompt_for_images",
+        ),
         string_targets={"description": 256},
     ),
 }
@@ -144,14 +154,14 @@ def profile(task: str) -> TaskProfile:
         raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}") from None
 
 
-def decoding(task: str, mode: str = "default", max_tokens: int | None = None,
-             seed: int | None = None) -> Sampling:
+def decoding(
+    task: str, mode: str = "default", max_tokens: int | None = None, seed: int | None = None
+) -> Sampling:
     """A task's decoding: `default` (judging: greedy; table with its repetition penalty),
     `greedy` (plain argmax), or `rl` (the authors' RL settings); `max_tokens` and `seed`
     override the profile's."""
     p = profile(task)
     if mode not in SAMPLING_MODES:
         raise InputError(f"unknown sampling {mode!r}; choose {', '.join(SAMPLING_MODES)}")
-    base = {"default": p.judging, "greedy": Sampling(max_tokens=p.max_tokens),
-            "rl": p.rl}[mode]
+    base = {"default": p.judging, "greedy": Sampling(max_tokens=p.max_tokens), "rl": p.rl}[mode]
     return base.with_(max_tokens=max_tokens, seed=seed)

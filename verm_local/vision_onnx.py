@@ -70,8 +70,10 @@ def _block_order(gh: int, gw: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, col) of each patch in merge-block order."""
     rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
     shape = (gh // m, m, gw // m, m)
-    return (rows.reshape(shape).transpose(0, 2, 1, 3).ravel(),
-            cols.reshape(shape).transpose(0, 2, 1, 3).ravel())
+    return (
+        rows.reshape(shape).transpose(0, 2, 1, 3).ravel(),
+        cols.reshape(shape).transpose(0, 2, 1, 3).ravel(),
+    )
 
 
 def rotary_positions(gh: int, gw: int, m: int) -> np.ndarray:
@@ -103,20 +105,31 @@ def position_interpolation(gh: int, gw: int, m: int, side: int) -> tuple[np.ndar
 def graph_inputs(image: PreparedImage, spec: VisionSpec) -> dict[str, np.ndarray]:
     gh, gw = grid(image, spec)
     idx, wts = position_interpolation(gh, gw, spec.merge_size, spec.num_grid_per_side)
-    return {"patches": patches(image, spec), "pos_indices": idx, "pos_weights": wts,
-            "rot_pos": rotary_positions(gh, gw, spec.merge_size)}
+    return {
+        "patches": patches(image, spec),
+        "pos_indices": idx,
+        "pos_weights": wts,
+        "rot_pos": rotary_positions(gh, gw, spec.merge_size),
+    }
 
 
 class OnnxVision:
     """An ONNX Runtime session of the exported tower; `encode` gives llama.cpp's layout."""
 
-    def __init__(self, model_dir: str | Path, precision: str | None = None,
-                 providers: list[str] | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        precision: str | None = None,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise VermError("the ONNX vision path needs onnxruntime (pip install onnxruntime, "
-                            "or onnxruntime-gpu for CUDA)") from None
+            raise VermError(
+                "the ONNX vision path needs onnxruntime (pip install onnxruntime, "
+                "or onnxruntime-gpu for CUDA)"
+            ) from None
         model_dir = Path(model_dir)
         spec_path = model_dir / "vision_spec.json"
         if not spec_path.is_file():
@@ -125,10 +138,13 @@ class OnnxVision:
         available = ort.get_available_providers()
         on_gpu = "CUDAExecutionProvider" in available
         # fp16 only pays on a GPU; on a CPU fp32 is exact and int8 the fast option.
-        order = (["fp16", "fp32", "int8"] if on_gpu else ["fp32", "int8", "fp16"])
+        order = ["fp16", "fp32", "int8"] if on_gpu else ["fp32", "int8", "fp16"]
         wanted = [precision] if precision else order
-        files = [model_dir / f"vision-{p}.onnx" for p in wanted
-                 if (model_dir / f"vision-{p}.onnx").is_file()]
+        files = [
+            model_dir / f"vision-{p}.onnx"
+            for p in wanted
+            if (model_dir / f"vision-{p}.onnx").is_file()
+        ]
         if not files:
             raise ModelError(f"{model_dir}: no vision-{precision or '*'}.onnx in it")
         self.path = files[0]
@@ -136,8 +152,14 @@ class OnnxVision:
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        chosen = [p for p in (providers or ["CUDAExecutionProvider", "CoreMLExecutionProvider",
-                                            "CPUExecutionProvider"]) if p in available]
+        chosen = [
+            p
+            for p in (
+                providers
+                or ["CUDAExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider"]
+            )
+            if p in available
+        ]
         self.session = ort.InferenceSession(str(self.path), opts, providers=chosen)
         self.providers = self.session.get_providers()
 
@@ -157,8 +179,9 @@ def find_tower(model_dir: Path) -> Path | None:
     return None
 
 
-def choose_vision(mode: str, tower: Path | None, onnxruntime_ok: bool, gpu_offload: bool
-                  ) -> tuple[str, str]:
+def choose_vision(
+    mode: str, tower: Path | None, onnxruntime_ok: bool, gpu_offload: bool
+) -> tuple[str, str]:
     """Pure choice of the vision path: ("gguf" | "onnx", reason).
 
     auto: the ONNX tower when one is kept with the model, onnxruntime imports, and the model
@@ -168,11 +191,15 @@ def choose_vision(mode: str, tower: Path | None, onnxruntime_ok: bool, gpu_offlo
         return "gguf", "asked for the mmproj"
     if mode == "onnx":
         if tower is None:
-            raise ModelError("--vision onnx: no ONNX vision tower found; pass --vision-model DIR "
-                             "(written by `verm-local convert onnx`) or keep it in <model>/onnx/")
+            raise ModelError(
+                "--vision onnx: no ONNX vision tower found; pass --vision-model DIR "
+                "(written by `verm-local convert onnx`) or keep it in <model>/onnx/"
+            )
         if not onnxruntime_ok:
-            raise VermError("--vision onnx needs onnxruntime: pip install onnxruntime "
-                            "(onnxruntime-gpu for CUDA)")
+            raise VermError(
+                "--vision onnx needs onnxruntime: pip install onnxruntime "
+                "(onnxruntime-gpu for CUDA)"
+            )
         return "onnx", "asked for ONNX Runtime"
     if mode != "auto":
         raise VermError(f"unknown vision path {mode!r}; choose auto, gguf or onnx")

@@ -8,6 +8,7 @@ answers (`answer_logprobs`) and reports what it loaded (`info`, `load_s`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,8 +33,9 @@ class Request:
     reuse_prefix: bool = True  # False: evaluate the whole prompt, leave the cache alone
 
 
-def user_turn(images: list[PreparedImage], prompt: str | list[dict[str, Any]]
-              ) -> list[dict[str, Any]]:
+def user_turn(
+    images: list[PreparedImage], prompt: str | list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Messages for `prompt`: a list of messages as given, or text after the images in one
     user turn."""
     if isinstance(prompt, list):
@@ -66,15 +68,20 @@ class Backend(Protocol):
         """A generation (or the error) per request, in order."""
         ...
 
-    def generate(self, images: list[PreparedImage], prompt: str | list[dict[str, Any]],
-                 sampling: Sampling, grammar: str | dict[str, Any] | None = None
-                 ) -> Generation:
+    def generate(
+        self,
+        images: list[PreparedImage],
+        prompt: str | list[dict[str, Any]],
+        sampling: Sampling,
+        grammar: str | dict[str, Any] | None = None,
+    ) -> Generation:
         """One generation; `prompt` is text after the images, or messages; `grammar` is
         GBNF text or a JSON schema. Raises VermError."""
         ...
 
-    def answer_logprobs(self, images: list[PreparedImage],
-                        prompt: str | list[dict[str, Any]], answer: list[int]) -> np.ndarray:
+    def answer_logprobs(
+        self, images: list[PreparedImage], prompt: str | list[dict[str, Any]], answer: list[int]
+    ) -> np.ndarray:
         """Log-probabilities [len(answer), vocab] at each position of a forced answer."""
         ...
 
@@ -82,9 +89,14 @@ class Backend(Protocol):
         """An answer's token ids as the model would emit them, ending with <|im_end|>."""
         ...
 
-    def prompt_text_tokens(self, images: list[PreparedImage],
-                           prompt: str | list[dict[str, Any]]) -> list[int]:
+    def prompt_text_tokens(
+        self, images: list[PreparedImage], prompt: str | list[dict[str, Any]]
+    ) -> list[int]:
         """The prompt's text token ids, image tokens left out (to compare tokenizers)."""
+        ...
+
+    def weight_files(self) -> list[Path]:
+        """The files of weights this backend loaded (text model, vision encoder)."""
         ...
 
     def stats(self) -> dict[str, int]:

@@ -81,14 +81,30 @@ class BatchEngine:
     """Runs lists of `Request`s on a `LlamaCppBackend`: a context of `parallel` request
     sequences and `prefix_slots` cache sequences, each its own KV stream of `n_ctx` cells."""
 
-    def __init__(self, backend: Any, *, n_ctx: int, parallel: int = 1, prefix_slots: int = 0,
-                 threads: int = 1, flash_attn: bool | None = None, kv_type: str | None = None):
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        n_ctx: int,
+        parallel: int = 1,
+        prefix_slots: int = 0,
+        threads: int = 1,
+        flash_attn: bool | None = None,
+        kv_type: str | None = None,
+    ):
         self.b = backend
         self.parallel = parallel
         self.n_ctx = n_ctx
-        self.ctx = native.Context(backend.model, n_ctx=n_ctx, n_batch=2048, n_ubatch=512,
-                                  threads=threads, n_seq=parallel + prefix_slots,
-                                  flash_attn=flash_attn, kv_type=kv_type)
+        self.ctx = native.Context(
+            backend.model,
+            n_ctx=n_ctx,
+            n_batch=2048,
+            n_ubatch=512,
+            threads=threads,
+            n_seq=parallel + prefix_slots,
+            flash_attn=flash_attn,
+            kv_type=kv_type,
+        )
         self.cache = PrefixCache(list(range(parallel, parallel + prefix_slots)))
         # The last run(): tokens generated (failed answers included) and seconds spent in
         # the decode loops, everything before them being the prompts' evaluation.
@@ -108,8 +124,9 @@ class BatchEngine:
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def _eval_chunks(self, s: _Seq, chunks: list, n_past: int, label: str = ""
-                     ) -> tuple[int, np.ndarray | None]:
+    def _eval_chunks(
+        self, s: _Seq, chunks: list, n_past: int, label: str = ""
+    ) -> tuple[int, np.ndarray | None]:
         """Evaluate chunks for sequence `s.seq` from n_past; logits after the last one."""
         logits = None
         n_images = sum(not c.is_text for c in chunks)
@@ -117,13 +134,13 @@ class BatchEngine:
         for k, chunk in enumerate(chunks):
             last = k == len(chunks) - 1
             if chunk.is_text:
-                logits = self.ctx.eval_tokens(chunk.tokens, n_past, s.seq,
-                                              "last" if last else "none")
+                logits = self.ctx.eval_tokens(
+                    chunk.tokens, n_past, s.seq, "last" if last else "none"
+                )
                 n_past += len(chunk.tokens)
             else:
                 done += 1
-                stage("encode image", image=label, done=done, total=n_images,
-                      tokens=chunk.n_tokens)
+                stage("encode image", image=label, done=done, total=n_images, tokens=chunk.n_tokens)
                 embd, dt, _keep = self.b.encode_image(chunk)
                 s.vision_s += dt
                 s.image_tokens += chunk.n_tokens
@@ -136,8 +153,12 @@ class BatchEngine:
         and that image), and that prefix's n_past in sequence s.seq (copied there from the
         cache, evaluated into it first on a miss)."""
         first_image = next((k for k, c in enumerate(chunks) if not c.is_text), None)
-        if (first_image is None or not s.request.reuse_prefix
-                or not self.cache.free and not self.cache.entries):
+        if (
+            first_image is None
+            or not s.request.reuse_prefix
+            or not self.cache.free
+            and not self.cache.entries
+        ):
             return 0, 0
         h = hashlib.sha256()
         for c in chunks[:first_image]:
@@ -175,16 +196,24 @@ class BatchEngine:
             s.prompt_tokens = chunks.n_tokens
             room = self.n_ctx - s.prompt_tokens - 1
             if room < 1:
-                raise VermError(f"prompt needs {s.prompt_tokens} tokens but a sequence "
-                                f"holds {self.n_ctx}; lower the image size or the token cap")
+                raise VermError(
+                    f"prompt needs {s.prompt_tokens} tokens but a sequence "
+                    f"holds {self.n_ctx}; lower the image size or the token cap"
+                )
             start, n_past = self._prefix(s, parts)
-            s.n_past, s.logits = self._eval_chunks(s, parts[start:], n_past,
-                                                   "prediction" if start else "")
+            s.n_past, s.logits = self._eval_chunks(
+                s, parts[start:], n_past, "prediction" if start else ""
+            )
             if s.logits is None:
                 raise VermError("a prompt must end with text after its images")
             s.max_tokens = max(1, min(req.sampling.max_tokens, room))
-            s.sampler = TokenSampler(self.b.picker, req.sampling, req.grammar, s.max_tokens,
-                                     prompt_tokens=chunks.text_tokens)
+            s.sampler = TokenSampler(
+                self.b.picker,
+                req.sampling,
+                req.grammar,
+                s.max_tokens,
+                prompt_tokens=chunks.text_tokens,
+            )
             if self.b.picker.exhaustive:
                 s.sampler.shortlist = False
 
@@ -278,8 +307,16 @@ class BatchEngine:
             if s.error is not None:
                 out.append(s.error if isinstance(s.error, VermError) else VermError(str(s.error)))
                 continue
-            out.append(Generation(text=self.b.detokenize(s.out), finish_reason=s.finish,
-                                  prompt_tokens=s.prompt_tokens, image_tokens=s.image_tokens,
-                                  completion_tokens=len(s.out), vision_s=s.vision_s,
-                                  prefill_s=s.prefill_s, decode_s=decode_s))
+            out.append(
+                Generation(
+                    text=self.b.detokenize(s.out),
+                    finish_reason=s.finish,
+                    prompt_tokens=s.prompt_tokens,
+                    image_tokens=s.image_tokens,
+                    completion_tokens=len(s.out),
+                    vision_s=s.vision_s,
+                    prefill_s=s.prefill_s,
+                    decode_s=decode_s,
+                )
+            )
         return out

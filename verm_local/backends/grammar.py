@@ -16,12 +16,41 @@ from ..answer import schema_grammar
 from ..errors import InputError
 
 # Keywords llama-cpp-python's converter enforces, and keywords that only annotate.
-_ENFORCED = {"type", "properties", "required", "additionalProperties", "items",
-             "prefixItems", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf",
-             "allOf", "$ref", "$defs", "definitions", "pattern", "minLength", "maxLength",
-             "format"}
-_ANNOTATIONS = {"title", "description", "$schema", "$id", "$comment", "default",
-                "examples", "deprecated", "readOnly", "writeOnly", "strict"}
+_ENFORCED = {
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "prefixItems",
+    "minItems",
+    "maxItems",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "$ref",
+    "$defs",
+    "definitions",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "format",
+}
+_ANNOTATIONS = {
+    "title",
+    "description",
+    "$schema",
+    "$id",
+    "$comment",
+    "default",
+    "examples",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "strict",
+}
 _FORMATS = {"date", "time", "date-time", "uuid"}
 _MAX_ENUM_RANGE = 1024
 
@@ -44,8 +73,9 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     try:
         text = json_schema_to_gbnf(json.dumps(checked))
     except (AssertionError, KeyError, ValueError, TypeError, NotImplementedError) as exc:
-        raise InputError(f"response_format: schema not supported ({exc or type(exc).__name__})"
-                         ) from None
+        raise InputError(
+            f"response_format: schema not supported ({exc or type(exc).__name__})"
+        ) from None
     return _strict_strings(text)
 
 
@@ -58,17 +88,20 @@ def _rewrite(node: Any, where: str) -> Any:
     if any(k in out for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
         out = _integer_range(out, where)
     if out.get("format") is not None and out["format"] not in _FORMATS:
-        raise InputError(f"response_format: 'format: {out['format']}' at {where} is not "
-                         "enforced by this server; drop it or use a pattern")
+        raise InputError(
+            f"response_format: 'format: {out['format']}' at {where} is not "
+            "enforced by this server; drop it or use a pattern"
+        )
     for key, value in list(out.items()):
         if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
             out[key] = {k: _rewrite(v, f"{where}.{k}") for k, v in value.items()}
-        elif key in ("items", "additionalProperties", "anyOf", "oneOf", "allOf",
-                     "prefixItems"):
+        elif key in ("items", "additionalProperties", "anyOf", "oneOf", "allOf", "prefixItems"):
             out[key] = _rewrite(value, f"{where}.{key}")
         elif key not in _ENFORCED and key not in _ANNOTATIONS:
-            raise InputError(f"response_format: keyword '{key}' at {where} is not enforced "
-                             "by this server; the request is refused rather than loosened")
+            raise InputError(
+                f"response_format: keyword '{key}' at {where} is not enforced "
+                "by this server; the request is refused rather than loosened"
+            )
     return out
 
 
@@ -78,14 +111,18 @@ def _integer_range(node: dict[str, Any], where: str) -> dict[str, Any]:
     lo, hi = node.get("minimum"), node.get("maximum")
     if node.get("exclusiveMinimum") is not None or node.get("exclusiveMaximum") is not None:
         key = "exclusiveMinimum" if node.get("exclusiveMinimum") is not None else "exclusiveMaximum"
-        raise InputError(f"response_format: '{key}' at {where} is not enforced by this "
-                         "server; use integer minimum and maximum")
+        raise InputError(
+            f"response_format: '{key}' at {where} is not enforced by this "
+            "server; use integer minimum and maximum"
+        )
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi))
     if node.get("type") != "integer" or not ints or not 0 <= hi - lo < _MAX_ENUM_RANGE:
         key = "minimum" if lo is not None else "maximum"
-        raise InputError(f"response_format: '{key}' at {where} is enforced only on integers "
-                         f"with both minimum and maximum (at most {_MAX_ENUM_RANGE} values); "
-                         "the request is refused rather than loosened")
+        raise InputError(
+            f"response_format: '{key}' at {where} is enforced only on integers "
+            f"with both minimum and maximum (at most {_MAX_ENUM_RANGE} values); "
+            "the request is refused rather than loosened"
+        )
     values = list(range(lo, hi + 1))
     if "enum" in node:
         values = [v for v in node["enum"] if v in values]

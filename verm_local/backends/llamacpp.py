@@ -51,8 +51,15 @@ class Chunks:
             c = mtmd.mtmd_input_chunks_get(handle, i)
             is_text = mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT
             tokens = _text_tokens(mtmd, c) if is_text else []
-            self.items.append(Chunk(c, is_text, int(mtmd.mtmd_input_chunk_get_n_tokens(c)),
-                                    tokens, None if is_text else next(it, None)))
+            self.items.append(
+                Chunk(
+                    c,
+                    is_text,
+                    int(mtmd.mtmd_input_chunk_get_n_tokens(c)),
+                    tokens,
+                    None if is_text else next(it, None),
+                )
+            )
 
     def __iter__(self) -> Iterator[Chunk]:
         return iter(self.items)
@@ -136,26 +143,48 @@ class LlamaCppBackend:
         self._grammars: dict[str, str | None] = {}
         self._template = None
         mm = model.mmproj.name if model.mmproj else ""
-        mm_type = mm.removeprefix("mmproj-").removesuffix(".gguf") if mm.startswith("mmproj-") else mm
-        vision_name = (f"onnx-{vision.path.stem.removeprefix('vision-')}" if vision is not None
-                       else f"mmproj-{mm_type}")
-        self.info = ModelInfo(path=str(model.path), quant=model.quant, sha256=model.sha256,
-                              vision=vision_name)
+        mm_type = (
+            mm.removeprefix("mmproj-").removesuffix(".gguf") if mm.startswith("mmproj-") else mm
+        )
+        vision_name = (
+            f"onnx-{vision.path.stem.removeprefix('vision-')}"
+            if vision is not None
+            else f"mmproj-{mm_type}"
+        )
+        self.info = ModelInfo(
+            path=str(model.path),
+            quant=model.quant,
+            sha256=model.sha256,
+            vision=vision_name,
+            repack=self.repack,
+        )
+        self._files = [model.path, vision.path if vision is not None else model.mmproj]
         threads = threads or os.cpu_count() or 1
         self.threads = threads
         t0 = time.perf_counter()
-        stage("load text model", model=model.path.name, quant=model.quant,
-              repack="repack" if self.repack else "no repack")
+        stage(
+            "load text model",
+            model=model.path.name,
+            quant=model.quant,
+            repack="repack" if self.repack else "no repack",
+        )
         self.model = native.Model(model.path, gpu_layers=n_gpu_layers, repack=self.repack)
         self.mctx = None
         try:
             stage("load vision projector", model=mm or "onnx")
-            self.mctx = self._init_mtmd(str(model.mmproj), threads, n_gpu_layers != 0,
-                                        image_max_tokens)
+            self.mctx = self._init_mtmd(
+                str(model.mmproj), threads, n_gpu_layers != 0, image_max_tokens
+            )
             stage("allocate context", tokens=n_ctx, sequences=parallel + prefix_slots)
-            self.batch = BatchEngine(self, n_ctx=n_ctx, parallel=parallel,
-                                     prefix_slots=prefix_slots, threads=threads,
-                                     flash_attn=flash_attn, kv_type=kv_type)
+            self.batch = BatchEngine(
+                self,
+                n_ctx=n_ctx,
+                parallel=parallel,
+                prefix_slots=prefix_slots,
+                threads=threads,
+                flash_attn=flash_attn,
+                kv_type=kv_type,
+            )
         except BaseException:
             self.close()
             raise
@@ -193,7 +222,7 @@ class LlamaCppBackend:
     def __del__(self):  # pragma: no cover - best effort
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - at interpreter exit anything may be gone
             pass
 
     # -- the public surface the engine and callers use --------------------------------
@@ -219,18 +248,20 @@ class LlamaCppBackend:
             template = self.model.chat_template()
             if not template:
                 raise ModelError(f"{self.info.path}: GGUF has no chat template")
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True,
-                                                               lstrip_blocks=True)
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             self._template = env.from_string(template)
         rendered = []
         for m in messages:
             content = m.get("content")
             if isinstance(content, list):
-                content = [{"type": "text", "text": marker} if p.get("type") == "image" else p
-                           for p in content]
+                content = [
+                    {"type": "text", "text": marker} if p.get("type") == "image" else p
+                    for p in content
+                ]
             rendered.append({**m, "content": content})
-        return self._template.render(messages=rendered, add_generation_prompt=True,
-                                     bos_token="", eos_token="<|im_end|>")
+        return self._template.render(
+            messages=rendered, add_generation_prompt=True, bos_token="", eos_token="<|im_end|>"
+        )
 
     def render_prompt(self, n_images: int, prompt: str) -> str:
         """One user turn of [image]*n + text through the chat template."""
@@ -258,8 +289,10 @@ class LlamaCppBackend:
             rc = mtmd.mtmd_tokenize(self.mctx, handle, ctypes.byref(inp), arr, len(bitmaps))
             if rc != 0:
                 mtmd.mtmd_input_chunks_free(handle)
-                raise VermError(f"llama.cpp could not tokenize the prompt (code {rc}); the "
-                                "number of image parts must match the images")
+                raise VermError(
+                    f"llama.cpp could not tokenize the prompt (code {rc}); the "
+                    "number of image parts must match the images"
+                )
             return Chunks(mtmd, handle, images)
         finally:
             for bm in bitmaps:
@@ -280,23 +313,36 @@ class LlamaCppBackend:
         emb, dt = self.vision.encode(chunk.image)
         width = self.model.n_embd_inp
         if emb.shape != (chunk.n_tokens, width):
-            raise VermError(f"vision encoder gave {emb.shape} for an image llama.cpp lays out as "
-                            f"({chunk.n_tokens}, {width}); the ONNX tower and GGUF do not match")
+            raise VermError(
+                f"vision encoder gave {emb.shape} for an image llama.cpp lays out as "
+                f"({chunk.n_tokens}, {width}); the ONNX tower and GGUF do not match"
+            )
         keep = np.ascontiguousarray(emb, dtype=np.float32)
         return keep.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), dt, keep
 
-    def decode_image(self, ctx: native.Context, chunk: Chunk, embd: Any, pos: int, seq: int
-                     ) -> int:
+    def decode_image(self, ctx: native.Context, chunk: Chunk, embd: Any, pos: int, seq: int) -> int:
         """Decode an image chunk's embeddings into sequence `seq` from `pos`; the position
         after it (Qwen3-VL advances by the image's n_pos, not its token count)."""
         lc, mtmd = self.lc, self.mtmd
         new_pos = lc.llama_pos(0)
         rc = mtmd.mtmd_helper_decode_image_chunk(
-            self.mctx, ctx.ptr, chunk.handle, embd, lc.llama_pos(pos), lc.llama_seq_id(seq),
-            ctx.n_batch, ctypes.byref(new_pos), mtmd.mtmd_helper_post_decode_callback(), None)
+            self.mctx,
+            ctx.ptr,
+            chunk.handle,
+            embd,
+            lc.llama_pos(pos),
+            lc.llama_seq_id(seq),
+            ctx.n_batch,
+            ctypes.byref(new_pos),
+            mtmd.mtmd_helper_post_decode_callback(),
+            None,
+        )
         if rc != 0:
             raise VermError(f"llama.cpp failed to decode image embeddings (code {rc})")
         return int(new_pos.value)
+
+    def weight_files(self) -> list:
+        return [f for f in self._files if f is not None]
 
     def stats(self) -> dict[str, int]:
         cache = self.batch.cache
@@ -317,13 +363,18 @@ class LlamaCppBackend:
         self.picker.exhaustive = not self.fast_grammar
         return self.batch.run(requests)
 
-    def generate(self, images: list[PreparedImage], prompt: str | list[dict[str, Any]],
-                 sampling: Sampling, grammar: str | dict[str, Any] | None = None
-                 ) -> Generation:
+    def generate(
+        self,
+        images: list[PreparedImage],
+        prompt: str | list[dict[str, Any]],
+        sampling: Sampling,
+        grammar: str | dict[str, Any] | None = None,
+    ) -> Generation:
         """One request evaluated whole (no cached prefix): the reference the batch engine's
         shared-prefix path is checked against."""
-        request = Request(images, user_turn(images, prompt), sampling, self.grammar(grammar),
-                          reuse_prefix=False)
+        request = Request(
+            images, user_turn(images, prompt), sampling, self.grammar(grammar), reuse_prefix=False
+        )
         out = self.generate_all([request])[0]
         if isinstance(out, Exception):
             raise out
@@ -332,8 +383,9 @@ class LlamaCppBackend:
 
     # -- scoring and inspection ----------------------------------------------------------
 
-    def answer_logprobs(self, images: list[PreparedImage], prompt: str | list[dict[str, Any]],
-                        answer: list[int]) -> np.ndarray:
+    def answer_logprobs(
+        self, images: list[PreparedImage], prompt: str | list[dict[str, Any]], answer: list[int]
+    ) -> np.ndarray:
         """Log-probabilities (float32, [len(answer), vocab]) at each answer position when
         the answer is forced after the prompt (same positions the HF model is scored at)."""
         logits = self.batch.score(Request(images, user_turn(images, prompt)), answer)
@@ -345,8 +397,9 @@ class LlamaCppBackend:
     def answer_tokens(self, text: str) -> list[int]:
         return self.model.tokenize(text) + [SPECIAL_TOKENS["<|im_end|>"]]
 
-    def prompt_text_tokens(self, images: list[PreparedImage],
-                           prompt: str | list[dict[str, Any]]) -> list[int]:
+    def prompt_text_tokens(
+        self, images: list[PreparedImage], prompt: str | list[dict[str, Any]]
+    ) -> list[int]:
         with self.tokenize(self.render(user_turn(images, prompt)), images) as chunks:
             return chunks.text_tokens
 

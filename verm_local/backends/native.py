@@ -22,10 +22,14 @@ log = logging.getLogger("verm_local.llama_cpp")
 
 # ggml_log_level (ggml.h: NONE, DEBUG, INFO, WARN, ERROR; CONT continues the previous
 # line at its level) -> logging level.
-_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING,
-           4: logging.ERROR}
-_state: dict[str, Any] = {"init": False, "last": logging.DEBUG, "callback": None,
-                          "errors": []}
+_LEVELS = {
+    0: logging.CRITICAL,
+    1: logging.DEBUG,
+    2: logging.INFO,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
+_state: dict[str, Any] = {"init": False, "last": logging.DEBUG, "callback": None, "errors": []}
 
 
 def _bindings() -> tuple[Any, Any]:
@@ -137,9 +141,10 @@ class Model:
         return list(buf[:n])
 
     def piece(self, token: int, special: bool = False) -> bytes:
-        n = self.lc.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0,
-                                         special)
-        return self._piece.raw[:max(n, 0)]
+        n = self.lc.llama_token_to_piece(
+            self.vocab, token, self._piece, len(self._piece), 0, special
+        )
+        return self._piece.raw[: max(n, 0)]
 
     def detokenize(self, tokens: list[int]) -> str:
         """Text of generated tokens (special tokens left out), invalid UTF-8 replaced."""
@@ -159,9 +164,18 @@ class Context:
     of `n_ctx` cells (not one unified cache: a token attends only its own sequence's cells,
     so a batched sequence computes what it would alone), and one batch of `n_batch` rows."""
 
-    def __init__(self, model: Model, *, n_ctx: int, n_batch: int = 2048, n_ubatch: int = 512,
-                 threads: int = 1, n_seq: int = 1, flash_attn: bool | None = None,
-                 kv_type: str | None = None):
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int,
+        n_batch: int = 2048,
+        n_ubatch: int = 512,
+        threads: int = 1,
+        n_seq: int = 1,
+        flash_attn: bool | None = None,
+        kv_type: str | None = None,
+    ):
         lc = model.lc
         self.lc, self.model = lc, model
         self.n_ctx, self.n_seq = n_ctx, n_seq
@@ -176,14 +190,17 @@ class Context:
         cp.no_perf = True
         # Off unless asked for (llama.cpp's default, auto, turns it on for CPUs): with it a
         # batched row and a lone one can round apart; it is a measured lever, not a default.
-        cp.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                              else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cp.flash_attn_type = (
+            lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         if kv_type is not None:
             cp.type_k = cp.type_v = KV_TYPES[kv_type]
         self.ptr = lc.llama_init_from_model(model.ptr, cp)
         if not self.ptr:
-            raise ModelError(f"llama.cpp could not make a context of {n_ctx} tokens x {n_seq} "
-                             "sequences (out of memory?); lower --parallel or the token cap")
+            raise ModelError(
+                f"llama.cpp could not make a context of {n_ctx} tokens x {n_seq} "
+                "sequences (out of memory?); lower --parallel or the token cap"
+            )
         self.mem = lc.llama_get_memory(self.ptr)
         self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self.n_vocab = model.n_vocab
@@ -199,19 +216,24 @@ class Context:
         b.n_tokens = len(rows)
         rc = self.lc.llama_decode(self.ptr, b)
         if rc != 0:
-            raise VermError(f"llama.cpp could not decode a batch (code {rc}); the context may "
-                            "be full: lower --parallel or the image size")
+            raise VermError(
+                f"llama.cpp could not decode a batch (code {rc}); the context may "
+                "be full: lower --parallel or the image size"
+            )
 
-    def eval_tokens(self, tokens: list[int], pos: int, seq: int = 0, logits: str = "last"
-                    ) -> np.ndarray | None:
+    def eval_tokens(
+        self, tokens: list[int], pos: int, seq: int = 0, logits: str = "last"
+    ) -> np.ndarray | None:
         """Evaluate `tokens` from position `pos` in sequence `seq`. logits: "last" (a copy
         of the last row's), "all" ([len(tokens), n_vocab] copies) or "none"."""
         out = []
         for i in range(0, len(tokens), self.n_batch):
             part = tokens[i : i + self.n_batch]
             final = i + len(part) == len(tokens)
-            want = [logits == "all" or (logits == "last" and final and j == len(part) - 1)
-                    for j in range(len(part))]
+            want = [
+                logits == "all" or (logits == "last" and final and j == len(part) - 1)
+                for j in range(len(part))
+            ]
             self.decode([(t, pos + i + j, seq, w) for j, (t, w) in enumerate(zip(part, want))])
             if logits == "all":
                 out.extend(self.logits(j) for j in range(len(part)))
@@ -257,8 +279,7 @@ def check_runs(path: str | Path, repack: bool, threads: int = 1) -> None:
     not in the first judgement. ModelError when its logits are not finite."""
     from ..events import stage
 
-    stage("check model runs", model=Path(path).name,
-          repack="repack" if repack else "no repack")
+    stage("check model runs", model=Path(path).name, repack="repack" if repack else "no repack")
     model = Model(path, repack=repack)
     try:
         ctx = Context(model, n_ctx=64, n_batch=64, threads=threads)

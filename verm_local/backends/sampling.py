@@ -39,7 +39,8 @@ class GrammarArgmax:
         self.lc, self.vocab, self.n_vocab = lc, vocab, n_vocab
         self.data = (lc.llama_token_data * n_vocab)()
         self.view = np.ctypeslib.as_array(self.data).view(
-            np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
+            np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        )
         self.full_passes = 0
         self._index: _TokenPrefixes | None = None
 
@@ -90,8 +91,9 @@ class GrammarArgmax:
         reps = ix.pair_tokens[b1[ix.pair_first]]
         ok2 = self.allowed(grammar, reps, np.zeros(len(reps), np.float32))
         groups = np.concatenate([ix.pair[ok2], ix.PAIRS + np.flatnonzero(b1[:256])])
-        return np.concatenate([ix.order[ix.start[g]:ix.start[g + 1]] for g in groups.tolist()]
-                              + [ix.eog])
+        return np.concatenate(
+            [ix.order[ix.start[g] : ix.start[g + 1]] for g in groups.tolist()] + [ix.eog]
+        )
 
     def __call__(self, grammar: Any, logits: np.ndarray) -> int:
         if self.exhaustive:
@@ -102,7 +104,7 @@ class GrammarArgmax:
         best = int(np.argmax(logits))
         if self.allows(grammar, best, logits):
             return best
-        top = np.argpartition(logits, -self.TOP)[-self.TOP:].astype(np.int32)
+        top = np.argpartition(logits, -self.TOP)[-self.TOP :].astype(np.int32)
         ok = self.allowed(grammar, top, logits[top])
         if not len(ok):
             self.full_passes += 1
@@ -111,7 +113,6 @@ class GrammarArgmax:
             if not len(ok):
                 raise VermError("the answer grammar allows no token here")
         return int(ok[np.argmax(logits[ok])])
-
 
 
 class TokenSampler:
@@ -123,8 +124,14 @@ class TokenSampler:
 
     shortlist = True  # chains run on a shortlist (see _chain); False: on everything
 
-    def __init__(self, pick: GrammarArgmax, sampling: Sampling, grammar: str | None = None,
-                 max_tokens: int = 0, prompt_tokens: list[int] | None = None):
+    def __init__(
+        self,
+        pick: GrammarArgmax,
+        sampling: Sampling,
+        grammar: str | None = None,
+        max_tokens: int = 0,
+        prompt_tokens: list[int] | None = None,
+    ):
         lc, vocab, n_vocab = pick.lc, pick.vocab, pick.n_vocab
         self.pick, self.lc, self.n_vocab, self.sampling = pick, lc, n_vocab, sampling
         self.grammar = self.chain = None
@@ -140,15 +147,18 @@ class TokenSampler:
             window = max(max_tokens, 1)
             if sp.repeat_penalty != 1.0:
                 prompt = list(prompt_tokens or ())
-                rep = lc.llama_sampler_init_penalties(n_vocab, len(prompt) + window,
-                                                      sp.repeat_penalty, 0.0, 0.0)
+                rep = lc.llama_sampler_init_penalties(
+                    n_vocab, len(prompt) + window, sp.repeat_penalty, 0.0, 0.0
+                )
                 for tok in prompt:
                     lc.llama_sampler_accept(rep, tok)
                 lc.llama_sampler_chain_add(chain, rep)
                 self.penalised = np.unique(np.asarray(prompt, dtype=np.int32))
             if sp.presence_penalty != 0.0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
-                    n_vocab, window, 1.0, 0.0, sp.presence_penalty))
+                lc.llama_sampler_chain_add(
+                    chain,
+                    lc.llama_sampler_init_penalties(n_vocab, window, 1.0, 0.0, sp.presence_penalty),
+                )
             if sp.temperature > 0:
                 lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(sp.temperature))
                 if sp.top_k > 0:
@@ -190,8 +200,9 @@ class TokenSampler:
         tokens (~3 ms a pass): the k best tokens not yet generated, plus the generated ones.
         Penalties only lower generated tokens' logits, so the chain's top k lies in that
         set and the chain picks from it what it picks from the whole vocabulary, the same
-        seeded draw included (the repetition penalty's prompt tokens count as generated). Under the grammar, the k best allowed tokens come from the
-        TOP best when that many of those are allowed, else from the grammar's candidates."""
+        seeded draw included (the repetition penalty's prompt tokens count as generated).
+        Under the grammar, the k best allowed tokens come from the TOP best when that many
+        of those are allowed, else from the grammar's candidates."""
         sp, g, pick = self.sampling, self.grammar, self.pick
         k = sp.top_k if sp.temperature > 0 else 1
         if not self.shortlist or k <= 0:  # no top-k: the whole vocabulary
@@ -217,7 +228,6 @@ class TokenSampler:
             ok_top = ok_top[np.isfinite(scores[ok_top])]
         ok_seen = pick.allowed(g, seen, logits[seen]) if len(seen) else seen
         return pick.select(self.chain, logits, np.union1d(ok_top[:k], ok_seen).astype(np.int32))
-
 
 
 class _TokenPrefixes:
@@ -254,12 +264,14 @@ class _TokenPrefixes:
         self.pair = code  # group of a pair token's two bytes
         self.pair_tokens = np.array(list(double.values()), dtype=np.int32)
         self.pair_first = np.array([c >> 8 for c in double], dtype=np.int16)
-        self.eog = np.array([t for t in range(n_vocab) if lc.llama_vocab_is_eog(vocab, t)],
-                            dtype=np.int32)
+        self.eog = np.array(
+            [t for t in range(n_vocab) if lc.llama_vocab_is_eog(vocab, t)], dtype=np.int32
+        )
         has_pair = np.zeros(self.PAIRS, dtype=bool)
         has_pair[list(double)] = True
-        group = np.where((code >= 0) & has_pair[np.maximum(code, 0)], code,
-                         self.PAIRS + first.astype(np.int32))
+        group = np.where(
+            (code >= 0) & has_pair[np.maximum(code, 0)], code, self.PAIRS + first.astype(np.int32)
+        )
         group[first < 0] = -1
         group[self.eog] = -1
         keep = np.flatnonzero(group >= 0)

@@ -42,8 +42,14 @@ def pick_device(requested: str | None = None) -> str:
 def pick_dtype(device: str, requested: str | None = None):
     import torch
 
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if requested and requested != "auto":
         if requested not in names:
             raise VermError(f"unknown dtype {requested!r}; choose float32, bfloat16 or float16")
@@ -82,16 +88,22 @@ class TransformersBackend:
         t0 = time.perf_counter()
         try:
             self.processor = AutoProcessor.from_pretrained(str(model.path))
-            self.model = AutoModelForImageTextToText.from_pretrained(
-                str(model.path), dtype=self.dtype).to(self.device).eval()
+            self.model = (
+                AutoModelForImageTextToText.from_pretrained(str(model.path), dtype=self.dtype)
+                .to(self.device)
+                .eval()
+            )
         except (OSError, ValueError, ImportError, RuntimeError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{model.path}: transformers could not load the model ({msg})") from None
+            raise ModelError(
+                f"{model.path}: transformers could not load the model ({msg})"
+            ) from None
         self.load_s = time.perf_counter() - t0
         dtype_name = str(self.dtype).replace("torch.", "")
         quant = model.quant if model.format == "gptq" else f"{model.quant}@{dtype_name}"
-        self.info = ModelInfo(path=str(model.path), quant=quant, sha256=model.sha256,
-                              vision="transformers")
+        self.info = ModelInfo(
+            path=str(model.path), quant=quant, sha256=model.sha256, vision="transformers"
+        )
         self._grammar_compiler = None
         self._compiled: dict[str, Any] = {}
 
@@ -101,10 +113,16 @@ class TransformersBackend:
     def stats(self) -> dict[str, int]:
         return {}
 
+    def weight_files(self) -> list:
+        from pathlib import Path
+
+        return sorted(Path(self.info.path).glob("*.safetensors"))
+
     # -- inputs -------------------------------------------------------------------------
 
-    def inputs(self, images: list[PreparedImage], prompt: str | list[dict[str, Any]]
-               ) -> dict[str, Any]:
+    def inputs(
+        self, images: list[PreparedImage], prompt: str | list[dict[str, Any]]
+    ) -> dict[str, Any]:
         """The tokenized chat (image parts filled with the images, in order) with pixel
         values, on the device."""
         it = iter(images)
@@ -112,24 +130,34 @@ class TransformersBackend:
         for m in user_turn(images, prompt):
             content = m["content"]
             if isinstance(content, list):
-                content = [{"type": "image", "image": next(it).image}
-                           if p.get("type") == "image" else p for p in content]
+                content = [
+                    {"type": "image", "image": next(it).image} if p.get("type") == "image" else p
+                    for p in content
+                ]
             messages.append({**m, "content": content})
         batch = self.processor.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=True, return_dict=True,
-            return_tensors="pt")
+            messages,
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
         return batch.to(self.device)
 
     def _compiled_grammar(self, grammar: str):
         try:
             import xgrammar as xgr
         except ImportError:
-            raise VermError("constrained decoding with transformers needs xgrammar "
-                            "(pip install xgrammar), or pass --free") from None
+            raise VermError(
+                "constrained decoding with transformers needs xgrammar "
+                "(pip install xgrammar), or pass --free"
+            ) from None
         if self._grammar_compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(
-                self.processor.tokenizer, vocab_size=self.model.config.text_config.vocab_size,
-                stop_token_ids=list(STOP_IDS))
+                self.processor.tokenizer,
+                vocab_size=self.model.config.text_config.vocab_size,
+                stop_token_ids=list(STOP_IDS),
+            )
             self._grammar_compiler = xgr.GrammarCompiler(info)
         if grammar not in self._compiled:
             self._compiled[grammar] = self._grammar_compiler.compile_grammar(grammar)
@@ -146,11 +174,16 @@ class TransformersBackend:
                 out.append(exc)
         return out
 
-    def generate(self, images: list[PreparedImage], prompt: str | list[dict[str, Any]],
-                 sampling: Sampling, grammar: str | dict[str, Any] | None = None
-                 ) -> Generation:
-        return self._generate(Request(images, user_turn(images, prompt), sampling,
-                                      grammar_for(grammar)))
+    def generate(
+        self,
+        images: list[PreparedImage],
+        prompt: str | list[dict[str, Any]],
+        sampling: Sampling,
+        grammar: str | dict[str, Any] | None = None,
+    ) -> Generation:
+        return self._generate(
+            Request(images, user_turn(images, prompt), sampling, grammar_for(grammar))
+        )
 
     def _generate(self, request: Request) -> Generation:
         from transformers import LogitsProcessorList
@@ -178,11 +211,17 @@ class TransformersBackend:
         try:
             with torch.inference_mode():
                 out = self.model.generate(
-                    **batch, max_new_tokens=sampling.max_tokens,
+                    **batch,
+                    max_new_tokens=sampling.max_tokens,
                     logits_processor=LogitsProcessorList(processors),
-                    do_sample=sampling.temperature > 0, temperature=1.0, top_k=0, top_p=1.0,
-                    repetition_penalty=1.0, eos_token_id=list(STOP_IDS),
-                    pad_token_id=STOP_IDS[1])
+                    do_sample=sampling.temperature > 0,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    repetition_penalty=1.0,
+                    eos_token_id=list(STOP_IDS),
+                    pad_token_id=STOP_IDS[1],
+                )
         finally:
             vision.remove()
         end = time.perf_counter()
@@ -209,8 +248,9 @@ class TransformersBackend:
 
     # -- teacher forcing ---------------------------------------------------------------
 
-    def answer_logprobs(self, images: list[PreparedImage], prompt: str | list[dict[str, Any]],
-                        answer: list[int]):
+    def answer_logprobs(
+        self, images: list[PreparedImage], prompt: str | list[dict[str, Any]], answer: list[int]
+    ):
         """Log-probabilities (float32, [len(answer), vocab]) the model assigns at each answer
         position when the answer is forced after the prompt."""
         torch = self.torch
@@ -221,7 +261,8 @@ class TransformersBackend:
         batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(ans)], 1)
         if "mm_token_type_ids" in batch:
             batch["mm_token_type_ids"] = torch.cat(
-                [batch["mm_token_type_ids"], torch.zeros_like(ans)], dim=1)
+                [batch["mm_token_type_ids"], torch.zeros_like(ans)], dim=1
+            )
         with torch.inference_mode():
             logits = self.model(**batch).logits[0, n_prompt - 1 : n_prompt - 1 + len(answer)]
         return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
@@ -230,8 +271,9 @@ class TransformersBackend:
         """An answer's token ids as the model would emit them, ending with <|im_end|>."""
         return self.processor.tokenizer.encode(text, add_special_tokens=False) + [STOP_IDS[0]]
 
-    def prompt_text_tokens(self, images: list[PreparedImage],
-                           prompt: str | list[dict[str, Any]]) -> list[int]:
+    def prompt_text_tokens(
+        self, images: list[PreparedImage], prompt: str | list[dict[str, Any]]
+    ) -> list[int]:
         """The prompt's token ids with image placeholders removed (to compare tokenizers)."""
         ids = self.inputs(images, prompt)["input_ids"][0].tolist()
         return [t for t in ids if t != self.model.config.image_token_id]
@@ -268,7 +310,7 @@ class _VllmLogits:
             scores = scores.scatter(1, input_ids, seen)
         if s.presence_penalty and input_ids.shape[1] > self.n_prompt:
             out = scores.new_zeros(scores.shape)
-            out.scatter_(1, input_ids[:, self.n_prompt:], 1.0)
+            out.scatter_(1, input_ids[:, self.n_prompt :], 1.0)
             scores = scores - s.presence_penalty * out
         if self.grammar is not None:
             scores = self.grammar(input_ids, scores)

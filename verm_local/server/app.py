@@ -95,14 +95,19 @@ def create_app(server: Server) -> FastAPI:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > cfg.max_request_bytes):
             status = 400 if not length.isdigit() else 413
-            msg = ("bad Content-Length" if status == 400
-                   else f"request over {cfg.max_request_bytes} bytes")
-            response: Response = JSONResponse(error_body(status, msg), status_code=status,
-                                               headers={"Connection": "close"})
+            msg = (
+                "bad Content-Length"
+                if status == 400
+                else f"request over {cfg.max_request_bytes} bytes"
+            )
+            response: Response = JSONResponse(
+                error_body(status, msg), status_code=status, headers={"Connection": "close"}
+            )
         else:
             response = await call_next(request)
-        server.metrics.observe(request.url.path.rstrip("/") or "/", response.status_code,
-                               time.perf_counter() - t0)
+        server.metrics.observe(
+            request.url.path.rstrip("/") or "/", response.status_code, time.perf_counter() - t0
+        )
         return response
 
     def authorised(request: Request) -> None:
@@ -111,8 +116,12 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": server.model_name,
-                "worker_pid": server.worker.info.get("pid"), "parallel": cfg.parallel}
+        return {
+            "status": "ok",
+            "model": server.model_name,
+            "worker_pid": server.worker.info.get("pid"),
+            "parallel": cfg.parallel,
+        }
 
     @app.get("/metrics", dependencies=[Depends(authorised)])
     async def metrics() -> Response:
@@ -122,18 +131,29 @@ def create_app(server: Server) -> FastAPI:
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=server.model_name)])
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)],
-              response_model=ChatCompletionResponse)
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=[Depends(authorised)],
+        response_model=ChatCompletionResponse,
+    )
     async def chat(body: ChatCompletionRequest) -> ChatCompletionResponse:
         res = await server.wait(await run_in_threadpool(chat_job, body, cfg))
         return ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
             model=body.model or server.model_name,
-            choices=[ChatChoice(message=ChatChoiceMessage(content=res["text"]),
-                                finish_reason=res["finish_reason"] or "stop")],
-            usage=Usage(prompt_tokens=res["prompt_tokens"],
-                        completion_tokens=res["completion_tokens"],
-                        total_tokens=res["prompt_tokens"] + res["completion_tokens"]))
+            choices=[
+                ChatChoice(
+                    message=ChatChoiceMessage(content=res["text"]),
+                    finish_reason=res["finish_reason"] or "stop",
+                )
+            ],
+            usage=Usage(
+                prompt_tokens=res["prompt_tokens"],
+                completion_tokens=res["completion_tokens"],
+                total_tokens=res["prompt_tokens"] + res["completion_tokens"],
+            ),
+        )
 
     @app.post("/v1/judge", dependencies=[Depends(authorised)])
     async def judge(body: JudgeRequest) -> dict[str, Any]:
@@ -150,9 +170,15 @@ def serve(cfg: ServeConfig) -> None:
     server = Server(cfg)
     server.start()
     app = create_app(server)
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                            timeout_graceful_shutdown=int(cfg.timeout) + 5,
-                            access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(cfg.timeout) + 5,
+        access_log=False,
+        lifespan="on",
+    )
     userver = uvicorn.Server(config)
     # uvicorn stops on SIGINT/SIGTERM after the requests in flight, then raises the signal
     # again under the handlers it found: with these, that ends the process normally (0).
@@ -160,9 +186,14 @@ def serve(cfg: ServeConfig) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    log.info("serving %s on http://%s:%s/v1 (%s parallel, worker pid %s)",
-                server.model_name, cfg.host, cfg.port, cfg.parallel,
-                server.worker.info.get("pid"))
+    log.info(
+        "serving %s on http://%s:%s/v1 (%s parallel, worker pid %s)",
+        server.model_name,
+        cfg.host,
+        cfg.port,
+        cfg.parallel,
+        server.worker.info.get("pid"),
+    )
     try:
         userver.run()
     except OSError as exc:  # the port is taken

@@ -22,10 +22,12 @@ class ServeConfig(BaseModel):
     # `parallel` requests are in.
     batch_window: float = Field(0.05, ge=0)
     prefix_cache: int = Field(4, ge=0, description="Ground-truth prefixes kept evaluated.")
-    image_tokens: int | None = Field(None, ge=1, description="Cap on visual tokens per image "
-                                                             "(chat images: 1024 if unset).")
-    max_tokens: int | None = Field(None, ge=1, description="Cap on answer tokens (default: "
-                                                           "the largest trained cap, 8192).")
+    image_tokens: int | None = Field(
+        None, ge=1, description="Cap on visual tokens per image (chat images: 1024 if unset)."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Cap on answer tokens (default: the largest trained cap, 8192)."
+    )
     threads: int | None = None
     gpu_layers: int | None = None
     vision: str = "auto"

@@ -12,29 +12,46 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import VermError
 
-_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-          503: "server_error", 504: "timeout_error"}
+_KINDS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+    504: "timeout_error",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str | None = None,
-                 param: str | None = None):
+    def __init__(
+        self, status: int, message: str, kind: str | None = None, param: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.kind = kind or _KINDS.get(status, "server_error")
 
 
-def error_body(status: int, message: str, kind: str | None = None,
-               param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind or _KINDS.get(status, "server_error"),
-                      "param": param, "code": status}}
+def error_body(
+    status: int, message: str, kind: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": kind or _KINDS.get(status, "server_error"),
+            "param": param,
+            "code": status,
+        }
+    }
 
 
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.status, exc.message, exc.kind, exc.param),
-                        status_code=exc.status)
+    return JSONResponse(
+        error_body(exc.status, exc.message, exc.kind, exc.param), status_code=exc.status
+    )
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -64,8 +81,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)),
-                            status_code=exc.status_code)
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code
+        )
 
     @app.exception_handler(VermError)
     async def _verm(_: Request, exc: VermError) -> JSONResponse:
@@ -73,5 +91,6 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body(500, f"internal error: {exc.__class__.__name__}: {exc}"),
-                            status_code=500)
+        return JSONResponse(
+            error_body(500, f"internal error: {exc.__class__.__name__}: {exc}"), status_code=500
+        )

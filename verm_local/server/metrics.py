@@ -11,24 +11,42 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/judge", "/v1/models", "/health", "/met
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("verm_requests", "Requests by endpoint and HTTP status.",
-                                ["endpoint", "status"], registry=r)
-        self.latency = Histogram("verm_request_seconds", "Request latency.", ["endpoint"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("verm_queue_depth", "Requests waiting for the model.",
-                                 registry=r)
+        self.requests = Counter(
+            "verm_requests",
+            "Requests by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "verm_request_seconds",
+            "Request latency.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("verm_queue_depth", "Requests waiting for the model.", registry=r)
         self.in_flight = Gauge("verm_in_flight", "Requests running in the model.", registry=r)
-        self.prefix_hits = Counter("verm_prefix_cache_hits", "Requests whose ground-truth "
-                                   "prefix was already evaluated.", registry=r)
-        self.prefix_misses = Counter("verm_prefix_cache_misses", "Ground-truth prefixes "
-                                     "evaluated.", registry=r)
+        self.prefix_hits = Counter(
+            "verm_prefix_cache_hits",
+            "Requests whose ground-truth prefix was already evaluated.",
+            registry=r,
+        )
+        self.prefix_misses = Counter(
+            "verm_prefix_cache_misses", "Ground-truth prefixes evaluated.", registry=r
+        )
         self.batches = Counter("verm_batches", "Batches run by the model.", registry=r)
-        self.batched_requests = Counter("verm_batched_requests", "Requests run in batches.",
-                                        registry=r)
-        self.worker_restarts = Counter("verm_worker_restarts", "Model worker processes "
-                                       "restarted after a crash.", registry=r)
-        self.worker_crashes = Counter("verm_worker_crashes", "Model workers killed by a "
-                                      "signal, by signal.", ["signal"], registry=r)
+        self.batched_requests = Counter(
+            "verm_batched_requests", "Requests run in batches.", registry=r
+        )
+        self.worker_restarts = Counter(
+            "verm_worker_restarts", "Model worker processes restarted after a crash.", registry=r
+        )
+        self.worker_crashes = Counter(
+            "verm_worker_crashes",
+            "Model workers killed by a signal, by signal.",
+            ["signal"],
+            registry=r,
+        )
         self._seen = {"prefix_hits": 0, "prefix_misses": 0}
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
@@ -38,8 +56,10 @@ class Metrics:
 
     def worker_stats(self, stats: dict[str, int]) -> None:
         """The worker's cumulative cache counts since it started, as counter increments."""
-        for key, counter in (("prefix_hits", self.prefix_hits),
-                             ("prefix_misses", self.prefix_misses)):
+        for key, counter in (
+            ("prefix_hits", self.prefix_hits),
+            ("prefix_misses", self.prefix_misses),
+        ):
             if key in stats:
                 counter.inc(max(0, stats[key] - self._seen[key]))
                 self._seen[key] = stats[key]

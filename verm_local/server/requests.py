@@ -33,13 +33,19 @@ def decode_image(url: Any, cfg: ServeConfig) -> bytes:
         raw = _b64(data, cfg)
     elif url.startswith(("http://", "https://")):
         if not cfg.allow_remote_images:
-            raise APIError(400, "remote image URLs are refused (start the server with "
-                                "--allow-remote-images to fetch them)")
+            raise APIError(
+                400,
+                "remote image URLs are refused (start the server with "
+                "--allow-remote-images to fetch them)",
+            )
         raw = _fetch(url, cfg)
     elif url.startswith("file://") or url.startswith("/"):
         if not cfg.allow_local_images:
-            raise APIError(400, "local image paths are refused (start the server with "
-                                "--allow-local-images to read them)")
+            raise APIError(
+                400,
+                "local image paths are refused (start the server with "
+                "--allow-local-images to read them)",
+            )
         path = Path(url.removeprefix("file://"))
         try:
             if path.stat().st_size > cfg.max_image_bytes:
@@ -90,10 +96,15 @@ def _sampling(body: SamplingFields, base: Sampling, cap: int) -> dict[str, Any]:
     max_tokens = body.max_completion_tokens or body.max_tokens or base.max_tokens
     if body.top_k is not None and body.top_k < -1:
         raise APIError(400, "top_k must be -1 (off) or more", param="top_k")
-    s = base.with_(max_tokens=min(max_tokens, cap), temperature=body.temperature,
-                   top_p=body.top_p, top_k=max(body.top_k, 0) if body.top_k is not None else None,
-                   presence_penalty=body.presence_penalty,
-                   repeat_penalty=body.repetition_penalty, seed=body.seed)
+    s = base.with_(
+        max_tokens=min(max_tokens, cap),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=max(body.top_k, 0) if body.top_k is not None else None,
+        presence_penalty=body.presence_penalty,
+        repeat_penalty=body.repetition_penalty,
+        seed=body.seed,
+    )
     return s.to_dict()
 
 
@@ -115,11 +126,17 @@ def chat_job(body: ChatCompletionRequest, cfg: ServeConfig) -> dict[str, Any]:
                 images.append(decode_image(p.image_url or p.image, cfg))
                 parts.append({"type": "image"})
             else:
-                raise APIError(400, f"unsupported content part {p.type!r} (text and image_url "
-                                    "are understood)")
+                raise APIError(
+                    400, f"unsupported content part {p.type!r} (text and image_url are understood)"
+                )
         norm.append({"role": m.role, "content": parts})
-    return {"kind": "chat", "messages": norm, "images": images,
-            "grammar": _grammar(body), "sampling": _sampling(body, Sampling(), cfg.answer_cap)}
+    return {
+        "kind": "chat",
+        "messages": norm,
+        "images": images,
+        "grammar": _grammar(body),
+        "sampling": _sampling(body, Sampling(), cfg.answer_cap),
+    }
 
 
 def _grammar(body: ChatCompletionRequest) -> str | None:
@@ -129,8 +146,9 @@ def _grammar(body: ChatCompletionRequest) -> str | None:
     if fmt.type == "json_schema":
         schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
         if not isinstance(schema, dict):
-            raise APIError(400, "response_format.json_schema.schema must be an object",
-                           param="response_format")
+            raise APIError(
+                400, "response_format.json_schema.schema must be an object", param="response_format"
+            )
     else:
         schema = fmt.schema_ if isinstance(fmt.schema_, dict) else {"type": "object"}
     try:
@@ -147,7 +165,12 @@ def judge_job(body: JudgeRequest, cfg: ServeConfig) -> dict[str, Any]:
     except InputError as exc:
         raise APIError(400, str(exc), param="task") from None
     base = decoding(body.task, body.sampling)
-    return {"kind": "judge", "task": body.task, "free": body.free,
-            "max_errors": body.max_errors, "gt": decode_image(body.gt, cfg),
-            "pred": decode_image(body.pred, cfg),
-            "sampling": _sampling(body, base, min(cfg.answer_cap, base.max_tokens))}
+    return {
+        "kind": "judge",
+        "task": body.task,
+        "free": body.free,
+        "max_errors": body.max_errors,
+        "gt": decode_image(body.gt, cfg),
+        "pred": decode_image(body.pred, cfg),
+        "sampling": _sampling(body, base, min(cfg.answer_cap, base.max_tokens)),
+    }

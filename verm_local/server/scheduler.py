@@ -47,19 +47,34 @@ def _worker_main(cfg: ServeConfig, conn: Any) -> None:
     from ..select import task_context
 
     try:
-        judge = Judge(cfg.model, variant=cfg.variant, threads=cfg.threads,
-                      n_gpu_layers=cfg.gpu_layers, vision=cfg.vision,
-                      image_token_budget=cfg.image_tokens, max_tokens=cfg.answer_cap,
-                      parallel=cfg.parallel, prefix_cache=cfg.prefix_cache, repack=cfg.repack,
-                      n_ctx=max(task_context(None, cfg.image_tokens, cfg.answer_cap),
-                                _chat_context(cfg)))
+        judge = Judge(
+            cfg.model,
+            variant=cfg.variant,
+            threads=cfg.threads,
+            n_gpu_layers=cfg.gpu_layers,
+            vision=cfg.vision,
+            image_token_budget=cfg.image_tokens,
+            max_tokens=cfg.answer_cap,
+            parallel=cfg.parallel,
+            prefix_cache=cfg.prefix_cache,
+            repack=cfg.repack,
+            n_ctx=max(task_context(None, cfg.image_tokens, cfg.answer_cap), _chat_context(cfg)),
+        )
     except VermError as exc:
         conn.send(("failed", str(exc)))
         if recorder:
             recorder.close()
         return
-    conn.send(("ready", {"model": judge.backend.info.model_dump(), "pid": os.getpid(),
-                         "parallel": judge.backend.parallel}))
+    conn.send(
+        (
+            "ready",
+            {
+                "model": judge.backend.info.model_dump(),
+                "pid": os.getpid(),
+                "parallel": judge.backend.parallel,
+            },
+        )
+    )
     try:
         while True:
             try:
@@ -94,15 +109,20 @@ def run_jobs(judge: Any, cfg: ServeConfig, jobs: list[dict[str, Any]]) -> list[d
         try:
             sampling = Sampling(**job["sampling"])
             if job["kind"] == "judge":
-                jr = build_request(job["gt"], job["pred"], job["task"], sampling=sampling,
-                                   free=job["free"], max_errors=job.get("max_errors"),
-                                   image_token_budget=cfg.image_tokens, warn=False)
+                jr = build_request(
+                    job["gt"],
+                    job["pred"],
+                    job["task"],
+                    sampling=sampling,
+                    free=job["free"],
+                    max_errors=job.get("max_errors"),
+                    image_token_budget=cfg.image_tokens,
+                    warn=False,
+                )
                 built.append((i, jr.request, jr))
             else:
-                images = [load_image(b, token_budget=cfg.chat_image_tokens)
-                          for b in job["images"]]
-                built.append((i, Request(images, job["messages"], sampling, job["grammar"]),
-                              None))
+                images = [load_image(b, token_budget=cfg.chat_image_tokens) for b in job["images"]]
+                built.append((i, Request(images, job["messages"], sampling, job["grammar"]), None))
         except VermError as exc:
             results[i] = {"error": str(exc), "status": 400}
     todo = built
@@ -116,20 +136,37 @@ def run_jobs(judge: Any, cfg: ServeConfig, jobs: list[dict[str, Any]]) -> list[d
             if isinstance(gen, Exception):
                 results[i] = {"error": str(gen), "status": 500}
             elif jr is None:
-                results[i] = {"text": gen.text, "finish_reason": gen.finish_reason,
-                              "prompt_tokens": gen.prompt_tokens,
-                              "completion_tokens": gen.completion_tokens}
+                results[i] = {
+                    "text": gen.text,
+                    "finish_reason": gen.finish_reason,
+                    "prompt_tokens": gen.prompt_tokens,
+                    "completion_tokens": gen.completion_tokens,
+                }
             else:
                 last = attempt == 1 or req.sampling.greedy
                 try:
-                    j = judgement_of(jr.task, gen, prompt_source=jr.prompt.source,
-                                     model=judge.backend.info, load_s=judge.backend.load_s,
-                                     unreadable="score" if last else "raise")
+                    j = judgement_of(
+                        jr.task,
+                        gen,
+                        prompt_source=jr.prompt.source,
+                        model=judge.backend.info,
+                        load_s=judge.backend.load_s,
+                        unreadable="score" if last else "raise",
+                    )
                     results[i] = {"judgement": j.model_dump(mode="json")}
                 except VermError:
-                    again.append((i, Request(req.images, req.messages,
-                                             req.sampling.with_(seed=req.sampling.seed + 1),
-                                             req.grammar), jr))
+                    again.append(
+                        (
+                            i,
+                            Request(
+                                req.images,
+                                req.messages,
+                                req.sampling.with_(seed=req.sampling.seed + 1),
+                                req.grammar,
+                            ),
+                            jr,
+                        )
+                    )
         if not again:
             break
         todo = again
@@ -241,8 +278,9 @@ class Scheduler:
         try:
             self.queue.put_nowait(job)
         except queue.Full:
-            raise APIError(429, f"the queue is full ({self.cfg.queue_size} waiting); retry "
-                                "later") from None
+            raise APIError(
+                429, f"the queue is full ({self.cfg.queue_size} waiting); retry later"
+            ) from None
         self.metrics.queue_depth.set(self.queue.qsize())
         return job
 
@@ -270,14 +308,19 @@ class Scheduler:
                 continue
             self.metrics.in_flight.set(len(jobs))
             try:
-                results, stats = self.worker.run([j.payload for j in jobs],
-                                                 self.cfg.timeout * 2 + 60)
+                results, stats = self.worker.run(
+                    [j.payload for j in jobs], self.cfg.timeout * 2 + 60
+                )
                 self.metrics.worker_stats(stats)
                 self.metrics.batches.inc()
                 self.metrics.batched_requests.inc(len(jobs))
             except RuntimeError as exc:
-                results = [{"error": f"{exc}; the request failed and the worker was restarted",
-                            "status": 500}] * len(jobs)
+                results = [
+                    {
+                        "error": f"{exc}; the request failed and the worker was restarted",
+                        "status": 500,
+                    }
+                ] * len(jobs)
                 self._restart(str(exc))
             self.metrics.in_flight.set(0)
             for job, res in zip(jobs, results):
