@@ -146,7 +146,7 @@ def _open(
     mode, _, precision = vision.partition("-")
     return Judge(
         path,
-        image_token_budget=image_tokens,
+        image_tokens=image_tokens,
         max_tokens=max_tokens,
         threads=threads,
         vision=mode,

@@ -74,7 +74,7 @@ def measure_verm(
     judge = Judge(
         model,
         threads=threads,
-        image_token_budget=image_tokens,
+        image_tokens=image_tokens,
         max_tokens=max_tokens,
         repack=repack,
     )
@@ -138,7 +138,7 @@ def measure_stock(
     resolved = resolve_model(model)
     if resolved.format != "gguf":
         raise VermError(f"{model}: llama.cpp's own path needs a GGUF model")
-    jr = build_request(gt, pred, task, image_token_budget=image_tokens, warn=False)
+    jr = build_request(gt, pred, task, image_tokens=image_tokens, warn=False)
     sampling = jr.request.sampling.with_(max_tokens=max_tokens)
 
     def data_url(img: Any) -> str:
@@ -227,7 +227,7 @@ def _variants(
     prep = profile(task).pred if role == "pred" else profile(task).gt
     out = []
     for i in range(n):
-        img = prepare_image(pred, prep, token_budget=image_tokens)
+        img = prepare_image(pred, prep, image_tokens=image_tokens)
         w, h = img.image.size
         d = ImageDraw.Draw(img.image)
         x, y = (i * 37) % max(w - 24, 1), (i * 53) % max(h - 24, 1)
@@ -276,7 +276,7 @@ def measure_independent(
     with Judge(
         model,
         threads=threads,
-        image_token_budget=image_tokens,
+        image_tokens=image_tokens,
         max_tokens=max_tokens,
         repack=repack,
     ) as j:
@@ -316,7 +316,7 @@ def measure_batched(
     with Judge(
         model,
         threads=threads,
-        image_token_budget=image_tokens,
+        image_tokens=image_tokens,
         max_tokens=max_tokens,
         parallel=predictions,
         prefix_cache=1,
@@ -541,6 +541,19 @@ def _machine() -> dict[str, Any]:
         "ram_gb": round(hw.ram_total / 1e9, 1),
         "cuda": [g.name for g in hw.cuda],
     }
+
+
+def load_baseline(path: Path) -> dict[str, Any]:
+    """A stored latency report; InputError when it is not one."""
+    from verm_local.errors import InputError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InputError(f"{path}: not a latency report") from None
+    if not isinstance(data, dict) or "models" not in data:
+        raise InputError(f"{path}: not a latency report")
+    return data
 
 
 def compare(report: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> list[str]:

@@ -33,7 +33,7 @@ def measure(
     from verm_local.modelref import resolve_model
     from verm_local.vision_onnx import OnnxVision
 
-    image = load_image(image_path, token_budget=image_tokens)
+    image = load_image(image_path, image_tokens=image_tokens)
     text = resolve_model(model_dir, quant=None)
     paths = [
         (f"mmproj {p.stem.removeprefix('mmproj-')}", p, None)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     rows = measure(a.model_dir, a.image, a.onnx, a.repeat, a.threads, a.image_tokens)
-    size = load_image(a.image, token_budget=a.image_tokens).size
+    size = load_image(a.image, image_tokens=a.image_tokens).size
     print(markdown(rows, str(a.image), size))
     if a.out:
         a.out.write_text(json.dumps(rows, indent=2))

@@ -190,8 +190,8 @@ def directory_conversations(directory: str | Path, n: int) -> list[Conversation]
             raise InputError(f"{files[0]}: bad row ({exc})") from None
         if task not in TASKS:
             continue
-        gt = load_image(directory / gt_path, token_budget=256).image
-        pred = load_image(directory / pred_path, token_budget=256).image
+        gt = load_image(directory / gt_path, image_tokens=256).image
+        pred = load_image(directory / pred_path, image_tokens=256).image
         errors = [
             dict(e, category=e.get("category", e.get("type")))
             for e in row.get("human_errors", [])

@@ -121,3 +121,102 @@ def tokenizer_vectors() -> list[tuple[str, list[int]]]:
         texts.pop()
     ids = out.read_text(encoding="utf-8").split("\n")
     return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, ids)]
+
+
+def llama_server(cmake_args: str = "") -> Path:
+    """llama.cpp's own `llama-server`, built once from the sdist the runtime came from (one
+    llama.cpp commit for both), for this CPU and `cmake_args` (e.g. "-DGGML_CUDA=on"); kept
+    in the cache under the same kind of key as the wheel (`hardware.wheel_key`). The first
+    build takes minutes; progress goes to the log."""
+    import platform
+
+    from verm_local.hardware import isa_flags, wheel_key
+
+    version = runtime_version()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        cpuinfo = ""
+    key = wheel_key(version, cmake_args, platform.machine().lower(), isa_flags(cpuinfo))
+    out = cache_dir() / "llama-server" / key
+    binary = out / "llama-server"
+    if binary.is_file():
+        return binary
+    for tool in ("cmake", "make", "c++"):
+        if shutil.which(tool) is None:
+            raise VermError(
+                f"building llama-server needs {tool}; install a C++ toolchain and "
+                "cmake, or pass --llama-server PATH"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if binary.is_file():
+            return binary
+        src = _full_sources(version)
+        build = out / "build"
+        jobs = str(os.cpu_count() or 1)
+        configure = [
+            "cmake",
+            "-S",
+            str(src),
+            "-B",
+            str(build),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_BUILD_SERVER=ON",
+            "-DBUILD_SHARED_LIBS=OFF",
+            *cmake_args.split(),
+        ]
+        for step, cmd in (
+            ("configuring", configure),
+            (
+                "building (minutes, once)",
+                ["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs],
+            ),
+        ):
+            log.info("llama-server %s: %s", version, step)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+                raise VermError(
+                    f"building llama-server failed ({step}): "
+                    f"{last[-1] if last else proc.returncode}"
+                )
+        built = next(build.rglob("llama-server"), None)
+        if built is None or not built.is_file():
+            raise VermError("the llama-server build wrote no binary")
+        shutil.copy2(built, binary)
+        shutil.rmtree(build, ignore_errors=True)
+    return binary
+
+
+def _full_sources(version: str) -> Path:
+    """All of llama.cpp's sources in the sdist (the test vocabularies left out)."""
+    dest = cache_dir() / f"llama.cpp-src-{version}"
+    if (dest / ".complete").is_file():
+        return dest
+    tarball = sdist_path(version)
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+    tmp = Path(tempfile.mkdtemp(prefix=".llama.cpp-src-", dir=cache_dir()))
+    try:
+        with tarfile.open(tarball) as tar:
+            for member in tar.getmembers():
+                rel = member.name[len(prefix) :] if member.name.startswith(prefix) else None
+                if (
+                    rel is None
+                    or rel.startswith("models/ggml-vocab")
+                    or not (member.isfile() or member.isdir())
+                ):
+                    continue
+                member.name = rel
+                tar.extract(member, tmp, filter="data")
+        (tmp / ".complete").write_text(version + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -53,7 +53,7 @@ VISION = dict(
     deepstack_visual_indexes=[1, 2, 3],
 )
 
-# Real Qwen3-VL-8B shapes (DESIGN.md §2), for speed and memory work with random weights.
+# Real Qwen3-VL-8B shapes (its config.json), for speed and memory work with random weights.
 TEXT_8B = dict(
     TEXT,
     hidden_size=4096,

@@ -38,7 +38,7 @@ LAYERS = [
     {"hardware", "select", "crash", "runtime"},
     {"backends", "vision_onnx"},
     {"judge"},
-    {"client", "server", "benchmarks", "convert", "store"},
+    {"client", "server", "benchmarks", "convert", "store", "doctor"},
     {"cli", "__init__"},
 ]
 

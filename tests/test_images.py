@@ -59,7 +59,7 @@ def test_cmyk_jpeg_converts_to_rgb(tmp_path):
 
 def test_budget_downscales_keeping_aspect(tmp_path):
     p = _save(Image.new("RGB", (2000, 1000), "white"), tmp_path / "big.png", "PNG")
-    img = load_image(p, token_budget=256)
+    img = load_image(p, image_tokens=256)
     w, h = img.size
     assert img.visual_tokens <= 256
     assert w % 32 == 0 and h % 32 == 0

@@ -374,7 +374,7 @@ def test_batch_engine_matches_the_single_path(tiny_gguf, images):
     with Judge(
         str(tiny_gguf / "model-Q8_0.gguf"),
         vision="gguf",
-        image_token_budget=64,
+        image_tokens=64,
         max_tokens=400,
         parallel=4,
         prefix_cache=2,
@@ -430,7 +430,7 @@ def test_sampler_shortlist_samples_what_the_whole_vocabulary_does(
     with Judge(
         str(tiny_gguf / "model-Q8_0.gguf"),
         vision="gguf",
-        image_token_budget=64,
+        image_tokens=64,
         max_tokens=300,
         parallel=2,
         prefix_cache=1,
@@ -564,3 +564,59 @@ def test_vllm_command_line(tiny_hf, tiny_gguf):
     assert gptq[gptq.index("--quantization") + 1] == "gptq_marlin" and "--dtype" not in gptq
     proc = run_cli("serve", "--engine", "vllm", "--dry-run", "-m", tiny_gguf / "model-Q8_0.gguf")
     assert proc.returncode == 2 and "not GGUF" in proc.stderr
+
+
+def test_metrics_parse_with_prometheus_client(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(server.get("/metrics"))}
+    for name in (
+        "verm_requests",
+        "verm_request_seconds",
+        "verm_queue_depth",
+        "verm_in_flight",
+        "verm_prefix_cache_hits",
+        "verm_batches",
+        "verm_worker_restarts",
+    ):
+        assert name in families, sorted(families)
+    assert families["verm_requests"].type == "counter"
+    assert families["verm_request_seconds"].type == "histogram"
+
+
+def test_response_format_bounds_are_enforced_or_refused(server, images):
+    """A client's integer minimum/maximum is enforced (the grammar allows only 1..3);
+    keywords the server cannot enforce are refused with 400 naming them, never loosened."""
+    gt, preds = images
+    schema = {
+        "type": "object",
+        "properties": {
+            "severity": {"type": "integer", "minimum": 1, "maximum": 3},
+            "note": {"type": "string", "maxLength": 12},
+        },
+        "required": ["severity", "note"],
+    }
+
+    def ask(s, seed=0):
+        body = {
+            "messages": _rl_message(gt, preds[0]),
+            "max_tokens": 60,
+            "temperature": 1.5,
+            "seed": seed,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": s}},
+        }
+        return server.request("POST", "/v1/chat/completions", json.dumps(body).encode())
+
+    for seed in range(3):
+        code, out = ask(schema, seed)
+        assert code == 200, out
+        answer = json.loads(out["choices"][0]["message"]["content"])
+        assert answer["severity"] in (1, 2, 3)
+    for keyword, sub in (
+        ("minimum", {"type": "number", "minimum": 0.5}),
+        ("multipleOf", {"type": "integer", "multipleOf": 2}),
+        ("exclusiveMaximum", {"type": "integer", "exclusiveMaximum": 9}),
+    ):
+        code, out = ask({"type": "object", "properties": {"x": sub}, "required": ["x"]})
+        assert code == 400 and keyword in out["error"]["message"], out
+        assert out["error"]["param"] == "response_format"

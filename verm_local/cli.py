@@ -1,4 +1,7 @@
-"""`verm-local` command line. Thin: each verb's logic lives in its own module."""
+"""`verm-local` command line. Thin: options are parsed here (the ones verbs share are
+defined once, below), the work is a function of the module named for the verb (`judge`,
+`server`, `store`, `doctor`, `convert.*`, `benchmarks.*`), and only this module writes to
+the terminal: results on stdout, one-line errors and progress on stderr."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -19,29 +22,125 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="rich",
 )
 convert_app = typer.Typer(
-    help="Build models: tiny test model, GGUF conversion and quants.", no_args_is_help=True
+    help="Build models: tiny test model, GGUF conversion and quants, GPTQ, ONNX vision.",
+    no_args_is_help=True,
 )
 app.add_typer(convert_app, name="convert")
 bench_app = typer.Typer(
-    help="Benchmarks: labelled data, agreement with the reference, latency.", no_args_is_help=True
+    help="Benchmarks: labelled data, agreement with the reference, latency.",
+    no_args_is_help=True,
 )
 app.add_typer(bench_app, name="bench")
+bench_data_app = typer.Typer(
+    help="Benchmark data in VC-RewardBench's layout.", no_args_is_help=True
+)
+bench_app.add_typer(bench_data_app, name="data")
+
+# ---------------------------------------------------------------- shared options
+
+MODEL, REQUEST, DECODING, MACHINE, OUTPUT = "Model", "Request", "Decoding", "Machine", "Output"
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        "-m",
+        rich_help_panel=MODEL,
+        help="A .gguf file, a `convert` directory or an HF checkpoint (default: the planned "
+        "variant from the store; VERM_LOCAL_MODEL).",
+    ),
+]
+VariantOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--variant", rich_help_panel=MODEL, help="Store variant to use instead of the plan's."
+    ),
+]
+QuantOpt = Annotated[
+    Optional[str],
+    typer.Option("--quant", rich_help_panel=MODEL, help="Quant to use from a model directory."),
+]
+VisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--vision",
+        rich_help_panel=MODEL,
+        help="GGUF: auto | gguf (mmproj) | onnx (ONNX Runtime tower).",
+    ),
+]
+TaskOpt = Annotated[
+    str, typer.Option("--task", "-t", rich_help_panel=REQUEST, help="chart | table | svg")
+]
+ImageTokensOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--image-tokens",
+        min=1,
+        rich_help_panel=REQUEST,
+        help="Cap visual tokens per image below the task's trained size (less memory, less "
+        "fidelity).",
+    ),
+]
+MaxTokensOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-tokens",
+        min=1,
+        rich_help_panel=DECODING,
+        help="Answer cap (default: the trained one, 4096 chart/svg, 8192 table).",
+    ),
+]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads", min=1, rich_help_panel=MACHINE, help="CPU threads (default: physical cores)."
+    ),
+]
+GpuLayersOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--gpu-layers",
+        rich_help_panel=MACHINE,
+        help="Layers to offload (-1 = all; default: planned).",
+    ),
+]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--device", rich_help_panel=MACHINE, help="cuda | metal | cpu (default: planned)."
+    ),
+]
+RepackOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--repack/--no-repack",
+        rich_help_panel=MACHINE,
+        help="llama.cpp weight repacking / AMX buffers (default: decided from the CPU; "
+        "VERM_LOCAL_REPACK).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print JSON.")]
+
+# ---------------------------------------------------------------- verbosity
 
 _verbosity = {"level": 0}
 
 
 @app.callback()
 def _options(
-    verbose: int = typer.Option(
-        0,
-        "--verbose",
-        "-v",
-        count=True,
-        help="More on stderr: -v progress and details, -vv llama.cpp's own log too.",
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only on stderr."),
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="More on stderr: -v progress and details, -vv llama.cpp's own log too.",
+        ),
+    ] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only on stderr.")] = False,
 ) -> None:
     """Quantized, verified local inference for the Visual-ERM reward model."""
     _verbosity["level"] = -1 if quiet else verbose
@@ -59,153 +158,188 @@ def show_progress() -> None:
         logging.getLogger("verm_local").setLevel(logging.INFO)
 
 
-bench_data_app = typer.Typer(
-    help="Benchmark data in VC-RewardBench's layout.", no_args_is_help=True
-)
-bench_app.add_typer(bench_data_app, name="data")
-
-
 def fail(message: str, code: int) -> None:
     """One clear line on stderr and a non-zero exit; never a traceback."""
     typer.echo(f"verm-local: error: {message}", err=True)
     raise typer.Exit(code)
 
 
+def _split(spec: str) -> list[str]:
+    return [x.strip() for x in spec.split(",") if x.strip()]
+
+
+# ---------------------------------------------------------------- judge
+
+
 @app.command("judge")
 def judge_cmd(
-    gt: Optional[Path] = typer.Argument(
-        None, help="Ground-truth image (shown to the model first)."
-    ),
-    pred: Optional[Path] = typer.Argument(None, help="Image rendered from the prediction."),
-    pairs: Optional[Path] = typer.Option(
-        None,
-        "--pairs",
-        help="Batch mode: a JSONL file of {gt, pred, task[, id]} (or "
-        "VC-RewardBench's gt_img_path, pred_img_path, category).",
-    ),
-    out: Optional[Path] = typer.Option(
-        None, "--out", help="--pairs: write the judgements here (JSONL)."
-    ),
-    parallel: int = typer.Option(
-        4, "--parallel", min=1, help="--pairs: predictions judged at once per ground truth."
-    ),
-    model: Optional[str] = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help="A .gguf file, a `convert` directory or an HF "
-        "checkpoint (default: the planned variant "
-        "from the store).",
-    ),
-    variant: Optional[str] = typer.Option(
-        None, "--variant", help="Store variant to use instead of the plan's."
-    ),
-    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector GGUF."),
-    quant: Optional[str] = typer.Option(
-        None, "--quant", help="Quant to use from a model directory."
-    ),
-    task: str = typer.Option("chart", "--task", "-t", help="chart | table | svg"),
-    as_json: bool = typer.Option(False, "--json", help="Print the Judgement as JSON."),
-    dry_run: bool = typer.Option(
-        False,
-        "--dry-run",
-        help="Print the exact request (messages, image sizes and "
-        "encoding, schema, decoding, prompt source) without "
-        "loading a model.",
-    ),
-    free: bool = typer.Option(
-        False, "--free", help="Do not constrain the answer to the JSON schema."
-    ),
-    max_tokens: Optional[int] = typer.Option(
-        None,
-        "--max-tokens",
-        min=1,
-        help="Answer cap (default: the trained one, 4096 chart/svg, 8192 table).",
-    ),
-    max_errors: Optional[int] = typer.Option(
-        None,
-        "--max-errors",
-        min=0,
-        help="Cap the constrained error list (default: what fits the token cap).",
-    ),
-    backend: str = typer.Option(
-        "auto", "--backend", help="auto | llamacpp | transformers (auto: by model format)."
-    ),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="cuda | metal | cpu (default: planned)."
-    ),
-    dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="transformers: auto | float32 | bfloat16."
-    ),
-    vision: str = typer.Option(
-        "auto", "--vision", help="GGUF: auto | gguf (mmproj) | onnx (ONNX Runtime tower)."
-    ),
-    vision_model: Optional[Path] = typer.Option(
-        None, "--vision-model", help="`convert onnx` output (default: <model>/onnx)."
-    ),
-    vision_precision: Optional[str] = typer.Option(
-        None, "--vision-precision", help="fp32 | fp16 | int8 (default: first found)."
-    ),
-    sampling_mode: str = typer.Option(
-        "default",
-        "--sampling",
-        help="default (greedy; table with its repetition "
-        "penalty 1.05) | greedy | rl (the authors' RL "
-        "decoding per task).",
-    ),
-    rl_sampling: bool = typer.Option(
-        False, "--rl-sampling", hidden=True, help="Same as --sampling rl."
-    ),
-    temperature: Optional[float] = typer.Option(
-        None, "--temperature", min=0.0, help="Override the decoding's temperature (0 = greedy)."
-    ),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty"),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    gpu_layers: Optional[int] = typer.Option(
-        None, "--gpu-layers", help="Layers to offload (-1 = all; default: planned)."
-    ),
-    repack: Optional[bool] = typer.Option(
-        None,
-        "--repack/--no-repack",
-        help="llama.cpp weight repacking / AMX buffers "
-        "(default: off on AMX CPUs, else on; "
-        "VERM_LOCAL_REPACK).",
-    ),
-    image_tokens: Optional[int] = typer.Option(
-        None,
-        "--image-tokens",
-        min=1,
-        help="Cap visual tokens per image below the task's trained size (costs fidelity).",
-    ),
-    reward_scale: Optional[float] = typer.Option(
-        None, "--reward-scale", help="S divisor of the reward (default 50)."
-    ),
-    prompt_file: Optional[Path] = typer.Option(
-        None, "--prompt-file", help="Prompt text, or JSON keyed by task."
-    ),
-    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own logs."),
+    gt: Annotated[
+        Optional[Path], typer.Argument(help="Ground-truth image (shown to the model first).")
+    ] = None,
+    pred: Annotated[
+        Optional[Path], typer.Argument(help="Image rendered from the prediction.")
+    ] = None,
+    task: TaskOpt = "chart",
+    pairs: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--pairs",
+            rich_help_panel=REQUEST,
+            help="Batch mode: a JSONL file of {gt, pred, task[, id]} (or VC-RewardBench's "
+            "gt_img_path, pred_img_path, category).",
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", rich_help_panel=OUTPUT, help="--pairs: write the judgements here."),
+    ] = None,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel",
+            min=1,
+            rich_help_panel=REQUEST,
+            help="--pairs: predictions judged at once per ground truth.",
+        ),
+    ] = 4,
+    prompt_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--prompt-file",
+            rich_help_panel=REQUEST,
+            help="Prompt text, or JSON keyed by task (default: the training prompts).",
+        ),
+    ] = None,
+    image_tokens: ImageTokensOpt = None,
+    model: ModelOpt = None,
+    variant: VariantOpt = None,
+    quant: QuantOpt = None,
+    mmproj: Annotated[
+        Optional[Path],
+        typer.Option("--mmproj", rich_help_panel=MODEL, help="Vision projector GGUF."),
+    ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            rich_help_panel=MODEL,
+            help="auto | llamacpp | transformers (auto: by model format).",
+        ),
+    ] = "auto",
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dtype", rich_help_panel=MODEL, help="transformers: auto | float32 | bfloat16."
+        ),
+    ] = None,
+    vision: VisionOpt = "auto",
+    vision_model: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--vision-model",
+            rich_help_panel=MODEL,
+            help="`convert onnx` output (default: <model>/onnx).",
+        ),
+    ] = None,
+    vision_precision: Annotated[
+        Optional[str],
+        typer.Option(
+            "--vision-precision",
+            rich_help_panel=MODEL,
+            help="fp32 | fp16 | int8 (default: first found).",
+        ),
+    ] = None,
+    sampling_mode: Annotated[
+        str,
+        typer.Option(
+            "--sampling",
+            rich_help_panel=DECODING,
+            help="default (greedy; table with its repetition penalty 1.05) | greedy | rl (the "
+            "authors' RL decoding per task).",
+        ),
+    ] = "default",
+    rl_sampling: Annotated[
+        bool, typer.Option("--rl-sampling", hidden=True, help="Same as --sampling rl.")
+    ] = False,
+    temperature: Annotated[
+        Optional[float],
+        typer.Option(
+            "--temperature",
+            min=0.0,
+            rich_help_panel=DECODING,
+            help="Override the temperature (0 = greedy).",
+        ),
+    ] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", rich_help_panel=DECODING)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", rich_help_panel=DECODING)] = None,
+    presence_penalty: Annotated[
+        Optional[float], typer.Option("--presence-penalty", rich_help_panel=DECODING)
+    ] = None,
+    repetition_penalty: Annotated[
+        Optional[float], typer.Option("--repetition-penalty", rich_help_panel=DECODING)
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", rich_help_panel=DECODING)] = None,
+    max_tokens: MaxTokensOpt = None,
+    max_errors: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-errors",
+            min=0,
+            rich_help_panel=DECODING,
+            help="Cap the constrained error list (default: what fits the token cap).",
+        ),
+    ] = None,
+    free: Annotated[
+        bool,
+        typer.Option(
+            "--free",
+            rich_help_panel=DECODING,
+            help="Do not constrain the answer to the JSON schema.",
+        ),
+    ] = False,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    repack: RepackOpt = None,
+    reward_scale: Annotated[
+        Optional[float],
+        typer.Option(
+            "--reward-scale", rich_help_panel=OUTPUT, help="S divisor of the reward (default 50)."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print the Judgement as JSON.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            rich_help_panel=OUTPUT,
+            help="Print the exact request (messages, image sizes and encoding, schema, decoding, "
+            "prompt source) without loading a model.",
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", rich_help_panel=OUTPUT, help="Show llama.cpp's own logs.")
+    ] = False,
 ) -> None:
-    """Judge PRED against GT: structured discrepancies and a reward."""
+    """Judge PRED against GT: structured discrepancies and the task's reward."""
     from .judge import Judge, build_request, read_pairs
     from .tasks import decoding, profile
 
     profile(task)
     if pairs is not None and (gt is not None or pred is not None):
-        fail("give GT PRED or --pairs FILE, not both", 2)
+        fail("give GT PRED or --pairs FILE, not both", ExitCode.INPUT)
     if pairs is None and (gt is None or pred is None):
-        fail("give GT and PRED images (or --pairs FILE.jsonl)", 2)
+        fail("give GT and PRED images (or --pairs FILE.jsonl)", ExitCode.INPUT)
     if pairs is None and out is not None:
-        fail("--out goes with --pairs", 2)
+        fail("--out goes with --pairs", ExitCode.INPUT)
     if pairs is not None and (prompt_file is not None or dry_run):
-        fail("--prompt-file and --dry-run go with one pair, not --pairs", 2)
+        fail("--prompt-file and --dry-run go with one pair, not --pairs", ExitCode.INPUT)
     if backend not in ("auto", "llamacpp", "transformers"):
-        fail(f"unknown backend {backend!r}; choose auto, llamacpp or transformers", 2)
+        fail(f"unknown backend {backend!r}; choose auto, llamacpp or transformers", ExitCode.INPUT)
     if verbose:
-        _verbose_native()
+        logging.getLogger("verm_local.llama_cpp").setLevel(logging.DEBUG)
     mode = "rl" if rl_sampling else sampling_mode
     overrides = dict(
         temperature=temperature,
@@ -221,8 +355,8 @@ def judge_cmd(
 
     if pairs is not None:
         batch = read_pairs(pairs, task)  # a bad file fails before the model loads
-        for p in {p["task"] for p in batch}:
-            sampling_for(p)
+        for t in {p["task"] for p in batch}:
+            sampling_for(t)
     else:
         # The request is built (images checked) before the model loads: bad input fails fast.
         request = build_request(
@@ -233,7 +367,7 @@ def judge_cmd(
             free=free,
             prompt_file=prompt_file,
             max_errors=max_errors,
-            image_token_budget=image_tokens,
+            image_tokens=image_tokens,
             warn=dry_run,
         )
         if dry_run:
@@ -246,7 +380,7 @@ def judge_cmd(
             mmproj=mmproj,
             quant=quant,
             threads=threads,
-            n_gpu_layers=gpu_layers,
+            gpu_layers=gpu_layers,
             variant=variant,
             backend_name=backend,
             device=device,
@@ -254,7 +388,7 @@ def judge_cmd(
             vision=vision,
             vision_model=vision_model,
             vision_precision=vision_precision,
-            image_token_budget=image_tokens,
+            image_tokens=image_tokens,
             max_tokens=max_tokens,
             reward_scale=reward_scale,
             verbose=verbose,
@@ -264,11 +398,12 @@ def judge_cmd(
         ) as j,
     ):
         if pairs is not None:
-            _judge_pairs(j, batch, out, free=free, max_errors=max_errors, sampling_for=sampling_for)
+            _judge_pairs(j, batch, out, free=free, max_errors=max_errors, sampling=sampling_for)
             return
+        images = request.request.images
         result = j.judge(
-            request.request.images[0],
-            request.request.images[1],
+            images[0],
+            images[1],
             task,
             free=free,
             sampling=request.request.sampling,
@@ -288,30 +423,11 @@ def judge_cmd(
         )
 
 
-def _print_request(described: dict, as_json: bool) -> None:
-    import json
-
-    if as_json:
-        typer.echo(json.dumps(described, indent=2, ensure_ascii=False))
-        return
-    from .report import print_request
-
-    print_request(described)
-
-
-def _verbose_native() -> None:
-    """--verbose: llama.cpp's own logs on stderr."""
-    import logging
-
-    logging.getLogger("verm_local.llama_cpp").setLevel(logging.DEBUG)
-
-
-def _judge_pairs(j, batch, out: Optional[Path], sampling_for, **kwargs) -> None:
-    """Judge every pair (grouped by ground truth), with a progress line; JSONL out."""
-    import json
+def _judge_pairs(j, batch, out: Optional[Path], **kwargs) -> None:
+    """Judge every pair (grouped by ground truth) with a progress line; JSONL out."""
     import time
 
-    from .fileio import atomic_output
+    from .judge import judge_file
 
     t0 = time.perf_counter()
 
@@ -324,85 +440,88 @@ def _judge_pairs(j, batch, out: Optional[Path], sampling_for, **kwargs) -> None:
             flush=True,
         )
 
-    results = j.judge_many(
-        [(p["gt"], p["pred"], p["task"]) for p in batch],
-        progress=progress,
-        sampling=sampling_for,
-        **kwargs,
-    )
+    text, failed, incomplete = judge_file(j, batch, out, progress=progress, **kwargs)
     print(file=sys.stderr)
-    lines, failed = [], 0
-    for p, r in zip(batch, results):
-        if isinstance(r, Exception):
-            failed += 1
-            row = {"id": p["id"], "task": p["task"], "error": str(r)}
-        else:
-            row = {"id": p["id"], **r.model_dump(mode="json")}
-        lines.append(json.dumps(row))
-    text = "\n".join(lines) + "\n"
     if out is not None:
-        with atomic_output(out) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-        typer.echo(f"{len(batch) - failed} judged, {failed} failed -> {out}", err=True)
+        typer.echo(
+            f"{len(batch) - failed} judged ({incomplete} incomplete), {failed} failed -> {out}",
+            err=True,
+        )
     else:
         sys.stdout.write(text)
     if failed:
-        raise typer.Exit(4)
+        raise typer.Exit(ExitCode.ANSWER)
+    if incomplete:
+        raise typer.Exit(ExitCode.INCOMPLETE)
+
+
+def _print_request(described: dict, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        typer.echo(json.dumps(described, indent=2, ensure_ascii=False))
+        return
+    from .report import print_request
+
+    print_request(described)
+
+
+# ---------------------------------------------------------------- serve
 
 
 @app.command("serve")
 def serve_cmd(
-    model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="Model to serve (default: the planned variant)."
-    ),
-    variant: Optional[str] = typer.Option(None, "--variant", help="Store variant to serve."),
-    host: str = typer.Option(
-        "127.0.0.1", "--host", help="Interface to bind (loopback unless told otherwise)."
-    ),
-    port: int = typer.Option(8000, "--port", min=0, max=65535),
-    parallel: int = typer.Option(
-        4, "--parallel", min=1, max=64, help="Requests run at once in the loaded model."
-    ),
-    api_key: Optional[str] = typer.Option(
-        None,
-        "--api-key",
-        help="Require `Authorization: Bearer KEY` on /v1 (default: VERM_LOCAL_API_KEY).",
-    ),
-    max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1),
-    max_request_bytes: int = typer.Option(64 << 20, "--max-request-bytes", min=1),
-    timeout: float = typer.Option(300.0, "--timeout", min=0.1, help="Seconds per request."),
-    queue_size: int = typer.Option(
-        64, "--queue", min=1, help="Requests that may wait; more are answered 429."
-    ),
-    prefix_cache: int = typer.Option(
-        4, "--prefix-cache", min=0, help="Ground-truth prefixes kept evaluated."
-    ),
-    image_tokens: Optional[int] = typer.Option(
-        None,
-        "--image-tokens",
-        min=1,
-        help="Cap on visual tokens per image (chat images: 1024 when unset).",
-    ),
-    max_tokens: Optional[int] = typer.Option(
-        None, "--max-tokens", min=1, help="Cap on answer tokens (default 8192)."
-    ),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers"),
-    repack: Optional[bool] = typer.Option(
-        None, "--repack/--no-repack", help="llama.cpp weight repacking / AMX buffers."
-    ),
-    vision: str = typer.Option("auto", "--vision", help="auto | gguf | onnx"),
-    allow_remote_images: bool = typer.Option(False, "--allow-remote-images"),
-    allow_local_images: bool = typer.Option(False, "--allow-local-images"),
-    served_name: Optional[str] = typer.Option(None, "--served-model-name"),
-    engine: str = typer.Option(
-        "llamacpp", "--engine", help="llamacpp (in-process batches) | vllm (bf16/GPTQ on CUDA)"
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="--engine vllm: print the command."),
+    model: ModelOpt = None,
+    variant: VariantOpt = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Interface to bind (loopback unless told otherwise).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    parallel: Annotated[
+        int,
+        typer.Option("--parallel", min=1, max=64, help="Requests run at once in the loaded model."),
+    ] = 4,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key",
+            help="Require `Authorization: Bearer KEY` on /v1 (default: VERM_LOCAL_API_KEY).",
+        ),
+    ] = None,
+    max_image_bytes: Annotated[int, typer.Option("--max-image-bytes", min=1)] = 20 << 20,
+    max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", min=1)] = 64 << 20,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Seconds per request.")
+    ] = 300.0,
+    queue_size: Annotated[
+        int, typer.Option("--queue", min=1, help="Requests that may wait; more are answered 429.")
+    ] = 64,
+    prefix_cache: Annotated[
+        int, typer.Option("--prefix-cache", min=0, help="Ground-truth prefixes kept evaluated.")
+    ] = 4,
+    image_tokens: ImageTokensOpt = None,
+    max_tokens: Annotated[
+        Optional[int],
+        typer.Option("--max-tokens", min=1, help="Cap on answer tokens (default 8192)."),
+    ] = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    repack: RepackOpt = None,
+    vision: VisionOpt = "auto",
+    allow_remote_images: Annotated[bool, typer.Option("--allow-remote-images")] = False,
+    allow_local_images: Annotated[bool, typer.Option("--allow-local-images")] = False,
+    served_name: Annotated[Optional[str], typer.Option("--served-model-name")] = None,
+    engine: Annotated[
+        str,
+        typer.Option("--engine", help="llamacpp (in-process batches) | vllm (bf16/GPTQ on CUDA)"),
+    ] = "llamacpp",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="--engine vllm: print the command.")
+    ] = False,
 ) -> None:
     """OpenAI-compatible reward endpoint: /v1/chat/completions, /v1/judge, /health, /metrics."""
-
-    from .server import ServeConfig, serve, vllm_command
+    from .server import ServeConfig, serve
+    from .server.vllm import vllm_for
     from .settings import settings
 
     cfg = ServeConfig(
@@ -428,80 +547,66 @@ def serve_cmd(
         served_name=served_name,
     )
     if engine == "vllm":
+        import shlex
         import shutil
 
-        from .modelref import resolve_model
-
-        if model is None:
-            from .paths import installed
-
-            name = variant or "bf16"
-            path = installed(name)
-            if path is None:
-                fail(f"{name} is not in the store; run: verm-local pull {name} (or --model DIR)", 3)
-            model = str(path)
-        resolved = resolve_model(model)
-        if resolved.format == "gguf":
-            fail(
-                f"{model}: vLLM serves the bf16 or GPTQ checkpoint, not GGUF "
-                "(use --engine llamacpp)",
-                2,
-            )
-        cmd = vllm_command(
-            resolved.path, cfg, resolved.quant if resolved.format == "gptq" else None
-        )
+        cmd = vllm_for(model, variant, cfg)
         if dry_run:
-            import shlex
-
             typer.echo(shlex.join(cmd))
             return
         if shutil.which("vllm") is None:
             fail(
-                "vLLM is not installed (pip install vllm, on a CUDA machine); "
-                "--dry-run prints the command",
-                5,
+                "vLLM is not installed (pip install vllm, on a CUDA machine); --dry-run "
+                "prints the command",
+                ExitCode.PLAN,
             )
         os.execvp(cmd[0], cmd)
     if engine != "llamacpp":
-        fail(f"unknown engine {engine!r}; choose llamacpp or vllm", 2)
+        fail(f"unknown engine {engine!r}; choose llamacpp or vllm", ExitCode.INPUT)
     if dry_run:
-        fail("--dry-run goes with --engine vllm", 2)
+        fail("--dry-run goes with --engine vllm", ExitCode.INPUT)
     show_progress()
     serve(cfg)
 
 
+# ---------------------------------------------------------------- the store
+
+
 @app.command("pull")
 def pull_cmd(
-    variant: str = typer.Argument(
-        "auto", help="A catalog variant (see `verm-local models --catalog`), or auto: the plan's."
-    ),
-    repo: Optional[str] = typer.Option(
-        None,
-        "--repo",
-        help="Repository of prebuilt quantized variants (default: $VERM_LOCAL_REPO).",
-    ),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit."),
-    from_dir: Optional[Path] = typer.Option(
-        None, "--from", help="Import files you have (a `convert` output)."
-    ),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="Plan for cuda | metal | cpu (with auto)."
-    ),
-    prompts_only: bool = typer.Option(
-        False, "--prompts-only", help="Only fetch the authors' training prompts."
-    ),
-    check: bool = typer.Option(
-        True, "--check/--no-check", help="Load a pulled GGUF variant and run a few tokens."
-    ),
-    repack: Optional[bool] = typer.Option(
-        None, "--repack/--no-repack", help="llama.cpp weight repacking for the check."
-    ),
+    variant: Annotated[
+        str,
+        typer.Argument(
+            help="A catalog variant (see `verm-local models --catalog`), or auto: the plan's."
+        ),
+    ] = "auto",
+    repo: Annotated[
+        Optional[str],
+        typer.Option(
+            "--repo", help="Repository of prebuilt quantized variants (default: $VERM_LOCAL_REPO)."
+        ),
+    ] = None,
+    revision: Annotated[
+        Optional[str], typer.Option("--revision", help="Branch, tag or commit.")
+    ] = None,
+    from_dir: Annotated[
+        Optional[Path], typer.Option("--from", help="Import files you have (a `convert` output).")
+    ] = None,
+    device: DeviceOpt = None,
+    prompts_only: Annotated[
+        bool, typer.Option("--prompts-only", help="Only fetch the authors' training prompts.")
+    ] = False,
+    check: Annotated[
+        bool,
+        typer.Option("--check/--no-check", help="Load a pulled GGUF variant and run a few tokens."),
+    ] = True,
+    repack: RepackOpt = None,
 ) -> None:
-    """Fetch, build or import a variant into the store, verified, and the training prompts;
-    print the variant's directory."""
+    """Fetch, build or import a variant into the store, verified, and the training
+    prompts; print the variant's directory."""
     show_progress()
     from .runtime import plan_here
-    from .store import pull, pull_prompts
+    from .store import check_variant, pull, pull_prompts
 
     if prompts_only:
         typer.echo(str(pull_prompts(required=True)))
@@ -518,17 +623,17 @@ def pull_cmd(
         path = pull(variant, repo=repo, revision=revision, from_dir=from_dir)
         pull_prompts(required=False)
         if check:
-            from .store import check_variant
-
             check_variant(variant, path, repack)
     typer.echo(str(path))
 
 
 @app.command("models")
 def models_cmd(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    verify: bool = typer.Option(False, "--verify", help="Check every sha256 now."),
-    catalog: bool = typer.Option(False, "--catalog", help="List every variant there is."),
+    as_json: JsonOpt = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Check every sha256 now.")] = False,
+    catalog: Annotated[
+        bool, typer.Option("--catalog", help="List every variant there is.")
+    ] = False,
 ) -> None:
     """The variants in the store (VERM_LOCAL_HOME): size, path, verification state."""
     import json
@@ -549,7 +654,9 @@ def models_cmd(
 
 
 @app.command("rm")
-def rm_cmd(variant: str = typer.Argument(..., help="Variant to remove from the store.")) -> None:
+def rm_cmd(
+    variant: Annotated[str, typer.Argument(help="Variant to remove from the store.")],
+) -> None:
     """Remove a variant from the store."""
     from .store import remove
 
@@ -558,63 +665,49 @@ def rm_cmd(variant: str = typer.Argument(..., help="Variant to remove from the s
 
 @app.command("doctor")
 def doctor_cmd(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda | metal | cpu"),
-    variant: Optional[str] = typer.Option(None, "--variant"),
-    hardware: Optional[Path] = typer.Option(
-        None,
-        "--hardware",
-        help="Plan for a recorded machine (doctor --json output or its 'hardware' part).",
-    ),
-    repack: Optional[bool] = typer.Option(
-        None, "--repack/--no-repack", help="Plan with llama.cpp weight repacking forced on or off."
-    ),
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+    variant: VariantOpt = None,
+    hardware: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--hardware",
+            help="Plan for a recorded machine (doctor --json output or its 'hardware' part).",
+        ),
+    ] = None,
+    repack: RepackOpt = None,
 ) -> None:
     """What this machine has, the plan for it and why, and verm-local's settings."""
     import json
 
-    from .hardware import Hardware, probe
-    from .paths import installed
-    from .runtime import plan_here
-    from .settings import describe, settings
+    from .doctor import doctor
+    from .hardware import Hardware
 
-    if hardware is not None:
-        try:
-            data = json.loads(hardware.read_text(encoding="utf-8"))
-            hw = Hardware.from_dict(data.get("hardware", data))
-        except (OSError, ValueError, TypeError) as exc:
-            fail(f"{hardware}: not a hardware record ({exc.__class__.__name__})", 2)
-    else:
-        hw = probe(with_torch=True)
-    _, plan = plan_here(
-        device, variant, hardware=hw, repack=repack if repack is not None else settings().repack
-    )
-    path = installed(plan.variant)
-    out = {
-        "hardware": hw.to_dict(),
-        "plan": plan.to_dict(),
-        "decisions": {"repack": {"enabled": plan.repack, "reason": plan.repack_reason}},
-        "store": {"variant": plan.variant, "path": str(path) if path else None},
-        "settings": describe(),
-    }
+    report = doctor(device, variant, hardware, repack)
     if as_json:
-        typer.echo(json.dumps(out, indent=2))
+        typer.echo(json.dumps(report, indent=2))
         return
     from .report import print_doctor
+    from .select import Plan
 
-    print_doctor(hw, plan, path, out["settings"])
+    path = report["store"]["path"]
+    print_doctor(
+        Hardware.from_dict(report["hardware"]),
+        Plan(**report["plan"]),
+        Path(path) if path else None,
+        report["settings"],
+    )
 
 
-def _split(spec: str) -> list[str]:
-    return [x.strip() for x in spec.split(",") if x.strip()]
+# ---------------------------------------------------------------- benchmarks
 
 
 @bench_data_app.command("synthetic")
 def bench_data_synthetic_cmd(
-    out_dir: Path = typer.Argument(..., help="Where to write data.jsonl and images/."),
-    n: int = typer.Option(12, "--n", min=1, help="Pairs to draw."),
-    seed: int = typer.Option(0, "--seed"),
-    tasks: str = typer.Option("chart,table,svg", "--tasks"),
+    out_dir: Annotated[Path, typer.Argument(help="Where to write data.jsonl and images/.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Pairs to draw.")] = 12,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    tasks: Annotated[str, typer.Option("--tasks")] = "chart,table,svg",
 ) -> None:
     """Labelled pairs drawn offline with known injected errors (deterministic per seed)."""
     show_progress()
@@ -625,38 +718,43 @@ def bench_data_synthetic_cmd(
 
 @bench_app.command("agreement")
 def bench_agreement_cmd(
-    reference: str = typer.Option(..., "--reference", help="Variant name or path (bf16)."),
-    candidates: str = typer.Option(
-        ...,
-        "--candidates",
-        help="Comma-separated variants/paths; MODEL#onnx-int8 (or #onnx, #onnx-fp32, "
-        "#onnx-fp16, #gguf) picks the vision path a GGUF candidate runs with.",
-    ),
-    data: str = typer.Option(..., "--data", help="VC-RewardBench-layout dir or hub dataset id."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1),
-    out: Path = typer.Option(Path("bench-agreement"), "--out"),
-    free: bool = typer.Option(False, "--free", help="Unconstrained answers (JSON validity)."),
-    matcher_url: Optional[str] = typer.Option(
-        None, "--matcher-url", help="OpenAI-compatible base URL for LLM matching."
-    ),
-    matcher_model: str = typer.Option("default", "--matcher-model"),
-    top_k: int = typer.Option(
-        32, "--top-k", min=0, help="Reference log-probs kept per token (0 = all: exact KL)."
-    ),
-    seed: int = typer.Option(0, "--seed"),
-    image_tokens: Optional[int] = typer.Option(
-        None,
-        "--image-tokens",
-        min=1,
-        help="Cap visual tokens per image (default: the task's trained size).",
-    ),
-    max_tokens: Optional[int] = typer.Option(
-        None, "--max-tokens", min=1, help="Answer cap (default: the task's)."
-    ),
-    max_errors: Optional[int] = typer.Option(
-        None, "--max-errors", min=0, help="Cap each constrained answer's error list."
-    ),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    reference: Annotated[str, typer.Option("--reference", help="Variant name or path (bf16).")],
+    candidates: Annotated[
+        str,
+        typer.Option(
+            "--candidates",
+            help="Comma-separated variants/paths; MODEL#onnx-int8 (or #onnx, "
+            "#onnx-fp32, #onnx-fp16, #gguf) picks the vision path a GGUF "
+            "candidate runs with.",
+        ),
+    ],
+    data: Annotated[
+        str, typer.Option("--data", help="VC-RewardBench-layout dir or hub dataset id.")
+    ],
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1)] = None,
+    out: Annotated[Path, typer.Option("--out")] = Path("bench-agreement"),
+    free: Annotated[
+        bool, typer.Option("--free", help="Unconstrained answers (JSON validity).")
+    ] = False,
+    matcher_url: Annotated[
+        Optional[str],
+        typer.Option("--matcher-url", help="OpenAI-compatible base URL for LLM matching."),
+    ] = None,
+    matcher_model: Annotated[str, typer.Option("--matcher-model")] = "default",
+    top_k: Annotated[
+        int,
+        typer.Option(
+            "--top-k", min=0, help="Reference log-probs kept per token (0 = all: exact KL)."
+        ),
+    ] = 32,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    image_tokens: ImageTokensOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    max_errors: Annotated[
+        Optional[int],
+        typer.Option("--max-errors", min=0, help="Cap each constrained answer's error list."),
+    ] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Token- and judgement-level agreement of candidates with the reference (and humans)."""
     show_progress()
@@ -685,68 +783,60 @@ def bench_agreement_cmd(
 
 @bench_app.command("latency")
 def bench_latency_cmd(
-    models: str = typer.Option(..., "--models", help="Comma-separated variants/paths."),
-    images: tuple[Path, Path] = typer.Option(..., "--images", help="GT PRED"),
-    task: str = typer.Option("chart", "--task"),
-    repeat: int = typer.Option(3, "--repeat", min=1),
-    out: Optional[Path] = typer.Option(None, "--out", help="FILE.json (or a directory)."),
-    baseline: Optional[Path] = typer.Option(None, "--baseline", help="A stored latency.json."),
-    tolerance: float = typer.Option(0.10, "--tolerance", min=0.0),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    image_tokens: Optional[int] = typer.Option(
-        None,
-        "--image-tokens",
-        min=1,
-        help="Cap visual tokens per image (default: the task's trained size).",
-    ),
-    max_tokens: Optional[int] = typer.Option(
-        None, "--max-tokens", min=1, help="Answer cap (default: the task's)."
-    ),
-    no_llamacpp: bool = typer.Option(
-        False, "--no-llamacpp", help="Skip timing llama.cpp's own path."
-    ),
-    predictions: int = typer.Option(
-        0,
-        "--predictions",
-        min=0,
-        max=64,
-        help="Also time N predictions against GT: N independent "
-        "judge calls vs one shared-prefix batch.",
-    ),
-    rl_sampling: bool = typer.Option(
-        False,
-        "--rl-sampling",
-        help="--predictions: sample as the authors' RL does for "
-        "the task (seeded), not the judging default.",
-    ),
-    repack: Optional[bool] = typer.Option(
-        None,
-        "--repack/--no-repack",
-        help="llama.cpp weight repacking for every run (default: decided from the CPU).",
-    ),
-    compare_repack: bool = typer.Option(
-        False,
-        "--compare-repack",
-        help="Also time each GGUF model with and without repacked weights, side by side.",
-    ),
+    models: Annotated[str, typer.Option("--models", help="Comma-separated variants/paths.")],
+    images: Annotated[tuple[Path, Path], typer.Option("--images", help="GT PRED")],
+    task: TaskOpt = "chart",
+    repeat: Annotated[int, typer.Option("--repeat", min=1)] = 3,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="FILE.json (or a directory).")
+    ] = None,
+    baseline: Annotated[
+        Optional[Path], typer.Option("--baseline", help="A stored latency.json.")
+    ] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0)] = 0.10,
+    threads: ThreadsOpt = None,
+    image_tokens: ImageTokensOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    no_llamacpp: Annotated[
+        bool, typer.Option("--no-llamacpp", help="Skip timing llama.cpp's own path.")
+    ] = False,
+    predictions: Annotated[
+        int,
+        typer.Option(
+            "--predictions",
+            min=0,
+            max=64,
+            help="Also time N predictions against GT: N independent judge calls vs one "
+            "shared-prefix batch.",
+        ),
+    ] = 0,
+    rl_sampling: Annotated[
+        bool,
+        typer.Option(
+            "--rl-sampling",
+            help="--predictions: sample as the authors' RL does for the task "
+            "(seeded), not the judging default.",
+        ),
+    ] = False,
+    repack: RepackOpt = None,
+    compare_repack: Annotated[
+        bool,
+        typer.Option(
+            "--compare-repack",
+            help="Also time each GGUF model with and without repacked weights, side by side.",
+        ),
+    ] = False,
 ) -> None:
     """Per-stage latency and memory, with llama.cpp's own path as a ratio; a CI gate."""
     show_progress()
-    import json
-
-    from .benchmarks.latency import compare, markdown, run_latency, write_reports
+    from .benchmarks.latency import compare, load_baseline, markdown, run_latency, write_reports
     from .images import load_image
     from .tasks import profile
 
     profile(task)
     for p in images:
         load_image(p)  # a bad image fails here, in one line
-    base = None
-    if baseline is not None:
-        try:
-            base = json.loads(baseline.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            fail(f"{baseline}: not a latency report", 2)
+    base = load_baseline(baseline) if baseline is not None else None
     report = run_latency(
         _split(models),
         str(images[0]),
@@ -771,11 +861,72 @@ def bench_latency_cmd(
             typer.echo(f"regression: {line}", err=True)
         if regressions:
             fail(
-                f"{len(regressions)} latency regression(s) beyond {tolerance:.0%} "
-                f"against {baseline}",
+                f"{len(regressions)} latency regression(s) beyond {tolerance:.0%} against "
+                f"{baseline}",
                 ExitCode.REGRESSION,
             )
         typer.echo(f"no regression beyond {tolerance:.0%} against {baseline}")
+
+
+@bench_app.command("serve")
+def bench_serve_cmd(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="A GGUF model (file or `convert gguf` directory).")
+    ],
+    workloads: Annotated[
+        str,
+        typer.Option(
+            "--workloads",
+            help="Comma-separated: shared (one ground truth per round), "
+            "independent, schema (the answer schema, natural lengths).",
+        ),
+    ] = "shared,independent",
+    clients: Annotated[int, typer.Option("--clients", min=1)] = 8,
+    requests: Annotated[int, typer.Option("--requests", min=1)] = 32,
+    answer_tokens: Annotated[
+        int,
+        typer.Option("--answer-tokens", min=1, help="Answer length, forced alike on both engines."),
+    ] = 128,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, max=64)] = 8,
+    image_size: Annotated[
+        tuple[int, int], typer.Option("--image-size", help="W H of the drawn charts.")
+    ] = (512, 384),
+    llama_server: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--llama-server",
+            help="A llama-server binary (default: built once from the runtime's sdist).",
+        ),
+    ] = None,
+    threads: ThreadsOpt = None,
+    repack: RepackOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="FILE.json.")] = None,
+) -> None:
+    """verm-local's serving engine against llama.cpp's llama-server: same model, same load."""
+    show_progress()
+    from .benchmarks.serve import markdown, run_serve_bench
+    from .fileio import write_json_atomic
+
+    report = run_serve_bench(
+        model,
+        workloads=_split(workloads),
+        clients=clients,
+        requests=requests,
+        answer_tokens=answer_tokens,
+        parallel=parallel,
+        threads=threads,
+        image_size=image_size,
+        llama_server=llama_server,
+        repack=repack,
+    )
+    typer.echo(markdown(report))
+    if out is not None:
+        write_json_atomic(out, report)
+        out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
+        typer.echo(f"report: {out}")
+
+
+# ---------------------------------------------------------------- convert
 
 
 def _echo_files(out_dir: Path, entries: list[dict], label) -> None:
@@ -788,39 +939,46 @@ def _echo_files(out_dir: Path, entries: list[dict], label) -> None:
 
 @convert_app.command("tiny-model")
 def tiny_model_cmd(
-    out_dir: Path = typer.Argument(..., help="Where to write the HF checkpoint."),
-    seed: int = typer.Option(0, "--seed", help="Weights are deterministic for a seed."),
-    shape: str = typer.Option(
-        "tiny",
-        "--shape",
-        help="tiny (tests) | 8b-vision | 8b | 8b-text4 (real shapes, for speed work).",
-    ),
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the HF checkpoint.")],
+    seed: Annotated[int, typer.Option("--seed", help="Weights are deterministic for a seed.")] = 0,
+    shape: Annotated[
+        str,
+        typer.Option(
+            "--shape",
+            help="tiny (tests) | 8b-vision | 8b | 8b-text4 (real shapes, for speed work).",
+        ),
+    ] = "tiny",
 ) -> None:
     """Write a tiny random-weight Qwen3-VL checkpoint with the real Qwen2 tokenizer."""
     show_progress()
     from .convert.tiny_model import build_tiny_model
 
-    path = build_tiny_model(out_dir, seed=seed, shape=shape)
-    typer.echo(str(path))
+    typer.echo(str(build_tiny_model(out_dir, seed=seed, shape=shape)))
 
 
 @convert_app.command("gguf")
 def gguf_cmd(
-    hf_dir: Path = typer.Argument(..., help="Hugging Face Qwen3-VL checkpoint."),
-    out_dir: Path = typer.Argument(..., help="Output directory."),
-    quant: str = typer.Option(
-        "Q8_0,Q4_K_M",
-        "--quant",
-        help="Comma-separated quants beside F16 (Q8_0,Q6_K,Q5_K_M,Q4_K_M).",
-    ),
-    mmproj_type: str = typer.Option("f16", "--mmproj-type", help="f16 | bf16 | q8_0 | f32"),
-    check: bool = typer.Option(
-        True, "--check/--no-check", help="Load each written model and run a few tokens here."
-    ),
-    repack: Optional[bool] = typer.Option(
-        None, "--repack/--no-repack", help="llama.cpp weight repacking for the check."
-    ),
-    verbose: bool = typer.Option(False, "--verbose", help="Show the converter's own output."),
+    hf_dir: Annotated[Path, typer.Argument(help="Hugging Face Qwen3-VL checkpoint.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output directory.")],
+    quant: Annotated[
+        str,
+        typer.Option(
+            "--quant", help="Comma-separated quants beside F16 (Q8_0,Q6_K,Q5_K_M,Q4_K_M)."
+        ),
+    ] = "Q8_0,Q4_K_M",
+    mmproj_type: Annotated[
+        str, typer.Option("--mmproj-type", help="f16 | bf16 | q8_0 | f32")
+    ] = "f16",
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check/--no-check", help="Load each written model and run a few tokens here."
+        ),
+    ] = True,
+    repack: RepackOpt = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show the converter's own output.")
+    ] = False,
 ) -> None:
     """Convert to GGUF (F16 + quants) and mmproj, with a sha256 manifest."""
     show_progress()
@@ -840,17 +998,22 @@ def gguf_cmd(
 
 @convert_app.command("gptq")
 def gptq_cmd(
-    hf_dir: Path = typer.Argument(..., help="Hugging Face Qwen3-VL checkpoint (bf16)."),
-    out_dir: Path = typer.Argument(..., help="Output directory."),
-    bits: int = typer.Option(4, "--bits", help="4 or 8."),
-    group_size: int = typer.Option(128, "--group-size", help="Columns per scale (-1 = per row)."),
-    calibration: str = typer.Option(
-        "synthetic",
-        "--calibration",
-        help="'synthetic' (drawn chart/table/SVG pairs) or a directory in VC-RewardBench layout.",
-    ),
-    samples: int = typer.Option(8, "--samples", help="Calibration conversations."),
-    seed: int = typer.Option(0, "--seed"),
+    hf_dir: Annotated[Path, typer.Argument(help="Hugging Face Qwen3-VL checkpoint (bf16).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output directory.")],
+    bits: Annotated[int, typer.Option("--bits", help="4 or 8.")] = 4,
+    group_size: Annotated[
+        int, typer.Option("--group-size", help="Columns per scale (-1 = per row).")
+    ] = 128,
+    calibration: Annotated[
+        str,
+        typer.Option(
+            "--calibration",
+            help="'synthetic' (drawn chart/table/SVG pairs) or a directory in "
+            "VC-RewardBench layout.",
+        ),
+    ] = "synthetic",
+    samples: Annotated[int, typer.Option("--samples", help="Calibration conversations.")] = 8,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Quantize the language model to GPTQ int4/int8 with GPTQModel, with a manifest."""
     show_progress()
@@ -872,9 +1035,9 @@ def gptq_cmd(
 
 @convert_app.command("onnx")
 def onnx_cmd(
-    hf_dir: Path = typer.Argument(..., help="Hugging Face Qwen3-VL checkpoint."),
-    out_dir: Path = typer.Argument(..., help="Output directory (e.g. <gguf dir>/onnx)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+    hf_dir: Annotated[Path, typer.Argument(help="Hugging Face Qwen3-VL checkpoint.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output directory (e.g. <gguf dir>/onnx).")],
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | int8")] = "fp32",
 ) -> None:
     """Export the vision tower (with deepstack outputs) to ONNX for ONNX Runtime."""
     show_progress()
@@ -895,6 +1058,8 @@ def version_cmd() -> None:
     typer.echo(f"verm-local {__version__}; llama-cpp-python {runtime_version()}")
 
 
+# ---------------------------------------------------------------- entry point
+
 # Commands that run their own processes and signal handling (uvicorn, model workers):
 # not run under the crash supervisor.
 UNSUPERVISED = {"serve"}
@@ -912,25 +1077,17 @@ class _LineFormatter(logging.Formatter):
 
 def setup_logging(level: int | None = None) -> None:
     """The CLI alone decides what reaches the terminal: the `verm_local` logger's records
-    as one `verm-local: <level>: message` line each on stderr (warnings and up by default,
-    more with VERM_LOCAL_LOG_LEVEL or --verbose)."""
-    import logging
-
+    as one line each on stderr (warnings and up by default, more with -v or for long
+    work); llama.cpp's own log only with -vv or judge --verbose."""
     root = logging.getLogger("verm_local")
-    if not any(getattr(h, "_verm", False) for h in root.handlers):
+    if not any(isinstance(h.formatter, _LineFormatter) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_LineFormatter())
-        handler._verm = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.propagate = False
     root.setLevel(level or logging.WARNING)
-    # llama.cpp's own log is about its internals (token types, grounding notes); its errors
-    # reach the user inside verm-local's one-line errors, and --verbose shows it all.
+    # llama.cpp's errors reach the user inside verm-local's one-line errors.
     logging.getLogger("verm_local.llama_cpp").setLevel(logging.CRITICAL)
-    logging.addLevelName(logging.WARNING, "warning")
-    logging.addLevelName(logging.ERROR, "error")
-    logging.addLevelName(logging.INFO, "info")
-    logging.addLevelName(logging.DEBUG, "debug")
 
 
 def run() -> int:

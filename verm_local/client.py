@@ -12,7 +12,7 @@ message layout, images prepared and encoded as they send them, their decoding), 
 answer is read here, asked again once when unreadable. A failed request (connection
 error, 5xx, 429, timeout) is retried on the next endpoint.
 
-`compute_score` follows the authors' RL reward (DESIGN.md §2): chart and svg take the
+`compute_score` follows the authors' RL reward (`reward.py`, README): chart and svg take the
 last ```python / ```svg block of the response (or a bare <svg>), render it (matplotlib;
 cairosvg at 336x336 on white), and give `render_fail` (0.0) for no code, a failed render
 or an all-white one, else 1 + clip(1 - S/50, 0, 1); table renders the response as HTML

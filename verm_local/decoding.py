@@ -27,6 +27,7 @@ class Sampling:
     presence_penalty: float = 0.0
     repeat_penalty: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # benchmarks: run to max_tokens (vLLM's and llama-server's name)
 
     @property
     def greedy(self) -> bool:

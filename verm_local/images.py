@@ -90,15 +90,22 @@ def fit_to_budget(
 def load_image(
     path: str | Path | bytes,
     *,
-    token_budget: int | None = DEFAULT_IMAGE_TOKEN_BUDGET,
+    image_tokens: int | None = DEFAULT_IMAGE_TOKEN_BUDGET,
     name: str | None = None,
+    token_budget: int | None = None,
 ) -> PreparedImage:
     """Open an image file (or bytes) and resize it as the vision processor would, to at
-    most `token_budget` visual tokens; raise InputError on any problem."""
+    most `image_tokens` visual tokens; raise InputError on any problem. (`token_budget`
+    is the old name of `image_tokens`, kept for one release.)"""
+    if token_budget is not None:
+        import warnings
+
+        warnings.warn("token_budget= is now image_tokens=", DeprecationWarning, stacklevel=2)
+        image_tokens = token_budget
     label, data = _read(path, name)
     rgb, original = _decode(data, label)
     return PreparedImage(
-        image=_fit(rgb, token_budget), source=label, original_size=original, sent_size=rgb.size
+        image=_fit(rgb, image_tokens), source=label, original_size=original, sent_size=rgb.size
     )
 
 
@@ -106,11 +113,11 @@ def prepare_image(
     path: str | Path | bytes,
     prep: ImagePrep,
     *,
-    token_budget: int | None = None,
+    image_tokens: int | None = None,
     name: str | None = None,
 ) -> PreparedImage:
     """An image as the authors' pipeline sends it for a task (`prep`: crop, thumbnail,
-    JPEG or PNG), then resized as the vision processor would (`token_budget` caps the
+    JPEG or PNG), then resized as the vision processor would (`image_tokens` caps the
     visual tokens further, a memory lever that costs fidelity)."""
     label, data = _read(path, name)
     rgb, original = _decode(data, label)
@@ -124,7 +131,7 @@ def prepare_image(
         with Image.open(io.BytesIO(encoded)) as im:
             rgb = im.convert("RGB")
     return PreparedImage(
-        image=_fit(rgb, token_budget),
+        image=_fit(rgb, image_tokens),
         source=label,
         original_size=original,
         encoding=prep.encoding,
@@ -153,8 +160,8 @@ def crop_to_content(img: Image.Image, padding: int = 12) -> Image.Image:
     )
 
 
-def _fit(rgb: Image.Image, token_budget: int | None) -> Image.Image:
-    size = fit_to_budget(*rgb.size, min(token_budget or MAX_IMAGE_TOKENS, MAX_IMAGE_TOKENS))
+def _fit(rgb: Image.Image, image_tokens: int | None) -> Image.Image:
+    size = fit_to_budget(*rgb.size, min(image_tokens or MAX_IMAGE_TOKENS, MAX_IMAGE_TOKENS))
     return rgb.resize(size, Image.Resampling.BICUBIC) if size != rgb.size else rgb
 
 

@@ -84,10 +84,10 @@ def _describe_image(img: PreparedImage) -> dict[str, Any]:
     }
 
 
-def prepare(image: ImageLike, prep: ImagePrep, token_budget: int | None = None) -> PreparedImage:
+def prepare(image: ImageLike, prep: ImagePrep, image_tokens: int | None = None) -> PreparedImage:
     if isinstance(image, PreparedImage):
         return image
-    return prepare_image(image, prep, token_budget=token_budget)
+    return prepare_image(image, prep, image_tokens=image_tokens)
 
 
 def build_request(
@@ -99,7 +99,7 @@ def build_request(
     free: bool = False,
     prompt_file: str | Path | None = None,
     max_errors: int | None = None,
-    image_token_budget: int | None = None,
+    image_tokens: int | None = None,
     warn: bool = True,
 ) -> JudgeRequest:
     """The exact request of a judgement, per the task's profile (no model needed):
@@ -109,7 +109,7 @@ def build_request(
     sampling = sampling or p.judging
     if max_errors is not None and max_errors < 0:
         raise InputError("--max-errors must be 0 or more")
-    images = [prepare(gt, p.gt, image_token_budget), prepare(pred, p.pred, image_token_budget)]
+    images = [prepare(gt, p.gt, image_tokens), prepare(pred, p.pred, image_tokens)]
     prompt = resolve_prompt(task, prompt_file, warn=warn)
     messages: list[dict[str, Any]] = []
     if p.system is not None:
@@ -186,7 +186,7 @@ class Judge:
         mmproj: str | Path | None = None,
         quant: str | None = None,
         threads: int | None = None,
-        n_gpu_layers: int | None = None,
+        gpu_layers: int | None = None,
         variant: str | None = None,
         backend_name: str = "auto",
         device: str | None = None,
@@ -194,7 +194,7 @@ class Judge:
         vision: str = "auto",
         vision_model: str | Path | None = None,
         vision_precision: str | None = None,
-        image_token_budget: int | None = None,
+        image_tokens: int | None = None,
         max_tokens: int | None = None,
         reward_scale: float | None = None,
         verbose: bool = False,
@@ -203,8 +203,20 @@ class Judge:
         prefix_cache: int = 0,
         repack: bool | None = None,
         n_ctx: int | None = None,
+        **renamed: Any,
     ):
-        self.image_token_budget = image_token_budget
+        old = _renamed(
+            renamed,
+            {
+                "image_token_budget": "image_tokens",
+                "n_gpu_layers": "gpu_layers",
+                "prefix_slots": "prefix_cache",
+            },
+        )
+        image_tokens = old.get("image_tokens", image_tokens)
+        gpu_layers = old.get("gpu_layers", gpu_layers)
+        prefix_cache = old.get("prefix_cache", prefix_cache)
+        self.image_tokens = image_tokens
         self.max_tokens = max_tokens
         self.reward_scale = reward_scale
         self.resolved: ResolvedModel | None = None  # the files behind the model
@@ -216,7 +228,7 @@ class Judge:
         from .runtime import torch_device
         from .settings import settings
 
-        n_ctx = n_ctx or task_context(None, image_token_budget, max_tokens)
+        n_ctx = n_ctx or task_context(None, image_tokens, max_tokens)
         model = model or settings().model
         if not model:
             # No model named: the variant planned for this machine, from the store.
@@ -224,13 +236,13 @@ class Judge:
 
             self.plan, model = planned_model(device, variant, n_ctx)
             threads = threads or self.plan.threads
-            if n_gpu_layers is None:
-                n_gpu_layers = self.plan.gpu_layers
+            if gpu_layers is None:
+                gpu_layers = self.plan.gpu_layers
             device = torch_device(self.plan.device)
         elif variant:
             raise InputError("--variant picks from the store; do not pass --model with it")
-        if n_gpu_layers is None:
-            n_gpu_layers = -1 if device in ("cuda", "metal", "mps") else 0
+        if gpu_layers is None:
+            gpu_layers = -1 if device in ("cuda", "metal", "mps") else 0
         device = torch_device(device)
         resolved = self.resolved = resolve_model(model, mmproj, quant)
         name = resolved.backend if backend_name == "auto" else backend_name
@@ -250,7 +262,7 @@ class Judge:
 
         t0 = time.perf_counter()
         encoder = _vision_encoder(
-            resolved.path.parent, vision, vision_model, vision_precision, threads, n_gpu_layers != 0
+            resolved.path.parent, vision, vision_model, vision_precision, threads, gpu_layers != 0
         )
         encoder_load_s = time.perf_counter() - t0
         max_image = max(p.max_image_tokens for p in _profiles())
@@ -258,12 +270,12 @@ class Judge:
             resolved,
             n_ctx=n_ctx,
             threads=threads,
-            n_gpu_layers=n_gpu_layers,
-            image_max_tokens=min(image_token_budget or max_image, max_image),
+            gpu_layers=gpu_layers,
+            image_tokens=min(image_tokens or max_image, max_image),
             vision=encoder,
             verbose=verbose,
             parallel=parallel,
-            prefix_slots=prefix_cache,
+            prefix_cache=prefix_cache,
             repack=repack,
         )
         self.backend.load_s += encoder_load_s  # the ONNX session is part of loading
@@ -277,7 +289,7 @@ class Judge:
     def prepare(self, image: ImageLike, task: str = "chart", role: str = "gt") -> PreparedImage:
         """An image prepared as the task prepares its ground truth (or `role="pred"`)."""
         p = profile(task)
-        return prepare(image, p.gt if role == "gt" else p.pred, self.image_token_budget)
+        return prepare(image, p.gt if role == "gt" else p.pred, self.image_tokens)
 
     def request(
         self,
@@ -298,7 +310,7 @@ class Judge:
             free=free,
             prompt_file=prompt_file,
             max_errors=max_errors,
-            image_token_budget=self.image_token_budget,
+            image_tokens=self.image_tokens,
         )
 
     # -- judging ----------------------------------------------------------------------
@@ -441,10 +453,55 @@ class Judge:
         self.close()
 
 
+def _renamed(given: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """Keyword arguments under their old names (kept for one release, with a warning)."""
+    import warnings
+
+    out = {}
+    for old, value in given.items():
+        if old not in names:
+            raise TypeError(f"unexpected keyword argument {old!r}")
+        warnings.warn(f"{old}= is now {names[old]}=", DeprecationWarning, stacklevel=3)
+        out[names[old]] = value
+    return out
+
+
 def _profiles() -> list[TaskProfile]:
     from .tasks import PROFILES
 
     return list(PROFILES.values())
+
+
+def judge_file(
+    j: Judge,
+    pairs: list[dict[str, Any]],
+    out: Path | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    **kwargs: Any,
+) -> tuple[str, int, int]:
+    """Judge every pair of `read_pairs` (grouped by ground truth); the JSONL of the
+    results (written atomically to `out` when given), how many failed and how many came
+    back incomplete."""
+    from .fileio import atomic_output
+
+    results = j.judge_many(
+        [(p["gt"], p["pred"], p["task"]) for p in pairs], progress=progress, **kwargs
+    )
+    lines, failed, incomplete = [], 0, 0
+    for p, r in zip(pairs, results):
+        if isinstance(r, Exception):
+            failed += 1
+            row = {"id": p["id"], "task": p["task"], "error": str(r)}
+        else:
+            incomplete += not r.complete
+            row = {"id": p["id"], **r.model_dump(mode="json")}
+        lines.append(json.dumps(row))
+    text = "\n".join(lines) + "\n"
+    if out is not None:
+        with atomic_output(out) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return text, failed, incomplete
 
 
 def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Visual-ERM's rewards, per task, as the authors' RL computes them (DESIGN.md §2). Pure.
+"""Visual-ERM's rewards, per task, as the authors' RL computes them
+(InternLM/Visual-ERM `rl_scripts/reward_func/`). Pure.
 
 chart, svg ("render base"): a prediction with no code, a failed render or an all-white
 render gets `render_fail` (0.0); otherwise `base` (1.0) + clip(1 - S / scale, 0, 1), S the

@@ -1,7 +1,7 @@
 """Task profiles: everything that differs between chart, table and svg, as data.
 
 Each profile is the authors' own pipeline for that task (InternLM/Visual-ERM,
-`rl_scripts/reward_func/` and `evaluation/`; facts in DESIGN.md §2): the message layout,
+`rl_scripts/reward_func/` and `evaluation/`, at the commits named below): the message layout,
 how each image is prepared, the answer's keys in their trained order, the decoding for
 judging and for RL, the trained token cap and the reward recipe. The judge, the batch
 engine, the server, the RL client and the benchmarks all read them from here; nothing else

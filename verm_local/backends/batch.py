@@ -8,9 +8,10 @@ image again). Each request then evaluates only its prediction image and prompt, 
 requests decode together, one token per sequence per `llama_decode` call, so the weights
 are read once per step for the batch. One request alone is a batch of one.
 
-Prefixes stay in the cache (LRU over `prefix_slots` sequences), so a later batch with
+Prefixes stay in the cache (LRU over `prefix_cache` sequences), so a later batch with
 the same ground truth reuses it too. Trimming a sequence back and evaluating from the
-cached prefix gives the logits of a full evaluation (DESIGN.md §3)."""
+cached prefix gives the logits of a full evaluation (tests/test_serve.py checks the
+answers match the single path's)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ class PrefixCache:
 
 class BatchEngine:
     """Runs lists of `Request`s on a `LlamaCppBackend`: a context of `parallel` request
-    sequences and `prefix_slots` cache sequences, each its own KV stream of `n_ctx` cells."""
+    sequences and `prefix_cache` cache sequences, each its own KV stream of `n_ctx` cells."""
 
     def __init__(
         self,
@@ -87,7 +88,7 @@ class BatchEngine:
         *,
         n_ctx: int,
         parallel: int = 1,
-        prefix_slots: int = 0,
+        prefix_cache: int = 0,
         threads: int = 1,
         flash_attn: bool | None = None,
         kv_type: str | None = None,
@@ -101,11 +102,11 @@ class BatchEngine:
             n_batch=2048,
             n_ubatch=512,
             threads=threads,
-            n_seq=parallel + prefix_slots,
+            n_seq=parallel + prefix_cache,
             flash_attn=flash_attn,
             kv_type=kv_type,
         )
-        self.cache = PrefixCache(list(range(parallel, parallel + prefix_slots)))
+        self.cache = PrefixCache(list(range(parallel, parallel + prefix_cache)))
         # The last run(): tokens generated (failed answers included) and seconds spent in
         # the decode loops, everything before them being the prompts' evaluation.
         self.last_tokens = 0

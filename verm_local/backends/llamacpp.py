@@ -108,7 +108,7 @@ def repack_choice(repack: bool | None, quant: str | None = None) -> tuple[bool, 
 class LlamaCppBackend:
     """A loaded GGUF model and its vision projector; reusable across judgements.
 
-    `parallel` requests run at once; `prefix_slots` ground-truth prefixes stay evaluated
+    `parallel` requests run at once; `prefix_cache` ground-truth prefixes stay evaluated
     for reuse (`batch.BatchEngine`). `repack` None: decided from the CPU (no extra buffer
     types on AMX CPUs, where llama.cpp 0.3.36 crashes) and VERM_LOCAL_REPACK."""
 
@@ -122,12 +122,12 @@ class LlamaCppBackend:
         *,
         n_ctx: int = 4096,
         threads: int | None = None,
-        n_gpu_layers: int = 0,
-        image_max_tokens: int | None = None,
+        gpu_layers: int = 0,
+        image_tokens: int | None = None,
         vision: Any = None,
         verbose: bool = False,
         parallel: int = 1,
-        prefix_slots: int = 0,
+        prefix_cache: int = 0,
         repack: bool | None = None,
         flash_attn: bool | None = None,
         kv_type: str | None = None,
@@ -168,19 +168,17 @@ class LlamaCppBackend:
             quant=model.quant,
             repack="repack" if self.repack else "no repack",
         )
-        self.model = native.Model(model.path, gpu_layers=n_gpu_layers, repack=self.repack)
+        self.model = native.Model(model.path, gpu_layers=gpu_layers, repack=self.repack)
         self.mctx = None
         try:
             stage("load vision projector", model=mm or "onnx")
-            self.mctx = self._init_mtmd(
-                str(model.mmproj), threads, n_gpu_layers != 0, image_max_tokens
-            )
-            stage("allocate context", tokens=n_ctx, sequences=parallel + prefix_slots)
+            self.mctx = self._init_mtmd(str(model.mmproj), threads, gpu_layers != 0, image_tokens)
+            stage("allocate context", tokens=n_ctx, sequences=parallel + prefix_cache)
             self.batch = BatchEngine(
                 self,
                 n_ctx=n_ctx,
                 parallel=parallel,
-                prefix_slots=prefix_slots,
+                prefix_cache=prefix_cache,
                 threads=threads,
                 flash_attn=flash_attn,
                 kv_type=kv_type,

@@ -136,6 +136,8 @@ class TokenSampler:
         self.pick, self.lc, self.n_vocab, self.sampling = pick, lc, n_vocab, sampling
         self.grammar = self.chain = None
         self.out: list[int] = []
+        # ignore_eos: end-of-generation tokens are never picked (llama-server does the same).
+        self.banned = pick.index.eog if sampling.ignore_eos else None
         self.penalised = np.zeros(0, dtype=np.int32)  # prompt tokens the chain penalises
         sp = sampling
         if grammar is not None:
@@ -178,6 +180,9 @@ class TokenSampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         """The next token (accepted by grammar and chain)."""
+        if self.banned is not None:
+            logits = logits.copy()
+            logits[self.banned] = -np.inf
         if self.chain is not None:
             tok = self._chain(logits)
         elif self.grammar is not None:

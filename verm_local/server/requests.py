@@ -104,6 +104,7 @@ def _sampling(body: SamplingFields, base: Sampling, cap: int) -> dict[str, Any]:
         presence_penalty=body.presence_penalty,
         repeat_penalty=body.repetition_penalty,
         seed=body.seed,
+        ignore_eos=body.ignore_eos,
     )
     return s.to_dict()
 

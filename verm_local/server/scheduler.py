@@ -51,9 +51,9 @@ def _worker_main(cfg: ServeConfig, conn: Any) -> None:
             cfg.model,
             variant=cfg.variant,
             threads=cfg.threads,
-            n_gpu_layers=cfg.gpu_layers,
+            gpu_layers=cfg.gpu_layers,
             vision=cfg.vision,
-            image_token_budget=cfg.image_tokens,
+            image_tokens=cfg.image_tokens,
             max_tokens=cfg.answer_cap,
             parallel=cfg.parallel,
             prefix_cache=cfg.prefix_cache,
@@ -116,12 +116,12 @@ def run_jobs(judge: Any, cfg: ServeConfig, jobs: list[dict[str, Any]]) -> list[d
                     sampling=sampling,
                     free=job["free"],
                     max_errors=job.get("max_errors"),
-                    image_token_budget=cfg.image_tokens,
+                    image_tokens=cfg.image_tokens,
                     warn=False,
                 )
                 built.append((i, jr.request, jr))
             else:
-                images = [load_image(b, token_budget=cfg.chat_image_tokens) for b in job["images"]]
+                images = [load_image(b, image_tokens=cfg.chat_image_tokens) for b in job["images"]]
                 built.append((i, Request(images, job["messages"], sampling, job["grammar"]), None))
         except VermError as exc:
             results[i] = {"error": str(exc), "status": 400}

@@ -52,6 +52,7 @@ class SamplingFields(_Open):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, ge=0.01, le=5.0)
     seed: int | None = None
+    ignore_eos: bool | None = None  # vLLM's extra: generate max_tokens (benchmarks)
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -42,3 +42,25 @@ def vllm_command(model_dir: str | Path, cfg: ServeConfig, quant: str | None = No
     if cfg.allow_local_images:
         cmd += ["--allowed-local-media-path", "/"]
     return cmd
+
+
+def vllm_for(model: str | None, variant: str | None, cfg: ServeConfig) -> list[str]:
+    """The vLLM command for `--model` (or the store's `variant`, default bf16)."""
+    from ..errors import InputError, ModelError
+    from ..modelref import resolve_model
+    from ..paths import installed
+
+    if model is None:
+        name = variant or "bf16"
+        path = installed(name)
+        if path is None:
+            raise ModelError(
+                f"{name} is not in the store; run: verm-local pull {name} (or --model DIR)"
+            )
+        model = str(path)
+    resolved = resolve_model(model)
+    if resolved.format == "gguf":
+        raise InputError(
+            f"{model}: vLLM serves the bf16 or GPTQ checkpoint, not GGUF (use --engine llamacpp)"
+        )
+    return vllm_command(resolved.path, cfg, resolved.quant if resolved.format == "gptq" else None)

@@ -1,0 +1,371 @@
+"""`verm-local bench serve`: verm-local's serving engine against llama.cpp's own
+`llama-server` (built from the sdist the runtime came from), on the same model and the
+same load, one engine after the other in one run.
+
+The load: `clients` concurrent clients send `requests` chat completions in all, in
+rounds of one request per client. Workloads:
+
+- `shared`: each round's requests share one ground truth (an RL step's rollouts against
+  one reference); answers forced to `answer_tokens` tokens (ignore_eos), so both engines
+  decode the same number of tokens;
+- `independent`: every request has its own ground truth, answers forced alike;
+- `schema`: as `shared`, answers constrained by the chart answer schema and ending where
+  the model ends them (the judging workload, lengths may differ between engines).
+
+Each request is the chart task's request as the authors send it (one user turn: two JPEG
+images and the prompt). The report gives each engine's wall time per workload and the
+ratio verm-local / llama-server (below 1: verm-local is faster)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from verm_local.errors import InputError, VermError
+
+log = logging.getLogger(__name__)
+
+WORKLOADS = ("shared", "independent", "schema")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images(n_gt: int, n_pred: int, size: tuple[int, int], tmp: Path) -> tuple[list, list]:
+    """Bar charts: `n_gt` references and, per reference, `n_pred` predictions that differ
+    from it in one bar's height and colour."""
+    from PIL import Image, ImageDraw
+
+    def chart(values: list[int], colour: str) -> Image.Image:
+        w, h = size
+        img = Image.new("RGB", size, "white")
+        d = ImageDraw.Draw(img)
+        step = w // (len(values) + 1)
+        for i, v in enumerate(values):
+            x = step // 2 + i * step
+            d.rectangle([x, h - 30 - v * (h - 60) // 10, x + step // 2, h - 30], fill=colour)
+        d.line([10, h - 30, w - 10, h - 30], fill="black")
+        return img
+
+    gts, preds = [], []
+    for g in range(n_gt):
+        values = [(g * 3 + i * 7) % 9 + 1 for i in range(5)]
+        gts.append(chart(values, "steelblue"))
+        row = []
+        for p in range(n_pred):
+            changed = list(values)
+            changed[p % 5] = (changed[p % 5] + 1 + p) % 9 + 1
+            row.append(chart(changed, ["orange", "steelblue", "green", "red"][p % 4]))
+        preds.append(row)
+    return gts, preds
+
+
+def _data_url(img: Any) -> str:
+    """The image as the authors' client sends it for charts: thumbnailed, JPEG."""
+    import io
+
+    from verm_local.images import prepare_image
+    from verm_local.tasks import profile
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    prepared = prepare_image(buf.getvalue(), profile("chart").gt)
+    return "data:image/jpeg;base64," + base64.b64encode(prepared.encoded).decode()
+
+
+def build_load(
+    workload: str, clients: int, requests: int, answer_tokens: int, size: tuple[int, int], tmp: Path
+) -> list[list[dict[str, Any]]]:
+    """Per client, its request bodies in order (round r is every client's r-th)."""
+    from verm_local.answer import answer_schema
+    from verm_local.prompts import resolve_prompt
+
+    rounds = -(-requests // clients)
+    shared = workload != "independent"
+    gts, preds = _images(rounds if shared else rounds * clients, clients, size, tmp)
+    prompt = resolve_prompt("chart", warn=False).text
+    urls_gt = [_data_url(g) for g in gts]
+    per_client: list[list[dict[str, Any]]] = [[] for _ in range(clients)]
+    n = 0
+    for r in range(rounds):
+        for c in range(clients):
+            if n == requests:
+                break
+            g = r if shared else r * clients + c
+            content = [
+                {"type": "image_url", "image_url": {"url": urls_gt[g]}},
+                {"type": "image_url", "image_url": {"url": _data_url(preds[g][c])}},
+                {"type": "text", "text": prompt},
+            ]
+            body: dict[str, Any] = {
+                "model": "judge",
+                "messages": [{"role": "user", "content": content}],
+                "temperature": 0.0,
+                "max_tokens": answer_tokens,
+                "seed": n,
+            }
+            if workload == "schema":
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "answer",
+                        "schema": answer_schema("chart", answer_tokens),
+                    },
+                }
+            else:
+                body["ignore_eos"] = True
+            per_client[c].append(body)
+            n += 1
+    return per_client
+
+
+def _post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def drive(base: str, load: list[list[dict[str, Any]]], timeout: float = 1800) -> dict[str, Any]:
+    """Run the load (one thread per client); wall time, tokens, failures, latencies."""
+    results: list[tuple[float, int, str]] = []
+    lock = threading.Lock()
+
+    def client(bodies: list[dict[str, Any]]) -> None:
+        for body in bodies:
+            t0 = time.perf_counter()
+            try:
+                out = _post(base + "/v1/chat/completions", body, timeout)
+                tokens, problem = int(out["usage"]["completion_tokens"]), ""
+            except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
+                tokens, problem = 0, str(exc)
+            with lock:
+                results.append((time.perf_counter() - t0, tokens, problem))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(b,)) for b in load]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = sorted(r[0] for r in results)
+    failed = [r[2] for r in results if r[2]]
+    return {
+        "wall_s": wall,
+        "requests": len(results),
+        "failed": len(failed),
+        "first_failure": failed[0] if failed else "",
+        "completion_tokens": sum(r[1] for r in results),
+        "p50_s": lat[len(lat) // 2] if lat else 0.0,
+        "p95_s": lat[min(len(lat) - 1, int(len(lat) * 0.95))] if lat else 0.0,
+    }
+
+
+class _Process:
+    """A server process on a free port; stopped (and reaped) on exit."""
+
+    def __init__(self, cmd: list[str], port: int, health: str, what: str):
+        self.port, self.what = port, what
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = Path(__import__("tempfile").mkstemp(prefix="bench-serve-", suffix=".log")[1])
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))  # noqa: SIM115
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+                raise VermError(f"{what} exited before it served ({tail[0]})")
+            try:
+                with urllib.request.urlopen(self.base + health, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise VermError(f"{what} did not come up in 10 minutes")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.unlink(missing_ok=True)
+
+
+def run_serve_bench(
+    model: str,
+    *,
+    workloads: list[str],
+    clients: int = 8,
+    requests: int = 32,
+    answer_tokens: int = 128,
+    parallel: int = 8,
+    threads: int | None = None,
+    image_size: tuple[int, int] = (512, 384),
+    llama_server: Path | None = None,
+    repack: bool | None = None,
+) -> dict[str, Any]:
+    """Both engines, one after the other, on each workload; the report."""
+    import tempfile
+
+    from verm_local.backends.llamacpp import repack_choice
+    from verm_local.convert.llama_sources import llama_server as build_llama_server
+    from verm_local.hardware import probe
+    from verm_local.modelref import resolve_model
+    from verm_local.select import context_size
+
+    bad = [w for w in workloads if w not in WORKLOADS]
+    if bad:
+        raise InputError(f"unknown workload {bad[0]!r}; choose from {', '.join(WORKLOADS)}")
+    resolved = resolve_model(model)
+    if resolved.format != "gguf":
+        raise InputError(f"{model}: bench serve compares GGUF models on llama.cpp engines")
+    hw = probe(with_torch=False)
+    threads = threads or hw.threads
+    use_repack, _ = repack_choice(repack, resolved.quant)
+    binary = llama_server or build_llama_server()
+    tokens = -(-image_size[0] // 32) * -(-image_size[1] // 32)
+    n_ctx = context_size(tokens, answer_tokens)
+    report: dict[str, Any] = {
+        "model": {
+            "path": str(resolved.path),
+            "quant": resolved.quant,
+            "mmproj": str(resolved.mmproj),
+        },
+        "settings": {
+            "clients": clients,
+            "requests": requests,
+            "answer_tokens": answer_tokens,
+            "parallel": parallel,
+            "threads": threads,
+            "image_size": list(image_size),
+            "repack": use_repack,
+            "llama_server": str(binary),
+        },
+        "machine": {
+            "cpu": hw.cpu_model,
+            "threads": hw.cores_logical,
+            "ram_gb": round(hw.ram_total / 1e9, 1),
+        },
+        "workloads": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        loads = {
+            w: build_load(w, clients, requests, answer_tokens, image_size, Path(tmp))
+            for w in workloads
+        }
+        engines = {
+            "verm-local": [
+                sys.executable,
+                "-m",
+                "verm_local.cli",
+                "serve",
+                "-m",
+                str(resolved.path),
+                "--vision",
+                "gguf",
+                "--parallel",
+                str(parallel),
+                "--threads",
+                str(threads),
+                "--max-tokens",
+                str(answer_tokens),
+                "--image-tokens",
+                str(tokens),
+                "--repack" if use_repack else "--no-repack",
+                "--queue",
+                str(max(64, requests)),
+            ],
+            "llama-server": [
+                str(binary),
+                "-m",
+                str(resolved.path),
+                "--mmproj",
+                str(resolved.mmproj),
+                "-np",
+                str(parallel),
+                "-c",
+                str(n_ctx * parallel),
+                "-t",
+                str(threads),
+                "-tb",
+                str(threads),
+                "--host",
+                "127.0.0.1",
+                "--no-webui",
+                "--image-max-tokens",
+                str(tokens),
+                *([] if use_repack else ["--no-repack"]),
+            ],
+        }
+        for name, cmd in engines.items():
+            port = _port()
+            cmd = cmd + ["--port", str(port)]
+            log.info("bench serve: starting %s", name)
+            server = _Process(cmd, port, "/health", name)
+            try:
+                for w, load in loads.items():
+                    log.info(
+                        "bench serve: %s, %s workload, %d clients x %d requests",
+                        name,
+                        w,
+                        clients,
+                        requests,
+                    )
+                    drive(server.base, [load[0][:1]])  # warm-up: one request
+                    result = drive(server.base, load)
+                    report["workloads"].setdefault(w, {})[name] = result
+            finally:
+                server.stop()
+    for r in report["workloads"].values():
+        a, b = r.get("verm-local"), r.get("llama-server")
+        if a and b and b["wall_s"] > 0:
+            r["ratio"] = a["wall_s"] / b["wall_s"]
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, m = report["settings"], report["machine"]
+    lines = [
+        f"# verm-local serve vs llama-server ({m['cpu']}, {s['threads']} threads; "
+        f"{report['model']['quant']})",
+        "",
+        f"{s['clients']} clients x {s['requests']} requests, {s['parallel']} parallel, "
+        f"images {s['image_size'][0]}x{s['image_size'][1]}, answers "
+        f"{s['answer_tokens']} tokens (forced, except `schema`), repack "
+        f"{'on' if s['repack'] else 'off'} for both.",
+        "",
+        "| workload | verm-local s (tokens) | llama-server s (tokens) | ratio | "
+        "p50 s verm / llama | failed verm / llama |",
+        "|---|---|---|---|---|---|",
+    ]
+    for w, r in report["workloads"].items():
+        a, b = r.get("verm-local", {}), r.get("llama-server", {})
+        lines.append(
+            f"| {w} | {a.get('wall_s', 0):.2f} ({a.get('completion_tokens', 0)}) | "
+            f"{b.get('wall_s', 0):.2f} ({b.get('completion_tokens', 0)}) | "
+            f"{r.get('ratio', float('nan')):.3f} | {a.get('p50_s', 0):.2f} / "
+            f"{b.get('p50_s', 0):.2f} | {a.get('failed', 0)} / {b.get('failed', 0)} |"
+        )
+    lines += ["", "ratio = verm-local / llama-server wall time (below 1: verm-local faster)."]
+    return "\n".join(lines) + "\n"

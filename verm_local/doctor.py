@@ -1,0 +1,47 @@
+"""`verm-local doctor`: what this machine has, the plan for it and why (variant, device,
+threads, the repack decision), the store, and every setting with its current value."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .hardware import Hardware, probe
+from .paths import installed
+from .runtime import plan_here
+from .settings import describe, settings
+
+
+def read_record(path: Path) -> Hardware:
+    """A recorded machine: `doctor --json` output, or its `hardware` part."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Hardware.from_dict(data.get("hardware", data))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path}: not a hardware record ({exc.__class__.__name__})") from None
+
+
+def doctor(
+    device: str | None = None,
+    variant: str | None = None,
+    hardware: Path | Hardware | None = None,
+    repack: bool | None = None,
+) -> dict[str, Any]:
+    """The report `doctor --json` prints: hardware, plan, decisions, store, settings."""
+    if isinstance(hardware, Path):
+        hw = read_record(hardware)
+    else:
+        hw = hardware or probe(with_torch=True)
+    _, plan = plan_here(
+        device, variant, hardware=hw, repack=repack if repack is not None else settings().repack
+    )
+    path = installed(plan.variant)
+    return {
+        "hardware": hw.to_dict(),
+        "plan": plan.to_dict(),
+        "decisions": {"repack": {"enabled": plan.repack, "reason": plan.repack_reason}},
+        "store": {"variant": plan.variant, "path": str(path) if path else None},
+        "settings": describe(),
+    }
