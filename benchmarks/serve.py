@@ -60,10 +60,13 @@ def _images(n_gt: int, n_pred: int, size: tuple[int, int], tmp: Path) -> tuple[l
         d.line([10, h - 30, w - 10, h - 30], fill="black")
         return img
 
+    import random
+
     gts, preds = [], []
-    for g in range(n_gt):
-        values = [(g * 3 + i * 7) % 9 + 1 for i in range(5)]
-        gts.append(chart(values, "steelblue"))
+    for g in range(n_gt):  # every reference distinct: nothing can be reused across them
+        rng = random.Random(g)
+        values = [rng.randint(1, 9) for _ in range(5)]
+        gts.append(chart(values, ["steelblue", "purple", "teal", "brown"][g % 4]))
         row = []
         for p in range(n_pred):
             changed = list(values)

@@ -46,6 +46,18 @@ def user_turn(
 
 
 @dataclass
+class ImageEmbedding:
+    """An encoded image, ready for the text model: embeddings [n, n_embd_inp], decoder
+    positions ([n], or [4, n] for M-RoPE), the positions it advances, encoder seconds."""
+
+    embd: np.ndarray
+    pos: np.ndarray
+    seconds: float
+    n_pos: int
+    causal: bool = True
+
+
+@dataclass
 class Generation:
     text: str
     finish_reason: str  # "stop" | "length"

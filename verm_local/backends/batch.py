@@ -4,9 +4,12 @@ GRPO judges 8-16 rollouts against one ground truth. Every prompt starts with the
 chat preamble and ground-truth image, so that prefix is evaluated once into a cache
 sequence and copied into each request's sequence (each sequence has its own KV stream;
 `llama_memory_seq_cp` across streams copies the stream, far cheaper than evaluating the
-image again). Each request then evaluates only its prediction image and prompt, and all
-requests decode together, one token per sequence per `llama_decode` call, so the weights
-are read once per step for the batch. One request alone is a batch of one.
+image again). Each request then evaluates only its prediction image and prompt, packed
+with the other requests' (the prediction images of all requests in shared decode calls,
+then their prompt texts: fuller batches read the weights fewer times, as llama-server
+does across its slots), and all requests decode together, one token per sequence per
+`llama_decode` call, so the weights are read once per step for the batch. One request
+alone is a batch of one.
 
 Prefixes stay in the cache (LRU over `prefix_cache` sequences), so a later batch with
 the same ground truth reuses it too. Trimming a sequence back and evaluating from the
@@ -26,8 +29,20 @@ import numpy as np
 from ..errors import VermError
 from ..events import stage
 from . import native
-from .base import Generation, Request
+from .base import Generation, ImageEmbedding, Request
 from .sampling import TokenSampler
+
+
+@dataclass
+class _Item:
+    """Part of a prompt left to evaluate in sequence `s.seq`: text tokens from position
+    `start`, or an encoded image."""
+
+    s: _Seq
+    tokens: list[int] | None = None
+    start: int = 0
+    image: ImageEmbedding | None = None
+    last: bool = False  # the sequence's last item: its last token's logits are kept
 
 
 @dataclass
@@ -125,29 +140,92 @@ class BatchEngine:
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def _eval_chunks(
-        self, s: _Seq, chunks: list, n_past: int, label: str = ""
-    ) -> tuple[int, np.ndarray | None]:
-        """Evaluate chunks for sequence `s.seq` from n_past; logits after the last one."""
-        logits = None
+    def _items(self, s: _Seq, chunks: list, n_past: int, label: str = "") -> tuple[list, int]:
+        """The work of evaluating `chunks` in sequence `s.seq` from `n_past`: text items
+        (tokens) and image items (encoded now: embeddings and positions), and the position
+        after them."""
+        items: list[_Item] = []
         n_images = sum(not c.is_text for c in chunks)
         done = 0
-        for k, chunk in enumerate(chunks):
-            last = k == len(chunks) - 1
+        for chunk in chunks:
             if chunk.is_text:
-                logits = self.ctx.eval_tokens(
-                    chunk.tokens, n_past, s.seq, "last" if last else "none"
-                )
+                items.append(_Item(s, tokens=chunk.tokens, start=n_past))
                 n_past += len(chunk.tokens)
-            else:
-                done += 1
-                stage("encode image", image=label, done=done, total=n_images, tokens=chunk.n_tokens)
-                embd, dt, _keep = self.b.encode_image(chunk)
-                s.vision_s += dt
-                s.image_tokens += chunk.n_tokens
-                stage("prefill image", tokens=chunk.n_tokens)
-                n_past = self.b.decode_image(self.ctx, chunk, embd, n_past, s.seq)
-        return n_past, logits
+                continue
+            done += 1
+            stage("encode image", image=label, done=done, total=n_images, tokens=chunk.n_tokens)
+            image = self.b.image_embedding(chunk, n_past)
+            s.vision_s += image.seconds
+            s.image_tokens += chunk.n_tokens
+            items.append(_Item(s, image=image))
+            n_past += image.n_pos
+        return items, n_past
+
+    def _evaluate(self, work: list[list[_Item]]) -> None:
+        """Evaluate every sequence's items in order, the sequences' items packed together:
+        the next item of every sequence goes in one wave, a wave's images share decode
+        calls and so do its texts (up to n_batch rows a call). The last text item of a
+        sequence leaves its logits in `_Seq.logits`."""
+        queues = [list(items) for items in work if items]
+        for q in queues:
+            q[-1].last = True
+        while queues:
+            wave = [q.pop(0) for q in queues]
+            queues = [q for q in queues if q]
+            images = [it for it in wave if it.image is not None]
+            if images:
+                stage("prefill image", tokens=sum(len(it.image.embd) for it in images))
+                self._decode_images(images)
+            texts = [it for it in wave if it.tokens is not None]
+            if texts:
+                stage("prefill", tokens=sum(len(it.tokens) for it in texts))
+                self._decode_texts(texts)
+
+    def _decode_images(self, items: list[_Item]) -> None:
+        """Images whole, several per call while they fit n_batch rows; an image over
+        n_batch (or one that attends both ways) alone, in slices, as mtmd's helper does."""
+        nb = self.ctx.n_batch
+        group: list[_Item] = []
+
+        def flush() -> None:
+            if group:
+                self.ctx.decode_embd(
+                    np.concatenate([it.image.embd for it in group]),
+                    np.concatenate([it.image.pos for it in group], axis=-1),
+                    np.concatenate([np.full(len(it.image.embd), it.s.seq) for it in group]),
+                )
+                group.clear()
+
+        for it in items:
+            img, n = it.image, len(it.image.embd)
+            if not img.causal or n > nb:
+                flush()
+                for i in range(0, n, nb):
+                    sl = slice(i, i + nb)
+                    self.ctx.decode_embd(
+                        img.embd[sl],
+                        img.pos[..., sl],
+                        np.full(len(img.embd[sl]), it.s.seq),
+                        causal=img.causal,
+                    )
+                continue
+            if sum(len(g.image.embd) for g in group) + n > nb:
+                flush()
+            group.append(it)
+        flush()
+
+    def _decode_texts(self, items: list[_Item]) -> None:
+        rows = [
+            (tok, it.start + j, it.s.seq, it.last and j == len(it.tokens) - 1, it)
+            for it in items
+            for j, tok in enumerate(it.tokens)
+        ]
+        for i in range(0, len(rows), self.ctx.n_batch):
+            part = rows[i : i + self.ctx.n_batch]
+            self.ctx.decode([(tok, pos, seq, want) for tok, pos, seq, want, _ in part])
+            for k, (_, _, _, want, it) in enumerate(part):
+                if want:
+                    it.s.logits = self.ctx.logits(k)
 
     def _prefix(self, s: _Seq, chunks: list) -> tuple[int, int]:
         """Index of the first chunk after the shared prefix (the text before the first image
@@ -176,7 +254,8 @@ class BatchEngine:
             slot = self.cache.slot(self.ctx.seq_rm)
             self.ctx.seq_rm(slot)
             probe = _Seq(seq=slot, request=s.request)
-            n_past, _ = self._eval_chunks(probe, chunks[: first_image + 1], 0, "ground truth")
+            items, n_past = self._items(probe, chunks[: first_image + 1], 0, "ground truth")
+            self._evaluate([items])
             self.cache.put(key, slot, n_past)
             s.vision_s += probe.vision_s
             hit = (slot, n_past)
@@ -187,8 +266,9 @@ class BatchEngine:
         self.ctx.seq_cp(slot, s.seq)
         return first_image + 1, n_past
 
-    def _prompt(self, s: _Seq) -> None:
-        """Evaluate a request's prompt into its sequence; set its sampler."""
+    def _prompt(self, s: _Seq) -> list[_Item]:
+        """Tokenize a request, reuse (or fill) its cached prefix, encode its remaining
+        images; the items left to evaluate. Sets its sampler."""
         self.ctx.seq_rm(s.seq)
         req = s.request
         text = self.b.render(req.messages)
@@ -201,12 +281,10 @@ class BatchEngine:
                     f"prompt needs {s.prompt_tokens} tokens but a sequence "
                     f"holds {self.n_ctx}; lower the image size or the token cap"
                 )
-            start, n_past = self._prefix(s, parts)
-            s.n_past, s.logits = self._eval_chunks(
-                s, parts[start:], n_past, "prediction" if start else ""
-            )
-            if s.logits is None:
+            if not parts or not parts[-1].is_text:
                 raise VermError("a prompt must end with text after its images")
+            start, n_past = self._prefix(s, parts)
+            items, s.n_past = self._items(s, parts[start:], n_past, "prediction" if start else "")
             s.max_tokens = max(1, min(req.sampling.max_tokens, room))
             s.sampler = TokenSampler(
                 self.b.picker,
@@ -217,6 +295,7 @@ class BatchEngine:
             )
             if self.b.picker.exhaustive:
                 s.sampler.shortlist = False
+        return items
 
     def score(self, request: Request, answer: list[int]) -> np.ndarray:
         """Raw logits [len(answer), vocab] at each position of a forced answer."""
@@ -226,7 +305,9 @@ class BatchEngine:
             n_prompt = chunks.n_tokens
             if n_prompt + len(answer) + 1 > self.n_ctx:
                 raise VermError("prompt and answer do not fit the context")
-            s.n_past, first = self._eval_chunks(s, list(chunks), 0)
+            items, s.n_past = self._items(s, list(chunks), 0)
+        self._evaluate([items])
+        first = s.logits
         rest = self.ctx.eval_tokens(list(answer[:-1]), s.n_past, 0, "all")
         self.ctx.seq_rm(0)
         return np.concatenate([first[None, :], rest]) if len(answer) > 1 else first[None, :]
@@ -258,13 +339,20 @@ class BatchEngine:
         # Requests sharing a ground truth run next to each other, so the prefix is
         # evaluated by the first of them and stays cached for the rest.
         seqs = [_Seq(seq=i, request=r) for i, r in enumerate(requests)]
+        t0 = time.perf_counter()
+        work = []
         for s in seqs:
-            t1 = time.perf_counter()
             try:
-                self._prompt(s)
+                work.append(self._prompt(s))
             except VermError as exc:
                 s.error = exc
-            s.prefill_s = time.perf_counter() - t1
+        try:
+            self._evaluate(work)
+        except VermError as exc:  # a failed decode call fails the requests it held
+            for s in seqs:
+                s.error = s.error or exc
+        for s in seqs:
+            s.prefill_s = time.perf_counter() - t0
         t_decode = time.perf_counter()
         active = [s for s in seqs if s.error is None]
         total = sum(s.max_tokens for s in active)

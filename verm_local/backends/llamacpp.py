@@ -24,7 +24,7 @@ from ..images import PreparedImage
 from ..modelref import ResolvedModel
 from ..schema import ModelInfo
 from . import native
-from .base import Generation, Request, user_turn
+from .base import Generation, ImageEmbedding, Request, user_turn
 from .grammar import grammar_for
 from .sampling import GrammarArgmax
 
@@ -318,26 +318,39 @@ class LlamaCppBackend:
         keep = np.ascontiguousarray(emb, dtype=np.float32)
         return keep.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), dt, keep
 
-    def decode_image(self, ctx: native.Context, chunk: Chunk, embd: Any, pos: int, seq: int) -> int:
-        """Decode an image chunk's embeddings into sequence `seq` from `pos`; the position
-        after it (Qwen3-VL advances by the image's n_pos, not its token count)."""
-        lc, mtmd = self.lc, self.mtmd
-        new_pos = lc.llama_pos(0)
-        rc = mtmd.mtmd_helper_decode_image_chunk(
-            self.mctx,
-            ctx.ptr,
-            chunk.handle,
-            embd,
-            lc.llama_pos(pos),
-            lc.llama_seq_id(seq),
-            ctx.n_batch,
-            ctypes.byref(new_pos),
-            mtmd.mtmd_helper_post_decode_callback(),
-            None,
+    def image_embedding(self, chunk: Chunk, n_past: int) -> ImageEmbedding:
+        """An image chunk encoded (mmproj or the external encoder) into embeddings the text
+        model takes later, with the decoder positions it gets from `n_past` on; the vision
+        weights are not needed after this."""
+        mtmd = self.mtmd
+        ptr, dt, keep = self.encode_image(chunk)
+        n, width = chunk.n_tokens, self.model.n_embd_inp
+        if keep is None:  # mtmd's output buffer: copied, the next encode reuses it
+            keep = np.ctypeslib.as_array(ptr, shape=(n * width,)).reshape(n, width).copy()
+        if mtmd.mtmd_decode_use_mrope(self.mctx):
+            tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk.handle)
+            raw = (mtmd.mtmd_decoder_pos * n)()
+            mtmd.mtmd_helper_image_get_decoder_pos(tokens, n_past, raw)
+            arr = (
+                np.ctypeslib.as_array(raw)
+                .view(
+                    np.dtype(
+                        [("t", np.uint32), ("x", np.uint32), ("y", np.uint32), ("z", np.uint32)]
+                    )
+                )
+                .reshape(n)
+            )
+            # llama.cpp's M-RoPE sections: time, then y, then x, then the spare one.
+            pos = np.stack([arr["t"], arr["y"], arr["x"], arr["z"]]).astype(np.int32)
+        else:
+            pos = np.arange(n_past, n_past + n, dtype=np.int32)
+        return ImageEmbedding(
+            embd=keep,
+            pos=pos,
+            seconds=dt,
+            n_pos=int(mtmd.mtmd_input_chunk_get_n_pos(chunk.handle)),
+            causal=not mtmd.mtmd_decode_use_non_causal(self.mctx, chunk.handle),
         )
-        if rc != 0:
-            raise VermError(f"llama.cpp failed to decode image embeddings (code {rc})")
-        return int(new_pos.value)
 
     def weight_files(self) -> list:
         return [f for f in self._files if f is not None]

@@ -221,6 +221,47 @@ class Context:
                 "be full: lower --parallel or the image size"
             )
 
+    def decode_embd(
+        self, embd: np.ndarray, pos: np.ndarray, seqs: np.ndarray, causal: bool = True
+    ) -> None:
+        """One llama_decode of embedding rows (image embeddings): `embd` [n, n_embd_inp]
+        float32, `pos` [n] (1-D) or [k, n] (M-RoPE: sections t, y, x, z, laid out section
+        by section as llama.cpp reads them), `seqs` [n] sequence ids. Rows of several
+        sequences may share one call; `causal=False` for images that attend both ways."""
+        lc = self.lc
+        n = int(embd.shape[0])
+        embd = np.ascontiguousarray(embd, dtype=np.float32)
+        flat_pos = np.ascontiguousarray(np.asarray(pos, dtype=np.int32).reshape(-1))
+        seq_ids = np.ascontiguousarray(np.asarray(seqs, dtype=np.int32))
+        n_seq = np.ones(n, dtype=np.int32)
+        seq_ptrs = (ctypes.POINTER(lc.llama_seq_id) * n)(
+            *[
+                ctypes.cast(seq_ids.ctypes.data + 4 * i, ctypes.POINTER(lc.llama_seq_id))
+                for i in range(n)
+            ]
+        )
+        no_logits = np.zeros(n, dtype=np.int8)
+        batch = lc.llama_batch(
+            n_tokens=n,
+            token=None,
+            embd=embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            pos=flat_pos.ctypes.data_as(ctypes.POINTER(lc.llama_pos)),
+            n_seq_id=n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=seq_ptrs,
+            logits=no_logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+        if not causal:
+            lc.llama_set_causal_attn(self.ptr, False)
+        try:
+            rc = lc.llama_decode(self.ptr, batch)
+        finally:
+            if not causal:
+                lc.llama_set_causal_attn(self.ptr, True)
+        if rc != 0:
+            raise VermError(
+                f"llama.cpp could not decode image embeddings (code {rc}); the context may be full"
+            )
+
     def eval_tokens(
         self, tokens: list[int], pos: int, seq: int = 0, logits: str = "last"
     ) -> np.ndarray | None:
