@@ -113,6 +113,188 @@ def measure_verm(
     }
 
 
+def _rss() -> int:
+    """This process's resident memory now, bytes."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def kv_bytes_per_token(gguf: Path, kv_type: str | None = None) -> int:
+    """KV cache bytes per token of context, from the GGUF's own shape."""
+    from verm_local.gguf_meta import read_metadata
+
+    meta = read_metadata(gguf)
+    arch = meta["general.architecture"]
+    layers = int(meta[f"{arch}.block_count"])
+    heads = meta[f"{arch}.attention.head_count"]
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    k = int(meta.get(f"{arch}.attention.key_length", 128))
+    v = int(meta.get(f"{arch}.attention.value_length", 128))
+    per = {"f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}[kv_type or "f16"]
+    return int(layers * kv_heads * (k + v) * per)
+
+
+def measure_oneshot(
+    model: str,
+    gt: str,
+    pred: str,
+    task: str,
+    repeat: int,
+    threads: int | None,
+    image_tokens: int | None,
+    max_tokens: int | None,
+    repack: bool | None = None,
+    kv_type: str | None = None,
+    flash_attn: bool | None = None,
+    n_ubatch: int | None = None,
+    vision: str = "auto",
+) -> dict[str, Any]:
+    """One judgement as `verm-local judge` makes it (one-shot: the vision model let go
+    before the text model's buffers, the context sized for the request), in a fresh
+    process: peak RSS, RSS at each stage, the analytic sizes of its parts, the timings."""
+    from verm_local import events
+    from verm_local.judge import Judge
+
+    base = _rss()
+    timeline: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+
+    def note(name: str, detail: dict[str, Any]) -> None:
+        timeline.append(
+            {
+                "stage": events.describe(name, detail),
+                "s": round(time.perf_counter() - t_start, 3),
+                "rss_mb": round(_rss() / 1e6, 1),
+            }
+        )
+
+    with events.listening(note):
+        judge = Judge(
+            model,
+            threads=threads,
+            image_tokens=image_tokens,
+            max_tokens=max_tokens,
+            repack=repack,
+            one_shot=True,
+            kv_type=kv_type,
+            flash_attn=flash_attn,
+            n_ubatch=n_ubatch,
+            vision=vision,
+        )
+        sampling = judge.sampling(task)
+        result = judge.judge(gt, pred, task, sampling=sampling, unreadable="score")
+        note("done", {})
+    gen = judge.last_generation
+    resolved = judge.resolved
+    n_ctx = judge.backend.batch.n_ctx
+    kv = kv_bytes_per_token(resolved.path, kv_type) * n_ctx
+    vision_file = judge.backend.weight_files()[-1]
+    out = {
+        "model": judge.backend.info.model_dump(),
+        "peak_rss": _peak_rss(),
+        "python_rss": base,
+        "timeline": timeline,
+        "parts": {
+            "text_weights": resolved.path.stat().st_size,
+            "vision_weights": vision_file.stat().st_size,
+            "kv_cache": kv,
+            "n_ctx": n_ctx,
+            "kv_type": kv_type or "f16",
+        },
+        "timings": result.timings.model_dump(),
+        "complete": result.complete,
+        "settings": {
+            "flash_attn": bool(flash_attn),
+            "n_ubatch": n_ubatch or 512,
+            "vision": judge.backend.info.vision,
+            "repack": judge.backend.info.repack,
+        },
+        "completion_tokens": gen.completion_tokens,
+        "e2e_s": time.perf_counter() - t_start,
+    }
+    judge.close()
+    return out
+
+
+def measure_served(
+    model: str,
+    gt: str,
+    pred: str,
+    task: str,
+    repeat: int,
+    threads: int | None,
+    image_tokens: int | None,
+    max_tokens: int | None,
+    repack: bool | None = None,
+    parallel: int = 8,
+) -> dict[str, Any]:
+    """`verm-local serve --parallel N` under N concurrent /v1/judge requests against one
+    ground truth: the model worker's peak RSS (VmHWM) and the wall time of the round."""
+    import threading
+    import urllib.request
+
+    from .serve import _port, _Process
+
+    port = _port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "verm_local.cli",
+        "serve",
+        "-m",
+        model,
+        "--parallel",
+        str(parallel),
+        "--port",
+        str(port),
+    ]
+    for flag, value in (
+        ("--threads", threads),
+        ("--image-tokens", image_tokens),
+        ("--max-tokens", max_tokens),
+    ):
+        if value:
+            cmd += [flag, str(value)]
+    if repack is not None:
+        cmd.append("--repack" if repack else "--no-repack")
+    server = _Process(cmd, port, "/health", "verm-local serve")
+    try:
+        pid = json.loads(urllib.request.urlopen(server.base + "/health").read())["worker_pid"]
+        preds = _variants(pred, parallel, image_tokens, task)
+        gt_b = Path(gt).read_bytes()
+
+        def png(img: Any) -> bytes:
+            buf = io.BytesIO()
+            img.image.save(buf, format="PNG")
+            return buf.getvalue()
+
+        def url(raw: bytes) -> str:
+            return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+        def one(p: Any) -> None:
+            body = json.dumps({"gt": url(gt_b), "pred": url(png(p)), "task": task}).encode()
+            req = urllib.request.Request(
+                server.base + "/v1/judge", data=body, headers={"Content-Type": "application/json"}
+            )
+            urllib.request.urlopen(req, timeout=3600).read()
+
+        t0 = time.perf_counter()
+        threads_ = [threading.Thread(target=one, args=(p,)) for p in preds]
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join()
+        wall = time.perf_counter() - t0
+        status = Path(f"/proc/{pid}/status").read_text()
+        hwm = next(
+            int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmHWM:")
+        )
+    finally:
+        server.stop()
+    return {"parallel": parallel, "worker_peak_rss": hwm, "round_s": wall}
+
+
 def measure_stock(
     model: str,
     gt: str,
@@ -432,6 +614,44 @@ def repack_summary(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The settings that move prefill on a CPU, tried side by side on one default judgement.
+SWEEP = (
+    {"n_ubatch": 512},
+    {"n_ubatch": 256},
+    {"n_ubatch": 1024},
+    {"n_ubatch": 512, "flash_attn": True},
+    {"n_ubatch": 512, "flash_attn": True, "kv_type": "q8_0"},
+    {"n_ubatch": 512, "vision": "onnx"},
+)
+
+
+def prefill_sweep(path: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """One default judgement per setting, each in its own process: prefill, vision, TTFT,
+    peak RSS. A vision path that is not there (no ONNX tower) is left out."""
+    rows = []
+    for setting in SWEEP:
+        log.info("latency: prefill sweep %s ...", setting)
+        try:
+            r = _worker("oneshot", path, {**args, **setting})
+        except VermError as exc:
+            if setting.get("vision") == "onnx":
+                continue
+            raise exc
+        t = r["timings"]
+        rows.append(
+            {
+                "setting": setting,
+                "vision": r["settings"]["vision"],
+                "vision_s": t["vision_s"],
+                "text_prefill_s": t["prefill_s"] - t["vision_s"],
+                "ttft_s": t["ttft_s"],
+                "peak_rss": r["peak_rss"],
+                "decode_tok_s": (t["completion_tokens"] / t["decode_s"] if t["decode_s"] else 0.0),
+            }
+        )
+    return rows
+
+
 def summarize_model(verm: dict[str, Any], stock: dict[str, Any] | None) -> dict[str, Any]:
     runs = verm["runs"]
     out: dict[str, Any] = {
@@ -473,7 +693,14 @@ def run_latency(
     rl_sampling: bool = False,
     repack: bool | None = None,
     compare_repack: bool = False,
+    memory: bool = True,
+    serve_parallel: int = 0,
+    sweep: bool = False,
+    timed: bool = True,
 ) -> dict[str, Any]:
+    """Latency per model (and llama.cpp's own path), and for GGUF models: one default
+    judgement's memory (`memory`), the served worker's (`serve_parallel`), the prefill
+    settings side by side (`sweep`); `timed=False` skips the repeated timing runs."""
     from verm_local.modelref import resolve_model
 
     from .agreement import model_path
@@ -491,14 +718,26 @@ def run_latency(
     report: dict[str, Any] = {"settings": args, "machine": _machine(), "models": {}}
     for name in models:
         path = model_path(name)
-        log.info("latency: %s ...", name)
-        verm = _worker("verm", path, args)
-        own = None
-        if stock and resolve_model(path).format == "gguf":
-            log.info("latency: %s through llama.cpp's own path ...", name)
-            own = _worker("stock", path, args)
-        report["models"][name] = summarize_model(verm, own)
-        if compare_repack and resolve_model(path).format == "gguf":
+        gguf = resolve_model(path).format == "gguf"
+        entry: dict[str, Any] = {}
+        if timed:
+            log.info("latency: %s ...", name)
+            verm = _worker("verm", path, args)
+            own = None
+            if stock and gguf:
+                log.info("latency: %s through llama.cpp's own path ...", name)
+                own = _worker("stock", path, args)
+            entry = summarize_model(verm, own)
+        report["models"][name] = entry
+        if memory and gguf:
+            log.info("latency: %s: one default judgement, its memory ...", name)
+            entry["oneshot"] = _worker("oneshot", path, args)
+        if serve_parallel and gguf:
+            log.info("latency: %s: serve --parallel %d, its memory ...", name, serve_parallel)
+            entry["served"] = _worker("served", path, {**args, "serve_parallel": serve_parallel})
+        if sweep and gguf:
+            entry["sweep"] = prefill_sweep(path, args)
+        if compare_repack and gguf and timed:
             log.info("latency: %s: weights repacked and not, side by side ...", name)
             both = {}
             for setting in (True, False):  # the default run above is one of the two
@@ -508,7 +747,7 @@ def run_latency(
                     else _worker("verm", path, {**args, "repack": setting})
                 )
             report["models"][name]["repack"] = repack_summary(both[True], both[False])
-        if predictions > 1 and resolve_model(path).format == "gguf":
+        if predictions > 1 and gguf:
             log.info(
                 "latency: %s: %d predictions vs one ground truth, independent and batched ...",
                 name,
@@ -523,9 +762,11 @@ def run_latency(
             )
             report["models"][name]["shared_prefix"] = shared
             report["models"][name]["shared_ratio"] = shared["ratio"]
-    first = next(iter(report["models"].values()))["e2e_s"]["median"]
-    for m in report["models"].values():
-        m["relative_e2e"] = m["e2e_s"]["median"] / first
+    timed_models = [m for m in report["models"].values() if "e2e_s" in m]
+    if timed_models:
+        first = timed_models[0]["e2e_s"]["median"]
+        for m in timed_models:
+            m["relative_e2e"] = m["e2e_s"]["median"] / first
     if out:
         write_reports(report, Path(out))
     return report
@@ -581,12 +822,15 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Latency ({m['cpu']}, {m['threads']} threads; median of "
         f"{report['settings']['repeat']} after a warm-up)",
-        "",
-        "| model | load s | vision s | text prefill s | TTFT s | decode tok/s | "
-        "end-to-end s | peak RSS MB | llama.cpp own path s | overhead ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in report["models"].items():
+    if any("e2e_s" in r for r in report["models"].values()):
+        lines += [
+            "",
+            "| model | load s | vision s | text prefill s | TTFT s | decode tok/s | "
+            "end-to-end s | peak RSS MB | llama.cpp own path s | overhead ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    for name, r in ((n, r) for n, r in report["models"].items() if "e2e_s" in r):
         own = r.get("llamacpp")
         e2e = r["e2e_s"]
         row = (
@@ -664,7 +908,74 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{on['load_s']:.2f} -> {off['load_s']:.2f} | "
                 f"{rp['e2e_ratio_off_on']:.3f} | {rp['faster']} |"
             )
+    lines += _memory_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.0f}"
+
+
+def _memory_markdown(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    shots = {n: r["oneshot"] for n, r in report["models"].items() if r.get("oneshot")}
+    if shots:
+        lines += [
+            "",
+            "One default judgement (`verm-local judge`: one-shot, the context sized for "
+            "the request), in a fresh process:",
+            "",
+            "| model | peak RSS MB | Python MB | text weights MB | vision weights MB | "
+            "KV cache MB (n_ctx, type) | rest MB | TTFT s | vision s | prefill s | "
+            "decode s (tokens) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for n, o in shots.items():
+            p, t = o["parts"], o["timings"]
+            rest = o["peak_rss"] - o["python_rss"] - p["text_weights"] - p["kv_cache"]
+            lines.append(
+                f"| {Path(n).name} | {_mb(o['peak_rss'])} | {_mb(o['python_rss'])} | "
+                f"{_mb(p['text_weights'])} | {_mb(p['vision_weights'])} | {_mb(p['kv_cache'])} "
+                f"({p['n_ctx']}, {p['kv_type']}) | {_mb(rest)} | {t['ttft_s']:.2f} | "
+                f"{t['vision_s']:.2f} | {t['prefill_s']:.2f} | {t['decode_s']:.2f} "
+                f"({t['completion_tokens']}) |"
+            )
+        lines += [
+            "",
+            "Rest: compute buffers, the vision encoder's activations, image "
+            "embeddings, allocator slack (peak minus Python, text weights and KV; the "
+            "vision weights are let go before the text prefill). RSS at each stage:",
+            "",
+        ]
+        for n, o in shots.items():
+            steps = ", ".join(f"{e['stage']} {e['rss_mb']:,.0f}" for e in o["timeline"])
+            lines.append(f"- {Path(n).name}: {steps} (MB)")
+    served = {n: r["served"] for n, r in report["models"].items() if r.get("served")}
+    for n, sv in served.items():
+        lines += [
+            "",
+            f"`serve --parallel {sv['parallel']}` ({Path(n).name}): the model "
+            f"worker's peak RSS {_mb(sv['worker_peak_rss'])} MB over {sv['parallel']} "
+            f"concurrent judgements of one ground truth ({sv['round_s']:.1f} s).",
+        ]
+    sweeps = {n: r["sweep"] for n, r in report["models"].items() if r.get("sweep")}
+    for n, rows in sweeps.items():
+        lines += [
+            "",
+            f"Prefill settings side by side ({Path(n).name}, one default judgement each):",
+            "",
+            "| setting | vision | vision s | text prefill s | TTFT s | "
+            "decode tok/s | peak RSS MB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            setting = ", ".join(f"{k}={v}" for k, v in r["setting"].items())
+            lines.append(
+                f"| {setting} | {r['vision']} | {r['vision_s']:.2f} | "
+                f"{r['text_prefill_s']:.2f} | {r['ttft_s']:.2f} | "
+                f"{r['decode_tok_s']:.1f} | {_mb(r['peak_rss'])} |"
+            )
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -676,12 +987,41 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["models"])
+    names = [n for n in report["models"] if "e2e_s" in report["models"][n]]
     shared = [n for n in names if report["models"][n].get("shared_prefix")]
-    rows = [len(names)] + ([2 * len(shared)] if shared else [])
+    shots = [n for n in report["models"] if report["models"][n].get("oneshot")]
+    rows = (
+        ([len(names)] if names else [])
+        + ([2 * len(shared)] if shared else [])
+        + ([3] if shots else [])
+    )
+    if not rows:
+        return
     fig, axes = plt.subplots(
         len(rows), 1, squeeze=False, height_ratios=rows, figsize=(8, 1.6 + 0.6 * sum(rows))
     )
+    if shots:
+        ax = axes[-1][0]
+        for n in shots:
+            tl = report["models"][n]["oneshot"]["timeline"]
+            ax.step(
+                [e["s"] for e in tl],
+                [e["rss_mb"] / 1000 for e in tl],
+                where="post",
+                label=Path(n).name,
+            )
+            for e in tl:
+                ax.annotate(
+                    e["stage"].split(" (")[0], (e["s"], e["rss_mb"] / 1000), fontsize=6, rotation=30
+                )
+        ax.set_xlabel("seconds into one default judgement")
+        ax.set_ylabel("RSS GB")
+        ax.legend(loc="best", fontsize=8)
+    if not names:
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
     ax = axes[0][0]
     for i, n in enumerate(names):
         r = report["models"][n]
@@ -769,6 +1109,8 @@ def _main(argv: list[str]) -> None:
         "stock": measure_stock,
         "independent": measure_independent,
         "batched": measure_batched,
+        "oneshot": measure_oneshot,
+        "served": measure_served,
     }[kind]
     extra = (
         {"predictions": args["predictions"], "rl": args.get("rl", False)}
@@ -776,6 +1118,16 @@ def _main(argv: list[str]) -> None:
         else {}
     )
     extra["repack"] = args.get("repack")
+    if kind == "oneshot":
+        extra.update(
+            {
+                k: args[k]
+                for k in ("kv_type", "flash_attn", "n_ubatch", "vision")
+                if args.get(k) is not None
+            }
+        )
+    if kind == "served":
+        extra["parallel"] = args.get("serve_parallel", 8)
     from verm_local.stdio import stdout_to_stderr
 
     with stdout_to_stderr():

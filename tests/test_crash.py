@@ -38,7 +38,7 @@ def test_a_child_killed_by_a_signal_becomes_one_line(sig, tmp_path, monkeypatch,
     line = err[0]
     name = signal.Signals(sig).name
     assert line.startswith("verm-local: error: verm-local judge crashed in native code")
-    assert name in line and "during decode (model-Q8_0.gguf, Q8_0)" in line
+    assert name in line and "during decode (model-Q8_0.gguf, Q8_0)" in line, line
     assert "--no-repack" in line and "verm-local doctor" in line
     log = tmp_path / "crash" / line.rsplit("native stack: ", 1)[1]
     log = next((tmp_path / "crash").glob("*.log"))
@@ -58,7 +58,7 @@ def test_crash_report_names_the_stage_and_the_log(tmp_path):
     rec = Recorder(log, "serve model worker")
     events.stage("encode image", image="ground truth", done=1, total=2)
     rec.close(keep=True)
-    assert last_step(log) == "encode image (ground truth, 1/2)"
+    assert last_step(log) == "encode image 1/2 (ground truth)"
     line = crash_report("the model worker", signal.SIGSEGV, log)
     assert "SIGSEGV" in line and "encode image" in line and str(log) in line
     assert "out of memory" in crash_report("the model worker", signal.SIGKILL, None)

@@ -337,3 +337,71 @@ def verm_local_judge(model):
     import verm_local
 
     return verm_local.Judge(model=model, quant="Q4_K_M", vision="gguf")
+
+
+def test_one_shot_encodes_images_first_and_sizes_the_context(tiny_gguf, pair):
+    """One-shot judging (what `verm-local judge` does): both images are encoded, then the
+    vision projector is let go, then the context is allocated, sized for the request
+    (prompt tokens + the answer cap, 256-aligned), not for the largest task."""
+    from verm_local import events
+    from verm_local.judge import Judge
+
+    seen: list[str] = []
+    with events.listening(lambda name, detail: seen.append(name)):
+        with Judge(model=tiny_gguf, quant="Q4_K_M", one_shot=True) as j:
+            out = j.judge(*pair, task="chart")
+            engine = j.backend.batch
+            assert j.backend.mctx is None  # the vision projector is gone
+            n_ctx = engine.n_ctx
+            need = out.timings.prompt_tokens + 4096 + 1
+            assert n_ctx == (need + 255) // 256 * 256
+            # A table's request needs more (its cap is 8192): the context grows to it.
+            table = j.judge(*pair, task="table")
+            assert engine.n_ctx >= table.timings.prompt_tokens + 8192 + 1 > n_ctx
+    # One-shot judges what a loaded model judges, token for token (here F16: repacked).
+    for quant in ("F16", "Q4_K_M"):
+        with Judge(model=tiny_gguf, quant=quant, one_shot=True) as j:
+            once = j.judge(*pair, task="svg")
+        with Judge(model=tiny_gguf, quant=quant) as j:
+            kept = j.judge(*pair, task="svg")
+        assert once.errors == kept.errors and once.complete and kept.complete
+    first_context = seen.index("allocate context")
+    assert seen.count("encode image") >= 2
+    assert max(i for i, s in enumerate(seen[:first_context]) if s == "encode image") < first_context
+    assert seen.index("load vision projector") < seen.index("encode image")
+    # The second judgement loaded the projector again.
+    assert seen.count("load vision projector") == 2
+
+
+def test_quantized_kv_cache_and_flash_attention_run(tiny_gguf, pair):
+    from verm_local.judge import Judge
+
+    with Judge(model=tiny_gguf, quant="Q8_0", kv_type="q8_0", flash_attn=True) as j:
+        out = j.judge(*pair, task="svg")
+    assert out.complete and out.timings.completion_tokens > 0
+    with Judge(model=tiny_gguf, quant="Q8_0", n_ubatch=256) as j:
+        assert j.judge(*pair, task="svg").complete
+
+
+def test_progress_goes_to_stderr_and_json_carries_stage_timings(tiny_gguf, pair):
+    proc = run_cli(
+        "judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "--json", "--progress"
+    )
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    for stage in (
+        "load text model",
+        "encode image 1/2",
+        "encode image 2/2",
+        "allocate context",
+        "prefill",
+        "decode",
+    ):
+        assert f"verm-local: {stage}" in err, err
+    t = json.loads(proc.stdout)["timings"]
+    assert t["ttft_s"] >= t["prefill_s"] > t["vision_s"] > 0 and t["image_tokens"] == 160
+    # Without a terminal (a pipe, as here) there is no progress by default, nor with -q.
+    quiet = run_cli("judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "--json")
+    assert "encode image" not in quiet.stderr
+    quieter = run_cli("-q", "judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M")
+    assert quieter.returncode == 0 and quieter.stderr == ""

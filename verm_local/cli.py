@@ -322,6 +322,15 @@ def judge_cmd(
     verbose: Annotated[
         bool, typer.Option("--verbose", rich_help_panel=OUTPUT, help="Show llama.cpp's own logs.")
     ] = False,
+    progress: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--progress/--no-progress",
+            rich_help_panel=OUTPUT,
+            help="Stages on stderr (loading, encoding image 1/2, prefill, tokens decoded); "
+            "default: on a terminal, unless -q or --json to a pipe.",
+        ),
+    ] = None,
 ) -> None:
     """Judge PRED against GT: structured discrepancies and the task's reward."""
     from .judge import Judge, build_request, read_pairs
@@ -373,7 +382,17 @@ def judge_cmd(
         if dry_run:
             _print_request(request.describe(), as_json)
             return
+    show = (
+        progress
+        if progress is not None
+        else (
+            _verbosity["level"] >= 0
+            and sys.stderr.isatty()
+            and (not as_json or sys.stdout.isatty())
+        )
+    )
     with (
+        _Progress(show, live=progress is None),
         stdout_to_stderr(),
         Judge(
             model,
@@ -395,6 +414,7 @@ def judge_cmd(
             parallel=parallel if pairs is not None else 1,
             prefix_cache=2 if pairs is not None else 0,
             repack=repack,
+            one_shot=pairs is None,
         ) as j,
     ):
         if pairs is not None:
@@ -421,6 +441,44 @@ def judge_cmd(
             f"incomplete judgement: {result.problem}; raise --max-tokens or lower --max-errors",
             ExitCode.INCOMPLETE,
         )
+
+
+class _Progress:
+    """Long work's stages on stderr: a live status line on a terminal, or a plain line per
+    stage (`--progress` to a pipe). Listens to `events.stage`."""
+
+    def __init__(self, enabled: bool, live: bool = True):
+        self.enabled, self.live = enabled, live
+        self.status = None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from . import events
+
+            if self.live:
+                from rich.console import Console
+
+                self.status = Console(stderr=True).status("starting ...")
+                self.status.start()
+            events.add_listener(self)
+        return self
+
+    def __call__(self, name: str, detail: dict) -> None:
+        from .events import describe
+
+        line = describe(name, detail)
+        if self.status is not None:
+            self.status.update(line)
+        else:
+            print(f"verm-local: {line}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            from . import events
+
+            events.remove_listener(self)
+        if self.status is not None:
+            self.status.stop()
 
 
 def _judge_pairs(j, batch, out: Optional[Path], **kwargs) -> None:
@@ -826,6 +884,34 @@ def bench_latency_cmd(
             help="Also time each GGUF model with and without repacked weights, side by side.",
         ),
     ] = False,
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory/--no-memory",
+            help="One default judgement per GGUF model in a fresh process: peak RSS and its "
+            "parts, RSS at each stage, TTFT.",
+        ),
+    ] = True,
+    serve_parallel: Annotated[
+        int,
+        typer.Option(
+            "--serve-parallel",
+            min=0,
+            max=64,
+            help="Also the model worker's peak RSS under `serve --parallel N` (0: not).",
+        ),
+    ] = 0,
+    sweep: Annotated[
+        bool,
+        typer.Option(
+            "--sweep",
+            help="The prefill settings side by side (n_ubatch, flash attention, KV type, "
+            "vision path), one default judgement each.",
+        ),
+    ] = False,
+    timed: Annotated[
+        bool, typer.Option("--timed/--no-timed", help="The repeated timing runs.")
+    ] = True,
 ) -> None:
     """Per-stage latency and memory, with llama.cpp's own path as a ratio; a CI gate."""
     show_progress()
@@ -851,6 +937,10 @@ def bench_latency_cmd(
         rl_sampling=rl_sampling,
         repack=repack,
         compare_repack=compare_repack,
+        memory=memory,
+        serve_parallel=serve_parallel,
+        sweep=sweep,
+        timed=timed,
     )
     typer.echo(markdown(report))
     if out is not None:

@@ -35,10 +35,17 @@ def listening(fn: Listener) -> Iterator[None]:
         remove_listener(fn)
 
 
+_UNITS = {"tokens": "tokens", "sequences": "sequences"}
+
+
 def describe(name: str, detail: dict[str, Any]) -> str:
-    """One readable line for a stage: 'decode (model-Q8_0.gguf, Q8_0, 12 tokens)'."""
-    parts = [str(v) for k, v in detail.items() if v not in (None, "") and k != "total"]
-    if "total" in detail and "done" in detail:
-        parts = [p for p in parts if p != str(detail["done"])]
-        parts.append(f"{detail['done']}/{detail['total']}")
-    return f"{name} ({', '.join(parts)})" if parts else name
+    """One readable line for a stage: 'encode image 1/2 (prediction, 768 tokens)'."""
+    head = name
+    if "done" in detail and "total" in detail:
+        head += f" {detail['done']}/{detail['total']}"
+    parts = []
+    for key, value in detail.items():
+        if key in ("done", "total") or value in (None, ""):
+            continue
+        parts.append(f"{value} {_UNITS[key]}" if key in _UNITS else str(value))
+    return f"{head} ({', '.join(parts)})" if parts else head

@@ -39,6 +39,7 @@ def atomic_output(final: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp made it private; a model file is not a secret
         os.replace(tmp, final)
     finally:
         if tmp.exists():

@@ -144,12 +144,15 @@ def judgement_of(
     """Read a generation into a Judgement. An answer cut at the token cap is reported
     incomplete (failure values, never scored as whole); an unreadable one raises
     AnswerError, or with `unreadable="score"` is reported the same way."""
+    step = gen.decode_s / max(gen.completion_tokens, 1)
     timings = Timings(
         load_s=round(load_s, 4),
         vision_s=round(gen.vision_s, 4),
         prefill_s=round(gen.prefill_s, 4),
         decode_s=round(gen.decode_s, 4),
+        ttft_s=round(gen.prefill_s + step, 4),
         prompt_tokens=gen.prompt_tokens,
+        image_tokens=gen.image_tokens,
         completion_tokens=gen.completion_tokens,
     )
     fields = {"prompt_source": prompt_source, "timings": timings}
@@ -203,6 +206,10 @@ class Judge:
         prefix_cache: int = 0,
         repack: bool | None = None,
         n_ctx: int | None = None,
+        one_shot: bool = False,
+        kv_type: str | None = None,
+        flash_attn: bool | None = None,
+        n_ubatch: int | None = None,
         **renamed: Any,
     ):
         old = _renamed(
@@ -228,13 +235,14 @@ class Judge:
         from .runtime import torch_device
         from .settings import settings
 
-        n_ctx = n_ctx or task_context(None, image_tokens, max_tokens)
         model = model or settings().model
         if not model:
             # No model named: the variant planned for this machine, from the store.
             from .runtime import planned_model
 
-            self.plan, model = planned_model(device, variant, n_ctx)
+            self.plan, model = planned_model(
+                device, variant, n_ctx or task_context(None, image_tokens, max_tokens)
+            )
             threads = threads or self.plan.threads
             if gpu_layers is None:
                 gpu_layers = self.plan.gpu_layers
@@ -277,6 +285,10 @@ class Judge:
             parallel=parallel,
             prefix_cache=prefix_cache,
             repack=repack,
+            one_shot=one_shot,
+            kv_type=kv_type,
+            flash_attn=flash_attn,
+            n_ubatch=n_ubatch or 512,
         )
         self.backend.load_s += encoder_load_s  # the ONNX session is part of loading
 
@@ -577,5 +589,6 @@ def judge(
     """One-shot judgement: load `model`, judge the pair, unload."""
     judge_keys = {"free", "sampling", "prompt_file", "max_errors", "tries", "unreadable"}
     call = {k: kwargs.pop(k) for k in list(kwargs) if k in judge_keys}
+    kwargs.setdefault("one_shot", True)
     with Judge(model, **kwargs) as j:
         return j.judge(gt, pred, task, **call)

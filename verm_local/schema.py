@@ -36,7 +36,9 @@ class Timings(BaseModel):
     vision_s: float = 0.0  # image encoding, part of prefill_s
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    ttft_s: float = 0.0  # to the first answer token: prefill and one decode step
     prompt_tokens: int = 0  # image tokens included
+    image_tokens: int = 0
     completion_tokens: int = 0
 
 

@@ -160,11 +160,21 @@ class OnnxVision:
             )
             if p in available
         ]
+        self._session_args = (str(self.path), opts, chosen)
         self.session = ort.InferenceSession(str(self.path), opts, providers=chosen)
         self.providers = self.session.get_providers()
 
+    def release(self) -> None:
+        """Let the session (and its weights) go; the next `encode` loads it again."""
+        self.session = None
+
     def encode(self, image: PreparedImage) -> tuple[np.ndarray, float]:
         """([tokens, out_dim * (1 + deepstack)] float32, seconds)."""
+        if self.session is None:
+            import onnxruntime as ort
+
+            path, opts, providers = self._session_args
+            self.session = ort.InferenceSession(path, opts, providers=providers)
         feeds = graph_inputs(image, self.spec)
         t0 = time.perf_counter()
         (out,) = self.session.run(None, feeds)

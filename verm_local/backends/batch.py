@@ -58,6 +58,7 @@ class _Seq:
     max_tokens: int = 0
     finish: str = ""
     sampler: TokenSampler | None = None
+    prompt_text: list[int] = field(default_factory=list)
     error: Exception | None = None
     prefill_s: float = 0.0
 
@@ -101,31 +102,54 @@ class BatchEngine:
         self,
         backend: Any,
         *,
-        n_ctx: int,
+        n_ctx: int | None,
         parallel: int = 1,
         prefix_cache: int = 0,
         threads: int = 1,
         flash_attn: bool | None = None,
         kv_type: str | None = None,
+        n_ubatch: int = 512,
     ):
         self.b = backend
         self.parallel = parallel
-        self.n_ctx = n_ctx
-        self.ctx = native.Context(
-            backend.model,
-            n_ctx=n_ctx,
-            n_batch=2048,
-            n_ubatch=512,
-            threads=threads,
-            n_seq=parallel + prefix_cache,
-            flash_attn=flash_attn,
-            kv_type=kv_type,
+        self.prefix_cache = prefix_cache
+        # None: each batch gets a context of what its requests need (prompt + answer cap),
+        # allocated after their images are encoded; it grows when a later batch needs more.
+        self.fixed_ctx = n_ctx
+        self.n_ctx = n_ctx or 0
+        self.ctx: native.Context | None = None
+        self._ctx_args = dict(
+            threads=threads, flash_attn=flash_attn, kv_type=kv_type, n_ubatch=n_ubatch
         )
         self.cache = PrefixCache(list(range(parallel, parallel + prefix_cache)))
         # The last run(): tokens generated (failed answers included) and seconds spent in
         # the decode loops, everything before them being the prompts' evaluation.
         self.last_tokens = 0
         self.last_decode_s = 0.0
+        if n_ctx:
+            self._ensure_ctx(n_ctx)
+
+    def _ensure_ctx(self, needed: int) -> None:
+        """A context whose streams hold `needed` tokens (256-aligned when sized here)."""
+        if self.ctx is not None and self.n_ctx >= needed:
+            return
+        if self.fixed_ctx and self.ctx is not None:
+            return  # a fixed context: requests that do not fit fail on their own
+        n_ctx = self.fixed_ctx or (needed + 255) // 256 * 256
+        self.b.ensure_weights()
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+            self.cache.clear()  # its streams went with the old context
+        stage("allocate context", tokens=n_ctx, sequences=self.parallel + self.prefix_cache)
+        self.ctx = native.Context(
+            self.b.model,
+            n_ctx=n_ctx,
+            n_batch=2048,
+            n_seq=self.parallel + self.prefix_cache,
+            **self._ctx_args,
+        )
+        self.n_ctx = n_ctx
 
     def close(self) -> None:
         if self.ctx is not None:
@@ -134,8 +158,9 @@ class BatchEngine:
 
     def reset(self) -> None:
         """Forget every cached prefix."""
-        for seq, _ in self.cache.entries.values():
-            self.ctx.seq_rm(seq)
+        if self.ctx is not None:
+            for seq, _ in self.cache.entries.values():
+                self.ctx.seq_rm(seq)
         self.cache.clear()
 
     # -- evaluation ------------------------------------------------------------------------
@@ -266,45 +291,94 @@ class BatchEngine:
         self.ctx.seq_cp(slot, s.seq)
         return first_image + 1, n_past
 
-    def _prompt(self, s: _Seq) -> list[_Item]:
-        """Tokenize a request, reuse (or fill) its cached prefix, encode its remaining
-        images; the items left to evaluate. Sets its sampler."""
-        self.ctx.seq_rm(s.seq)
+    def _tokenize(self, s: _Seq) -> Any:
+        """A request's chunks (the caller closes them); its prompt size checked."""
         req = s.request
-        text = self.b.render(req.messages)
-        with self.b.tokenize(text, req.images) as chunks:
-            parts = list(chunks)
-            s.prompt_tokens = chunks.n_tokens
-            room = self.n_ctx - s.prompt_tokens - 1
-            if room < 1:
-                raise VermError(
-                    f"prompt needs {s.prompt_tokens} tokens but a sequence "
-                    f"holds {self.n_ctx}; lower the image size or the token cap"
-                )
-            if not parts or not parts[-1].is_text:
-                raise VermError("a prompt must end with text after its images")
-            start, n_past = self._prefix(s, parts)
-            items, s.n_past = self._items(s, parts[start:], n_past, "prediction" if start else "")
-            s.max_tokens = max(1, min(req.sampling.max_tokens, room))
-            s.sampler = TokenSampler(
-                self.b.picker,
-                req.sampling,
-                req.grammar,
-                s.max_tokens,
-                prompt_tokens=chunks.text_tokens,
+        chunks = self.b.tokenize(self.b.render(req.messages), req.images)
+        s.prompt_tokens = chunks.n_tokens
+        if not len(chunks) or not list(chunks)[-1].is_text:
+            chunks.close()
+            raise VermError("a prompt must end with text after its images")
+        return chunks
+
+    def _prepare(self, s: _Seq, chunks: Any, with_prefix: bool, capacity: int) -> list[_Item]:
+        """Reuse (or fill) a request's cached prefix, encode its remaining images; the items
+        left to evaluate. Sets its sampler."""
+        parts = list(chunks)
+        room = capacity - s.prompt_tokens - 1
+        if room < 1:
+            raise VermError(
+                f"prompt needs {s.prompt_tokens} tokens but a sequence holds "
+                f"{self.n_ctx}; lower the image size or the token cap"
             )
-            if self.b.picker.exhaustive:
-                s.sampler.shortlist = False
+        start, n_past = self._prefix(s, parts) if with_prefix else (0, 0)
+        items, s.n_past = self._items(s, parts[start:], n_past, "prediction" if start else "")
+        s.max_tokens = max(1, min(s.request.sampling.max_tokens, room))
+        s.prompt_text = chunks.text_tokens
         return items
+
+    def _sampler(self, s: _Seq) -> None:
+        """The sequence's sampler, over the loaded model's vocabulary."""
+        picker = self.b.picker
+        picker.exhaustive = not self.b.fast_grammar
+        s.sampler = TokenSampler(
+            picker, s.request.sampling, s.request.grammar, s.max_tokens, prompt_tokens=s.prompt_text
+        )
+        if picker.exhaustive:
+            s.sampler.shortlist = False
+
+    def _prompts(self, seqs: list[_Seq]) -> list[list[_Item]]:
+        """Every request's items, its images encoded. With a prefix cache the context comes
+        first (a cached prefix lives in it); without one the images are encoded first, the
+        vision model is let go when the backend asks for that (one-shot judging), and only
+        then is the context (KV cache, compute buffers) allocated."""
+        open_chunks: list[tuple[_Seq, Any]] = []
+        for s in seqs:
+            try:
+                open_chunks.append((s, self._tokenize(s)))
+            except VermError as exc:
+                s.error = exc
+        need = max(
+            (s.prompt_tokens + s.request.sampling.max_tokens + 1 for s, _ in open_chunks), default=1
+        )
+        capacity = self.fixed_ctx or max(self.n_ctx, (need + 255) // 256 * 256)
+        work: list[list[_Item]] = []
+        try:
+            use_cache = bool(self.cache.free or self.cache.entries)
+            if use_cache:
+                self._ensure_ctx(need)
+            for s, chunks in open_chunks:
+                try:
+                    if self.ctx is not None:
+                        self.ctx.seq_rm(s.seq)
+                    work.append(self._prepare(s, chunks, use_cache, capacity))
+                except VermError as exc:
+                    s.error = exc
+        finally:
+            for _, chunks in open_chunks:
+                chunks.close()
+        if not use_cache:
+            self.b.after_encoding()
+            self._ensure_ctx(need)
+            for s, _ in open_chunks:
+                self.ctx.seq_rm(s.seq)
+        for s in seqs:
+            if s.error is None:
+                try:
+                    self._sampler(s)
+                except VermError as exc:
+                    s.error = exc
+        return work
 
     def score(self, request: Request, answer: list[int]) -> np.ndarray:
         """Raw logits [len(answer), vocab] at each position of a forced answer."""
         s = _Seq(seq=0, request=request)
-        self.ctx.seq_rm(0)
         with self.b.tokenize(self.b.render(request.messages), request.images) as chunks:
             n_prompt = chunks.n_tokens
+            self._ensure_ctx(n_prompt + len(answer) + 1)
             if n_prompt + len(answer) + 1 > self.n_ctx:
                 raise VermError("prompt and answer do not fit the context")
+            self.ctx.seq_rm(0)
             items, s.n_past = self._items(s, list(chunks), 0)
         self._evaluate([items])
         first = s.logits
@@ -340,12 +414,7 @@ class BatchEngine:
         # evaluated by the first of them and stays cached for the rest.
         seqs = [_Seq(seq=i, request=r) for i, r in enumerate(requests)]
         t0 = time.perf_counter()
-        work = []
-        for s in seqs:
-            try:
-                work.append(self._prompt(s))
-            except VermError as exc:
-                s.error = exc
+        work = self._prompts(seqs)
         try:
             self._evaluate(work)
         except VermError as exc:  # a failed decode call fails the requests it held
@@ -392,7 +461,8 @@ class BatchEngine:
         for s in seqs:
             if s.sampler is not None:
                 s.sampler.close()
-            self.ctx.seq_rm(s.seq)
+            if self.ctx is not None:
+                self.ctx.seq_rm(s.seq)
             if s.error is not None:
                 out.append(s.error if isinstance(s.error, VermError) else VermError(str(s.error)))
                 continue

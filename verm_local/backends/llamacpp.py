@@ -12,6 +12,7 @@ import ctypes
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -110,7 +111,10 @@ class LlamaCppBackend:
 
     `parallel` requests run at once; `prefix_cache` ground-truth prefixes stay evaluated
     for reuse (`batch.BatchEngine`). `repack` None: decided from the CPU (no extra buffer
-    types on AMX CPUs, where llama.cpp 0.3.36 crashes) and VERM_LOCAL_REPACK."""
+    types on AMX CPUs, where llama.cpp 0.3.36 crashes) and VERM_LOCAL_REPACK. `n_ctx`
+    None: the context is sized for each batch (prompt + answer cap). `one_shot`: the vision
+    model is let go once the images are encoded, before the text model's buffers exist
+    (one judgement per load: less peak memory; a later call loads it again)."""
 
     # Greedy decoding checks the grammar on the best tokens first and runs sampler chains
     # on a shortlist; False: every token of the vocabulary goes through both each step.
@@ -120,7 +124,7 @@ class LlamaCppBackend:
         self,
         model: ResolvedModel,
         *,
-        n_ctx: int = 4096,
+        n_ctx: int | None = 4096,
         threads: int | None = None,
         gpu_layers: int = 0,
         image_tokens: int | None = None,
@@ -131,6 +135,8 @@ class LlamaCppBackend:
         repack: bool | None = None,
         flash_attn: bool | None = None,
         kv_type: str | None = None,
+        n_ubatch: int = 512,
+        one_shot: bool = False,
     ):
         from .batch import BatchEngine
 
@@ -140,6 +146,7 @@ class LlamaCppBackend:
         self.repack, self.repack_reason = repack_choice(repack, model.quant)
         self.n_ctx = n_ctx
         self.parallel = parallel
+        self.one_shot = one_shot
         self._grammars: dict[str, str | None] = {}
         self._template = None
         mm = model.mmproj.name if model.mmproj else ""
@@ -162,18 +169,16 @@ class LlamaCppBackend:
         threads = threads or os.cpu_count() or 1
         self.threads = threads
         t0 = time.perf_counter()
-        stage(
-            "load text model",
-            model=model.path.name,
-            quant=model.quant,
-            repack="repack" if self.repack else "no repack",
-        )
-        self.model = native.Model(model.path, gpu_layers=gpu_layers, repack=self.repack)
+        self._model_args = (model.path, gpu_layers, self.repack, model.quant)
+        # One-shot: the vocabulary alone first (the vision phase needs no weights); the
+        # weights load once the images are encoded and the projector is gone.
+        self.model = self._load_model(vocab_only=one_shot)
         self.mctx = None
+        self._picker: GrammarArgmax | None = None
+        # How to load the vision projector again after `one_shot` let it go.
+        self._mtmd_args = (str(model.mmproj), threads, gpu_layers != 0, image_tokens)
         try:
-            stage("load vision projector", model=mm or "onnx")
-            self.mctx = self._init_mtmd(str(model.mmproj), threads, gpu_layers != 0, image_tokens)
-            stage("allocate context", tokens=n_ctx, sequences=parallel + prefix_cache)
+            self._ensure_vision()
             self.batch = BatchEngine(
                 self,
                 n_ctx=n_ctx,
@@ -182,12 +187,58 @@ class LlamaCppBackend:
                 threads=threads,
                 flash_attn=flash_attn,
                 kv_type=kv_type,
+                n_ubatch=n_ubatch,
             )
         except BaseException:
             self.close()
             raise
-        self.picker = GrammarArgmax(lc, self.model.vocab, self.model.n_vocab)
         self.load_s = time.perf_counter() - t0
+
+    def _load_model(self, vocab_only: bool = False) -> native.Model:
+        path, gpu_layers, repack, quant = self._model_args
+        stage(
+            "load text model" if not vocab_only else "load vocabulary",
+            model=path.name,
+            quant=quant,
+            repack=("repack" if repack else "no repack") if not vocab_only else "",
+        )
+        return native.Model(path, gpu_layers=gpu_layers, repack=repack, vocab_only=vocab_only)
+
+    def ensure_weights(self) -> None:
+        """The text model's weights, loaded now if only its vocabulary is (one-shot)."""
+        if self.model.vocab_only:
+            if self.mctx is not None:  # the projector holds the vocabulary model
+                self.mtmd.mtmd_free(self.mctx)
+                self.mctx = None
+            self.model.close()
+            self.model = self._load_model()
+            self._picker = None
+
+    @property
+    def picker(self) -> GrammarArgmax:
+        """The grammar picker over the loaded model's vocabulary (the weights' model)."""
+        self.ensure_weights()
+        if self._picker is None:
+            self._picker = GrammarArgmax(self.lc, self.model.vocab, self.model.n_vocab)
+        return self._picker
+
+    def _ensure_vision(self) -> None:
+        if self.mctx is None:
+            stage("load vision projector", model=Path(self._mtmd_args[0]).name)
+            self.mctx = self._init_mtmd(*self._mtmd_args)
+
+    def after_encoding(self) -> None:
+        """The engine has every image of a batch encoded: in one-shot judging the vision
+        projector (and an ONNX tower) goes now, before the text model's buffers are
+        allocated, so the two never sit in memory together."""
+        if not self.one_shot:
+            return
+        if self.mctx is not None:
+            self.mtmd.mtmd_free(self.mctx)
+            self.mctx = None
+        if self.vision is not None and hasattr(self.vision, "release"):
+            self.vision.release()
+        self.ensure_weights()
 
     def _init_mtmd(self, mmproj: str, threads: int, use_gpu: bool, max_tokens: int | None):
         mtmd = self.mtmd
@@ -267,6 +318,7 @@ class LlamaCppBackend:
 
     def tokenize(self, text: str, images: list[PreparedImage]) -> Chunks:
         """A rendered prompt and its images as mtmd chunks (close them after use)."""
+        self._ensure_vision()
         mtmd = self.mtmd
         bitmaps = []
         try:
@@ -371,7 +423,6 @@ class LlamaCppBackend:
         """Generations for requests, `parallel` at a time (shared prefixes reused)."""
         if self.batch is None:
             raise VermError("model is closed")
-        self.picker.exhaustive = not self.fast_grammar
         return self.batch.run(requests)
 
     def generate(

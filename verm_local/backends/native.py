@@ -99,16 +99,29 @@ class Model:
     """A GGUF text model loaded by llama.cpp.
 
     `repack=False` keeps the weights in plain CPU buffers (no extra buffer types: no AMX
-    tiles, no repacked Q4_0/Q4_K layouts): llama-server's `--no-repack`."""
+    tiles, no repacked Q4_0/Q4_K layouts): llama-server's `--no-repack`. `vocab_only`:
+    the vocabulary and hyperparameters without the weights (enough to tokenize and to set
+    up the vision projector). The token embedding table is read on demand (llama.cpp's lazy
+    mode): a judgement touches a few hundred of its 151,936 rows."""
 
-    def __init__(self, path: str | Path, *, gpu_layers: int = 0, repack: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        gpu_layers: int = 0,
+        repack: bool = True,
+        vocab_only: bool = False,
+    ):
         lc, _ = init()
         self.lc = lc
         self.path = Path(path)
         self.repack = repack
+        self.vocab_only = vocab_only
         params = lc.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
         params.use_extra_bufts = repack
+        params.vocab_only = vocab_only
+        params.lazy_mode = LAZY_MODE_ON
         _state["errors"] = []
         self.ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
@@ -116,9 +129,17 @@ class Model:
             raise ModelError(f"{self.path}: llama.cpp could not load the model ({why})")
         self.vocab = lc.llama_model_get_vocab(self.ptr)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
-        self.n_embd_inp = int(lc.llama_model_n_embd_inp(self.ptr))
+        self.n_embd_inp = int(lc.llama_model_n_embd_inp(self.ptr)) or self._n_embd_inp_meta()
         self.n_layer = int(lc.llama_model_n_layer(self.ptr))
         self._piece = ctypes.create_string_buffer(256)
+
+    def _n_embd_inp_meta(self) -> int:
+        """The width image embeddings have for this model, from its metadata (a vocab-only
+        load reports 0): the embedding width times 1 + the deepstack layers (Qwen3-VL)."""
+        arch = self.meta("general.architecture") or ""
+        width = int(self.meta(f"{arch}.embedding_length") or 0)
+        deep = int(self.meta(f"{arch}.n_deepstack_layers") or 0)
+        return width * (1 + deep)
 
     def meta(self, key: str) -> str | None:
         """A metadata value as a string (None when the key is absent)."""
@@ -310,6 +331,8 @@ class Context:
             self.ptr = None
 
 
+# llama.h: read the tensors the architecture marks (the token embeddings) on demand.
+LAZY_MODE_ON = 2
 # ggml_type ids of the KV cache types a context may use (ggml.h).
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2, "f32": 0, "bf16": 30}
 
