@@ -77,14 +77,39 @@ def vision_spec(hf_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _load_visual(hf_dir: Path):
+    """The checkpoint's vision tower alone, in float32: its config and only its tensors
+    (the whole 8B model in float32 would take 35 GB; the tower is 0.6B parameters)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    visual = Qwen3VLVisionModel._from_config(config.vision_config, dtype=torch.float32)
+    prefixes = ("model.visual.", "visual.")
+    state: dict[str, Any] = {}
+    for shard in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                for prefix in prefixes:
+                    if key.startswith(prefix):
+                        state[key[len(prefix) :]] = f.get_tensor(key).to(torch.float32)
+    missing, unexpected = visual.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(
+            f"{hf_dir}: the vision tower's tensors do not match its config "
+            f"(missing {len(missing)}, e.g. {missing[:2]}; unexpected {unexpected[:2]})"
+        )
+    return visual.eval()
+
+
 def _export_fp32(hf_dir: Path, out: Path, spec: dict[str, Any]) -> None:
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
 
     from verm_local.vision_onnx import VisionSpec, position_interpolation, rotary_positions
 
-    model = Qwen3VLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32)
-    tower = _tower(model.model.visual)
+    tower = _tower(_load_visual(hf_dir))
     s = VisionSpec(
         **{**spec, "image_mean": tuple(spec["image_mean"]), "image_std": tuple(spec["image_std"])}
     )

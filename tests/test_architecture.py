@@ -22,7 +22,7 @@ PARTS = {
 # Layers, bottom first (docs/architecture.md): a module imports only from its own layer or
 # the ones below. The CLI is on top.
 LAYERS = [
-    {"constants", "errors", "settings", "decoding", "events", "stdio", "paths", "fileio"},
+    {"constants", "errors", "settings", "decoding", "events", "stdio", "paths", "fileio", "memory"},
     {
         "tasks",
         "reward",

@@ -66,8 +66,9 @@ def test_crash_report_names_the_stage_and_the_log(tmp_path):
 
 @pytest.mark.slow
 def test_judge_that_crashes_in_native_code_prints_one_line(tiny_gguf, pair, tmp_path):
-    """A forced SIGSEGV at the first native stage of `verm-local judge` (loading the text
-    model) ends as one line and exit code 10, with faulthandler's stack in the log."""
+    """A forced SIGSEGV at the first native stage of `verm-local judge` (loading the
+    vocabulary, which one-shot judging does before the weights) ends as one line and exit
+    code 10, with faulthandler's stack in the log."""
     env = {"VERM_LOCAL_CRASH_TEST": "SEGV", "VERM_LOCAL_CACHE": str(tmp_path)}
     proc = run_cli("judge", *pair, "--model", tiny_gguf, "--quant", "Q8_0", env=env)
     assert proc.returncode == 10, proc.stderr
@@ -75,10 +76,10 @@ def test_judge_that_crashes_in_native_code_prints_one_line(tiny_gguf, pair, tmp_
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     line = lines[0]
     assert "verm-local judge crashed in native code (SIGSEGV)" in line
-    assert "load text model (model-Q8_0.gguf, Q8_0" in line and "--no-repack" in line
+    assert "load vocabulary (model-Q8_0.gguf, Q8_0" in line and "--no-repack" in line
     log = line.rsplit("native stack: ", 1)[1]
     text = open(log).read()
-    assert "Segmentation fault" in text and "step: load text model" in text
+    assert "Segmentation fault" in text and "step: load vocabulary" in text
     assert "cpu:" in text and "command:" in text
     proc = run_cli(
         "judge",

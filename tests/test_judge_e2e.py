@@ -6,6 +6,7 @@ import jsonschema
 import pytest
 from PIL import Image
 
+from verm_local.backends.batch import ANSWER_RESERVE
 from verm_local.constants import CATEGORIES, TASKS
 from verm_local.prompts import default_prompt
 from verm_local.schema import judgement_schema
@@ -342,7 +343,8 @@ def verm_local_judge(model):
 def test_one_shot_encodes_images_first_and_sizes_the_context(tiny_gguf, pair):
     """One-shot judging (what `verm-local judge` does): both images are encoded, then the
     vision projector is let go, then the context is allocated, sized for the request
-    (prompt tokens + the answer cap, 256-aligned), not for the largest task."""
+    (prompt tokens + the answer reserve, 256-aligned; it grows when an answer needs
+    more), not for the largest task."""
     from verm_local import events
     from verm_local.judge import Judge
 
@@ -353,11 +355,12 @@ def test_one_shot_encodes_images_first_and_sizes_the_context(tiny_gguf, pair):
             engine = j.backend.batch
             assert j.backend.mctx is None  # the vision projector is gone
             n_ctx = engine.n_ctx
-            need = out.timings.prompt_tokens + 4096 + 1
-            assert n_ctx == (need + 255) // 256 * 256
-            # A table's request needs more (its cap is 8192): the context grows to it.
+            need = out.timings.prompt_tokens + ANSWER_RESERVE + 1
+            assert n_ctx == (need + 255) // 256 * 256 and engine.grown == 0
+            assert engine.settings == {"n_ubatch": 256, "flash_attn": True, "kv_type": "f16"}
+            # A table's request (a longer prompt) gets a context that holds it.
             table = j.judge(*pair, task="table")
-            assert engine.n_ctx >= table.timings.prompt_tokens + 8192 + 1 > n_ctx
+            assert engine.n_ctx >= table.timings.prompt_tokens + ANSWER_RESERVE + 1
     # One-shot judges what a loaded model judges, token for token (here F16: repacked).
     for quant in ("F16", "Q4_K_M"):
         with Judge(model=tiny_gguf, quant=quant, one_shot=True) as j:
@@ -371,6 +374,43 @@ def test_one_shot_encodes_images_first_and_sizes_the_context(tiny_gguf, pair):
     assert seen.index("load vision projector") < seen.index("encode image")
     # The second judgement loaded the projector again.
     assert seen.count("load vision projector") == 2
+
+
+def test_context_grows_when_an_answer_needs_it(tiny_gguf, pair, tmp_path):
+    """An answer longer than the context's reserve moves, with every other sequence's
+    cells, into a context of the whole cap and carries on: the same tokens as a context
+    sized for the cap from the start, on the single path and in a batch with a cached
+    ground-truth prefix."""
+    from PIL import Image
+
+    from verm_local.backends.base import Sampling
+    from verm_local.judge import Judge
+    from verm_local.prompts import load_prompt
+
+    other = tmp_path / "other.png"
+    Image.open(pair[1]).rotate(90).save(other)
+    texts: dict[int, list[str]] = {}
+    for reserve in (4096, 8):
+        with Judge(model=tiny_gguf, quant="Q8_0", vision="gguf", parallel=2, prefix_cache=1) as j:
+            engine = j.backend.batch
+            engine.answer_reserve = reserve
+            images = [j.prepare(pair[0]), j.prepare(pair[1])]
+            # No grammar: the random model rambles to the cap (120 tokens).
+            single = j.backend.generate(
+                images, load_prompt("chart", None), Sampling(max_tokens=120)
+            )
+            requests = [
+                j.request(
+                    pair[0], pred, "chart", sampling=Sampling(max_tokens=120), free=True
+                ).request
+                for pred in (pair[1], other)
+            ]
+            batch = j.backend.generate_all(requests)
+            assert all(not isinstance(g, Exception) for g in batch)
+            texts[reserve] = [single.text] + [g.text for g in batch]
+            assert single.completion_tokens == 120
+            assert (engine.grown > 0) == (reserve == 8)
+    assert texts[8] == texts[4096]
 
 
 def test_quantized_kv_cache_and_flash_attention_run(tiny_gguf, pair):

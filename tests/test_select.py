@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -182,7 +184,7 @@ def test_doctor_prints_plan_and_reads_recorded_machines(tmp_path):
     assert "plan" in proc.stdout and "why" in proc.stdout
     proc = run_cli("doctor", "--json")
     out = json.loads(proc.stdout)
-    assert set(out) == {"hardware", "plan", "store", "decisions", "settings"}
+    assert set(out) == {"hardware", "plan", "store", "decisions", "memory", "settings"}
     assert out["plan"]["reasons"]
     recorded = tmp_path / "m2.json"
     recorded.write_text(json.dumps(M2_16GB.to_dict()))
@@ -191,3 +193,41 @@ def test_doctor_prints_plan_and_reads_recorded_machines(tmp_path):
     recorded.write_text(json.dumps(TINY_4GB.to_dict()))
     proc = run_cli("doctor", "--hardware", recorded)
     assert proc.returncode == 5 and "needs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cpu_plan_carries_the_measured_prefill_settings_and_its_memory():
+    """An 8 GB laptop: the plan's peak is the one-shot judgement's (text phase: weights,
+    KV cache of the default context, compute buffers at the CPU settings), within the
+    6 GB such a laptop leaves a process; an answer running to the trained cap needs more
+    and the plan says so."""
+    from verm_local.catalog import CATALOG
+    from verm_local.memory import estimate_llamacpp
+    from verm_local.select import CPU_PREFILL, default_n_ctx, prefill_settings
+
+    plan = select_plan(LAPTOP_8GB)
+    assert plan.prefill == CPU_PREFILL and "measured" in plan.prefill.reason
+    v = CATALOG[plan.variant]
+    est = estimate_llamacpp(
+        v.text_bytes,
+        v.size_bytes - v.text_bytes,
+        default_n_ctx(),
+        kv_type=CPU_PREFILL.kv_type,
+        flash_attn=CPU_PREFILL.flash_attn,
+        n_ubatch=CPU_PREFILL.n_ubatch,
+    )
+    assert plan.memory_bytes == est.peak == est.text_phase <= 6.0e9
+    assert est.vision_phase < est.text_phase
+    assert plan.memory_full_cap_bytes > plan.memory_bytes
+    # Served batches keep flash attention off: an answer must not depend on its batch.
+    assert not prefill_settings("cpu", parallel=8).flash_attn
+    assert prefill_settings("cuda").n_ubatch == 512
+    # doctor --json carries the breakdown and the decision, from a recorded machine.
+    rec = json.dumps({"hardware": LAPTOP_8GB.to_dict()})
+    from verm_local.doctor import doctor
+
+    path = Path(tempfile.mkdtemp()) / "laptop.json"
+    path.write_text(rec)
+    report = doctor(hardware=path)
+    assert report["memory"]["peak"] == plan.memory_bytes
+    assert report["memory"]["kv_cache"] > 0 and report["memory"]["text_weights"] == v.text_bytes
+    assert report["decisions"]["prefill"]["n_ubatch"] == CPU_PREFILL.n_ubatch

@@ -46,9 +46,32 @@ class Variant:
     def published_in_bf16_repo(self) -> bool:
         return self.format == "hf"
 
-    def memory_bytes(self, n_ctx: int, dtype_bytes: int = 2) -> int:
-        """Memory to run at context `n_ctx`: weights (float32 on a CPU doubles bf16),
-        KV cache and compute buffers."""
+    def memory_bytes(
+        self,
+        n_ctx: int,
+        dtype_bytes: int = 2,
+        *,
+        one_shot: bool = False,
+        flash_attn: bool = False,
+        n_ubatch: int = 512,
+        kv_type: str = "f16",
+    ) -> int:
+        """Peak memory of a judgement at context `n_ctx`. llama.cpp: `memory.estimate_
+        llamacpp` (weights, KV cache, compute buffers; `one_shot`: the vision phase and
+        the text phase apart, as `judge` runs). transformers: weights (float32 on a CPU
+        doubles bf16), KV cache and eager activations."""
+        if self.backend == "llamacpp":
+            from .memory import estimate_llamacpp
+
+            return estimate_llamacpp(
+                self.text_bytes,
+                self.size_bytes - self.text_bytes,
+                n_ctx,
+                kv_type=kv_type,
+                flash_attn=flash_attn,
+                n_ubatch=n_ubatch,
+                one_shot=one_shot,
+            ).peak
         weights = self.size_bytes * dtype_bytes // 2 if self.format == "hf" else self.size_bytes
         return weights + KV_BYTES_PER_TOKEN * n_ctx + RUNTIME_OVERHEAD[self.backend]
 

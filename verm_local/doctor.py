@@ -7,10 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .catalog import CATALOG
 from .errors import InputError
 from .hardware import Hardware, probe
+from .memory import estimate_llamacpp
 from .paths import installed
 from .runtime import plan_here
+from .select import Plan
 from .settings import describe, settings
 
 
@@ -21,6 +24,24 @@ def read_record(path: Path) -> Hardware:
         return Hardware.from_dict(data.get("hardware", data))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: not a hardware record ({exc.__class__.__name__})") from None
+
+
+def memory_breakdown(plan: Plan) -> dict[str, Any]:
+    """The plan's memory estimate by part (a GGUF variant on llama.cpp), what `bench
+    latency --memory` measures against; empty for other backends."""
+    v = CATALOG[plan.variant]
+    if v.backend != "llamacpp":
+        return {"peak": plan.memory_bytes}
+    est = estimate_llamacpp(
+        v.text_bytes,
+        v.size_bytes - v.text_bytes,
+        plan.n_ctx,
+        kv_type=plan.prefill.kv_type,
+        flash_attn=plan.prefill.flash_attn,
+        n_ubatch=plan.prefill.n_ubatch,
+        one_shot=plan.device == "cpu",
+    )
+    return {**est.to_dict(), "n_ctx": plan.n_ctx, "full_cap_peak": plan.memory_full_cap_bytes}
 
 
 def doctor(
@@ -41,7 +62,11 @@ def doctor(
     return {
         "hardware": hw.to_dict(),
         "plan": plan.to_dict(),
-        "decisions": {"repack": {"enabled": plan.repack, "reason": plan.repack_reason}},
+        "decisions": {
+            "repack": {"enabled": plan.repack, "reason": plan.repack_reason},
+            "prefill": plan.prefill.to_dict(),
+        },
+        "memory": memory_breakdown(plan),
         "store": {"variant": plan.variant, "path": str(path) if path else None},
         "settings": describe(),
     }

@@ -21,7 +21,7 @@ from .images import PreparedImage, load_image, prepare_image
 from .modelref import ResolvedModel, resolve_model
 from .prompts import Prompt, resolve_prompt
 from .schema import Judgement, Timings, extract_json
-from .select import task_context
+from .select import prefill_settings, task_context
 from .tasks import ImagePrep, TaskProfile, decoding, profile
 
 log = logging.getLogger(__name__)
@@ -274,6 +274,11 @@ class Judge:
         )
         encoder_load_s = time.perf_counter() - t0
         max_image = max(p.max_image_tokens for p in _profiles())
+        # Prefill settings measured for the device (select.prefill_settings) unless given.
+        pre = prefill_settings("cpu" if gpu_layers == 0 else "gpu", parallel)
+        kv_type = kv_type or pre.kv_type
+        if flash_attn is None:  # a quantized V cache needs flash attention in llama.cpp
+            flash_attn = pre.flash_attn or kv_type != "f16"
         self.backend = LlamaCppBackend(
             resolved,
             n_ctx=n_ctx,
@@ -288,7 +293,7 @@ class Judge:
             one_shot=one_shot,
             kv_type=kv_type,
             flash_attn=flash_attn,
-            n_ubatch=n_ubatch or 512,
+            n_ubatch=n_ubatch or pre.n_ubatch,
         )
         self.backend.load_s += encoder_load_s  # the ONNX session is part of loading
 

@@ -156,6 +156,12 @@ def print_doctor(
     )
     console.print(f"  vision   {plan.vision}", markup=False)
     console.print(f"  repack   {plan.repack_reason}", markup=False)
+    pre = plan.prefill
+    console.print(
+        f"  prefill  n_ubatch {pre.n_ubatch}, flash attention "
+        f"{'on' if pre.flash_attn else 'off'}, KV {pre.kv_type}: {pre.reason}",
+        markup=False,
+    )
     for reason in plan.reasons:
         console.print(f"  why      {reason}", markup=False)
     where = str(path) if path else f"not in the store: run `verm-local pull {plan.variant}`"

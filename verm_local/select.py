@@ -63,9 +63,75 @@ def task_context(
     )
 
 
+# Answer tokens a context holds before it grows (backends/batch.py ANSWER_RESERVE).
+ANSWER_RESERVE = 1024
+
+
 def default_n_ctx() -> int:
-    """The context the memory plan assumes: two 1024-token images and 1024 of answer."""
-    return context_size(1024, 1024)
+    """The context a default judgement allocates at most before its answer grows: two
+    1024-token images (the chart/SVG maximum), the prompt text, and the answer reserve."""
+    return context_size(1024, ANSWER_RESERVE)
+
+
+def full_cap_n_ctx() -> int:
+    """The context when an answer runs to its trained cap (the largest over the tasks)."""
+    return task_context()
+
+
+@dataclass(frozen=True)
+class PrefillSettings:
+    """How llama.cpp evaluates prompts: tokens per compute step, flash attention, KV
+    cache type; and why."""
+
+    n_ubatch: int
+    flash_attn: bool
+    kv_type: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Measured side by side with `verm-local bench latency --sweep` on the 8B shape (Q4_K_M,
+# one default judgement of a 1024x768 chart pair, 2-core AMD EPYC; benchmarks/README.md,
+# "Prefill and memory on a CPU").
+# Against llama.cpp's batch of 512 without flash attention (peak 6,235 MB, text prefill
+# 39.5 s): n_ubatch 256 with flash attention peaked at 6,018 MB with prefill 36.8 s (the
+# attention scores of a step are never materialized, and a step's activations are half);
+# flash attention at 512 prefilled fastest (35.3 s) but peaked at 6,119 MB; a q8_0 KV
+# cache saved 212 MB more but doubled the prefill (68.7 s): an option (--kv-type q8_0),
+# not the default.
+CPU_PREFILL = PrefillSettings(
+    n_ubatch=256,
+    flash_attn=True,
+    kv_type="f16",
+    reason="measured with `bench latency --sweep` on the 8B shape: the least peak memory "
+    "(6,018 MB against 6,235 MB at llama.cpp's 512 without flash attention) and a 7% "
+    "faster text prefill; a q8_0 KV cache (--kv-type q8_0) saves 212 MB more but "
+    "doubles the prefill",
+)
+GPU_PREFILL = PrefillSettings(
+    n_ubatch=512,
+    flash_attn=False,
+    kv_type="f16",
+    reason="llama.cpp's batch size, flash attention off, f16 KV cache: not measured on "
+    "a GPU here, so llama.cpp's own settings stand",
+)
+
+
+def prefill_settings(device: str, parallel: int = 1) -> PrefillSettings:
+    """The prefill settings for `device`. Flash attention only for one request at a time:
+    with it, a batched row and a lone one round apart, and a served answer must not
+    depend on its neighbours in the batch."""
+    base = CPU_PREFILL if device == "cpu" else GPU_PREFILL
+    if parallel > 1 and base.flash_attn:
+        return replace(
+            base,
+            flash_attn=False,
+            reason=base.reason + "; flash attention off with --parallel > 1 (a batched "
+            "answer must equal the answer alone)",
+        )
+    return base
 
 
 # Weight repacking (llama.cpp's extra buffer types) on CPUs without AMX, measured side by
@@ -133,9 +199,20 @@ class Plan:
     reasons: tuple[str, ...]
     repack: bool = True  # llama.cpp extra buffer types (AMX / repacked layouts)
     repack_reason: str = ""
+    prefill: PrefillSettings = GPU_PREFILL
+    # The peak when an answer runs to the trained cap and the context grows to hold it.
+    memory_full_cap_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        fields = dict(data)
+        if isinstance(fields.get("prefill"), dict):
+            fields["prefill"] = PrefillSettings(**fields["prefill"])
+        fields["reasons"] = tuple(fields.get("reasons", ()))
+        return cls(**fields)
 
 
 class _NoFit(Exception):
@@ -220,6 +297,7 @@ def _plan(
         budget_bytes=budget,
         vision=_vision(hw, v.backend, device),
         reasons=tuple(reasons),
+        prefill=prefill_settings(device),
     )
 
 
@@ -348,7 +426,17 @@ def _plan_cpu(hw: Hardware, want: Variant | None, n_ctx: int, catalog: dict[str,
     if v.format == "gptq" and not hw.gptqmodel:
         raise _NoFit(f"{v.name} needs GPTQModel: pip install 'verm-local[gptq]'")
     # transformers on a CPU runs float32 (see docs/fidelity.md): twice bf16's weights.
-    need = v.memory_bytes(n_ctx, dtype_bytes=4 if v.format == "hf" else 2)
+    # llama.cpp: one-shot judging (vision phase, then text phase) at the CPU settings.
+    pre = prefill_settings("cpu")
+    fields = dict(
+        dtype_bytes=4 if v.format == "hf" else 2,
+        one_shot=True,
+        flash_attn=pre.flash_attn,
+        n_ubatch=pre.n_ubatch,
+        kv_type=pre.kv_type,
+    )
+    need = v.memory_bytes(n_ctx, **fields)
+    full = v.memory_bytes(max(n_ctx, full_cap_n_ctx()), **fields)
     if need > budget:
         which = f"{v.name}" if want else f"{v.name} (the smallest variant planned for a CPU)"
         raise _NoFit(
@@ -363,7 +451,14 @@ def _plan_cpu(hw: Hardware, want: Variant | None, n_ctx: int, catalog: dict[str,
         )
     if hw.ram_available < need:
         reasons.append(f"only {_gb(hw.ram_available)} is free now: close other programs")
-    return _plan(hw, v, "cpu", 0, need, budget, n_ctx, *reasons)
+    if full > budget:
+        reasons.append(
+            f"an answer that runs to the trained cap grows the context to "
+            f"{full_cap_n_ctx()} tokens ({_gb(full)}), more than this machine offers: "
+            "such an answer fails with an out-of-memory error (--max-tokens lowers the cap)"
+        )
+    plan = _plan(hw, v, "cpu", 0, need, budget, n_ctx, *reasons)
+    return replace(plan, memory_full_cap_bytes=full)
 
 
 _PLANNERS = {"cuda": _plan_cuda, "metal": _plan_metal, "cpu": _plan_cpu}

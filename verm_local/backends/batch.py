@@ -11,6 +11,12 @@ does across its slots), and all requests decode together, one token per sequence
 `llama_decode` call, so the weights are read once per step for the batch. One request
 alone is a batch of one.
 
+A context sized by the engine holds the prompts and `answer_reserve` tokens of answer
+(the trained caps, 4096 and 8192, are far above a usual answer); a sequence that reaches
+the end of it moves, with every other sequence's cells, into a context of the whole cap
+(prompt + cap) and carries on: the same answer, and the KV cache of the full cap is paid
+for only by the answers that need it.
+
 Prefixes stay in the cache (LRU over `prefix_cache` sequences), so a later batch with
 the same ground truth reuses it too. Trimming a sequence back and evaluating from the
 cached prefix gives the logits of a full evaluation (tests/test_serve.py checks the
@@ -28,9 +34,14 @@ import numpy as np
 
 from ..errors import VermError
 from ..events import stage
+from ..memory import release_heap
 from . import native
 from .base import Generation, ImageEmbedding, Request
 from .sampling import TokenSampler
+
+# Answer tokens a context sized by the engine holds at first: above a usual judgement
+# (a chart answer of 11 errors is about 700 tokens), far below the trained caps.
+ANSWER_RESERVE = 1024
 
 
 @dataclass
@@ -122,12 +133,25 @@ class BatchEngine:
             threads=threads, flash_attn=flash_attn, kv_type=kv_type, n_ubatch=n_ubatch
         )
         self.cache = PrefixCache(list(range(parallel, parallel + prefix_cache)))
+        # Answer tokens a context sized here holds before it grows (see the module notes).
+        self.answer_reserve = ANSWER_RESERVE
+        self.grown = 0  # how many times a context grew during a decode (for reports)
         # The last run(): tokens generated (failed answers included) and seconds spent in
         # the decode loops, everything before them being the prompts' evaluation.
         self.last_tokens = 0
         self.last_decode_s = 0.0
         if n_ctx:
             self._ensure_ctx(n_ctx)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The context settings in use: n_ubatch, flash attention, KV cache type."""
+        a = self._ctx_args
+        return {
+            "n_ubatch": a["n_ubatch"],
+            "flash_attn": bool(a["flash_attn"]),
+            "kv_type": a["kv_type"] or "f16",
+        }
 
     def _ensure_ctx(self, needed: int) -> None:
         """A context whose streams hold `needed` tokens (256-aligned when sized here)."""
@@ -150,6 +174,24 @@ class BatchEngine:
             **self._ctx_args,
         )
         self.n_ctx = n_ctx
+
+    def _grow(self, needed: int) -> None:
+        """Move every sequence's cells into a context of `needed` tokens per stream (the
+        old one is freed first, so the two never sit in memory together)."""
+        n_ctx = (needed + 255) // 256 * 256
+        stage("grow context", tokens=n_ctx, was=f"from {self.n_ctx}")
+        n_seq = self.parallel + self.prefix_cache
+        states = [self.ctx.seq_state(seq) for seq in range(n_seq)]
+        self.ctx.close()
+        self.ctx = None
+        self.ctx = native.Context(
+            self.b.model, n_ctx=n_ctx, n_batch=2048, n_seq=n_seq, **self._ctx_args
+        )
+        self.n_ctx = n_ctx
+        for seq, data in enumerate(states):
+            if data:
+                self.ctx.set_seq_state(seq, data)
+        self.grown += 1
 
     def close(self) -> None:
         if self.ctx is not None:
@@ -201,6 +243,9 @@ class BatchEngine:
             if images:
                 stage("prefill image", tokens=sum(len(it.image.embd) for it in images))
                 self._decode_images(images)
+                for it in images:  # in the KV cache now: the embeddings can go
+                    it.image = None
+                release_heap()
             texts = [it for it in wave if it.tokens is not None]
             if texts:
                 stage("prefill", tokens=sum(len(it.tokens) for it in texts))
@@ -208,18 +253,25 @@ class BatchEngine:
 
     def _decode_images(self, items: list[_Item]) -> None:
         """Images whole, several per call while they fit n_batch rows; an image over
-        n_batch (or one that attends both ways) alone, in slices, as mtmd's helper does."""
-        nb = self.ctx.n_batch
+        n_batch (or one that attends both ways) alone, in slices, as mtmd's helper does.
+        One image alone goes in slices of n_ubatch rows: llama.cpp computes one ubatch at
+        a time anyway, and its copies of a call's embeddings stay one ubatch large."""
+        nb = self.ctx.n_batch if len(items) > 1 else self.ctx.n_ubatch
         group: list[_Item] = []
 
         def flush() -> None:
-            if group:
+            if len(group) == 1:  # no copy of a lone image's embeddings
+                it = group[0]
+                self.ctx.decode_embd(
+                    it.image.embd, it.image.pos, np.full(len(it.image.embd), it.s.seq)
+                )
+            elif group:
                 self.ctx.decode_embd(
                     np.concatenate([it.image.embd for it in group]),
                     np.concatenate([it.image.pos for it in group], axis=-1),
                     np.concatenate([np.full(len(it.image.embd), it.s.seq) for it in group]),
                 )
-                group.clear()
+            group.clear()
 
         for it in items:
             img, n = it.image, len(it.image.embd)
@@ -341,7 +393,19 @@ class BatchEngine:
         need = max(
             (s.prompt_tokens + s.request.sampling.max_tokens + 1 for s, _ in open_chunks), default=1
         )
+        # What the sequences may grow to, and what is allocated now: the prompts and the
+        # answer reserve (the context grows during decoding when an answer needs more).
         capacity = self.fixed_ctx or max(self.n_ctx, (need + 255) // 256 * 256)
+        need = min(
+            need,
+            max(
+                (
+                    s.prompt_tokens + min(s.request.sampling.max_tokens, self.answer_reserve) + 1
+                    for s, _ in open_chunks
+                ),
+                default=1,
+            ),
+        )
         work: list[list[_Item]] = []
         try:
             use_cache = bool(self.cache.free or self.cache.entries)
@@ -445,6 +509,12 @@ class BatchEngine:
             active = [s for s, _ in rows]
             if not active:
                 break
+            # KV cells, not positions (an image takes fewer positions than cells).
+            if (
+                not self.fixed_ctx
+                and max(s.prompt_tokens + len(s.out) for s in active) > self.n_ctx
+            ):
+                self._grow(max(s.prompt_tokens + s.max_tokens + 1 for s in active))
             try:
                 self.ctx.decode([(tok, s.n_past, s.seq, True) for s, tok in rows])
             except VermError as exc:

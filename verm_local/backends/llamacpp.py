@@ -22,6 +22,7 @@ from ..decoding import Sampling
 from ..errors import ModelError, VermError
 from ..events import stage
 from ..images import PreparedImage
+from ..memory import release_heap
 from ..modelref import ResolvedModel
 from ..schema import ModelInfo
 from . import native
@@ -238,6 +239,7 @@ class LlamaCppBackend:
             self.mctx = None
         if self.vision is not None and hasattr(self.vision, "release"):
             self.vision.release()
+        release_heap()
         self.ensure_weights()
 
     def _init_mtmd(self, mmproj: str, threads: int, use_gpu: bool, max_tokens: int | None):

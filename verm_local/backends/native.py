@@ -204,7 +204,7 @@ class Context:
         cp = lc.llama_context_default_params()
         cp.n_ctx = n_ctx * n_seq
         cp.n_batch = self.n_batch
-        cp.n_ubatch = min(n_ubatch, self.n_batch)
+        self.n_ubatch = cp.n_ubatch = min(n_ubatch, self.n_batch)
         cp.n_seq_max = n_seq
         cp.kv_unified = False
         cp.n_threads = cp.n_threads_batch = max(1, threads)
@@ -321,6 +321,19 @@ class Context:
 
     def clear(self) -> None:
         self.lc.llama_memory_clear(self.mem, True)
+
+    def seq_state(self, seq: int) -> bytes:
+        """Sequence `seq`'s KV cells (positions and values), to restore into another
+        context with `set_seq_state`."""
+        size = self.lc.llama_state_seq_get_size(self.ptr, seq)
+        buf = (ctypes.c_ubyte * size)()
+        n = self.lc.llama_state_seq_get_data(self.ptr, buf, size, seq)
+        return bytes(buf[:n])
+
+    def set_seq_state(self, seq: int, data: bytes) -> None:
+        buf = (ctypes.c_ubyte * len(data)).from_buffer_copy(data)
+        if self.lc.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == 0:
+            raise VermError(f"llama.cpp could not restore sequence {seq} into a larger context")
 
     def close(self) -> None:
         if getattr(self, "batch", None) is not None:
