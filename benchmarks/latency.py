@@ -1,14 +1,17 @@
 """`verm-local bench latency`: per-stage latency and memory per model, side by side with
 llama.cpp's own multimodal path on the same files, and a CI gate against a stored run.
 
-Each model is measured in its own process (so peak RSS is that model's): load, then a
-warm-up judgement, then --repeat judgements of the same pair; median and spread per
-stage. For GGUF models a second process times llama-cpp-python's stock multimodal chat
-path (MTMDChatHandler, the same images, prompt and JSON schema, greedy), so the report's
-`overhead_ratio` = verm-local end-to-end / stock end-to-end is measured in one run.
-Time to first token is vision + prefill + one mean decode step. With --predictions N, N
-predictions against one ground truth are judged one at a time and as one batch, each in a
-process of its own (greedy, or --rl-sampling), and `shared_ratio` = batched / independent."""
+The timed runs load every model, and for GGUF models llama-cpp-python's stock multimodal
+chat path on the same files (MTMDChatHandler, the same images, prompt and JSON schema,
+greedy), in one worker process: a warm-up each, then --repeat rounds that judge once on
+each in turn (A, B, A, B ...). Each gated ratio is taken per round and reported with a
+confidence interval over the rounds (benchmarks/gate.py): `overhead_ratio` = verm-local
+end-to-end / stock end-to-end, `relative_e2e` = a model's end-to-end / the first
+model's. Time to first token is vision + prefill + one mean decode step. Memory is
+measured apart, one default judgement per model in a fresh process (--memory). With
+--predictions N, N predictions against one ground truth are judged one at a time and as
+one batch, interleaved in one process (greedy, or --rl-sampling), and `shared_ratio` =
+batched / independent."""
 
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from verm_local.errors import VermError
+
+from .gate import ratio_interval
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,67 @@ def _judge_once(judge: Any, gt: Any, pred: Any, task: str, sampling: Any) -> Any
     return judge.last_generation
 
 
+class _VermRunner:
+    """verm-local's judge on one model, loaded, the pair prepared: `once()` is one timed
+    judgement."""
+
+    def __init__(
+        self,
+        model: str,
+        gt: str,
+        pred: str,
+        task: str,
+        threads: int | None,
+        image_tokens: int | None,
+        max_tokens: int | None,
+        repack: bool | None = None,
+    ) -> None:
+        from verm_local.judge import Judge
+
+        t0 = time.perf_counter()
+        self.judge = Judge(
+            model,
+            threads=threads,
+            image_tokens=image_tokens,
+            max_tokens=max_tokens,
+            repack=repack,
+        )
+        self.load_s = time.perf_counter() - t0
+        self.task = task
+        self.images = [self.judge.prepare(gt, task, "gt"), self.judge.prepare(pred, task, "pred")]
+        self.sampling = self.judge.sampling(task)
+        self.gguf = self.judge.resolved.format == "gguf"
+
+    def once(self) -> dict[str, Any]:
+        t = time.perf_counter()
+        gen = _judge_once(self.judge, *self.images, self.task, self.sampling)
+        e2e = time.perf_counter() - t
+        n = max(1, gen.completion_tokens)
+        return {
+            "vision_s": gen.vision_s,
+            "text_prefill_s": gen.prefill_s - gen.vision_s,
+            "ttft_s": gen.prefill_s + gen.decode_s / n,
+            "decode_tok_s": n / gen.decode_s if gen.decode_s else 0.0,
+            "e2e_s": e2e,
+            "completion_tokens": gen.completion_tokens,
+            "prompt_tokens": gen.prompt_tokens,
+            "cut": gen.finish_reason == "length",
+        }
+
+    def result(self, runs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "model": self.judge.backend.info.model_dump(),
+            "load_s": self.load_s,
+            "runs": runs,
+            "peak_rss": _peak_rss(),
+            "peak_gpu": _peak_gpu(),
+            "repack": self.judge.backend.info.repack,
+        }
+
+    def close(self) -> None:
+        self.judge.close()
+
+
 def measure_verm(
     model: str,
     gt: str,
@@ -68,49 +134,56 @@ def measure_verm(
     max_tokens: int | None,
     repack: bool | None = None,
 ) -> dict[str, Any]:
-    from verm_local.judge import Judge
+    """One model alone in this process: load, a warm-up, `repeat` judgements."""
+    runner = _VermRunner(model, gt, pred, task, threads, image_tokens, max_tokens, repack)
+    runner.once()  # warm-up
+    out = runner.result([runner.once() for _ in range(repeat)])
+    runner.close()
+    return out
 
-    t0 = time.perf_counter()
-    judge = Judge(
-        model,
-        threads=threads,
-        image_tokens=image_tokens,
-        max_tokens=max_tokens,
-        repack=repack,
-    )
-    load_wall = time.perf_counter() - t0
-    images = [judge.prepare(gt, task, "gt"), judge.prepare(pred, task, "pred")]
-    sampling = judge.sampling(task)
-    _judge_once(judge, *images, task, sampling)  # warm-up
-    runs = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        gen = _judge_once(judge, *images, task, sampling)
-        e2e = time.perf_counter() - t
-        n = max(1, gen.completion_tokens)
-        runs.append(
-            {
-                "vision_s": gen.vision_s,
-                "text_prefill_s": gen.prefill_s - gen.vision_s,
-                "ttft_s": gen.prefill_s + gen.decode_s / n,
-                "decode_tok_s": n / gen.decode_s if gen.decode_s else 0.0,
-                "e2e_s": e2e,
-                "completion_tokens": gen.completion_tokens,
-                "prompt_tokens": gen.prompt_tokens,
-                "cut": gen.finish_reason == "length",
-            }
+
+def measure_timed(
+    models: list[str],
+    gt: str,
+    pred: str,
+    task: str,
+    repeat: int,
+    threads: int | None,
+    image_tokens: int | None,
+    max_tokens: int | None,
+    repack: bool | None = None,
+    stock: bool = True,
+) -> dict[str, Any]:
+    """Every model (and, for GGUF ones, llama.cpp's own path on it) loaded in this process,
+    a warm-up each, then `repeat` rounds, each judging once on every one of them in turn
+    (A, B, A, B ...): a slow spell of the machine falls on both sides of a ratio."""
+    runners = []
+    for model in models:
+        verm = _VermRunner(model, gt, pred, task, threads, image_tokens, max_tokens, repack)
+        own = (
+            _StockRunner(model, gt, pred, task, threads, image_tokens, max_tokens, repack)
+            if stock and verm.gguf
+            else None
         )
-    info = judge.backend.info.model_dump()
-    used = judge.backend.info.repack
-    judge.close()
-    return {
-        "model": info,
-        "load_s": load_wall,
-        "runs": runs,
-        "peak_rss": _peak_rss(),
-        "peak_gpu": _peak_gpu(),
-        "repack": used,
-    }
+        runners.append((model, verm, own))
+    for _, verm, own in runners:  # warm-ups
+        verm.once()
+        if own is not None:
+            own.once()
+    runs: dict[str, dict[str, list]] = {m: {"verm": [], "stock": []} for m in models}
+    for _ in range(repeat):
+        for model, verm, own in runners:
+            runs[model]["verm"].append(verm.once())
+            if own is not None:
+                runs[model]["stock"].append(own.once())
+    out = {}
+    for model, verm, own in runners:
+        out[model] = {
+            "verm": verm.result(runs[model]["verm"]),
+            "stock": own.result(runs[model]["stock"]) if own is not None else None,
+        }
+        verm.close()
+    return out
 
 
 def _rss() -> int:
@@ -120,19 +193,20 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def kv_bytes_per_token(gguf: Path, kv_type: str | None = None) -> int:
-    """KV cache bytes per token of context, from the GGUF's own shape."""
+def model_shape(gguf: Path) -> Any:
+    """The text model's shape (memory.Shape) from the GGUF's own metadata."""
     from verm_local.gguf_meta import read_metadata
+    from verm_local.memory import Shape
 
     meta = read_metadata(gguf)
     arch = meta["general.architecture"]
-    layers = int(meta[f"{arch}.block_count"])
-    heads = meta[f"{arch}.attention.head_count"]
-    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-    k = int(meta.get(f"{arch}.attention.key_length", 128))
-    v = int(meta.get(f"{arch}.attention.value_length", 128))
-    per = {"f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}[kv_type or "f16"]
-    return int(layers * kv_heads * (k + v) * per)
+    heads = int(meta[f"{arch}.attention.head_count"])
+    return Shape(
+        layers=int(meta[f"{arch}.block_count"]),
+        kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+        heads=heads,
+        head_dim=int(meta.get(f"{arch}.attention.key_length", 128)),
+    )
 
 
 def measure_oneshot(
@@ -185,11 +259,29 @@ def measure_oneshot(
         sampling = judge.sampling(task)
         result = judge.judge(gt, pred, task, sampling=sampling, unreadable="score")
         note("done", {})
+    from verm_local.memory import estimate_llamacpp, kv_bytes
+    from verm_local.select import default_n_ctx
+
     gen = judge.last_generation
     resolved = judge.resolved
     n_ctx = judge.backend.batch.n_ctx
-    kv = kv_bytes_per_token(resolved.path, kv_type) * n_ctx
+    shape = model_shape(resolved.path)
+    used = judge.backend.batch.settings
+    kv = kv_bytes(n_ctx, used["kv_type"], shape)
     vision_file = judge.backend.weight_files()[-1]
+
+    def estimate(ctx: int) -> dict[str, int]:
+        return estimate_llamacpp(
+            resolved.path.stat().st_size,
+            vision_file.stat().st_size,
+            ctx,
+            image_tokens=max(gen.image_tokens // 2, 1),
+            kv_type=used["kv_type"],
+            flash_attn=used["flash_attn"],
+            n_ubatch=used["n_ubatch"],
+            shape=shape,
+        ).to_dict()
+
     out = {
         "model": judge.backend.info.model_dump(),
         "peak_rss": _peak_rss(),
@@ -200,13 +292,17 @@ def measure_oneshot(
             "vision_weights": vision_file.stat().st_size,
             "kv_cache": kv,
             "n_ctx": n_ctx,
-            "kv_type": kv_type or "f16",
+            "kv_type": used["kv_type"],
+            "context_grew": judge.backend.batch.grown,
         },
+        # doctor's model (verm_local.memory) for this judgement, and at the plan's context
+        # (what `doctor` reports for a default judgement).
+        "estimate": estimate(n_ctx),
+        "estimate_at_plan_ctx": estimate(default_n_ctx()),
         "timings": result.timings.model_dump(),
         "complete": result.complete,
         "settings": {
-            "flash_attn": bool(flash_attn),
-            "n_ubatch": n_ubatch or 512,
+            **used,
             "vision": judge.backend.info.vision,
             "repack": judge.backend.info.repack,
         },
@@ -234,9 +330,9 @@ def measure_served(
     import threading
     import urllib.request
 
-    from .serve import _port, _Process
+    from .serve import ServerProcess, free_port
 
-    port = _port()
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -258,7 +354,7 @@ def measure_served(
             cmd += [flag, str(value)]
     if repack is not None:
         cmd.append("--repack" if repack else "--no-repack")
-    server = _Process(cmd, port, "/health", "verm-local serve")
+    server = ServerProcess(cmd, port, "/health", "verm-local serve")
     try:
         pid = json.loads(urllib.request.urlopen(server.base + "/health").read())["worker_pid"]
         preds = _variants(pred, parallel, image_tokens, task)
@@ -295,6 +391,93 @@ def measure_served(
     return {"parallel": parallel, "worker_peak_rss": hwm, "round_s": wall}
 
 
+class _StockRunner:
+    """llama-cpp-python's own multimodal path: Llama + MTMDChatHandler + response_format,
+    on the same request (messages, prepared images, answer schema, greedy decoding)."""
+
+    def __init__(
+        self,
+        model: str,
+        gt: str,
+        pred: str,
+        task: str,
+        threads: int | None,
+        image_tokens: int | None,
+        max_tokens: int | None,
+        repack: bool | None = None,
+    ) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import MTMDChatHandler
+
+        from verm_local.answer import answer_schema
+        from verm_local.backends.llamacpp import repack_choice
+        from verm_local.judge import build_request
+        from verm_local.modelref import resolve_model
+        from verm_local.select import task_context
+
+        resolved = resolve_model(model)
+        if resolved.format != "gguf":
+            raise VermError(f"{model}: llama.cpp's own path needs a GGUF model")
+        jr = build_request(gt, pred, task, image_tokens=image_tokens, warn=False)
+        self.sampling = jr.request.sampling.with_(max_tokens=max_tokens)
+
+        def data_url(img: Any) -> str:
+            buf = io.BytesIO()
+            img.image.save(buf, format="PNG")  # the prepared pixels, losslessly
+            return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+        images = iter(jr.request.images)
+        self.messages = [
+            {
+                "role": m["role"],
+                "content": m["content"]
+                if isinstance(m["content"], str)
+                else [
+                    {"type": "image_url", "image_url": {"url": data_url(next(images))}}
+                    if p.get("type") == "image"
+                    else p
+                    for p in m["content"]
+                ],
+            }
+            for m in jr.request.messages
+        ]
+        use_repack, _ = repack_choice(repack, resolved.quant)
+        t0 = time.perf_counter()
+        handler = MTMDChatHandler(clip_model_path=str(resolved.mmproj), verbose=False)
+        with _model_params(use_extra_bufts=use_repack):
+            self.llama = Llama(
+                model_path=str(resolved.path),
+                chat_handler=handler,
+                verbose=False,
+                n_ctx=task_context(task, image_tokens, self.sampling.max_tokens),
+                n_threads=threads,
+                n_gpu_layers=0,
+                seed=0,
+            )
+        self.load_s = time.perf_counter() - t0
+        self.format = {
+            "type": "json_object",
+            "schema": answer_schema(task, self.sampling.max_tokens),
+        }
+
+    def once(self) -> dict[str, Any]:
+        t = time.perf_counter()
+        out = self.llama.create_chat_completion(
+            messages=self.messages,
+            response_format=self.format,
+            temperature=0.0,
+            max_tokens=self.sampling.max_tokens,
+            repeat_penalty=self.sampling.repeat_penalty,
+        )
+        return {
+            "e2e_s": time.perf_counter() - t,
+            "completion_tokens": int(out["usage"]["completion_tokens"]),
+        }
+
+    def result(self, runs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"load_s": self.load_s, "runs": runs, "peak_rss": _peak_rss(), "peak_gpu": None}
+
+
 def measure_stock(
     model: str,
     gt: str,
@@ -306,73 +489,10 @@ def measure_stock(
     max_tokens: int | None,
     repack: bool | None = None,
 ) -> dict[str, Any]:
-    """llama-cpp-python's own multimodal path: Llama + MTMDChatHandler + response_format,
-    on the same request (messages, prepared images, answer schema, greedy decoding)."""
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import MTMDChatHandler
-
-    from verm_local.answer import answer_schema
-    from verm_local.backends.llamacpp import repack_choice
-    from verm_local.judge import build_request
-    from verm_local.modelref import resolve_model
-    from verm_local.select import task_context
-
-    resolved = resolve_model(model)
-    if resolved.format != "gguf":
-        raise VermError(f"{model}: llama.cpp's own path needs a GGUF model")
-    jr = build_request(gt, pred, task, image_tokens=image_tokens, warn=False)
-    sampling = jr.request.sampling.with_(max_tokens=max_tokens)
-
-    def data_url(img: Any) -> str:
-        buf = io.BytesIO()
-        img.image.save(buf, format="PNG")  # the prepared pixels, losslessly
-        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-    images = iter(jr.request.images)
-    messages = [
-        {
-            "role": m["role"],
-            "content": m["content"]
-            if isinstance(m["content"], str)
-            else [
-                {"type": "image_url", "image_url": {"url": data_url(next(images))}}
-                if p.get("type") == "image"
-                else p
-                for p in m["content"]
-            ],
-        }
-        for m in jr.request.messages
-    ]
-    use_repack, _ = repack_choice(repack, resolved.quant)
-    t0 = time.perf_counter()
-    handler = MTMDChatHandler(clip_model_path=str(resolved.mmproj), verbose=False)
-    with _model_params(use_extra_bufts=use_repack):
-        llama = Llama(
-            model_path=str(resolved.path),
-            chat_handler=handler,
-            verbose=False,
-            n_ctx=task_context(task, image_tokens, sampling.max_tokens),
-            n_threads=threads,
-            n_gpu_layers=0,
-            seed=0,
-        )
-    load_s = time.perf_counter() - t0
-    fmt = {"type": "json_object", "schema": answer_schema(task, sampling.max_tokens)}
-
-    def once() -> tuple[float, int]:
-        t = time.perf_counter()
-        out = llama.create_chat_completion(
-            messages=messages,
-            response_format=fmt,
-            temperature=0.0,
-            max_tokens=sampling.max_tokens,
-            repeat_penalty=sampling.repeat_penalty,
-        )
-        return time.perf_counter() - t, int(out["usage"]["completion_tokens"])
-
-    once()  # warm-up
-    runs = [dict(zip(("e2e_s", "completion_tokens"), once())) for _ in range(repeat)]
-    return {"load_s": load_s, "runs": runs, "peak_rss": _peak_rss(), "peak_gpu": None}
+    """llama.cpp's own path alone in this process: load, a warm-up, `repeat` runs."""
+    runner = _StockRunner(model, gt, pred, task, threads, image_tokens, max_tokens, repack)
+    runner.once()  # warm-up
+    return runner.result([runner.once() for _ in range(repeat)])
 
 
 @contextlib.contextmanager
@@ -435,7 +555,7 @@ def _sampling(task: str, max_tokens: int | None, rl: bool) -> Any:
     return decoding(task, "rl" if rl else "default", max_tokens)
 
 
-def measure_independent(
+def measure_shared(
     model: str,
     gt: str,
     pred: str,
@@ -448,49 +568,10 @@ def measure_independent(
     rl: bool = False,
     repack: bool | None = None,
 ) -> dict[str, Any]:
-    """N predictions against one ground truth as N independent judge calls (one model, one
-    request at a time), after a warm-up on other images; best of `repeat`."""
-    from verm_local.judge import Judge
-
-    preds, warm = _shared_setup(pred, gt, predictions, image_tokens, task)
-    sampling = _sampling(task, max_tokens, rl)
-
-    with Judge(
-        model,
-        threads=threads,
-        image_tokens=image_tokens,
-        max_tokens=max_tokens,
-        repack=repack,
-    ) as j:
-        gt_img = j.prepare(gt, task)
-        _judge_once(j, warm[0], warm[1], task, sampling)
-        runs = []
-        for _ in range(repeat):
-            t, tokens, decode_s = time.perf_counter(), 0, 0.0
-            for p in preds:
-                g = _judge_once(j, gt_img, p, task, sampling)
-                tokens += g.completion_tokens
-                decode_s += g.decode_s
-            runs.append({"s": time.perf_counter() - t, "tokens": tokens, "decode_s": decode_s})
-    return min(runs, key=lambda r: r["s"])
-
-
-def measure_batched(
-    model: str,
-    gt: str,
-    pred: str,
-    task: str,
-    repeat: int,
-    threads: int | None,
-    image_tokens: int | None,
-    max_tokens: int | None,
-    predictions: int = 8,
-    rl: bool = False,
-    repack: bool | None = None,
-) -> dict[str, Any]:
-    """The same N predictions as one `judge_many` batch (ground truth encoded once, answers
-    decoded together), after a warm-up on other images; best of `repeat`. The ground
-    truth's cached prefix is dropped before each run, so each run evaluates it once."""
+    """N predictions against one ground truth, two ways, interleaved over `repeat` rounds
+    after a warm-up on other images: N independent judge calls (the cache emptied before
+    each, so each evaluates the ground truth itself) and one `judge_many` batch (ground
+    truth encoded once, answers decoded together). Best round of each, and every round."""
     from verm_local.judge import Judge
 
     preds, warm = _shared_setup(pred, gt, predictions, image_tokens, task)
@@ -505,14 +586,24 @@ def measure_batched(
         repack=repack,
     ) as j:
         gt_img = j.prepare(gt, task)
-        j.judge_many([(warm[0], warm[1], task)])
         engine = j.backend.batch
-        runs = []
+        _judge_once(j, warm[0], warm[1], task, sampling)
+        j.judge_many([(warm[0], warm[1], task)])
+        independent, batched = [], []
         for _ in range(repeat):
+            t, tokens, decode_s = time.perf_counter(), 0, 0.0
+            for p in preds:
+                engine.reset()
+                g = _judge_once(j, gt_img, p, task, sampling)
+                tokens += g.completion_tokens
+                decode_s += g.decode_s
+            independent.append(
+                {"s": time.perf_counter() - t, "tokens": tokens, "decode_s": decode_s}
+            )
             engine.reset()
             t = time.perf_counter()
             res = j.judge_many([(gt_img, p, task) for p in preds], sampling=sampling)
-            runs.append(
+            batched.append(
                 {
                     "s": time.perf_counter() - t,
                     "tokens": engine.last_tokens,
@@ -520,7 +611,11 @@ def measure_batched(
                     "failed": sum(isinstance(r, Exception) for r in res),
                 }
             )
-    return min(runs, key=lambda r: r["s"])
+    best = {k: min(v, key=lambda r: r["s"]) for k, v in (("i", independent), ("b", batched))}
+    return {
+        "independent": {**best["i"], "runs": independent},
+        "batched": {**best["b"], "runs": batched},
+    }
 
 
 def shared_summary(
@@ -614,14 +709,16 @@ def repack_summary(on: dict[str, Any], off: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# The settings that move prefill on a CPU, tried side by side on one default judgement.
+# The settings that move prefill and memory on a CPU, tried side by side on one default
+# judgement: each row names every setting, so the table does not depend on the defaults.
 SWEEP = (
-    {"n_ubatch": 512},
-    {"n_ubatch": 256},
-    {"n_ubatch": 1024},
-    {"n_ubatch": 512, "flash_attn": True},
-    {"n_ubatch": 512, "flash_attn": True, "kv_type": "q8_0"},
-    {"n_ubatch": 512, "vision": "onnx"},
+    {"n_ubatch": 512, "flash_attn": False, "vision": "gguf"},
+    {"n_ubatch": 256, "flash_attn": False, "vision": "gguf"},
+    {"n_ubatch": 1024, "flash_attn": False, "vision": "gguf"},
+    {"n_ubatch": 512, "flash_attn": True, "vision": "gguf"},
+    {"n_ubatch": 256, "flash_attn": True, "vision": "gguf"},
+    {"n_ubatch": 256, "flash_attn": True, "kv_type": "q8_0", "vision": "gguf"},
+    {"n_ubatch": 256, "flash_attn": True, "vision": "onnx"},
 )
 
 
@@ -646,6 +743,8 @@ def prefill_sweep(path: str, args: dict[str, Any]) -> list[dict[str, Any]]:
                 "text_prefill_s": t["prefill_s"] - t["vision_s"],
                 "ttft_s": t["ttft_s"],
                 "peak_rss": r["peak_rss"],
+                "n_ctx": r["parts"]["n_ctx"],
+                "kv_cache": r["parts"]["kv_cache"],
                 "decode_tok_s": (t["completion_tokens"] / t["decode_s"] if t["decode_s"] else 0.0),
             }
         )
@@ -671,9 +770,10 @@ def summarize_model(verm: dict[str, Any], stock: dict[str, Any] | None) -> dict[
             "load_s": stock["load_s"],
             "e2e_s": _spread(e2e),
             "completion_tokens": stock["runs"][-1]["completion_tokens"],
-            "peak_rss": stock["peak_rss"],
         }
-        out["overhead_ratio"] = out["e2e_s"]["median"] / statistics.median(e2e)
+        iv = ratio_interval([r["e2e_s"] for r in runs], e2e).to_dict()
+        out["overhead_ratio"] = iv["value"]
+        out["intervals"] = {"overhead_ratio": iv}
     return out
 
 
@@ -716,18 +816,25 @@ def run_latency(
         "repack": repack,
     }
     report: dict[str, Any] = {"settings": args, "machine": _machine(), "models": {}}
+    paths = {name: model_path(name) for name in models}
+    measured: dict[str, Any] = {}
+    if timed:
+        log.info(
+            "latency: %s%s, %d interleaved rounds ...",
+            ", ".join(models),
+            " and llama.cpp's own path" if stock else "",
+            repeat,
+        )
+        measured = _worker(
+            "timed", "", {**args, "models": [paths[n] for n in models], "stock": stock}
+        )
     for name in models:
-        path = model_path(name)
+        path = paths[name]
         gguf = resolve_model(path).format == "gguf"
         entry: dict[str, Any] = {}
         if timed:
-            log.info("latency: %s ...", name)
-            verm = _worker("verm", path, args)
-            own = None
-            if stock and gguf:
-                log.info("latency: %s through llama.cpp's own path ...", name)
-                own = _worker("stock", path, args)
-            entry = summarize_model(verm, own)
+            verm = measured[path]["verm"]
+            entry = summarize_model(verm, measured[path]["stock"])
         report["models"][name] = entry
         if memory and gguf:
             log.info("latency: %s: one default judgement, its memory ...", name)
@@ -754,19 +861,23 @@ def run_latency(
                 predictions,
             )
             extra = {**args, "predictions": predictions, "rl": rl_sampling}
-            shared = shared_summary(
-                _worker("independent", path, extra),
-                _worker("batched", path, extra),
-                predictions,
-                rl_sampling,
-            )
+            both = _worker("shared", path, extra)
+            shared = shared_summary(both["independent"], both["batched"], predictions, rl_sampling)
+            entry.setdefault("intervals", {})["shared_ratio"] = ratio_interval(
+                [r["s"] for r in both["batched"]["runs"]],
+                [r["s"] for r in both["independent"]["runs"]],
+            ).to_dict()
             report["models"][name]["shared_prefix"] = shared
             report["models"][name]["shared_ratio"] = shared["ratio"]
-    timed_models = [m for m in report["models"].values() if "e2e_s" in m]
+    timed_models = [n for n in models if "e2e_s" in report["models"][n]]
     if timed_models:
-        first = timed_models[0]["e2e_s"]["median"]
-        for m in timed_models:
-            m["relative_e2e"] = m["e2e_s"]["median"] / first
+        first = [r["e2e_s"] for r in measured[paths[timed_models[0]]]["verm"]["runs"]]
+        for n in timed_models:
+            iv = ratio_interval(
+                [r["e2e_s"] for r in measured[paths[n]]["verm"]["runs"]], first
+            ).to_dict()
+            report["models"][n]["relative_e2e"] = iv["value"]
+            report["models"][n].setdefault("intervals", {})["relative_e2e"] = iv
     if out:
         write_reports(report, Path(out))
     return report
@@ -797,26 +908,6 @@ def load_baseline(path: Path) -> dict[str, Any]:
     return data
 
 
-def compare(report: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> list[str]:
-    """Regressions of machine-independent ratios beyond the tolerance: each model's
-    overhead against llama.cpp's own path, and its end-to-end time relative to the
-    first model of the run."""
-    found = []
-    for name, cur in report["models"].items():
-        old = baseline.get("models", {}).get(name)
-        if old is None:
-            continue
-        for key in ("overhead_ratio", "relative_e2e", "shared_ratio"):
-            if key in cur and key in old and old[key] > 0:
-                change = cur[key] / old[key] - 1
-                if change > tolerance:
-                    found.append(
-                        f"{name}: {key} {cur[key]:.3f} vs baseline {old[key]:.3f} "
-                        f"(+{change:.0%} > {tolerance:.0%})"
-                    )
-    return found
-
-
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -827,25 +918,28 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             "| model | load s | vision s | text prefill s | TTFT s | decode tok/s | "
-            "end-to-end s | peak RSS MB | llama.cpp own path s | overhead ratio |",
+            "end-to-end s | llama.cpp own path s | overhead ratio (95% interval) | "
+            "relative end-to-end (95% interval) |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
     for name, r in ((n, r) for n, r in report["models"].items() if "e2e_s" in r):
         own = r.get("llamacpp")
         e2e = r["e2e_s"]
+        ivs = r.get("intervals", {})
         row = (
             f"| {name} ({r['model']['quant']}) | {r['load_s']:.2f} | "
             f"{r['vision_s']['median']:.3f} | {r['text_prefill_s']['median']:.3f} | "
             f"{r['ttft_s']['median']:.3f} | {r['decode_tok_s']['median']:.1f} | "
+            f"{e2e['median']:.2f} ({e2e['min']:.2f}-{e2e['max']:.2f}) | "
         )
         if own:
             row += (
-                f"{e2e['median']:.2f} ({e2e['min']:.2f}-{e2e['max']:.2f}) | "
-                f"{r['peak_rss'] / 1e6:.0f} | {own['e2e_s']['median']:.2f} "
-                f"({own['completion_tokens']} tok) | {r['overhead_ratio']:.2f} |"
+                f"{own['e2e_s']['median']:.2f} ({own['completion_tokens']} tok) | "
+                f"{_interval(ivs.get('overhead_ratio'))} | "
             )
         else:
-            row += f"{e2e['median']:.2f} | {r['peak_rss'] / 1e6:.0f} | n/a | n/a |"
+            row += "n/a | n/a | "
+        row += f"{_interval(ivs.get('relative_e2e'))} |"
         lines.append(row)
     cut = [
         f"{n} ({r['cut_runs']} of {report['settings']['repeat']})"
@@ -912,6 +1006,14 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _interval(iv: dict[str, Any] | None) -> str:
+    if not iv:
+        return "n/a"
+    if iv["high"] is None or iv["n"] < 2:
+        return f"{iv['value']:.3f} (n={iv['n']}, no interval)"
+    return f"{iv['value']:.3f} ({iv['low']:.3f}-{iv['high']:.3f})"
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.0f}"
 
@@ -926,19 +1028,21 @@ def _memory_markdown(report: dict[str, Any]) -> list[str]:
             "the request), in a fresh process:",
             "",
             "| model | peak RSS MB | Python MB | text weights MB | vision weights MB | "
-            "KV cache MB (n_ctx, type) | rest MB | TTFT s | vision s | prefill s | "
-            "decode s (tokens) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "KV cache MB (n_ctx, type) | rest MB | doctor's estimate MB (measured / "
+            "estimate) | TTFT s | vision s | prefill s | decode s (tokens) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for n, o in shots.items():
             p, t = o["parts"], o["timings"]
             rest = o["peak_rss"] - o["python_rss"] - p["text_weights"] - p["kv_cache"]
+            est = o.get("estimate", {}).get("peak", 0)
+            ratio = f"{o['peak_rss'] / est:.2f}" if est else "n/a"
             lines.append(
                 f"| {Path(n).name} | {_mb(o['peak_rss'])} | {_mb(o['python_rss'])} | "
                 f"{_mb(p['text_weights'])} | {_mb(p['vision_weights'])} | {_mb(p['kv_cache'])} "
-                f"({p['n_ctx']}, {p['kv_type']}) | {_mb(rest)} | {t['ttft_s']:.2f} | "
-                f"{t['vision_s']:.2f} | {t['prefill_s']:.2f} | {t['decode_s']:.2f} "
-                f"({t['completion_tokens']}) |"
+                f"({p['n_ctx']}, {p['kv_type']}) | {_mb(rest)} | {_mb(est)} ({ratio}) | "
+                f"{t['ttft_s']:.2f} | {t['vision_s']:.2f} | {t['prefill_s']:.2f} | "
+                f"{t['decode_s']:.2f} ({t['completion_tokens']}) |"
             )
         lines += [
             "",
@@ -965,15 +1069,16 @@ def _memory_markdown(report: dict[str, Any]) -> list[str]:
             f"Prefill settings side by side ({Path(n).name}, one default judgement each):",
             "",
             "| setting | vision | vision s | text prefill s | TTFT s | "
-            "decode tok/s | peak RSS MB |",
-            "|---|---|---|---|---|---|---|",
+            "decode tok/s | KV MB (n_ctx) | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             setting = ", ".join(f"{k}={v}" for k, v in r["setting"].items())
             lines.append(
                 f"| {setting} | {r['vision']} | {r['vision_s']:.2f} | "
                 f"{r['text_prefill_s']:.2f} | {r['ttft_s']:.2f} | "
-                f"{r['decode_tok_s']:.1f} | {_mb(r['peak_rss'])} |"
+                f"{r['decode_tok_s']:.1f} | {_mb(r.get('kv_cache', 0))} ({r.get('n_ctx', '?')}) | "
+                f"{_mb(r['peak_rss'])} |"
             )
     return lines
 
@@ -1107,8 +1212,8 @@ def _main(argv: list[str]) -> None:
     fn = {
         "verm": measure_verm,
         "stock": measure_stock,
-        "independent": measure_independent,
-        "batched": measure_batched,
+        "timed": measure_timed,
+        "shared": measure_shared,
         "oneshot": measure_oneshot,
         "served": measure_served,
     }[kind]
@@ -1128,11 +1233,13 @@ def _main(argv: list[str]) -> None:
         )
     if kind == "served":
         extra["parallel"] = args.get("serve_parallel", 8)
+    if kind == "timed":
+        extra["stock"] = args.get("stock", True)
     from verm_local.stdio import stdout_to_stderr
 
     with stdout_to_stderr():
         result = fn(
-            model,
+            args["models"] if kind == "timed" else model,
             args["gt"],
             args["pred"],
             args["task"],

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 WORKLOADS = ("shared", "independent", "schema")
 
 
-def _port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -182,7 +182,7 @@ def drive(base: str, load: list[list[dict[str, Any]]], timeout: float = 1800) ->
     }
 
 
-class _Process:
+class ServerProcess:
     """A server process on a free port; stopped (and reaped) on exit."""
 
     def __init__(self, cmd: list[str], port: int, health: str, what: str):
@@ -322,10 +322,10 @@ def run_serve_bench(
             ],
         }
         for name, cmd in engines.items():
-            port = _port()
+            port = free_port()
             cmd = cmd + ["--port", str(port)]
             log.info("bench serve: starting %s", name)
-            server = _Process(cmd, port, "/health", name)
+            server = ServerProcess(cmd, port, "/health", name)
             try:
                 for w, load in loads.items():
                     log.info(

@@ -6,20 +6,32 @@ shared between machines (CI caches, network homes) must never hand it to a CPU w
 them (SIGILL). Used by scripts/install.sh and the CI examples; stdlib only, so it runs
 before the virtual environment exists.
 
-    python3 scripts/wheel_key.py --version 0.3.36 [--cmake-args="-DGGML_CUDA=on"]
+    python3 scripts/wheel_key.py [--version 0.3.36] [--cmake-args="-DGGML_CUDA=on"]
                                  [--cpuinfo FILE] [--arch x86_64]
+
+--version defaults to the one scripts/install.sh pins (LLAMA_VERSION=), --cmake-args to
+$CMAKE_ARGS, as install.sh passes them.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
 HARDWARE = Path(__file__).resolve().parent.parent / "verm_local" / "hardware.py"
+INSTALL = Path(__file__).resolve().parent / "install.sh"
+
+
+def _pinned_version() -> str:
+    for line in INSTALL.read_text().splitlines():
+        if line.startswith("LLAMA_VERSION="):
+            return line.split("=", 1)[1].strip()
+    raise SystemExit(f"{INSTALL}: no LLAMA_VERSION= line")
 
 
 def _hardware():
@@ -49,11 +61,12 @@ def _cpuinfo() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--version", required=True)
-    ap.add_argument("--cmake-args", default="")
+    ap.add_argument("--version", default=None)
+    ap.add_argument("--cmake-args", default=os.environ.get("CMAKE_ARGS", ""))
     ap.add_argument("--cpuinfo", type=Path, help="A recorded /proc/cpuinfo (default: here).")
     ap.add_argument("--arch", default=None)
     a = ap.parse_args(argv)
+    a.version = a.version or _pinned_version()
     hw = _hardware()
     text = a.cpuinfo.read_text(errors="replace") if a.cpuinfo else _cpuinfo()
     flags = hw.isa_flags(text)

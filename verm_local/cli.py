@@ -122,6 +122,15 @@ RepackOpt = Annotated[
         "VERM_LOCAL_REPACK).",
     ),
 ]
+KvTypeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--kv-type",
+        rich_help_panel=MACHINE,
+        help="llama.cpp KV cache type: f16 | q8_0 (less memory, slower prefill on a CPU; "
+        "needs flash attention) (default: the plan's).",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print JSON.")]
 
 # ---------------------------------------------------------------- verbosity
@@ -162,6 +171,16 @@ def fail(message: str, code: int) -> None:
     """One clear line on stderr and a non-zero exit; never a traceback."""
     typer.echo(f"verm-local: error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _kv_type(value: str | None) -> str | None:
+    """--kv-type checked: f16 or q8_0 (q8_0 turns flash attention on: llama.cpp needs it
+    for a quantized V cache)."""
+    if value is None:
+        return None
+    if value not in ("f16", "q8_0"):
+        fail(f"--kv-type must be f16 or q8_0, not {value!r}", ExitCode.INPUT)
+    return value
 
 
 def _split(spec: str) -> list[str]:
@@ -301,6 +320,7 @@ def judge_cmd(
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
     repack: RepackOpt = None,
+    kv_type: KvTypeOpt = None,
     reward_scale: Annotated[
         Optional[float],
         typer.Option(
@@ -415,6 +435,7 @@ def judge_cmd(
             prefix_cache=2 if pairs is not None else 0,
             repack=repack,
             one_shot=pairs is None,
+            kv_type=_kv_type(kv_type),
         ) as j,
     ):
         if pairs is not None:
@@ -659,12 +680,20 @@ def pull_cmd(
         typer.Option("--check/--no-check", help="Load a pulled GGUF variant and run a few tokens."),
     ] = True,
     repack: RepackOpt = None,
+    print_cache_key: Annotated[
+        bool,
+        typer.Option(
+            "--cache-key",
+            help="Print a CI cache key for the store (variant + its manifest's sha256) "
+            "and pull nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Fetch, build or import a variant into the store, verified, and the training
     prompts; print the variant's directory."""
     show_progress()
     from .runtime import plan_here
-    from .store import check_variant, pull, pull_prompts
+    from .store import cache_key, check_variant, pull, pull_prompts
 
     if prompts_only:
         typer.echo(str(pull_prompts(required=True)))
@@ -677,6 +706,9 @@ def pull_cmd(
             f"({plan.reasons[-1] if plan.reasons else ''})",
             err=True,
         )
+    if print_cache_key:
+        typer.echo(cache_key(variant, repo=repo, revision=revision, from_dir=from_dir))
+        return
     with stdout_to_stderr():
         path = pull(variant, repo=repo, revision=revision, from_dir=from_dir)
         pull_prompts(required=False)
@@ -751,7 +783,7 @@ def doctor_cmd(
     path = report["store"]["path"]
     print_doctor(
         Hardware.from_dict(report["hardware"]),
-        Plan(**report["plan"]),
+        Plan.from_dict(report["plan"]),
         Path(path) if path else None,
         report["settings"],
     )
@@ -849,9 +881,44 @@ def bench_latency_cmd(
         Optional[Path], typer.Option("--out", help="FILE.json (or a directory).")
     ] = None,
     baseline: Annotated[
-        Optional[Path], typer.Option("--baseline", help="A stored latency.json.")
+        Optional[Path],
+        typer.Option(
+            "--baseline",
+            help="A stored latency.json to gate against: each ratio's interval against "
+            "baseline x (1 + tolerance).",
+            rich_help_panel="CI gate",
+        ),
     ] = None,
-    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0)] = 0.10,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            "--tolerance", min=0.0, help="Allowed slowdown of a ratio.", rich_help_panel="CI gate"
+        ),
+    ] = 0.10,
+    update_baseline: Annotated[
+        bool,
+        typer.Option(
+            "--update-baseline",
+            help="Write this run as the new --baseline file (on purpose: no gate is run).",
+            rich_help_panel="CI gate",
+        ),
+    ] = False,
+    junit: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--junit",
+            help="Write the gate as JUnit XML (one test case per gated ratio).",
+            rich_help_panel="CI gate",
+        ),
+    ] = None,
+    fail_inconclusive: Annotated[
+        bool,
+        typer.Option(
+            "--fail-inconclusive",
+            help="Exit 1 when the gate is inconclusive (default: exit 8, not a failure).",
+            rich_help_panel="CI gate",
+        ),
+    ] = False,
     threads: ThreadsOpt = None,
     image_tokens: ImageTokensOpt = None,
     max_tokens: MaxTokensOpt = None,
@@ -913,16 +980,34 @@ def bench_latency_cmd(
         bool, typer.Option("--timed/--no-timed", help="The repeated timing runs.")
     ] = True,
 ) -> None:
-    """Per-stage latency and memory, with llama.cpp's own path as a ratio; a CI gate."""
+    """Per-stage latency and memory, with llama.cpp's own path as a ratio; a CI gate.
+
+    Exit codes of the gate: 0 pass, 1 regression, 8 inconclusive (the noise is wider than
+    the tolerance; 1 with --fail-inconclusive), 2 bad input."""
     show_progress()
-    from .benchmarks.latency import compare, load_baseline, markdown, run_latency, write_reports
+    from .benchmarks.latency import load_baseline, markdown, run_latency, write_reports
     from .images import load_image
     from .tasks import profile
 
     profile(task)
     for p in images:
         load_image(p)  # a bad image fails here, in one line
-    base = load_baseline(baseline) if baseline is not None else None
+    base = None
+    if update_baseline:
+        if baseline is None:
+            fail("--update-baseline needs --baseline FILE: the file to write", ExitCode.INPUT)
+        if not timed:
+            fail("--update-baseline needs the timed runs (not --no-timed)", ExitCode.INPUT)
+    elif baseline is not None:
+        if not baseline.is_file():
+            fail(
+                f"{baseline}: no such baseline; make one on purpose with "
+                f"--baseline {baseline} --update-baseline",
+                ExitCode.INPUT,
+            )
+        base = load_baseline(baseline)
+        if out is not None and out.resolve() in (baseline.resolve(), baseline.resolve().parent):
+            fail("--out would overwrite the --baseline file; use --update-baseline", ExitCode.INPUT)
     report = run_latency(
         _split(models),
         str(images[0]),
@@ -942,20 +1027,63 @@ def bench_latency_cmd(
         sweep=sweep,
         timed=timed,
     )
-    typer.echo(markdown(report))
+    from .fileio import write_json_atomic
+
+    table = markdown(report)
+    typer.echo(table)
     if out is not None:
         typer.echo(f"report: {write_reports(report, out)}")
-    if base is not None:
-        regressions = compare(report, base, tolerance)
-        for line in regressions:
-            typer.echo(f"regression: {line}", err=True)
-        if regressions:
-            fail(
-                f"{len(regressions)} latency regression(s) beyond {tolerance:.0%} against "
-                f"{baseline}",
-                ExitCode.REGRESSION,
-            )
-        typer.echo(f"no regression beyond {tolerance:.0%} against {baseline}")
+    if update_baseline:
+        assert baseline is not None
+        baseline.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(baseline, report)
+        typer.echo(f"baseline written: {baseline}")
+        return
+    if base is None:
+        return
+    _latency_gate(report, base, baseline, tolerance, table, junit, fail_inconclusive)
+
+
+def _latency_gate(
+    report: dict,
+    base: dict,
+    baseline: Path,
+    tolerance: float,
+    table: str,
+    junit: Optional[Path],
+    fail_inconclusive: bool,
+) -> None:
+    """Gate `report` against `base`: the verdict on stdout and stderr, in the JUnit file
+    and the GitHub step summary when asked; the exit code says which."""
+    from .benchmarks.gate import INCONCLUSIVE, REGRESSION, evaluate, junit_xml, summary_markdown
+    from .settings import settings
+
+    result = evaluate(report, base, tolerance)
+    report["gate"] = result.to_dict()
+    for check in result.checks:
+        typer.echo(f"{check.verdict}: {check.line()}", err=check.verdict != "pass")
+    for missing in result.missing:
+        typer.echo(f"inconclusive: {missing}: in the baseline, not measured", err=True)
+    if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        junit.write_text(junit_xml(result), encoding="utf-8")
+    summary = settings().github_step_summary
+    if summary is not None:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(table + "\n" + summary_markdown(result, baseline) + "\n")
+    if result.verdict == REGRESSION:
+        n = sum(c.verdict == REGRESSION for c in result.checks)
+        fail(
+            f"{n} latency regression(s) beyond {tolerance:.0%} against {baseline}",
+            ExitCode.REGRESSION,
+        )
+    if result.verdict == INCONCLUSIVE:
+        fail(
+            f"inconclusive against {baseline}: the noise is wider than the tolerance "
+            f"{tolerance:.0%} allows to decide (more --repeat, or a quieter machine)",
+            ExitCode.REGRESSION if fail_inconclusive else ExitCode.INCONCLUSIVE,
+        )
+    typer.echo(f"pass: no regression beyond {tolerance:.0%} against {baseline}")
 
 
 @bench_app.command("serve")

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from .catalog import BF16_REPO, GB, Variant, get_variant, quantized_repo
 from .constants import MANIFEST_NAME
-from .errors import FetchError, ModelError, VermError
+from .errors import FetchError, InputError, ModelError, VermError
 from .fileio import atomic_directory, read_manifest, sha256_file, write_json_atomic
 from .paths import home_dir, installed, variant_dir
 
@@ -259,6 +259,43 @@ def pull(
         # Lock order is always variant, then bf16 (which takes no other lock): no deadlock.
         bf16 = pull("bf16", revision=revision, endpoint=endpoint, home=home)
         return _build(variant, bf16, staging, final)
+
+
+def cache_key(
+    name: str,
+    *,
+    repo: str | None = None,
+    revision: str | None = None,
+    from_dir: Path | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """A key for a CI cache of the store that changes exactly when what `pull` would store
+    changes: the variant's name and the sha256 of the manifest it comes with (--from DIR's,
+    or the quantized repository's); a variant built from bf16 is keyed by the commit of
+    the bf16 repository. Downloads the manifest only."""
+    variant = get_variant(name)
+    if from_dir is not None:
+        manifest = read_manifest(Path(from_dir))
+        if manifest is None:
+            raise InputError(f"{from_dir}: no {MANIFEST_NAME} (a `convert` output has one)")
+        source = json.dumps(manifest, sort_keys=True)
+    else:
+        qrepo = quantized_repo(repo) if variant.format != "hf" else None
+        source = ""
+        if qrepo:
+            commit, siblings = _repo_files(qrepo, revision, endpoint)
+            if _published(qrepo, commit, siblings, variant, endpoint) is not None:
+                manifest = (
+                    _download_json(qrepo, commit, MANIFEST_NAME, endpoint)
+                    if MANIFEST_NAME in siblings
+                    else {}
+                )
+                source = json.dumps(manifest, sort_keys=True) if manifest else f"{qrepo}@{commit}"
+        if not source:
+            commit, _ = _repo_files(BF16_REPO, revision, endpoint)
+            source = f"{BF16_REPO}@{commit}"
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return f"{variant.name}-{digest}"
 
 
 def _reclaim(final: Path, staging: Path, bad: set[str]) -> None:
