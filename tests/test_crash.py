@@ -62,6 +62,10 @@ def test_crash_report_names_the_stage_and_the_log(tmp_path):
     line = crash_report("the model worker", signal.SIGSEGV, log)
     assert "SIGSEGV" in line and "encode image" in line and str(log) in line
     assert "out of memory" in crash_report("the model worker", signal.SIGKILL, None)
+    stopped = crash_report("the model worker", signal.SIGTERM, log)
+    assert (
+        stopped == "the model worker was stopped by SIGTERM during encode image 1/2 (ground truth)"
+    )
 
 
 @pytest.mark.slow

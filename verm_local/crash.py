@@ -135,6 +135,8 @@ def crash_report(what: str, sig: int, log: Path | None) -> str:
     during = f" during {step}" if step else ""
     if sig == getattr(signal, "SIGKILL", -1):
         cause = "was killed (SIGKILL; most likely out of memory)"
+    elif sig not in SIGNALS:  # SIGTERM, SIGINT, SIGHUP: stopped from outside, no crash
+        return f"{what} was stopped by {signal_name(sig)}{during}"
     else:
         cause = f"crashed in native code ({signal_name(sig)})"
     where = f"; native stack: {log}" if log is not None and log.is_file() else ""

@@ -44,7 +44,6 @@ def _worker_main(cfg: ServeConfig, conn: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent shuts us down
     recorder = Recorder(Path(cfg.crash_log), "serve model worker") if cfg.crash_log else None
     from ..judge import Judge
-    from ..select import task_context
 
     try:
         judge = Judge(
@@ -58,7 +57,11 @@ def _worker_main(cfg: ServeConfig, conn: Any) -> None:
             parallel=cfg.parallel,
             prefix_cache=cfg.prefix_cache,
             repack=cfg.repack,
-            n_ctx=max(task_context(None, cfg.image_tokens, cfg.answer_cap), _chat_context(cfg)),
+            # No fixed context: each batch gets streams of what its requests need (prompts
+            # and the answer reserve), grown when an answer needs more. A context fixed
+            # at the full caps of every task (10,496 cells per stream) made --parallel 8
+            # on the 8B model hold 18 GB of KV cache.
+            n_ctx=None,
         )
     except VermError as exc:
         conn.send(("failed", str(exc)))
@@ -88,12 +91,6 @@ def _worker_main(cfg: ServeConfig, conn: Any) -> None:
     finally:
         if recorder:
             recorder.close()
-
-
-def _chat_context(cfg: ServeConfig) -> int:
-    from ..select import context_size
-
-    return context_size(cfg.chat_image_tokens, cfg.answer_cap)
 
 
 def run_jobs(judge: Any, cfg: ServeConfig, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
