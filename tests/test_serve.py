@@ -190,6 +190,12 @@ def test_judge_endpoint_returns_a_judgement(server, images):
     assert code == 200, out
     j = Judgement.model_validate(out)
     assert j.task == "chart" and 0 <= j.score <= 1 and len(j.errors) <= 2
+    # The worker fixes no context: its streams were sized for this batch (256-aligned
+    # prompt + answer cap of 400), never for every task's full cap.
+    from verm_local.select import task_context
+
+    n_ctx = server.metric("verm_context_tokens")
+    assert 0 < n_ctx <= task_context(None, 64, 400) and n_ctx % 256 == 0
 
 
 def test_concurrent_load_shares_the_prefix(server, images):
@@ -578,6 +584,8 @@ def test_metrics_parse_with_prometheus_client(server):
         "verm_prefix_cache_hits",
         "verm_batches",
         "verm_worker_restarts",
+        "verm_context_tokens",
+        "verm_context_grows",
     ):
         assert name in families, sorted(families)
     assert families["verm_requests"].type == "counter"

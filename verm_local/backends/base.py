@@ -112,7 +112,8 @@ class Backend(Protocol):
         ...
 
     def stats(self) -> dict[str, int]:
-        """Counters of the engine (prefix cache hits and misses); {} where there are none."""
+        """Counters and sizes of the engine (prefix cache hits and misses, context tokens
+        per stream and grows); {} where there are none."""
         ...
 
     def close(self) -> None: ...

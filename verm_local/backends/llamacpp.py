@@ -410,8 +410,13 @@ class LlamaCppBackend:
         return [f for f in self._files if f is not None]
 
     def stats(self) -> dict[str, int]:
-        cache = self.batch.cache
-        return {"prefix_hits": cache.hits, "prefix_misses": cache.misses}
+        b = self.batch
+        return {
+            "prefix_hits": b.cache.hits,
+            "prefix_misses": b.cache.misses,
+            "context_tokens": b.n_ctx,
+            "context_grows": b.grown,
+        }
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.model.detokenize(tokens)

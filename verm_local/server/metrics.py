@@ -47,7 +47,18 @@ class Metrics:
             ["signal"],
             registry=r,
         )
-        self._seen = {"prefix_hits": 0, "prefix_misses": 0}
+        self.context_tokens = Gauge(
+            "verm_context_tokens",
+            "Tokens each KV stream of the model's context holds (sized per batch for its "
+            "prompts and the answer reserve; 0 before the first batch).",
+            registry=r,
+        )
+        self.context_grows = Counter(
+            "verm_context_grows",
+            "Times the context grew during a decode because an answer needed more.",
+            registry=r,
+        )
+        self._seen = {"prefix_hits": 0, "prefix_misses": 0, "context_grows": 0}
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         known = endpoint if endpoint in ENDPOINTS else "other"
@@ -55,14 +66,18 @@ class Metrics:
         self.latency.labels(known).observe(seconds)
 
     def worker_stats(self, stats: dict[str, int]) -> None:
-        """The worker's cumulative cache counts since it started, as counter increments."""
+        """The worker's cumulative counts since it started, as counter increments, and
+        its context size."""
         for key, counter in (
             ("prefix_hits", self.prefix_hits),
             ("prefix_misses", self.prefix_misses),
+            ("context_grows", self.context_grows),
         ):
             if key in stats:
                 counter.inc(max(0, stats[key] - self._seen[key]))
                 self._seen[key] = stats[key]
+        if "context_tokens" in stats:
+            self.context_tokens.set(stats["context_tokens"])
 
     def restarted(self) -> None:
         self.worker_restarts.inc()
