@@ -871,8 +871,10 @@ def run_latency(
             report["models"][name]["shared_ratio"] = shared["ratio"]
     timed_models = [n for n in models if "e2e_s" in report["models"][n]]
     if timed_models:
+        # Each model against the first, measured in the same rounds. The first is the
+        # reference (its ratio to itself is 1 by definition), so it has none to gate.
         first = [r["e2e_s"] for r in measured[paths[timed_models[0]]]["verm"]["runs"]]
-        for n in timed_models:
+        for n in timed_models[1:]:
             iv = ratio_interval(
                 [r["e2e_s"] for r in measured[paths[n]]["verm"]["runs"]], first
             ).to_dict()
@@ -922,7 +924,8 @@ def markdown(report: dict[str, Any]) -> str:
             "relative end-to-end (95% interval) |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-    for name, r in ((n, r) for n, r in report["models"].items() if "e2e_s" in r):
+    timed = [(n, r) for n, r in report["models"].items() if "e2e_s" in r]
+    for name, r in timed:
         own = r.get("llamacpp")
         e2e = r["e2e_s"]
         ivs = r.get("intervals", {})
@@ -939,7 +942,8 @@ def markdown(report: dict[str, Any]) -> str:
             )
         else:
             row += "n/a | n/a | "
-        row += f"{_interval(ivs.get('relative_e2e'))} |"
+        rel = "reference" if name == timed[0][0] else _interval(ivs.get("relative_e2e"))
+        row += f"{rel} |"
         lines.append(row)
     cut = [
         f"{n} ({r['cut_runs']} of {report['settings']['repeat']})"
