@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,6 +37,46 @@ from .gate import ratio_interval
 log = logging.getLogger(__name__)
 
 STAGES = ("load_s", "vision_s", "text_prefill_s", "ttft_s", "decode_tok_s", "e2e_s")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every measurement judges, and how: the pair, its task, the rounds and the
+    settings a run passes to its workers (a worker's JSON arguments carry the same keys)."""
+
+    gt: str
+    pred: str
+    task: str
+    repeat: int
+    threads: int | None
+    image_tokens: int | None
+    max_tokens: int | None
+    repack: bool | None = None
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> Workload:
+        return cls(**{f.name: args.get(f.name) for f in dataclasses.fields(cls)})
+
+    def judge(self, model: str, **more: Any) -> Any:
+        """verm-local's Judge on `model` with this workload's settings."""
+        from verm_local.judge import Judge
+
+        return Judge(
+            model,
+            threads=self.threads,
+            image_tokens=self.image_tokens,
+            max_tokens=self.max_tokens,
+            repack=self.repack,
+            **more,
+        )
+
+
+def _png_data_url(img: Any) -> str:
+    """A prepared image's pixels as a PNG data URL (lossless: the server or llama.cpp's
+    own path sees what verm-local's judge sees)."""
+    buf = io.BytesIO()
+    img.image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _peak_rss() -> int:
@@ -69,28 +111,17 @@ class _VermRunner:
     def __init__(
         self,
         model: str,
-        gt: str,
-        pred: str,
-        task: str,
-        threads: int | None,
-        image_tokens: int | None,
-        max_tokens: int | None,
-        repack: bool | None = None,
+        w: Workload,
     ) -> None:
-        from verm_local.judge import Judge
-
         t0 = time.perf_counter()
-        self.judge = Judge(
-            model,
-            threads=threads,
-            image_tokens=image_tokens,
-            max_tokens=max_tokens,
-            repack=repack,
-        )
+        self.judge = w.judge(model)
         self.load_s = time.perf_counter() - t0
-        self.task = task
-        self.images = [self.judge.prepare(gt, task, "gt"), self.judge.prepare(pred, task, "pred")]
-        self.sampling = self.judge.sampling(task)
+        self.task = w.task
+        self.images = [
+            self.judge.prepare(w.gt, w.task, "gt"),
+            self.judge.prepare(w.pred, w.task, "pred"),
+        ]
+        self.sampling = self.judge.sampling(w.task)
         self.gguf = self.judge.resolved.format == "gguf"
 
     def once(self) -> dict[str, Any]:
@@ -123,55 +154,30 @@ class _VermRunner:
         self.judge.close()
 
 
-def measure_verm(
-    model: str,
-    gt: str,
-    pred: str,
-    task: str,
-    repeat: int,
-    threads: int | None,
-    image_tokens: int | None,
-    max_tokens: int | None,
-    repack: bool | None = None,
-) -> dict[str, Any]:
+def measure_verm(model: str, w: Workload) -> dict[str, Any]:
     """One model alone in this process: load, a warm-up, `repeat` judgements."""
-    runner = _VermRunner(model, gt, pred, task, threads, image_tokens, max_tokens, repack)
+    runner = _VermRunner(model, w)
     runner.once()  # warm-up
-    out = runner.result([runner.once() for _ in range(repeat)])
+    out = runner.result([runner.once() for _ in range(w.repeat)])
     runner.close()
     return out
 
 
-def measure_timed(
-    models: list[str],
-    gt: str,
-    pred: str,
-    task: str,
-    repeat: int,
-    threads: int | None,
-    image_tokens: int | None,
-    max_tokens: int | None,
-    repack: bool | None = None,
-    stock: bool = True,
-) -> dict[str, Any]:
+def measure_timed(models: list[str], w: Workload, stock: bool = True) -> dict[str, Any]:
     """Every model (and, for GGUF ones, llama.cpp's own path on it) loaded in this process,
     a warm-up each, then `repeat` rounds, each judging once on every one of them in turn
     (A, B, A, B ...): a slow spell of the machine falls on both sides of a ratio."""
     runners = []
     for model in models:
-        verm = _VermRunner(model, gt, pred, task, threads, image_tokens, max_tokens, repack)
-        own = (
-            _StockRunner(model, gt, pred, task, threads, image_tokens, max_tokens, repack)
-            if stock and verm.gguf
-            else None
-        )
+        verm = _VermRunner(model, w)
+        own = _StockRunner(model, w) if stock and verm.gguf else None
         runners.append((model, verm, own))
     for _, verm, own in runners:  # warm-ups
         verm.once()
         if own is not None:
             own.once()
     runs: dict[str, dict[str, list]] = {m: {"verm": [], "stock": []} for m in models}
-    for _ in range(repeat):
+    for _ in range(w.repeat):
         for model, verm, own in runners:
             runs[model]["verm"].append(verm.once())
             if own is not None:
@@ -211,14 +217,7 @@ def model_shape(gguf: Path) -> Any:
 
 def measure_oneshot(
     model: str,
-    gt: str,
-    pred: str,
-    task: str,
-    repeat: int,
-    threads: int | None,
-    image_tokens: int | None,
-    max_tokens: int | None,
-    repack: bool | None = None,
+    w: Workload,
     kv_type: str | None = None,
     flash_attn: bool | None = None,
     n_ubatch: int | None = None,
@@ -228,7 +227,6 @@ def measure_oneshot(
     before the text model's buffers, the context sized for the request), in a fresh
     process: peak RSS, RSS at each stage, the analytic sizes of its parts, the timings."""
     from verm_local import events
-    from verm_local.judge import Judge
 
     base = _rss()
     timeline: list[dict[str, Any]] = []
@@ -244,20 +242,16 @@ def measure_oneshot(
         )
 
     with events.listening(note):
-        judge = Judge(
+        judge = w.judge(
             model,
-            threads=threads,
-            image_tokens=image_tokens,
-            max_tokens=max_tokens,
-            repack=repack,
             one_shot=True,
             kv_type=kv_type,
             flash_attn=flash_attn,
             n_ubatch=n_ubatch,
             vision=vision,
         )
-        sampling = judge.sampling(task)
-        result = judge.judge(gt, pred, task, sampling=sampling, unreadable="score")
+        sampling = judge.sampling(w.task)
+        result = judge.judge(w.gt, w.pred, w.task, sampling=sampling, unreadable="score")
         note("done", {})
     from verm_local.memory import estimate_llamacpp, kv_bytes
     from verm_local.select import default_n_ctx
@@ -313,18 +307,7 @@ def measure_oneshot(
     return out
 
 
-def measure_served(
-    model: str,
-    gt: str,
-    pred: str,
-    task: str,
-    repeat: int,
-    threads: int | None,
-    image_tokens: int | None,
-    max_tokens: int | None,
-    repack: bool | None = None,
-    parallel: int = 8,
-) -> dict[str, Any]:
+def measure_served(model: str, w: Workload, parallel: int = 8) -> dict[str, Any]:
     """`verm-local serve --parallel N` under N concurrent /v1/judge requests against one
     ground truth: the model worker's peak RSS (VmHWM) and the wall time of the round."""
     import threading
@@ -346,30 +329,22 @@ def measure_served(
         str(port),
     ]
     for flag, value in (
-        ("--threads", threads),
-        ("--image-tokens", image_tokens),
-        ("--max-tokens", max_tokens),
+        ("--threads", w.threads),
+        ("--image-tokens", w.image_tokens),
+        ("--max-tokens", w.max_tokens),
     ):
         if value:
             cmd += [flag, str(value)]
-    if repack is not None:
-        cmd.append("--repack" if repack else "--no-repack")
+    if w.repack is not None:
+        cmd.append("--repack" if w.repack else "--no-repack")
     server = ServerProcess(cmd, port, "/health", "verm-local serve")
     try:
         pid = json.loads(urllib.request.urlopen(server.base + "/health").read())["worker_pid"]
-        preds = _variants(pred, parallel, image_tokens, task)
-        gt_b = Path(gt).read_bytes()
-
-        def png(img: Any) -> bytes:
-            buf = io.BytesIO()
-            img.image.save(buf, format="PNG")
-            return buf.getvalue()
-
-        def url(raw: bytes) -> str:
-            return "data:image/png;base64," + base64.b64encode(raw).decode()
+        preds = _variants(w.pred, parallel, w.image_tokens, w.task)
+        gt_url = "data:image/png;base64," + base64.b64encode(Path(w.gt).read_bytes()).decode()
 
         def one(p: Any) -> None:
-            body = json.dumps({"gt": url(gt_b), "pred": url(png(p)), "task": task}).encode()
+            body = json.dumps({"gt": gt_url, "pred": _png_data_url(p), "task": w.task}).encode()
             req = urllib.request.Request(
                 server.base + "/v1/judge", data=body, headers={"Content-Type": "application/json"}
             )
@@ -398,13 +373,7 @@ class _StockRunner:
     def __init__(
         self,
         model: str,
-        gt: str,
-        pred: str,
-        task: str,
-        threads: int | None,
-        image_tokens: int | None,
-        max_tokens: int | None,
-        repack: bool | None = None,
+        w: Workload,
     ) -> None:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import MTMDChatHandler
@@ -418,30 +387,13 @@ class _StockRunner:
         resolved = resolve_model(model)
         if resolved.format != "gguf":
             raise VermError(f"{model}: llama.cpp's own path needs a GGUF model")
-        jr = build_request(gt, pred, task, image_tokens=image_tokens, warn=False)
-        self.sampling = jr.request.sampling.with_(max_tokens=max_tokens)
+        jr = build_request(w.gt, w.pred, w.task, image_tokens=w.image_tokens, warn=False)
+        self.sampling = jr.request.sampling.with_(max_tokens=w.max_tokens)
 
-        def data_url(img: Any) -> str:
-            buf = io.BytesIO()
-            img.image.save(buf, format="PNG")  # the prepared pixels, losslessly
-            return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-        images = iter(jr.request.images)
-        self.messages = [
-            {
-                "role": m["role"],
-                "content": m["content"]
-                if isinstance(m["content"], str)
-                else [
-                    {"type": "image_url", "image_url": {"url": data_url(next(images))}}
-                    if p.get("type") == "image"
-                    else p
-                    for p in m["content"]
-                ],
-            }
-            for m in jr.request.messages
-        ]
-        use_repack, _ = repack_choice(repack, resolved.quant)
+        self.messages = jr.messages_with(
+            lambda img: {"type": "image_url", "image_url": {"url": _png_data_url(img)}}
+        )
+        use_repack, _ = repack_choice(w.repack, resolved.quant)
         t0 = time.perf_counter()
         handler = MTMDChatHandler(clip_model_path=str(resolved.mmproj), verbose=False)
         with _model_params(use_extra_bufts=use_repack):
@@ -449,15 +401,15 @@ class _StockRunner:
                 model_path=str(resolved.path),
                 chat_handler=handler,
                 verbose=False,
-                n_ctx=task_context(task, image_tokens, self.sampling.max_tokens),
-                n_threads=threads,
+                n_ctx=task_context(w.task, w.image_tokens, self.sampling.max_tokens),
+                n_threads=w.threads,
                 n_gpu_layers=0,
                 seed=0,
             )
         self.load_s = time.perf_counter() - t0
         self.format = {
             "type": "json_object",
-            "schema": answer_schema(task, self.sampling.max_tokens),
+            "schema": answer_schema(w.task, self.sampling.max_tokens),
         }
 
     def once(self) -> dict[str, Any]:
@@ -476,23 +428,6 @@ class _StockRunner:
 
     def result(self, runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"load_s": self.load_s, "runs": runs, "peak_rss": _peak_rss(), "peak_gpu": None}
-
-
-def measure_stock(
-    model: str,
-    gt: str,
-    pred: str,
-    task: str,
-    repeat: int,
-    threads: int | None,
-    image_tokens: int | None,
-    max_tokens: int | None,
-    repack: bool | None = None,
-) -> dict[str, Any]:
-    """llama.cpp's own path alone in this process: load, a warm-up, `repeat` runs."""
-    runner = _StockRunner(model, gt, pred, task, threads, image_tokens, max_tokens, repack)
-    runner.once()  # warm-up
-    return runner.result([runner.once() for _ in range(repeat)])
 
 
 @contextlib.contextmanager
@@ -556,41 +491,22 @@ def _sampling(task: str, max_tokens: int | None, rl: bool) -> Any:
 
 
 def measure_shared(
-    model: str,
-    gt: str,
-    pred: str,
-    task: str,
-    repeat: int,
-    threads: int | None,
-    image_tokens: int | None,
-    max_tokens: int | None,
-    predictions: int = 8,
-    rl: bool = False,
-    repack: bool | None = None,
+    model: str, w: Workload, predictions: int = 8, rl: bool = False
 ) -> dict[str, Any]:
     """N predictions against one ground truth, two ways, interleaved over `repeat` rounds
     after a warm-up on other images: N independent judge calls (the cache emptied before
     each, so each evaluates the ground truth itself) and one `judge_many` batch (ground
     truth encoded once, answers decoded together). Best round of each, and every round."""
-    from verm_local.judge import Judge
-
-    preds, warm = _shared_setup(pred, gt, predictions, image_tokens, task)
-    sampling = _sampling(task, max_tokens, rl)
-    with Judge(
-        model,
-        threads=threads,
-        image_tokens=image_tokens,
-        max_tokens=max_tokens,
-        parallel=predictions,
-        prefix_cache=1,
-        repack=repack,
-    ) as j:
-        gt_img = j.prepare(gt, task)
+    task = w.task
+    preds, warm = _shared_setup(w.pred, w.gt, predictions, w.image_tokens, task)
+    sampling = _sampling(task, w.max_tokens, rl)
+    with w.judge(model, parallel=predictions, prefix_cache=1) as j:
+        gt_img = j.prepare(w.gt, task)
         engine = j.backend.batch
         _judge_once(j, warm[0], warm[1], task, sampling)
         j.judge_many([(warm[0], warm[1], task)])
         independent, batched = [], []
-        for _ in range(repeat):
+        for _ in range(w.repeat):
             t, tokens, decode_s = time.perf_counter(), 0, 0.0
             for p in preds:
                 engine.reset()
@@ -1215,7 +1131,6 @@ def _main(argv: list[str]) -> None:
     recorder = Recorder(Path(log), f"bench latency worker ({kind})")
     fn = {
         "verm": measure_verm,
-        "stock": measure_stock,
         "timed": measure_timed,
         "shared": measure_shared,
         "oneshot": measure_oneshot,
@@ -1226,7 +1141,6 @@ def _main(argv: list[str]) -> None:
         if "predictions" in args
         else {}
     )
-    extra["repack"] = args.get("repack")
     if kind == "oneshot":
         extra.update(
             {
@@ -1242,17 +1156,7 @@ def _main(argv: list[str]) -> None:
     from verm_local.stdio import stdout_to_stderr
 
     with stdout_to_stderr():
-        result = fn(
-            args["models"] if kind == "timed" else model,
-            args["gt"],
-            args["pred"],
-            args["task"],
-            args["repeat"],
-            args["threads"],
-            args["image_tokens"],
-            args["max_tokens"],
-            **extra,
-        )
+        result = fn(args["models"] if kind == "timed" else model, Workload.from_args(args), **extra)
     recorder.close()
     print(json.dumps(result))
 

@@ -124,23 +124,12 @@ class RewardClient:
 
         sampling = decoding(task, self.sampling).with_(**_sampling_fields(overrides))
         jr = build_request(gt, pred, task, sampling=sampling, free=True, warn=False)
-        images = iter(jr.request.images)
-        messages = []
-        for m in jr.request.messages:
-            content = m["content"]
-            if isinstance(content, list):
-                content = [
-                    {
-                        "type": "image_url",
-                        "image_url": {
-                            "url": data_url((img := next(images)).encoded or b"", img.media_type)
-                        },
-                    }
-                    if p.get("type") == "image"
-                    else p
-                    for p in content
-                ]
-            messages.append({"role": m["role"], "content": content})
+        messages = jr.messages_with(
+            lambda img: {
+                "type": "image_url",
+                "image_url": {"url": data_url(img.encoded or b"", img.media_type)},
+            }
+        )
         s = jr.request.sampling
         body: dict[str, Any] = {
             "model": self.model or self._model_of(endpoint),

@@ -39,23 +39,33 @@ class JudgeRequest:
     bounds: AnswerBounds | None  # None: free answer (no grammar)
     free: bool
 
+    def messages_with(
+        self, image_part: Callable[[PreparedImage], dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The messages in the task's layout, each image part replaced by
+        `image_part(image)` for its prepared image, in order (an OpenAI `image_url` part,
+        a description)."""
+        images = iter(self.request.images)
+        return [
+            {
+                "role": m["role"],
+                "content": [
+                    image_part(next(images)) if p.get("type") == "image" else p
+                    for p in m["content"]
+                ]
+                if isinstance(m["content"], list)
+                else m["content"],
+            }
+            for m in self.request.messages
+        ]
+
     def describe(self) -> dict[str, Any]:
         """The messages as sent (image parts with their final sizes and encoding), the
         answer schema, the decoding and where the prompt came from: `judge --dry-run`."""
-        images = iter(self.request.images)
-        messages = []
-        for m in self.request.messages:
-            content = m["content"]
-            if isinstance(content, list):
-                content = [
-                    _describe_image(next(images)) if p.get("type") == "image" else p
-                    for p in content
-                ]
-            messages.append({"role": m["role"], "content": content})
         p = profile(self.task)
         return {
             "task": self.task,
-            "messages": messages,
+            "messages": self.messages_with(_describe_image),
             "prompt_source": self.prompt.source,
             "schema": None
             if self.free
