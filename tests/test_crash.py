@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 
 import pytest
 
@@ -107,16 +105,7 @@ def test_server_logs_a_crashed_worker_and_replaces_it(tiny_gguf, tmp_path, pair)
     s = Served(tiny_gguf, "--parallel", "1", env={"VERM_LOCAL_CACHE": str(tmp_path)})
     body = json.dumps({"gt": _url(gt), "pred": _url(pred), "max_errors": 2}).encode()
     try:
-        out = {}
-        t = threading.Thread(target=lambda: out.update(r=s.request("POST", "/v1/judge", body)))
-        t.start()
-        deadline = time.time() + 60
-        while s.metric("verm_in_flight") < 1:
-            assert time.time() < deadline
-            time.sleep(0.02)
-        os.kill(s.get("/health")["worker_pid"], signal.SIGSEGV)
-        t.join(120)
-        code, res = out["r"]
+        code, res = s.kill_worker_during(body, signal.SIGSEGV)
         assert code == 500 and "SIGSEGV" in res["error"]["message"]
         assert "native stack" in res["error"]["message"]
         assert s.metric('verm_worker_crashes_total{signal="SIGSEGV"}') == 1

@@ -95,6 +95,20 @@ class Served:
                 return float(line.split()[1])
         raise KeyError(name)
 
+    def kill_worker_during(self, body: bytes, sig: int) -> tuple[int, dict | str]:
+        """POST `body` to /v1/judge, kill the model worker with `sig` once the request is
+        in the model, and return the reply."""
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=self.request("POST", "/v1/judge", body)))
+        t.start()
+        deadline = time.time() + 60
+        while self.metric("verm_in_flight") < 1:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.kill(self.get("/health")["worker_pid"], sig)
+        t.join(120)
+        return out["r"]
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -341,20 +355,13 @@ def test_queue_full_worker_crash_and_graceful_shutdown(tiny_gguf, images):
             codes = [c for c, _ in ex.map(lambda _: s.request("POST", "/v1/judge", body), range(8))]
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
 
-        out = {}
-        t = threading.Thread(target=lambda: out.update(r=s.request("POST", "/v1/judge", body)))
-        t.start()
-        deadline = time.time() + 60
-        while s.metric("verm_in_flight") < 1:
-            assert time.time() < deadline
-            time.sleep(0.02)
-        os.kill(s.get("/health")["worker_pid"], signal.SIGKILL)
-        t.join(120)
-        assert out["r"][0] == 500 and "worker" in out["r"][1]["error"]["message"]
+        code, res = s.kill_worker_during(body, signal.SIGKILL)
+        assert code == 500 and "worker" in res["error"]["message"]
         code, res = s.request("POST", "/v1/judge", body)
         assert code == 200, res
         assert s.metric("verm_worker_restarts_total") == 1
 
+        out = {}
         t = threading.Thread(target=lambda: out.update(r=s.request("POST", "/v1/judge", body)))
         t.start()
         while s.metric("verm_in_flight") < 1:
