@@ -155,17 +155,25 @@ def _save_compact(src: Path, dst: Path) -> None:
 
     total = sum(f.stat().st_size for f in src.parent.iterdir() if f.is_file())
     model = onnx.load(str(src))  # pulls external tensors in
-    if total < _PROTO_LIMIT:
+    _save(model, dst, external=total >= _PROTO_LIMIT)
+
+
+def _save(model: Any, dst: Path, external: bool) -> None:
+    """Write `model` to `dst`; `external`: its tensors to one `<dst>.data` file beside it
+    (a protobuf holds 2 GB at most)."""
+    import onnx
+
+    if not external:
         onnx.save_model(model, str(dst))
-    else:
-        onnx.save_model(
-            model,
-            str(dst),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=dst.name + ".data",
-            size_threshold=1024,
-        )
+        return
+    onnx.save_model(
+        model,
+        str(dst),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=dst.name + ".data",
+        size_threshold=1024,
+    )
 
 
 def _data_size(path: Path) -> int:
@@ -216,16 +224,7 @@ def convert_onnx(
             half = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
             big = fp32.stat().st_size + _data_size(fp32) > 2 * _PROTO_LIMIT
             _remove_graph(fp32)
-            if not big:
-                onnx.save_model(half, str(final))
-            else:
-                onnx.save_model(
-                    half,
-                    str(final),
-                    save_as_external_data=True,
-                    all_tensors_to_one_file=True,
-                    location=final.name + ".data",
-                )
+            _save(half, final, external=big)
         else:
             say("[2/3] fp32: nothing to convert")
         (tmp / "vision_spec.json").write_text(json.dumps(spec, indent=2))
