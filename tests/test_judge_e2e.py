@@ -6,8 +6,8 @@ import jsonschema
 import pytest
 from PIL import Image
 
-from verm_local.backends.batch import ANSWER_RESERVE
 from verm_local.constants import CATEGORIES, TASKS
+from verm_local.memory import ANSWER_RESERVE
 from verm_local.prompts import default_prompt
 from verm_local.schema import judgement_schema
 from verm_local.tasks import profile

@@ -16,6 +16,11 @@ from dataclasses import asdict, dataclass
 
 MB = 1_000_000
 
+# Answer tokens a context sized for its requests holds at first (backends/batch.py grows
+# it when an answer needs more): above a usual judgement (a chart answer of 11 errors is
+# about 700 tokens), far below the trained caps.
+ANSWER_RESERVE = 1024
+
 # Python, numpy, the native libraries, the tokenizer and the images' embeddings: RSS at
 # the start of the text phase minus the weights (measured 222-278 MB).
 RUNTIME_BYTES = 280 * MB

@@ -27,6 +27,7 @@ from .catalog import (
 )
 from .errors import InputError, PlanError
 from .hardware import AMX_FLAGS, Hardware, has_amx
+from .memory import ANSWER_RESERVE
 from .tasks import PROFILES
 
 DEVICES = ("cuda", "metal", "cpu")
@@ -61,10 +62,6 @@ def task_context(
         )
         for p in profiles
     )
-
-
-# Answer tokens a context holds before it grows (backends/batch.py ANSWER_RESERVE).
-ANSWER_RESERVE = 1024
 
 
 def default_n_ctx() -> int:

@@ -34,14 +34,10 @@ import numpy as np
 
 from ..errors import VermError
 from ..events import stage
-from ..memory import release_heap
+from ..memory import ANSWER_RESERVE, release_heap
 from . import native
 from .base import Generation, ImageEmbedding, Request
 from .sampling import TokenSampler
-
-# Answer tokens a context sized by the engine holds at first: above a usual judgement
-# (a chart answer of 11 errors is about 700 tokens), far below the trained caps.
-ANSWER_RESERVE = 1024
 
 
 @dataclass
