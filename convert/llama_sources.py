@@ -13,6 +13,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from filelock import FileLock
 
@@ -74,7 +75,23 @@ def sdist_path(version: str) -> Path:
 def llama_cpp_dir(version: str | None = None) -> Path:
     """Directory holding the converter, gguf-py and the qwen2 vocab, extracted once."""
     version = version or runtime_version()
-    dest = cache_dir() / f"llama.cpp-{version}"
+    return _extract(
+        version,
+        cache_dir() / f"llama.cpp-{version}",
+        lambda rel: rel.startswith(_WANTED),
+        must_have=("convert_hf_to_gguf.py", "llama.cpp converter"),
+    )
+
+
+def _extract(
+    version: str,
+    dest: Path,
+    keep: Callable[[str], bool],
+    must_have: tuple[str, str] | None = None,
+) -> Path:
+    """The sdist's vendor/llama.cpp/ files whose relative path `keep` accepts, extracted
+    once into `dest`: into a temporary directory first, moved into place when complete,
+    under a lock. `must_have`: (a file the extraction must hold, what it is)."""
     if (dest / ".complete").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -83,19 +100,19 @@ def llama_cpp_dir(version: str | None = None) -> Path:
             return dest
         tarball = sdist_path(version)
         prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-        tmp = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
         try:
             with tarfile.open(tarball) as tar:
                 for member in tar.getmembers():
                     if not member.name.startswith(prefix):
                         continue
                     rel = member.name[len(prefix) :]
-                    if not rel.startswith(_WANTED) or not (member.isfile() or member.isdir()):
+                    if not keep(rel) or not (member.isfile() or member.isdir()):
                         continue
                     member.name = rel
                     tar.extract(member, tmp, filter="data")
-            if not (tmp / "convert_hf_to_gguf.py").is_file():
-                raise VermError(f"{tarball} holds no llama.cpp converter")
+            if must_have and not (tmp / must_have[0]).is_file():
+                raise VermError(f"{tarball} holds no {must_have[1]}")
             (tmp / ".complete").write_text(version + "\n")
             if dest.exists():
                 shutil.rmtree(dest)
@@ -194,29 +211,8 @@ def llama_server(cmake_args: str = "") -> Path:
 
 def _full_sources(version: str) -> Path:
     """All of llama.cpp's sources in the sdist (the test vocabularies left out)."""
-    dest = cache_dir() / f"llama.cpp-src-{version}"
-    if (dest / ".complete").is_file():
-        return dest
-    tarball = sdist_path(version)
-    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-    tmp = Path(tempfile.mkdtemp(prefix=".llama.cpp-src-", dir=cache_dir()))
-    try:
-        with tarfile.open(tarball) as tar:
-            for member in tar.getmembers():
-                rel = member.name[len(prefix) :] if member.name.startswith(prefix) else None
-                if (
-                    rel is None
-                    or rel.startswith("models/ggml-vocab")
-                    or not (member.isfile() or member.isdir())
-                ):
-                    continue
-                member.name = rel
-                tar.extract(member, tmp, filter="data")
-        (tmp / ".complete").write_text(version + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return _extract(
+        version,
+        cache_dir() / f"llama.cpp-src-{version}",
+        lambda rel: not rel.startswith("models/ggml-vocab"),
+    )
