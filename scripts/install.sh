@@ -27,6 +27,22 @@ WHEEL_DIR=$CACHE/wheels/$FLAVOUR
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
+# A fresh install needs about 9 GB: torch's x86_64 wheels from PyPI are a CUDA build
+# (5.6 GB in the venv), llama-cpp-python's build tree about 1 GB, the rest of the
+# dependencies about 1 GB. Say so in one line before pip fails half-way with ENOSPC.
+need_gb() {
+    local dir=$1 need=$2 free
+    mkdir -p "$dir"
+    free=$(df -Pk "$dir" | awk 'NR==2 {print int($4 / 1048576)}')
+    if [ "$free" -lt "$need" ]; then
+        echo "install.sh: $free GB free under $dir, a fresh install needs about $need GB; free some space or set VENV (and VERM_LOCAL_CACHE) to a larger disk" >&2
+        exit 1
+    fi
+}
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    need_gb "$(dirname "$VENV")" 9
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     step "creating $VENV"
     "$PYTHON" -m venv "$VENV"
