@@ -445,3 +445,6 @@ def test_progress_goes_to_stderr_and_json_carries_stage_timings(tiny_gguf, pair)
     assert "encode image" not in quiet.stderr
     quieter = run_cli("-q", "judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M")
     assert quieter.returncode == 0 and quieter.stderr == ""
+    # The same after the verb, where people type it.
+    after = run_cli("judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "-q")
+    assert after.returncode == 0 and after.stderr == "", after.stderr

@@ -511,6 +511,8 @@ def _judge_pairs(j, batch, out: Optional[Path], **kwargs) -> None:
     t0 = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
+        if _verbosity["level"] < 0:
+            return
         rate = done / max(time.perf_counter() - t0, 1e-9)
         print(
             f"\rjudged {done}/{total} pairs, {rate:.2f} pairs/s",
@@ -520,8 +522,9 @@ def _judge_pairs(j, batch, out: Optional[Path], **kwargs) -> None:
         )
 
     text, failed, incomplete = judge_file(j, batch, out, progress=progress, **kwargs)
-    print(file=sys.stderr)
-    if out is not None:
+    if _verbosity["level"] >= 0:
+        print(file=sys.stderr)
+    if out is not None and (_verbosity["level"] >= 0 or failed):
         typer.echo(
             f"{len(batch) - failed} judged ({incomplete} incomplete), {failed} failed -> {out}",
             err=True,
@@ -701,10 +704,11 @@ def pull_cmd(
     if variant == "auto":
         _, plan = plan_here(device=device)
         variant = plan.variant
-        typer.echo(
-            f"verm-local: plan for this machine: {plan.variant} on {plan.device} "
-            f"({plan.reasons[-1] if plan.reasons else ''})",
-            err=True,
+        logging.getLogger("verm_local").info(
+            "plan for this machine: %s on %s (%s)",
+            plan.variant,
+            plan.device,
+            plan.reasons[-1] if plan.reasons else "",
         )
     if print_cache_key:
         typer.echo(cache_key(variant, repo=repo, revision=revision, from_dir=from_dir))
@@ -1308,13 +1312,23 @@ def setup_logging(level: int | None = None) -> None:
     logging.getLogger("verm_local.llama_cpp").setLevel(logging.CRITICAL)
 
 
+def hoist_quiet(argv: list[str]) -> list[str]:
+    """`-q`/`--quiet` belong to the app, but people type them after the verb too
+    (`verm-local judge gt.png pred.png -q`); no verb has an option of that name, so move
+    them in front of it. Arguments after `--` stay as they are."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    quiet = [a for a in argv[:end] if a in ("-q", "--quiet")]
+    rest = [a for a in argv[:end] if a not in ("-q", "--quiet")]
+    return quiet + rest + argv[end:]
+
+
 def run() -> int:
     """Run the app in this process; user errors become one line and their exit code."""
     from .settings import settings
 
     setup_logging()
     try:
-        app()
+        app(args=hoist_quiet(sys.argv[1:]))
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
