@@ -182,6 +182,33 @@ def test_openai_client_gets_schema_valid_json(server, images):
     assert r.usage.prompt_tokens > 2 * 16 and r.usage.completion_tokens > 0
 
 
+def test_streaming_clients_get_the_same_answer_as_events(server, images):
+    """`stream: true` (OpenAI SDKs, chat UIs): the answer as server-sent chunks, the
+    same text and finish reason as the plain response, usage when asked for."""
+    from openai import OpenAI
+
+    gt, preds = images
+    client = OpenAI(base_url=server.base + "/v1", api_key="k")
+    kwargs = dict(
+        model="model-Q8_0.gguf", messages=_rl_message(gt, preds[0]), max_tokens=24, temperature=0
+    )
+    plain = client.chat.completions.create(**kwargs)
+    chunks = list(
+        client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content and text
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
 def _without_max_length(schema):
     if isinstance(schema, dict):
         return {k: _without_max_length(v) for k, v in schema.items() if k != "maxLength"}

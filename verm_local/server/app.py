@@ -5,14 +5,15 @@ GET /health, GET /metrics (Prometheus text, prometheus-client)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import VermError
@@ -24,8 +25,11 @@ from .scheduler import Scheduler, Worker
 from .types import (
     ChatChoice,
     ChatChoiceMessage,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChunkChoice,
+    ChunkDelta,
     JudgeRequest,
     ModelCard,
     ModelList,
@@ -136,23 +140,32 @@ def create_app(server: Server) -> FastAPI:
         dependencies=[Depends(authorised)],
         response_model=ChatCompletionResponse,
     )
-    async def chat(body: ChatCompletionRequest) -> ChatCompletionResponse:
+    async def chat(body: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
         res = await server.wait(await run_in_threadpool(chat_job, body, cfg))
-        return ChatCompletionResponse(
+        head = dict(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=body.model or server.model_name,
+        )
+        usage = Usage(
+            prompt_tokens=res["prompt_tokens"],
+            completion_tokens=res["completion_tokens"],
+            total_tokens=res["prompt_tokens"] + res["completion_tokens"],
+        )
+        finish = res["finish_reason"] or "stop"
+        if body.stream:
+            with_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _events(head, res["text"], finish, usage if with_usage else None),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        return ChatCompletionResponse(
+            **head,
             choices=[
-                ChatChoice(
-                    message=ChatChoiceMessage(content=res["text"]),
-                    finish_reason=res["finish_reason"] or "stop",
-                )
+                ChatChoice(message=ChatChoiceMessage(content=res["text"]), finish_reason=finish)
             ],
-            usage=Usage(
-                prompt_tokens=res["prompt_tokens"],
-                completion_tokens=res["completion_tokens"],
-                total_tokens=res["prompt_tokens"] + res["completion_tokens"],
-            ),
+            usage=usage,
         )
 
     @app.post("/v1/judge", dependencies=[Depends(authorised)])
@@ -161,6 +174,29 @@ def create_app(server: Server) -> FastAPI:
         return (await server.wait(await run_in_threadpool(judge_job, body, cfg)))["judgement"]
 
     return app
+
+
+def _events(head: dict[str, Any], text: str, finish: str, usage: Usage | None) -> Iterator[str]:
+    """`stream: true` in OpenAI's server-sent events. The engine decodes a batch of answers
+    together and hands each back whole, so the answer arrives as one content chunk (after
+    the role chunk), then the finish reason, the usage if asked for, and `[DONE]`."""
+
+    def event(choices: list[ChunkChoice], **extra: Any) -> str:
+        # OpenAI's chunks carry `finish_reason: null`, but no null role/content in a delta
+        # and no usage until the last one.
+        chunk = ChatCompletionChunk(**head, choices=choices, **extra).model_dump(mode="json")
+        for choice in chunk["choices"]:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        if chunk["usage"] is None:
+            del chunk["usage"]
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    yield event([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
+    yield event([ChunkChoice(delta=ChunkDelta(content=text))])
+    yield event([ChunkChoice(delta=ChunkDelta(), finish_reason=finish)])
+    if usage is not None:
+        yield event([], usage=usage)
+    yield "data: [DONE]\n\n"
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -111,8 +111,6 @@ def _sampling(body: SamplingFields, base: Sampling, cap: int) -> dict[str, Any]:
 
 def chat_job(body: ChatCompletionRequest, cfg: ServeConfig) -> dict[str, Any]:
     """A chat completion request -> a worker job (images decoded, parts normalised)."""
-    if body.stream:
-        raise APIError(400, "stream is not supported; send stream=false", param="stream")
     images: list[bytes] = []
     norm = []
     for m in body.messages:

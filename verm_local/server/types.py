@@ -55,11 +55,16 @@ class SamplingFields(_Open):
     ignore_eos: bool | None = None  # vLLM's extra: generate max_tokens (benchmarks)
 
 
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
 class ChatCompletionRequest(SamplingFields):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     n: int | None = Field(None, ge=1, le=1)
     stream: bool | None = None
+    stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
 
 
@@ -88,6 +93,29 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a `stream: true` chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
 
 
 class JudgeRequest(SamplingFields):
