@@ -34,6 +34,7 @@ LAYERS = [
         "modelref",
         "catalog",
         "report",
+        "render",
     },
     {"hardware", "select", "crash", "runtime"},
     {"backends", "vision_onnx"},

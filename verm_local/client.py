@@ -27,7 +27,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import urllib.error
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EndpointError, InputError, RenderError, VermError
+from .render import RENDER_TIMEOUTS, run_renderer
 from .reward import with_settings
 from .schema import Judgement, extract_json
 from .tasks import profile
@@ -286,24 +286,6 @@ def extract_code(text: str) -> tuple[str, str] | None:
     return None
 
 
-_MPL_RUNNER = r"""
-import sys, matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-code = open(sys.argv[1], encoding="utf-8").read()
-plt.savefig = lambda *a, **k: None  # the runner saves the figure itself
-plt.show = lambda *a, **k: None
-exec(compile(code, "prediction", "exec"), {"__name__": "__main__"})
-import matplotlib.figure
-matplotlib.figure.Figure.savefig(plt.gcf(), sys.argv[2], format="png")
-"""
-
-_SVG_RUNNER = r"""
-import sys, cairosvg
-cairosvg.svg2png(bytestring=open(sys.argv[1], "rb").read(), write_to=sys.argv[2],
-                 output_width=336, output_height=336, background_color="white")
-"""
-
 # The page a predicted table is rendered in (the authors' styling: white page with a
 # 20 px margin, collapsed 1 px borders, Arial 14 px, cells padded 6 x 10 px).
 _TABLE_PAGE = """<html><head><meta charset="utf-8"><style>
@@ -315,7 +297,6 @@ td {{ border: 1px solid #333; padding: 6px 10px; }}
 </body></html>
 """
 TABLE_WINDOW = (3600, 2400)
-RENDER_TIMEOUTS = {"python": 15.0, "svg": 10.0, "html": 60.0}
 
 
 def render_prediction(response: str, task: str, timeout: float | None = None) -> bytes:
@@ -329,32 +310,10 @@ def render_prediction(response: str, task: str, timeout: float | None = None) ->
         if found is None:
             raise RenderError("no ```python or ```svg code in the response")
         lang, code = found
-        runner = _MPL_RUNNER if lang == "python" else _SVG_RUNNER
-        png = _run_renderer(runner, code, timeout or RENDER_TIMEOUTS[lang])
+        png = run_renderer(lang, code, timeout)
     if all_white(png):
         raise RenderError("the render is all white")
     return png
-
-
-def _run_renderer(runner: str, code: str, timeout: float) -> bytes:
-    from .settings import child_env
-
-    with tempfile.TemporaryDirectory() as d:
-        src, out = Path(d, "prediction"), Path(d, "prediction.png")
-        src.write_text(code, encoding="utf-8")
-        try:
-            r = subprocess.run(
-                [sys.executable, "-c", runner, str(src), str(out)],
-                cwd=d,
-                capture_output=True,
-                timeout=timeout,
-                env=child_env(MPLBACKEND="Agg", MPLCONFIGDIR=d),
-            )
-        except subprocess.TimeoutExpired:
-            raise RenderError(f"render timed out after {timeout:g} s") from None
-        if r.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
-            raise RenderError(r.stderr.decode(errors="replace")[-300:] or "no image written")
-        return out.read_bytes()
 
 
 def browser() -> str:

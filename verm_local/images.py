@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .constants import DEFAULT_IMAGE_TOKEN_BUDGET, MAX_IMAGE_PIXELS, PIXELS_PER_TOKEN_SIDE
 from .errors import InputError
+from .render import is_svg, svg_to_png
 from .tasks import ImagePrep
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -181,6 +182,8 @@ def _read(path: str | Path | bytes, name: str | None) -> tuple[str, bytes]:
             raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
     if not data:
         raise InputError(f"{label}: empty file")
+    if is_svg(data):
+        data = svg_to_png(data, label)
     return label, data
 
 
