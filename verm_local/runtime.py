@@ -40,9 +40,9 @@ def planned_model(
     _, plan = plan_here(device, variant, n_ctx)
     path = installed(plan.variant)
     if path is None:
+        why = "" if variant else " (planned for this machine)"
         raise ModelError(
-            f"{plan.variant} (planned for this machine) is not in the store; run: "
-            f"verm-local pull {plan.variant}"
+            f"{plan.variant}{why} is not in the store; run: verm-local pull {plan.variant}"
         )
     return plan, path
 
