@@ -120,9 +120,10 @@ def test_decompression_bomb_is_refused(tmp_path):
 
 
 def test_svg_files_render_as_the_authors_do(tmp_path):
-    """An SVG given as an image is rendered the way the authors render SVG for the model
-    (cairosvg, 336x336 on white), then prepared like any image; a broken one is one error."""
-    from verm_local.images import prepare_image
+    """An SVG given as an image for the svg task is rendered the way the authors render SVG
+    for the model (cairosvg, 336x336 on white), then prepared like any image; other tasks
+    refuse it; a broken one is one error line."""
+    from verm_local.images import check_image, prepare_image
     from verm_local.tasks import profile
 
     svg = tmp_path / "pred.svg"
@@ -130,17 +131,24 @@ def test_svg_files_render_as_the_authors_do(tmp_path):
         '<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="50" height="80">'
         '<rect x="0" y="0" width="25" height="80" fill="red"/></svg>'
     )
-    img = load_image(svg, image_tokens=None)
-    assert img.original_size == (336, 336)
+    sent = prepare_image(svg, profile("svg").pred, image_tokens=None)
+    assert sent.original_size == sent.sent_size == (336, 336) and sent.encoding == "jpeg"
     # 50x80 scaled to fit 336x336 and centred (SVG's default xMidYMid meet): the red left
     # half spans x 63..168, the rest is the white background.
-    rgb = img.image.convert("RGB").resize((336, 336))
+    rgb = sent.image.convert("RGB").resize((336, 336))
     red, left, right = (rgb.getpixel((x, 168)) for x in (110, 20, 300))
     assert red[0] > 200 and red[1] < 60 and left == right == (255, 255, 255)
-    sent = prepare_image(svg, profile("svg").pred)
-    assert sent.sent_size == (336, 336)
+    check_image(svg, profile("svg").gt)
+
+    for task in ("chart", "table"):
+        with pytest.raises(InputError, match="pred.svg: an SVG file; it is rendered only"):
+            prepare_image(svg, profile(task).pred)
+        with pytest.raises(InputError, match="pred.svg: an SVG file"):
+            check_image(svg, profile(task).gt)
+    with pytest.raises(InputError, match="pred.svg: an SVG file"):
+        load_image(svg)
 
     broken = tmp_path / "broken.svg"
     broken.write_text('<svg xmlns="http://www.w3.org/2000/svg"><rect width="oops"')
     with pytest.raises(InputError, match="broken.svg: the SVG does not render"):
-        load_image(broken)
+        prepare_image(broken, profile("svg").pred)

@@ -990,12 +990,12 @@ def bench_latency_cmd(
     the tolerance; 1 with --fail-inconclusive), 2 bad input."""
     show_progress()
     from .benchmarks.latency import load_baseline, markdown, run_latency, write_reports
-    from .images import load_image
+    from .images import check_image
     from .tasks import profile
 
     profile(task)
     for p in images:
-        load_image(p)  # a bad image fails here, in one line
+        check_image(p)  # a bad image (or an SVG file) fails here, in one line
     base = None
     if update_baseline:
         if baseline is None:

@@ -104,7 +104,7 @@ def load_image(
         warnings.warn("token_budget= is now image_tokens=", DeprecationWarning, stacklevel=2)
         image_tokens = token_budget
     label, data = _read(path, name)
-    rgb, original = _decode(data, label)
+    rgb, original = _decode(_raster(label, data, None), label)
     return PreparedImage(
         image=_fit(rgb, image_tokens), source=label, original_size=original, sent_size=rgb.size
     )
@@ -121,7 +121,7 @@ def prepare_image(
     JPEG or PNG), then resized as the vision processor would (`image_tokens` caps the
     visual tokens further, a memory lever that costs fidelity)."""
     label, data = _read(path, name)
-    rgb, original = _decode(data, label)
+    rgb, original = _decode(_raster(label, data, prep), label)
     if prep.crop:
         rgb = crop_to_content(rgb, prep.crop_padding)
     rgb.thumbnail((prep.max_side, prep.max_side))
@@ -182,9 +182,28 @@ def _read(path: str | Path | bytes, name: str | None) -> tuple[str, bytes]:
             raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
     if not data:
         raise InputError(f"{label}: empty file")
-    if is_svg(data):
-        data = svg_to_png(data, label)
     return label, data
+
+
+def _raster(label: str, data: bytes, prep: ImagePrep | None) -> bytes:
+    """`data` itself, or an SVG file rendered where the task's preparation renders SVG."""
+    if not is_svg(data):
+        return data
+    if prep is None or not prep.svg:
+        raise InputError(
+            f"{label}: an SVG file; it is rendered only where the task renders SVG "
+            "(judge --task svg, as the authors do), so render it to PNG here"
+        )
+    return svg_to_png(data, label)
+
+
+def check_image(path: str | Path, prep: ImagePrep | None = None) -> None:
+    """Fail in one line on an image that cannot be judged with `prep`, cheaply: a raster
+    image is decoded; an SVG file is only checked to be allowed (it renders when judged)."""
+    label, data = _read(path, None)
+    if is_svg(data) and prep is not None and prep.svg:
+        return
+    _decode(_raster(label, data, prep), label)
 
 
 def _decode(data: bytes, label: str) -> tuple[Image.Image, tuple[int, int]]:

@@ -17,7 +17,7 @@ from .answer import AnswerBounds, answer_grammar, answer_schema, bounds
 from .backends.base import Backend, Generation, Request
 from .decoding import Sampling
 from .errors import AnswerError, InputError, ModelError, VermError
-from .images import PreparedImage, load_image, prepare_image
+from .images import PreparedImage, check_image, prepare_image
 from .modelref import ResolvedModel, resolve_model
 from .prompts import Prompt, resolve_prompt
 from .schema import Judgement, Timings, extract_json
@@ -556,13 +556,13 @@ def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, 
         if not isinstance(gt, str) or not isinstance(pred, str):
             raise InputError(f'{path}:{n}: needs "gt" and "pred" image paths')
         try:
-            profile(task)
+            prof = profile(task)
         except InputError as exc:
             raise InputError(f"{path}:{n}: {exc}") from None
         gt_p, pred_p = (p if Path(p).is_absolute() else path.parent / p for p in (gt, pred))
-        for p in (gt_p, pred_p):
+        for p, prep in ((gt_p, prof.gt), (pred_p, prof.pred)):
             try:
-                load_image(p)
+                check_image(p, prep)
             except InputError as exc:
                 raise InputError(f"{path}:{n}: {exc}") from None
         out.append({"id": row.get("id", n), "gt": gt_p, "pred": pred_p, "task": task})

@@ -1,6 +1,6 @@
 """Rendering code the way the authors' RL does, each in a child process with a timeout:
 matplotlib for ```python chart code, cairosvg at 336x336 on white for SVG. The reward
-client renders policy responses with it; `judge` renders SVG files given as images."""
+client renders policy responses with it; the svg task renders SVG files given as images."""
 
 from __future__ import annotations
 

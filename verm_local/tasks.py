@@ -22,12 +22,15 @@ class ImagePrep:
     """How one image is made ready, before the vision processor's own resize to multiples
     of 32 px: optionally cropped to its content (background = the top-left pixel's colour,
     `crop_padding` px kept around it), thumbnailed so its longest side is at most
-    `max_side`, and encoded as JPEG (lossy, as the model saw it) or PNG."""
+    `max_side`, and encoded as JPEG (lossy, as the model saw it) or PNG. With `svg`, an
+    SVG file is first rendered as the authors render SVG for this task (cairosvg at
+    336x336 on white); without it an SVG file is refused."""
 
     max_side: int
     encoding: str  # "jpeg" | "png"
     crop: bool = False
     crop_padding: int = 12
+    svg: bool = False
 
     @property
     def max_tokens(self) -> int:
@@ -85,6 +88,7 @@ _RL_FILE = "rl_scripts/reward_func/reward_utils.py"
 # chart and svg: reward_utils.py / omnirender_rm_v3.py. No system message; [gt, pred,
 # prompt] in one user turn; images thumbnailed to 1024 (MAX_IMG_SIDE), RGB, JPEG.
 _JPEG_1024 = ImagePrep(max_side=1024, encoding="jpeg")
+_SVG_FILES = ImagePrep(max_side=1024, encoding="jpeg", svg=True)
 _CHART_SVG_RL = Sampling(
     max_tokens=4096, temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5
 )
@@ -109,11 +113,13 @@ PROFILES: dict[str, TaskProfile] = {
         prompt=PromptSource(_RL_FILE, _AUTHORS_RL, "assign", "PROMPT_CHART2CODE_JUDGEMENT"),
         **_CHART_SVG,
     ),
+    # svg: the same request; an SVG file given as an image is rendered as the authors'
+    # RL renders the policy's SVG (cairosvg, 336x336, white).
     "svg": TaskProfile(
         name="svg",
         categories=CATEGORIES["svg"],
         prompt=PromptSource(_RL_FILE, _AUTHORS_RL, "assign", "PROMPT_IMG2SVG_JUDGEMENT"),
-        **_CHART_SVG,
+        **{**_CHART_SVG, "gt": _SVG_FILES, "pred": _SVG_FILES},
     ),
     # table: table_parse_rm_v2.py. A system message; the text starts with two lines of the
     # literal <image>; ground truth thumbnailed to 768 (PNG), the rendered prediction
