@@ -29,6 +29,7 @@ from verm_local.fileio import write_json_atomic
 from . import metrics
 from .data import Item, data_digest, load_items
 from .kld import summarize
+from .markdown import table_head
 
 log = logging.getLogger(__name__)
 
@@ -469,9 +470,18 @@ def markdown(report: dict[str, Any]) -> str:
         if report["candidates"]
         else "",
         "",
-        "| model (quant, vision) | size MB | mean KL/token | p95 KL | top-1 | F1 vs ref | "
-        "severity r | reward MAE | JSON valid | F1 loss vs human |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "model (quant, vision)",
+            "size MB",
+            "mean KL/token",
+            "p95 KL",
+            "top-1",
+            "F1 vs ref",
+            "severity r",
+            "reward MAE",
+            "JSON valid",
+            "F1 loss vs human",
+        ),
     ]
     for name, c in report["candidates"].items():
         t, j = c["token"], c["judgement"]
@@ -489,8 +499,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "Reference against the human labels:",
             "",
-            "| group | items | F1 | severity r |",
-            "|---|---|---|---|",
+            *table_head("group", "items", "F1", "severity r"),
         ]
         for g, h in ref["human"].items():
             lines.append(f"| {g} | {h['items']} | {h['f1']:.3f} | {_fmt(h['severity_pearson'])} |")

@@ -23,6 +23,8 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
+from .markdown import table_head
+
 # Gated ratios: lower is better for each.
 GATED = ("overhead_ratio", "relative_e2e", "shared_ratio")
 CONFIDENCE = 0.95
@@ -208,8 +210,7 @@ def summary_markdown(result: GateResult, baseline_path: str | Path) -> str:
         f"Against `{baseline_path}`, tolerance {result.tolerance:.0%}: a ratio fails when "
         "its whole confidence interval lies above baseline x (1 + tolerance).",
         "",
-        "| model | ratio | current | interval | baseline | limit | verdict |",
-        "|---|---|---|---|---|---|---|",
+        *table_head("model", "ratio", "current", "interval", "baseline", "limit", "verdict"),
     ]
     for c in result.checks:
         iv = c.current

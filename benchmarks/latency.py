@@ -33,6 +33,7 @@ from typing import Any, Iterator
 from verm_local.errors import VermError
 
 from .gate import ratio_interval
+from .markdown import table_head
 
 log = logging.getLogger(__name__)
 
@@ -310,10 +311,9 @@ def measure_oneshot(
 def measure_served(model: str, w: Workload, parallel: int = 8) -> dict[str, Any]:
     """`verm-local serve --parallel N` under N concurrent /v1/judge requests against one
     ground truth: the model worker's peak RSS (VmHWM) and the wall time of the round."""
-    import threading
     import urllib.request
 
-    from .serve import ServerProcess, free_port
+    from .serve import ServerProcess, concurrently, free_port, post_json
 
     port = free_port()
     cmd = [
@@ -344,19 +344,10 @@ def measure_served(model: str, w: Workload, parallel: int = 8) -> dict[str, Any]
         gt_url = "data:image/png;base64," + base64.b64encode(Path(w.gt).read_bytes()).decode()
 
         def one(p: Any) -> None:
-            body = json.dumps({"gt": gt_url, "pred": _png_data_url(p), "task": w.task}).encode()
-            req = urllib.request.Request(
-                server.base + "/v1/judge", data=body, headers={"Content-Type": "application/json"}
-            )
-            urllib.request.urlopen(req, timeout=3600).read()
+            body = {"gt": gt_url, "pred": _png_data_url(p), "task": w.task}
+            post_json(server.base + "/v1/judge", body, 3600)
 
-        t0 = time.perf_counter()
-        threads_ = [threading.Thread(target=one, args=(p,)) for p in preds]
-        for t in threads_:
-            t.start()
-        for t in threads_:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = concurrently(one, preds)
         status = Path(f"/proc/{pid}/status").read_text()
         hwm = next(
             int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmHWM:")
@@ -835,10 +826,18 @@ def markdown(report: dict[str, Any]) -> str:
     if any("e2e_s" in r for r in report["models"].values()):
         lines += [
             "",
-            "| model | load s | vision s | text prefill s | TTFT s | decode tok/s | "
-            "end-to-end s | llama.cpp own path s | overhead ratio (95% interval) | "
-            "relative end-to-end (95% interval) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            *table_head(
+                "model",
+                "load s",
+                "vision s",
+                "text prefill s",
+                "TTFT s",
+                "decode tok/s",
+                "end-to-end s",
+                "llama.cpp own path s",
+                "overhead ratio (95% interval)",
+                "relative end-to-end (95% interval)",
+            ),
         ]
     timed = [(n, r) for n, r in report["models"].items() if "e2e_s" in r]
     for name, r in timed:
@@ -881,10 +880,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"{report['settings']['repeat']}, {how} decoding): independent judge calls "
             "vs one batch (ground truth encoded once, answers decoded together):",
             "",
-            "| model | N | independent s (tokens) | batched s (tokens) | ratio | "
-            "ratio per generated token | prompts s, independent -> batched | "
-            "decode tok/s, alone -> batched |",
-            "|---|---|---|---|---|---|---|---|",
+            *table_head(
+                "model",
+                "N",
+                "independent s (tokens)",
+                "batched s (tokens)",
+                "ratio",
+                "ratio per generated token",
+                "prompts s, independent -> batched",
+                "decode tok/s, alone -> batched",
+            ),
         ]
         for n, sp in shared.items():
             lines.append(
@@ -909,9 +914,15 @@ def markdown(report: dict[str, Any]) -> str:
             "Weights repacked (llama.cpp's extra buffer types) and not, same model, "
             "one run (median of the repeats):",
             "",
-            "| model | end-to-end s, repacked -> plain | text prefill s | decode tok/s | "
-            "load s | plain / repacked end-to-end | faster |",
-            "|---|---|---|---|---|---|---|",
+            *table_head(
+                "model",
+                "end-to-end s, repacked -> plain",
+                "text prefill s",
+                "decode tok/s",
+                "load s",
+                "plain / repacked end-to-end",
+                "faster",
+            ),
         ]
         for n, rp in repack.items():
             on, off = rp["on"], rp["off"]
@@ -947,10 +958,20 @@ def _memory_markdown(report: dict[str, Any]) -> list[str]:
             "One default judgement (`verm-local judge`: one-shot, the context sized for "
             "the request), in a fresh process:",
             "",
-            "| model | peak RSS MB | Python MB | text weights MB | vision weights MB | "
-            "KV cache MB (n_ctx, type) | rest MB | doctor's estimate MB (measured / "
-            "estimate) | TTFT s | vision s | prefill s | decode s (tokens) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *table_head(
+                "model",
+                "peak RSS MB",
+                "Python MB",
+                "text weights MB",
+                "vision weights MB",
+                "KV cache MB (n_ctx, type)",
+                "rest MB",
+                "doctor's estimate MB (measured / estimate)",
+                "TTFT s",
+                "vision s",
+                "prefill s",
+                "decode s (tokens)",
+            ),
         ]
         for n, o in shots.items():
             p, t = o["parts"], o["timings"]
@@ -988,9 +1009,16 @@ def _memory_markdown(report: dict[str, Any]) -> list[str]:
             "",
             f"Prefill settings side by side ({Path(n).name}, one default judgement each):",
             "",
-            "| setting | vision | vision s | text prefill s | TTFT s | "
-            "decode tok/s | KV MB (n_ctx) | peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|",
+            *table_head(
+                "setting",
+                "vision",
+                "vision s",
+                "text prefill s",
+                "TTFT s",
+                "decode tok/s",
+                "KV MB (n_ctx)",
+                "peak RSS MB",
+            ),
         ]
         for r in rows:
             setting = ", ".join(f"{k}={v}" for k, v in r["setting"].items())

@@ -29,9 +29,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from verm_local.errors import InputError, VermError
+
+from .markdown import table_head
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ def build_load(
     return per_client
 
 
-def _post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+def post_json(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
     req = urllib.request.Request(
         url,
         data=json.dumps(body).encode(),
@@ -144,6 +146,17 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
     )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
+
+
+def concurrently(fn: Callable[[Any], None], items: list[Any]) -> float:
+    """Call `fn(item)` for every item at once, one thread each; the wall seconds."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=fn, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
 
 
 def drive(base: str, load: list[list[dict[str, Any]]], timeout: float = 1800) -> dict[str, Any]:
@@ -155,20 +168,14 @@ def drive(base: str, load: list[list[dict[str, Any]]], timeout: float = 1800) ->
         for body in bodies:
             t0 = time.perf_counter()
             try:
-                out = _post(base + "/v1/chat/completions", body, timeout)
+                out = post_json(base + "/v1/chat/completions", body, timeout)
                 tokens, problem = int(out["usage"]["completion_tokens"]), ""
             except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
                 tokens, problem = 0, str(exc)
             with lock:
                 results.append((time.perf_counter() - t0, tokens, problem))
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(b,)) for b in load]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = concurrently(client, load)
     lat = sorted(r[0] for r in results)
     failed = [r[2] for r in results if r[2]]
     return {
@@ -358,9 +365,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['answer_tokens']} tokens (forced, except `schema`), repack "
         f"{'on' if s['repack'] else 'off'} for both.",
         "",
-        "| workload | verm-local s (tokens) | llama-server s (tokens) | ratio | "
-        "p50 s verm / llama | failed verm / llama |",
-        "|---|---|---|---|---|---|",
+        *table_head(
+            "workload",
+            "verm-local s (tokens)",
+            "llama-server s (tokens)",
+            "ratio",
+            "p50 s verm / llama",
+            "failed verm / llama",
+        ),
     ]
     for w, r in report["workloads"].items():
         a, b = r.get("verm-local", {}), r.get("llama-server", {})

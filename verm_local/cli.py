@@ -509,9 +509,10 @@ def _judge_pairs(j, batch, out: Optional[Path], **kwargs) -> None:
     from .judge import judge_file
 
     t0 = time.perf_counter()
+    quiet = _verbosity["level"] < 0
 
     def progress(done: int, total: int) -> None:
-        if _verbosity["level"] < 0:
+        if quiet:
             return
         rate = done / max(time.perf_counter() - t0, 1e-9)
         print(
@@ -522,9 +523,9 @@ def _judge_pairs(j, batch, out: Optional[Path], **kwargs) -> None:
         )
 
     text, failed, incomplete = judge_file(j, batch, out, progress=progress, **kwargs)
-    if _verbosity["level"] >= 0:
+    if not quiet:
         print(file=sys.stderr)
-    if out is not None and (_verbosity["level"] >= 0 or failed):
+    if out is not None and (not quiet or failed):
         typer.echo(
             f"{len(batch) - failed} judged ({incomplete} incomplete), {failed} failed -> {out}",
             err=True,
