@@ -97,11 +97,13 @@ def build_load(
     """Per client, its request bodies in order (round r is every client's r-th)."""
     from verm_local.answer import answer_schema
     from verm_local.prompts import resolve_prompt
+    from verm_local.tasks import profile
 
+    chart = profile("chart")  # the load is the chart task's requests
     rounds = -(-requests // clients)
     shared = workload != "independent"
     gts, preds = _images(rounds if shared else rounds * clients, clients, size, tmp)
-    prompt = resolve_prompt("chart", warn=False).text
+    prompt = resolve_prompt(chart, warn=False).text
     urls_gt = [_data_url(g) for g in gts]
     per_client: list[list[dict[str, Any]]] = [[] for _ in range(clients)]
     n = 0
@@ -127,7 +129,7 @@ def build_load(
                     "type": "json_schema",
                     "json_schema": {
                         "name": "answer",
-                        "schema": answer_schema("chart", answer_tokens),
+                        "schema": answer_schema(chart, answer_tokens),
                     },
                 }
             else:

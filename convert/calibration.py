@@ -17,6 +17,7 @@ from verm_local.constants import CATEGORIES, TASKS
 from verm_local.errors import InputError
 from verm_local.images import load_image
 from verm_local.prompts import default_prompt
+from verm_local.tasks import profile
 
 Conversation = list[dict[str, Any]]
 SIZE = (384, 288)  # sides multiples of 32: 12x9 visual tokens
@@ -147,7 +148,7 @@ def conversation(
             "content": [
                 {"type": "image", "image": gt},
                 {"type": "image", "image": pred},
-                {"type": "text", "text": default_prompt(task)},
+                {"type": "text", "text": default_prompt(profile(task))},
             ],
         }
     ]

@@ -273,7 +273,7 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
 def test_shared_summary_splits_prompts_from_decoding():
     """The ratio's two sources: prompts (vision, prefill, parsing; reuse shortens them)
     and the decode rate (batching raises it)."""
-    from verm_local.benchmarks.latency import shared_summary
+    from verm_local.benchmarks.latency_summary import shared_summary
 
     ind = {"s": 10.0, "tokens": 100, "decode_s": 6.0}
     bat = {"s": 6.0, "tokens": 120, "decode_s": 3.0, "failed": 0}

@@ -8,6 +8,7 @@ import pytest
 from verm_local.benchmarks.kld import kl_per_token, summarize, top1_agreement
 from verm_local.images import load_image
 from verm_local.prompts import default_prompt
+from verm_local.tasks import profile
 
 from .conftest import FORCED_ANSWER
 
@@ -25,9 +26,9 @@ def reference(tiny_hf, pair):
     assert all(im.size[0] % 32 == 0 and im.size[1] % 32 == 0 for im in images)
     hf = TransformersBackend(resolve_model(tiny_hf), dtype="float32")
     answer = hf.processor.tokenizer.encode(FORCED_ANSWER, add_special_tokens=False) + [151645]
-    logprobs = {t: hf.answer_logprobs(images, default_prompt(t), answer) for t in TASKS}
-    swapped = hf.answer_logprobs(images[::-1], default_prompt("chart"), answer)
-    tokens = hf.prompt_text_tokens(images, default_prompt("chart"))
+    logprobs = {t: hf.answer_logprobs(images, default_prompt(profile(t)), answer) for t in TASKS}
+    swapped = hf.answer_logprobs(images[::-1], default_prompt(profile("chart")), answer)
+    tokens = hf.prompt_text_tokens(images, default_prompt(profile("chart")))
     hf.close()
     return images, answer, logprobs, swapped, tokens
 
@@ -38,8 +39,8 @@ def _gguf_logprobs(tiny_gguf, quant, images, answer):
 
     ll = LlamaCppBackend(resolve_model(tiny_gguf, quant=quant), n_ctx=2048)
     try:
-        out = {t: ll.answer_logprobs(images, default_prompt(t), answer) for t in TASKS}
-        tokens = ll.prompt_text_tokens(images, default_prompt("chart"))
+        out = {t: ll.answer_logprobs(images, default_prompt(profile(t)), answer) for t in TASKS}
+        tokens = ll.prompt_text_tokens(images, default_prompt(profile("chart")))
     finally:
         ll.close()
     return out, tokens
@@ -104,10 +105,10 @@ def test_odd_sized_images_get_the_same_pixels_on_both_paths(tiny_hf, tiny_gguf, 
     assert images[0].size == (320, 256)
     hf = TransformersBackend(resolve_model(tiny_hf), dtype="float32")
     answer = hf.processor.tokenizer.encode(FORCED_ANSWER, add_special_tokens=False)
-    ref = hf.answer_logprobs(images, default_prompt("chart"), answer)
+    ref = hf.answer_logprobs(images, default_prompt(profile("chart")), answer)
     ll = LlamaCppBackend(resolve_model(tiny_gguf, quant="F16"), n_ctx=2048)
     try:
-        cand = ll.answer_logprobs(images, default_prompt("chart"), answer)
+        cand = ll.answer_logprobs(images, default_prompt(profile("chart")), answer)
     finally:
         ll.close()
     assert kl_per_token(ref, cand).mean() < 1e-3

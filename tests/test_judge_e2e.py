@@ -237,7 +237,10 @@ def test_fast_grammar_decoding_gives_the_same_answer(tiny_gguf, pair):
             for fast in (True, False):
                 j.backend.fast_grammar = fast
                 out[fast] = j.backend.generate(
-                    images, default_prompt(task), Sampling(max_tokens=1024), answer_schema(task)
+                    images,
+                    default_prompt(profile(task)),
+                    Sampling(max_tokens=1024),
+                    answer_schema(profile(task)),
                 )
             assert out[True].text == out[False].text
             assert out[True].completion_tokens == out[False].completion_tokens
@@ -261,7 +264,7 @@ def test_grammar_argmax_is_the_best_allowed_token(tiny_gguf):
     with verm_local_judge(tiny_gguf) as j:
         b = j.backend
         lc, n_vocab, vocab = b.lc, b.model.n_vocab, b.model.vocab
-        g = answer_grammar("chart", 1024, 2)
+        g = answer_grammar(profile("chart"), 1024, 2)
         sampler = lc.llama_sampler_init_grammar(vocab, g.encode(), b"root")
         pick, full = GrammarArgmax(lc, vocab, n_vocab), GrammarArgmax(lc, vocab, n_vocab)
         everything = np.arange(n_vocab, dtype=np.int32)
@@ -325,7 +328,7 @@ def test_answer_grammar_keeps_strings_json(tiny_gguf):
         assert allowed_after(loose, '{"d":"a') == {"\n", "\t", "\\", "n", "x"}
         assert b.grammar(schema) is b.grammar(dict(schema))  # compiled once per schema
         # The answer's own grammar keeps strings JSON too.
-        answer = answer_grammar("chart")
+        answer = answer_grammar(profile("chart"))
         assert allowed_after(
             answer,
             '{"structure_error_count": 0, "data_error_count": 0, '
@@ -397,7 +400,7 @@ def test_context_grows_when_an_answer_needs_it(tiny_gguf, pair, tmp_path):
             images = [j.prepare(pair[0]), j.prepare(pair[1])]
             # No grammar: the random model rambles to the cap (120 tokens).
             single = j.backend.generate(
-                images, load_prompt("chart", None), Sampling(max_tokens=120)
+                images, load_prompt(profile("chart"), None), Sampling(max_tokens=120)
             )
             requests = [
                 j.request(

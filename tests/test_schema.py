@@ -75,7 +75,7 @@ def test_broken_answers_raise(text):
 
 def test_type_key_is_accepted_for_category():
     errors = normalise_errors(
-        "table",
+        profile("table"),
         {
             "errors": [
                 {"type": "numeric_error", "severity": 3, "location": "r2c3", "description": "1.5"}
@@ -95,7 +95,7 @@ def test_type_key_is_accepted_for_category():
 )
 def test_out_of_set_errors_are_refused(bad):
     with pytest.raises(AnswerError):
-        normalise_errors("chart", {"errors": [bad]})
+        normalise_errors(profile("chart"), {"errors": [bad]})
 
 
 def test_judgement_counts_severity_and_score():
@@ -106,7 +106,7 @@ def test_judgement_counts_severity_and_score():
             {"category": "style_error", "severity": 1, "location": "e", "description": "f"},
         ]
     }
-    j = Judgement.from_answer("chart", answer)
+    j = Judgement.from_answer(profile("chart"), answer)
     assert j.counts == {"structure_error": 0, "data_error": 2, "text_error": 0, "style_error": 1}
     assert j.total_severity == 6
     assert j.score == pytest.approx(1 - 6 / 50)
@@ -114,7 +114,7 @@ def test_judgement_counts_severity_and_score():
 
 @pytest.mark.parametrize("task", TASKS)
 def test_answer_schema_accepts_valid_and_rejects_foreign_category(task):
-    schema = answer_schema(task)
+    schema = answer_schema(profile(task))
     p = profile(task)
     cat = CATEGORIES[task][0]
     good = {f"{c}_count": 0 for c in CATEGORIES[task]}

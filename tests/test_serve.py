@@ -19,7 +19,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from verm_local.tasks import profile
+
 from .conftest import CLI, draw_chart, run_cli
+
+CHART = profile("chart")
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +150,7 @@ def _rl_message(gt: Path, pred: Path) -> list[dict]:
             "content": [
                 {"type": "image_url", "image_url": {"url": _url(gt)}},
                 {"type": "image_url", "image_url": {"url": _url(pred)}},
-                {"type": "text", "text": load_prompt("chart", None)},
+                {"type": "text", "text": load_prompt(CHART, None)},
             ],
         }
     ]
@@ -161,7 +165,7 @@ def test_openai_client_gets_schema_valid_json(server, images):
     gt, preds = images
     client = OpenAI(base_url=server.base + "/v1", api_key="k")
     assert [m.id for m in client.models.list().data] == ["model-Q8_0.gguf"]
-    schema = answer_schema("chart")
+    schema = answer_schema(CHART)
     r = client.chat.completions.create(
         model="model-Q8_0.gguf",
         messages=_rl_message(gt, preds[0]),
@@ -178,7 +182,7 @@ def test_openai_client_gets_schema_valid_json(server, images):
     # byte tokens that are not valid UTF-8, which detokenize to several U+FFFD each, so
     # string lengths are checked on the answer the Judgement keeps, not on the raw text.
     jsonschema.validate(answer, _without_max_length(schema))
-    Judgement.from_answer("chart", answer)
+    Judgement.from_answer(CHART, answer)
     assert r.usage.prompt_tokens > 2 * 16 and r.usage.completion_tokens > 0
 
 
@@ -410,7 +414,7 @@ def test_batch_engine_matches_the_single_path(tiny_gguf, images):
     from verm_local.schema import Judgement, extract_json
 
     gt, preds = images
-    schema = answer_schema("chart", 400, 2)
+    schema = answer_schema(CHART, 400, 2)
     with Judge(
         str(tiny_gguf / "model-Q8_0.gguf"),
         vision="gguf",
@@ -421,14 +425,14 @@ def test_batch_engine_matches_the_single_path(tiny_gguf, images):
     ) as j:
         images_ = [j.prepare(gt), j.prepare(preds[0])]
         single = j.backend.generate(
-            images_, load_prompt("chart", None), Sampling(max_tokens=400), schema
+            images_, load_prompt(CHART, None), Sampling(max_tokens=400), schema
         )
         many = j.judge_many([(gt, preds[0], "chart")], max_errors=2)
         again = j.judge_many([(gt, preds[0], "chart")], max_errors=2)
         engine = j.backend.batch
         assert (engine.cache.misses, engine.cache.hits) == (1, 1)
         assert many[0].errors == again[0].errors
-        assert many[0].errors == Judgement.from_answer("chart", extract_json(single.text)).errors
+        assert many[0].errors == Judgement.from_answer(CHART, extract_json(single.text)).errors
         out = j.judge_many([(gt, p, "chart") for p in preds[:4]], max_errors=2)
         assert all(not isinstance(r, Exception) for r in out)
         assert engine.cache.misses == 1 and engine.cache.hits == 5
@@ -437,11 +441,11 @@ def test_batch_engine_matches_the_single_path(tiny_gguf, images):
         for p, r in zip(preds[:4], out):
             alone = j.backend.generate(
                 [j.prepare(gt), j.prepare(p)],
-                load_prompt("chart", None),
+                load_prompt(CHART, None),
                 Sampling(max_tokens=400),
                 schema,
             )
-            assert r.errors == Judgement.from_answer("chart", extract_json(alone.text)).errors
+            assert r.errors == Judgement.from_answer(CHART, extract_json(alone.text)).errors
 
 
 @pytest.mark.parametrize("temperature", [0.7, 0.0])
@@ -480,11 +484,14 @@ def test_sampler_shortlist_samples_what_the_whole_vocabulary_does(
         for short in (True, False):
             monkeypatch.setattr(TokenSampler, "shortlist", short)
             out = j.generate_all(
-                [build_request(*imgs, "chart", sampling=sampling, max_errors=2).request]
+                [build_request(*imgs, CHART, sampling=sampling, max_errors=2).request]
             )
             texts[short] = out[0].text
             single = j.backend.generate(
-                imgs, load_prompt("chart", None), sampling, answer_schema("chart", 300, 2)
+                imgs,
+                load_prompt(CHART, None),
+                sampling,
+                answer_schema(CHART, 300, 2),
             )
             assert single.text == out[0].text
         assert texts[True] == texts[False]

@@ -36,7 +36,7 @@ def test_chart_and_svg_profiles_are_the_rl_pipeline():
         assert p.gt.encoding == p.pred.encoding == "jpeg" and not p.pred.crop
         assert p.error_keys == ("category", "severity", "location", "description")
         assert p.max_tokens == 4096 and p.reward.kind == "render_base"
-        rl = decoding(task, "rl")
+        rl = decoding(profile(task), "rl")
         assert (rl.temperature, rl.top_p, rl.top_k, rl.presence_penalty, rl.max_tokens) == (
             0.7,
             0.8,
@@ -45,7 +45,7 @@ def test_chart_and_svg_profiles_are_the_rl_pipeline():
             4096,
         )
         assert rl.repeat_penalty == 1.0
-        judging = decoding(task)
+        judging = decoding(profile(task))
         assert judging.greedy and judging.max_tokens == 4096 and judging.presence_penalty == 0
 
 
@@ -63,7 +63,7 @@ def test_table_profile_is_the_table_pipeline():
     assert p.error_keys == ("type", "description", "severity") and not p.has_location
     assert p.count_keys == ("layout_error_count", "text_error_count", "numeric_error_count")
     for mode in ("default", "rl"):
-        d = decoding("table", mode)
+        d = decoding(profile("table"), mode)
         assert (d.temperature, d.repeat_penalty, d.max_tokens) == (0.0, 1.05, 8192)
     assert p.reward.kind == "negative_severity"
 
@@ -71,7 +71,7 @@ def test_table_profile_is_the_table_pipeline():
 @pytest.mark.parametrize("task", list(PROFILES))
 def test_answer_schema_has_the_trained_keys_in_order(task):
     p = profile(task)
-    schema = answer_schema(task)
+    schema = answer_schema(p)
     assert list(schema["properties"]) == [*p.count_keys, "errors"]
     item = schema["properties"]["errors"]["items"]
     assert list(item["properties"]) == list(p.error_keys)
@@ -94,7 +94,7 @@ def test_the_longest_allowed_answer_fits_the_cap(task, cap):
     """Write the longest answer the grammar allows (every bound at its maximum, the widest
     whitespace) and count its characters: at one token per character, it fits."""
     p = profile(task)
-    b = bounds(task, cap)
+    b = bounds(p, cap)
     assert b.max_errors >= (1 if cap >= 400 else 0)  # at 300 not even one item fits
     ws = "\n" + " " * 12
     value = {p.category_key: f'"{max(p.categories, key=len)}"', "severity": "3"}
@@ -123,16 +123,17 @@ def test_the_longest_allowed_answer_fits_the_cap(task, cap):
     assert len(longest) <= cap
     json.loads(longest)
     # ... and the grammar takes exactly that shape (llama.cpp's parser is checked in e2e).
-    assert schema_grammar(answer_schema(task, cap)) is not None
+    assert schema_grammar(answer_schema(p, cap)) is not None
 
 
 def test_bounds_shrink_with_a_smaller_cap_and_a_caller_cap():
-    assert bounds("chart", 4096).max_errors > bounds("chart", 1024).max_errors >= 1
-    assert bounds("table", 8192).lengths["description"] == 256
-    small = bounds("chart", 400, 2)
+    chart, table = profile("chart"), profile("table")
+    assert bounds(chart, 4096).max_errors > bounds(chart, 1024).max_errors >= 1
+    assert bounds(table, 8192).lengths["description"] == 256
+    small = bounds(chart, 400, 2)
     assert small.max_errors in (1, 2) and small.lengths["description"] < 136
-    assert bounds("chart", 4096, 3).max_errors == 3
-    assert bounds("chart", 4096, 0).max_errors == 0
+    assert bounds(chart, 4096, 3).max_errors == 3
+    assert bounds(chart, 4096, 0).max_errors == 0
 
 
 # ---------------------------------------------------------------- images
@@ -191,7 +192,7 @@ def test_reward_constants_are_settings(monkeypatch):
 
 def test_judgements_carry_the_recipe():
     chart = Judgement.from_answer(
-        "chart",
+        profile("chart"),
         {
             "errors": [
                 {"category": "data_error", "severity": 3, "location": "a", "description": "b"}
@@ -200,15 +201,15 @@ def test_judgements_carry_the_recipe():
     )
     assert (chart.reward, chart.rm_reward, chart.score) == (1.94, 0.94, 0.94)
     table = Judgement.from_answer(
-        "table",
+        profile("table"),
         {"errors": [{"type": "numeric_error", "description": "1.5 became 15", "severity": 2}]},
     )
     assert table.reward == -2.0 and table.errors[0].location is None
     assert "location" not in table.model_dump()["errors"][0]
-    cut = Judgement.failed("chart", "cut at 4096 tokens")
+    cut = Judgement.failed(profile("chart"), "cut at 4096 tokens")
     assert not cut.complete and cut.errors == [] and cut.total_severity == 25
     assert cut.reward == 1.5
-    assert Judgement.failed("table", "unreadable").reward == -4.0
+    assert Judgement.failed(profile("table"), "unreadable").reward == -4.0
 
 
 # ---------------------------------------------------------------- trained prompts
@@ -285,12 +286,12 @@ def test_prompts_are_fetched_extracted_and_stored_with_sha256(prompt_server, tmp
     assert chart["source"]["file_sha256"] == hashlib.sha256(raw).hexdigest()
     table = record["prompts"]["table"]["text"]
     assert table.startswith("\nFAKE table prompt")  # the returned string, as it is
-    p = resolve_prompt("table", home=home)
+    p = resolve_prompt(profile("table"), home=home)
     assert p.source == "trained" and p.text == table
     # A prompt file still wins.
     f = tmp_path / "p.txt"
     f.write_text("mine")
-    assert resolve_prompt("table", f, home=home).source == f"file:{f}"
+    assert resolve_prompt(profile("table"), f, home=home).source == f"file:{f}"
 
 
 def test_a_file_without_the_prompt_is_refused_and_nothing_is_stored(prompt_server, tmp_path):
@@ -313,7 +314,7 @@ def test_offline_falls_back_to_built_in_prompts_with_a_warning(tmp_path, caplog)
 
     prompts._warned.clear()
     with caplog.at_level(logging.WARNING, logger="verm_local"):
-        p = resolve_prompt("chart", home=tmp_path / "empty")
+        p = resolve_prompt(profile("chart"), home=tmp_path / "empty")
     assert p.source == "built-in"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "pull --prompts-only" in warnings[0]
@@ -328,7 +329,7 @@ def test_tampered_store_prompts_are_ignored(prompt_server, tmp_path):
     record = json.loads(path.read_text())
     record["prompts"]["chart"]["text"] += " (edited)"
     path.write_text(json.dumps(record))
-    assert resolve_prompt("chart", home=home, warn=False).source == "built-in"
+    assert resolve_prompt(profile("chart"), home=home, warn=False).source == "built-in"
 
 
 # ---------------------------------------------------------------- the CLI

@@ -11,6 +11,7 @@ from verm_local.fileio import sha256_file
 from verm_local.images import load_image
 from verm_local.prompts import default_prompt
 from verm_local.schema import judgement_schema
+from verm_local.tasks import profile
 
 from .conftest import FORCED_ANSWER, run_cli
 
@@ -74,7 +75,7 @@ def test_gptq_judges_and_reports_kl_against_the_reference(request, tiny_hf, pair
     assert out["model"]["quant"] == f"gptq-int{bits}"
 
     images = [load_image(p) for p in pair]
-    prompt = default_prompt("chart")
+    prompt = default_prompt(profile("chart"))
     ref = TransformersBackend(resolve_model(tiny_hf))
     answer = ref.processor.tokenizer.encode(FORCED_ANSWER, add_special_tokens=False)
     ref_lp = ref.answer_logprobs(images, prompt, answer)

@@ -12,6 +12,7 @@ from verm_local.benchmarks.kld import kl_per_token
 from verm_local.errors import ModelError, VermError
 from verm_local.images import load_image
 from verm_local.prompts import default_prompt
+from verm_local.tasks import profile
 from verm_local.vision_onnx import (
     VisionSpec,
     choose_vision,
@@ -102,7 +103,7 @@ def test_onnx_fp32_matches_the_f32_mmproj(tiny_gguf_f32_mmproj, tiny_onnx, pair)
         rel = np.linalg.norm(e_mm - e_ox) / np.linalg.norm(e_mm)
         print(f"ONNX fp32 vs f32 mmproj: relative error {rel:.2e}")
         assert e_mm.shape == e_ox.shape and rel < 1e-3
-        prompt = default_prompt("chart")
+        prompt = default_prompt(profile("chart"))
         answer = mm.model.tokenize(FORCED_ANSWER)
         kl = kl_per_token(
             mm.answer_logprobs(images, prompt, answer), ox.answer_logprobs(images, prompt, answer)

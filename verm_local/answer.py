@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .constants import SEVERITY_MAX, SEVERITY_MIN
-from .tasks import TaskProfile, profile
+from .tasks import TaskProfile
 
 INDENT = 12  # longest indentation after a newline the grammar allows
 _WS = 1 + INDENT  # a newline and the indentation
@@ -58,14 +58,13 @@ def _item_chars(p: TaskProfile, lengths: dict[str, int]) -> int:
     return total + 1 + _WS  # the "," and whitespace before the item
 
 
-def bounds(task: str | TaskProfile, max_tokens: int, max_errors: int | None = None) -> AnswerBounds:
+def bounds(p: TaskProfile, max_tokens: int, max_errors: int | None = None) -> AnswerBounds:
     """The largest error list and strings that fit `max_tokens` at one token a character.
 
     The profile's string targets are kept while at least one error fits; `max_errors`
     (a caller's cap) lowers the list. When even one error at the targets does not fit,
     the strings shrink (in the targets' proportions) until `max_errors` (or one) error
     fits; with no room for a single item the list is empty."""
-    p = profile(task) if isinstance(task, str) else task
     if max_errors is not None and max_errors < 0:
         raise ValueError("max_errors must be >= 0")
     room = max_tokens - _fixed_chars(p)
@@ -86,13 +85,12 @@ def bounds(task: str | TaskProfile, max_tokens: int, max_errors: int | None = No
 
 
 def answer_schema(
-    task: str, max_tokens: int | None = None, max_errors: int | None = None
+    p: TaskProfile, max_tokens: int | None = None, max_errors: int | None = None
 ) -> dict[str, Any]:
     """JSON schema of the model's answer for a task: `<category>_count` integers in the
     task's category order, then `errors` whose items have the trained keys in the trained
     order; bounded so the longest allowed answer fits `max_tokens` (default: the trained
     cap)."""
-    p = profile(task)
     b = bounds(p, max_tokens or p.max_tokens, max_errors)
     props: dict[str, Any] = {
         k: {"type": "integer", "enum": list(range(b.max_errors + 1))} for k in p.count_keys
@@ -216,8 +214,10 @@ def _value(schema: Any, name: str, rules: dict[str, str]) -> str:
     raise _Unsupported
 
 
-def answer_grammar(task: str, max_tokens: int | None = None, max_errors: int | None = None) -> str:
+def answer_grammar(
+    p: TaskProfile, max_tokens: int | None = None, max_errors: int | None = None
+) -> str:
     """The grammar text of a task's answer (see `answer_schema`)."""
-    grammar = schema_grammar(answer_schema(task, max_tokens, max_errors))
+    grammar = schema_grammar(answer_schema(p, max_tokens, max_errors))
     assert grammar is not None  # the answer schema is of the supported shape
     return grammar

@@ -38,7 +38,7 @@ from .errors import EndpointError, InputError, RenderError, VermError
 from .render import RENDER_TIMEOUTS, run_renderer
 from .reward import with_settings
 from .schema import Judgement, extract_json
-from .tasks import profile
+from .tasks import TaskProfile, decoding, profile
 
 __all__ = ["EndpointError", "RenderError", "RewardClient", "extract_code", "render_prediction"]
 
@@ -93,7 +93,7 @@ class RewardClient:
             return json.loads(r.read())
 
     def _once(
-        self, endpoint: str, gt: bytes, pred: bytes, task: str, overrides: dict[str, Any]
+        self, endpoint: str, gt: bytes, pred: bytes, p: TaskProfile, overrides: dict[str, Any]
     ) -> Judgement:
         if self._kind.get(endpoint, "verm") == "verm":
             try:
@@ -102,7 +102,7 @@ class RewardClient:
                     {
                         "gt": data_url(gt),
                         "pred": data_url(pred),
-                        "task": task,
+                        "task": p.name,
                         "sampling": self.sampling,
                         "max_errors": self.max_errors,
                         **overrides,
@@ -113,17 +113,16 @@ class RewardClient:
                 if exc.code != 404:
                     raise
                 self._kind[endpoint] = "openai"  # a vLLM server: no /v1/judge
-        return self._chat(endpoint, gt, pred, task, overrides)
+        return self._chat(endpoint, gt, pred, p, overrides)
 
     def _chat(
-        self, endpoint: str, gt: bytes, pred: bytes, task: str, overrides: dict[str, Any]
+        self, endpoint: str, gt: bytes, pred: bytes, p: TaskProfile, overrides: dict[str, Any]
     ) -> Judgement:
         """The authors' own request to an OpenAI-compatible server, read here."""
         from .judge import build_request
-        from .tasks import decoding
 
-        sampling = decoding(task, self.sampling).with_(**_sampling_fields(overrides))
-        jr = build_request(gt, pred, task, sampling=sampling, free=True, warn=False)
+        sampling = decoding(p, self.sampling).with_(**_sampling_fields(overrides))
+        jr = build_request(gt, pred, p, sampling=sampling, free=True, warn=False)
         messages = jr.messages_with(
             lambda img: {
                 "type": "image_url",
@@ -153,7 +152,7 @@ class RewardClient:
                 continue
             try:
                 return Judgement.from_answer(
-                    task,
+                    p,
                     extract_json(choice["message"]["content"]),
                     reward_scale=self.reward_scale,
                     prompt_source=jr.prompt.source,
@@ -161,7 +160,7 @@ class RewardClient:
             except VermError as exc:
                 problem = str(exc)
         return Judgement.failed(
-            task, problem, reward_scale=self.reward_scale, prompt_source=jr.prompt.source
+            p, problem, reward_scale=self.reward_scale, prompt_source=jr.prompt.source
         )
 
     def _model_of(self, endpoint: str) -> str:
@@ -175,13 +174,13 @@ class RewardClient:
         self,
         gt: str | Path | bytes,
         pred: str | Path | bytes,
-        task: str = "chart",
+        task: str | TaskProfile = "chart",
         **overrides: Any,
     ) -> Judgement:
         """Judge one pair on some endpoint, retrying failures on the others. `overrides`:
         sampling fields (temperature, top_p, top_k, presence_penalty, repetition_penalty,
         seed, max_tokens) over the task's decoding."""
-        profile(task)
+        p = profile(task)
         gt_b = gt if isinstance(gt, bytes) else Path(gt).read_bytes()
         pred_b = pred if isinstance(pred, bytes) else Path(pred).read_bytes()
         tries = len(self.endpoints) * (self.retries + 1)
@@ -190,7 +189,7 @@ class RewardClient:
             with self._lock:
                 endpoint = self.endpoints[next(self._next)]
             try:
-                return self._once(endpoint, gt_b, pred_b, task, overrides)
+                return self._once(endpoint, gt_b, pred_b, p, overrides)
             except urllib.error.HTTPError as exc:
                 if exc.code < 500 and exc.code != 429:
                     raise EndpointError(f"{endpoint}: {exc.code} {_message(exc)}") from None
@@ -227,14 +226,14 @@ class RewardClient:
         response) against the ground-truth image. `data_source` (or extra_info["task"])
         names the task: chart (chart2code), svg (icon2svg) or table."""
         extra = extra_info or {}
-        task = extra.get("task") or task_of(data_source)
-        recipe = with_settings(profile(task).reward, self.reward_scale)
+        p = profile(extra.get("task") or task_of(data_source))
+        recipe = with_settings(p.reward, self.reward_scale)
         gt = extra.get("gt_img_path") or ground_truth
         try:
-            image = render_prediction(solution_str, task, timeout=extra.get("render_timeout"))
+            image = render_prediction(solution_str, p.name, timeout=extra.get("render_timeout"))
         except RenderError:
             return recipe.unrendered()
-        return self.judge(gt, image, task).reward
+        return self.judge(gt, image, p).reward
 
 
 def task_of(data_source: str) -> str:

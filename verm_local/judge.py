@@ -33,11 +33,15 @@ ImageLike = str | Path | bytes | PreparedImage
 class JudgeRequest:
     """A judgement's request as sent, and what it was made from."""
 
-    task: str
+    profile: TaskProfile
     request: Request
     prompt: Prompt
     bounds: AnswerBounds | None  # None: free answer (no grammar)
     free: bool
+
+    @property
+    def task(self) -> str:
+        return self.profile.name
 
     def messages_with(
         self, image_part: Callable[[PreparedImage], dict[str, Any]]
@@ -62,7 +66,7 @@ class JudgeRequest:
     def describe(self) -> dict[str, Any]:
         """The messages as sent (image parts with their final sizes and encoding), the
         answer schema, the decoding and where the prompt came from: `judge --dry-run`."""
-        p = profile(self.task)
+        p = self.profile
         return {
             "task": self.task,
             "messages": self.messages_with(_describe_image),
@@ -70,7 +74,7 @@ class JudgeRequest:
             "schema": None
             if self.free
             else answer_schema(
-                self.task,
+                p,
                 self.request.sampling.max_tokens,
                 self.bounds.max_errors if self.bounds else None,
             ),
@@ -103,7 +107,7 @@ def prepare(image: ImageLike, prep: ImagePrep, image_tokens: int | None = None) 
 def build_request(
     gt: ImageLike,
     pred: ImageLike,
-    task: str = "chart",
+    p: TaskProfile,
     *,
     sampling: Sampling | None = None,
     free: bool = False,
@@ -115,12 +119,11 @@ def build_request(
     """The exact request of a judgement, per the task's profile (no model needed):
     [system], then one user turn of [ground truth, prediction, text]; the answer grammar
     bounded to the decoding's token cap."""
-    p = profile(task)
     sampling = sampling or p.judging
     if max_errors is not None and max_errors < 0:
         raise InputError("--max-errors must be 0 or more")
     images = [prepare(gt, p.gt, image_tokens), prepare(pred, p.pred, image_tokens)]
-    prompt = resolve_prompt(task, prompt_file, warn=warn)
+    prompt = resolve_prompt(p, prompt_file, warn=warn)
     messages: list[dict[str, Any]] = []
     if p.system is not None:
         messages.append({"role": "system", "content": p.system})
@@ -135,14 +138,14 @@ def build_request(
         }
     )
     answer_bounds = None if free else bounds(p, sampling.max_tokens, max_errors)
-    grammar = None if free else answer_grammar(task, sampling.max_tokens, max_errors)
+    grammar = None if free else answer_grammar(p, sampling.max_tokens, max_errors)
     return JudgeRequest(
-        task, Request(images, messages, sampling, grammar), prompt, answer_bounds, free
+        p, Request(images, messages, sampling, grammar), prompt, answer_bounds, free
     )
 
 
 def judgement_of(
-    task: str,
+    p: TaskProfile,
     gen: Generation,
     *,
     prompt_source: str = "",
@@ -170,19 +173,17 @@ def judgement_of(
         fields["model"] = model
     if gen.finish_reason == "length":
         return Judgement.failed(
-            task,
+            p,
             f"the answer was cut at {gen.completion_tokens} tokens before it was complete",
             reward_scale=reward_scale,
             **fields,
         )
     try:
-        return Judgement.from_answer(
-            task, extract_json(gen.text), reward_scale=reward_scale, **fields
-        )
+        return Judgement.from_answer(p, extract_json(gen.text), reward_scale=reward_scale, **fields)
     except AnswerError as exc:
         if unreadable != "score":
             raise
-        return Judgement.failed(task, str(exc), reward_scale=reward_scale, **fields)
+        return Judgement.failed(p, str(exc), reward_scale=reward_scale, **fields)
 
 
 class Judge:
@@ -309,11 +310,15 @@ class Judge:
 
     # -- requests ---------------------------------------------------------------------
 
-    def sampling(self, task: str, mode: str = "default", seed: int | None = None) -> Sampling:
+    def sampling(
+        self, task: str | TaskProfile, mode: str = "default", seed: int | None = None
+    ) -> Sampling:
         """The task's decoding (`tasks.decoding`) at this judge's token cap."""
-        return decoding(task, mode, self.max_tokens, seed)
+        return decoding(profile(task), mode, self.max_tokens, seed)
 
-    def prepare(self, image: ImageLike, task: str = "chart", role: str = "gt") -> PreparedImage:
+    def prepare(
+        self, image: ImageLike, task: str | TaskProfile = "chart", role: str = "gt"
+    ) -> PreparedImage:
         """An image prepared as the task prepares its ground truth (or `role="pred"`)."""
         p = profile(task)
         return prepare(image, p.gt if role == "gt" else p.pred, self.image_tokens)
@@ -322,18 +327,20 @@ class Judge:
         self,
         gt: ImageLike,
         pred: ImageLike,
-        task: str = "chart",
+        task: str | TaskProfile = "chart",
         *,
         sampling: Sampling | None = None,
         free: bool = False,
         prompt_file: str | Path | None = None,
         max_errors: int | None = None,
     ) -> JudgeRequest:
+        """The request of a judgement at this judge's image budget and token cap."""
+        p = profile(task)
         return build_request(
             gt,
             pred,
-            task,
-            sampling=sampling or self.sampling(task),
+            p,
+            sampling=sampling or self.sampling(p),
             free=free,
             prompt_file=prompt_file,
             max_errors=max_errors,
@@ -346,7 +353,7 @@ class Judge:
         self,
         gt: ImageLike,
         pred: ImageLike,
-        task: str = "chart",
+        task: str | TaskProfile = "chart",
         *,
         free: bool = False,
         sampling: Sampling | None = None,
@@ -361,10 +368,11 @@ class Judge:
         failure reward. An unreadable answer is asked again up to `tries` times when
         sampling (greedy would repeat it), then raises AnswerError, or with
         `unreadable="score"` comes back like a cut one (the authors' RL: S = 25)."""
+        p = profile(task)
         jr = self.request(
             gt,
             pred,
-            task,
+            p,
             sampling=sampling,
             free=free,
             prompt_file=prompt_file,
@@ -386,7 +394,7 @@ class Judge:
             self.last_generation = gen  # the raw answer, for benchmarks scoring its tokens
             try:
                 return self._judgement(
-                    task, gen, jr.prompt.source, "raise" if attempt + 1 < attempts else unreadable
+                    p, gen, jr.prompt.source, "raise" if attempt + 1 < attempts else unreadable
                 )
             except AnswerError:
                 if attempt + 1 == attempts:
@@ -395,10 +403,10 @@ class Judge:
 
     def judge_many(
         self,
-        pairs: list[tuple[Any, Any, str]],
+        pairs: list[tuple[Any, Any, str | TaskProfile]],
         *,
         free: bool = False,
-        sampling: Sampling | str | Callable[[str], Sampling] | None = None,
+        sampling: Sampling | str | Callable[[TaskProfile], Sampling] | None = None,
         max_errors: int | None = None,
         progress: Callable[[int, int], None] | None = None,
         unreadable: str = "raise",
@@ -414,13 +422,14 @@ class Judge:
         built: list[tuple[int, JudgeRequest]] = []
         for i, (gt, pred, task) in enumerate(pairs):
             try:
+                p = profile(task)
                 if isinstance(sampling, Sampling):
                     s = sampling
                 elif callable(sampling):
-                    s = sampling(task)
+                    s = sampling(p)
                 else:
-                    s = self.sampling(task, sampling or "default")
-                jr = self.request(gt, pred, task, sampling=s, free=free, max_errors=max_errors)
+                    s = self.sampling(p, sampling or "default")
+                jr = self.request(gt, pred, p, sampling=s, free=free, max_errors=max_errors)
             except VermError as exc:
                 results[i] = exc
                 continue
@@ -442,7 +451,7 @@ class Judge:
                     results[i] = gen
                     continue
                 try:
-                    results[i] = self._judgement(jr.task, gen, jr.prompt.source, unreadable)
+                    results[i] = self._judgement(jr.profile, gen, jr.prompt.source, unreadable)
                 except VermError as exc:
                     results[i] = exc
             done += len(part)
@@ -458,10 +467,10 @@ class Judge:
         return self.backend.generate_all(requests)
 
     def _judgement(
-        self, task: str, gen: Generation, prompt_source: str, unreadable: str = "raise"
+        self, p: TaskProfile, gen: Generation, prompt_source: str, unreadable: str = "raise"
     ) -> Judgement:
         return judgement_of(
-            task,
+            p,
             gen,
             prompt_source=prompt_source,
             reward_scale=self.reward_scale,
@@ -519,7 +528,7 @@ def judge_file(
     for p, r in zip(pairs, results):
         if isinstance(r, Exception):
             failed += 1
-            row = {"id": p["id"], "task": p["task"], "error": str(r)}
+            row = {"id": p["id"], "task": p["task"].name, "error": str(r)}
         else:
             incomplete += not r.complete
             row = {"id": p["id"], **r.model_dump(mode="json")}
@@ -565,7 +574,7 @@ def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, 
                 check_image(p, prep)
             except InputError as exc:
                 raise InputError(f"{path}:{n}: {exc}") from None
-        out.append({"id": row.get("id", n), "gt": gt_p, "pred": pred_p, "task": task})
+        out.append({"id": row.get("id", n), "gt": gt_p, "pred": pred_p, "task": prof})
     if not out:
         raise InputError(f"{path}: no pairs in it")
     return out
@@ -597,7 +606,7 @@ def _vision_encoder(
 def judge(
     gt: ImageLike,
     pred: ImageLike,
-    task: str = "chart",
+    task: str | TaskProfile = "chart",
     model: str | Path | None = None,
     **kwargs: Any,
 ) -> Judgement:

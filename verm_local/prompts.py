@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .constants import CATEGORIES, TASKS
+from .constants import TASKS
 from .errors import FetchError, InputError
-from .tasks import PROFILES, PromptSource, profile
+from .tasks import PROFILES, PromptSource, TaskProfile
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,10 @@ class Prompt:
     source: str  # "trained" | "file:PATH" | "built-in"
 
 
-def default_prompt(task: str) -> str:
+def default_prompt(p: TaskProfile) -> str:
     """The built-in prompt for a task, asking for the trained answer format (the task's
     keys in their trained order)."""
-    p = profile(task)
-    role, first, second, cats = _SUBJECT[task]
+    role, first, second, cats = _SUBJECT[p.name]
     cat_lines = "\n".join(f"- {c}: {d}" for c, d in cats.items())
     counts = ", ".join(f'"{k}": <int>' for k in p.count_keys)
     fields = ", ".join(
@@ -108,25 +107,27 @@ def default_prompt(task: str) -> str:
     )
 
 
-def load_prompt(task: str, prompt_file: str | Path | None = None) -> str:
+def load_prompt(p: TaskProfile, prompt_file: str | Path | None = None) -> str:
     """The prompt text for a task (see `resolve_prompt`)."""
-    return resolve_prompt(task, prompt_file).text
+    return resolve_prompt(p, prompt_file).text
 
 
 def resolve_prompt(
-    task: str, prompt_file: str | Path | None = None, home: Path | None = None, warn: bool = True
+    p: TaskProfile,
+    prompt_file: str | Path | None = None,
+    home: Path | None = None,
+    warn: bool = True,
 ) -> Prompt:
     """`prompt_file` when given (plain text, or a JSON object keyed by task), else the
     trained prompt from the store, else the built-in one (with a warning)."""
-    profile(task)
     if prompt_file is not None:
-        return Prompt(read_prompt_file(task, prompt_file), f"file:{prompt_file}")
+        return Prompt(read_prompt_file(p, prompt_file), f"file:{prompt_file}")
     trained = trained_prompts(home)
-    if task in trained:
-        return Prompt(trained[task], "trained")
+    if p.name in trained:
+        return Prompt(trained[p.name], "trained")
     if warn:
         _warn_built_in()
-    return Prompt(default_prompt(task), "built-in")
+    return Prompt(default_prompt(p), "built-in")
 
 
 _warned: set[str] = set()
@@ -142,7 +143,7 @@ def _warn_built_in() -> None:
     )
 
 
-def read_prompt_file(task: str, prompt_file: str | Path) -> str:
+def read_prompt_file(p: TaskProfile, prompt_file: str | Path) -> str:
     path = Path(prompt_file)
     try:
         text = path.read_text(encoding="utf-8")
@@ -158,9 +159,9 @@ def read_prompt_file(task: str, prompt_file: str | Path) -> str:
             raise InputError(
                 f"{path}: prompt file looks like JSON but is not ({exc.msg})"
             ) from None
-        if task not in table or not isinstance(table[task], str):
-            raise InputError(f"{path}: no prompt for task {task!r} in the JSON object")
-        stripped = table[task].strip()
+        if p.name not in table or not isinstance(table[p.name], str):
+            raise InputError(f"{path}: no prompt for task {p.name!r} in the JSON object")
+        stripped = table[p.name].strip()
     if not stripped:
         raise InputError(f"{path}: prompt file is empty")
     return stripped
@@ -226,7 +227,7 @@ def fetch_trained(
             files[url] = (text, hashlib.sha256(raw).hexdigest())
         source, file_sha = files[url]
         text = extract_prompt(source, p.prompt, url)
-        check_prompt(task, text, url)
+        check_prompt(p, text, url)
         prompts[task] = {
             "text": text,
             "sha256": hashlib.sha256(text.encode()).hexdigest(),
@@ -316,12 +317,12 @@ def _returned_string(func: ast.FunctionDef) -> str | None:
     return None
 
 
-def check_prompt(task: str, text: str, label: str) -> None:
+def check_prompt(p: TaskProfile, text: str, label: str) -> None:
     """A stored prompt must ask for the task's answer: every category and count key."""
-    missing = [c for c in CATEGORIES[task] if c not in text]
-    missing += [k for k in profile(task).count_keys if k not in text]
+    missing = [c for c in p.categories if c not in text]
+    missing += [k for k in p.count_keys if k not in text]
     if not text.strip() or missing:
         raise FetchError(
-            f"{label}: the {task} prompt does not name {', '.join(missing) or 'anything'}; "
+            f"{label}: the {p.name} prompt does not name {', '.join(missing) or 'anything'}; "
             "nothing was stored"
         )

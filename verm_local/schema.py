@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from .constants import SEVERITY_MAX, SEVERITY_MIN
 from .errors import AnswerError
 from .reward import RewardRecipe, with_settings
-from .tasks import profile
+from .tasks import TaskProfile
 
 
 class JudgedError(BaseModel):
@@ -67,7 +67,7 @@ class Judgement(BaseModel):
     @classmethod
     def from_answer(
         cls,
-        task: str,
+        p: TaskProfile,
         answer: dict[str, Any],
         *,
         reward_scale: float | None = None,
@@ -75,15 +75,14 @@ class Judgement(BaseModel):
         **fields: Any,
     ) -> "Judgement":
         """Build a judgement from the model's JSON object (already parsed)."""
-        p = profile(task)
         recipe = recipe or with_settings(p.reward, reward_scale)
-        errors = normalise_errors(task, answer)
+        errors = normalise_errors(p, answer)
         counts = {c: 0 for c in p.categories}
         for e in errors:
             counts[e.category] += 1
         total = sum(e.severity for e in errors)
         return cls(
-            task=task,
+            task=p.name,
             errors=errors,
             counts=counts,
             total_severity=total,
@@ -95,7 +94,7 @@ class Judgement(BaseModel):
     @classmethod
     def failed(
         cls,
-        task: str,
+        p: TaskProfile,
         problem: str,
         *,
         reward_scale: float | None = None,
@@ -104,13 +103,12 @@ class Judgement(BaseModel):
     ) -> "Judgement":
         """The judgement of an answer cut at the cap or unreadable: no errors, S and the
         reward at the recipe's failure values (chart, svg: S = 25; table: reward -4)."""
-        p = profile(task)
         recipe = recipe or with_settings(p.reward, reward_scale)
         severity = (
             -recipe.fail if recipe.kind == "negative_severity" else recipe.parse_fail_severity
         )
         return cls(
-            task=task,
+            task=p.name,
             counts={c: 0 for c in p.categories},
             total_severity=severity,
             reward=recipe.unreadable(),
@@ -181,11 +179,10 @@ def _snippet(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-def normalise_errors(task: str, answer: dict[str, Any]) -> list[JudgedError]:
+def normalise_errors(p: TaskProfile, answer: dict[str, Any]) -> list[JudgedError]:
     """Read the `errors` list; an item's category is under the task's trained key
     (`category`, or `type` for tables), the other one accepted too. Entries with an unknown
     category or a severity outside 1..3 are refused (AnswerError), not guessed."""
-    p = profile(task)
     raw = answer.get("errors", [])
     if not isinstance(raw, list):
         raise AnswerError("'errors' in the model's answer is not a list")
@@ -196,7 +193,7 @@ def normalise_errors(task: str, answer: dict[str, Any]) -> list[JudgedError]:
             raise AnswerError(f"an error entry is not an object: {item!r}")
         cat = item.get(p.category_key, item.get(other))
         if cat not in p.categories:
-            raise AnswerError(f"category {cat!r} is not one of the {task} categories")
+            raise AnswerError(f"category {cat!r} is not one of the {p.name} categories")
         try:
             sev = int(item.get("severity"))
         except (TypeError, ValueError):

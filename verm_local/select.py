@@ -28,7 +28,7 @@ from .catalog import (
 from .errors import InputError, PlanError
 from .hardware import AMX_FLAGS, Hardware, has_amx
 from .memory import ANSWER_RESERVE
-from .tasks import PROFILES
+from .tasks import PROFILES, TaskProfile
 
 DEVICES = ("cuda", "metal", "cpu")
 # Share of memory a plan may fill: the rest is the OS, other programs, fragmentation.
@@ -50,12 +50,12 @@ def context_size(image_tokens: int, max_tokens: int) -> int:
 
 
 def task_context(
-    task: str | None = None, image_tokens: int | None = None, max_tokens: int | None = None
+    task: TaskProfile | None = None, image_tokens: int | None = None, max_tokens: int | None = None
 ) -> int:
     """The context a judgement needs at the trained sizes: of one task, or the largest
     over all tasks (a judge that may see any of them). `image_tokens` and `max_tokens`
     replace the profiles' (a caller's lower cap)."""
-    profiles = [PROFILES[task]] if task else list(PROFILES.values())
+    profiles = [task] if task is not None else list(PROFILES.values())
     return max(
         context_size(
             min(image_tokens or p.max_image_tokens, p.max_image_tokens), max_tokens or p.max_tokens

@@ -152,8 +152,12 @@ assert set(PROFILES) == set(TASKS)
 SAMPLING_MODES = ("default", "greedy", "rl")
 
 
-def profile(task: str) -> TaskProfile:
-    """The profile of a task; an unknown task is the user's error (one line, exit 2)."""
+def profile(task: str | TaskProfile) -> TaskProfile:
+    """The profile of a task, resolved where a request enters (CLI, Python API, server,
+    client) and passed down as the object; a profile given is returned as it is. An unknown
+    task is the user's error (one line, exit 2)."""
+    if isinstance(task, TaskProfile):
+        return task
     try:
         return PROFILES[task]
     except (KeyError, TypeError):
@@ -161,12 +165,11 @@ def profile(task: str) -> TaskProfile:
 
 
 def decoding(
-    task: str, mode: str = "default", max_tokens: int | None = None, seed: int | None = None
+    p: TaskProfile, mode: str = "default", max_tokens: int | None = None, seed: int | None = None
 ) -> Sampling:
     """A task's decoding: `default` (judging: greedy; table with its repetition penalty),
     `greedy` (plain argmax), or `rl` (the authors' RL settings); `max_tokens` and `seed`
     override the profile's."""
-    p = profile(task)
     if mode not in SAMPLING_MODES:
         raise InputError(f"unknown sampling {mode!r}; choose {', '.join(SAMPLING_MODES)}")
     base = {"default": p.judging, "greedy": Sampling(max_tokens=p.max_tokens), "rl": p.rl}[mode]

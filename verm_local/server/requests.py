@@ -160,13 +160,13 @@ def judge_job(body: JudgeRequest, cfg: ServeConfig) -> dict[str, Any]:
     """A /v1/judge request -> a worker job: the task's own decoding (mode `sampling`),
     the body's sampling fields over it."""
     try:
-        profile(body.task)
+        p = profile(body.task)
     except InputError as exc:
         raise APIError(400, str(exc), param="task") from None
-    base = decoding(body.task, body.sampling)
+    base = decoding(p, body.sampling)
     return {
         "kind": "judge",
-        "task": body.task,
+        "profile": p,
         "free": body.free,
         "max_errors": body.max_errors,
         "gt": decode_image(body.gt, cfg),

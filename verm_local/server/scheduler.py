@@ -109,7 +109,7 @@ def run_jobs(judge: Any, cfg: ServeConfig, jobs: list[dict[str, Any]]) -> list[d
                 jr = build_request(
                     job["gt"],
                     job["pred"],
-                    job["task"],
+                    job["profile"],
                     sampling=sampling,
                     free=job["free"],
                     max_errors=job.get("max_errors"),
@@ -143,7 +143,7 @@ def run_jobs(judge: Any, cfg: ServeConfig, jobs: list[dict[str, Any]]) -> list[d
                 last = attempt == 1 or req.sampling.greedy
                 try:
                     j = judgement_of(
-                        jr.task,
+                        jr.profile,
                         gen,
                         prompt_source=jr.prompt.source,
                         model=judge.backend.info,
