@@ -4,12 +4,14 @@
    top-k log-probs and tail mass at each, are cached with a manifest (model, data, seed,
    top-k, vocabulary) so later runs reuse them.
 2. Each candidate is teacher-forced on those tokens (KL per token, top-1 agreement) and
-   judges every item itself (error-set F1 against the reference, severity-sum
-   correlations, reward differences, count agreement, JSON validity).
-3. Where the data has human labels: F1 and severity Pearson per category for the reference
-   and each candidate; agreement loss = reference minus candidate.
-Outputs under --out: agreement.json, agreement.md, agreement.png, and
-results/<model>.jsonl (VC-RewardBench style: id, category, pred_json)."""
+   judges every item itself; its discrepancies are scored against the reference's as
+   labels with the authors' matcher and formulas (`score.py`: F1-hard, F1-soft, severity
+   r), beside reward differences, count agreement and JSON validity.
+3. Where the data has human labels: the authors' figures (per task and overall) for the
+   reference and each candidate, and each candidate minus the reference with a 95% paired
+   bootstrap interval over items, so a loss is told apart from noise.
+Outputs under --out: agreement.json, agreement.md, agreement.png, and results/<model>.json
+(the authors' evaluation input: the rows with pred_json; `bench score` scores it)."""
 
 from __future__ import annotations
 
@@ -266,11 +268,83 @@ def candidate_pass(
     }
 
 
+def _label(e: dict[str, Any]) -> dict[str, Any]:
+    """A judged error as a label (keyed `type`, as VC-RewardBench's labels are)."""
+    return {
+        "type": e.get("category"),
+        "severity": e.get("severity"),
+        "location": e.get("location", ""),
+        "description": e.get("description", ""),
+    }
+
+
+def predicted_rows(items: list[Item], rows: list[dict], labels: Any = None) -> list[dict]:
+    """The authors' evaluation input for one model: each item's row with the model's
+    answer as `pred_json` (the trained format; null when unreadable). `labels`: other
+    labels in place of the human ones (the reference's answers), None where there are
+    none (that item is left out)."""
+    from verm_local.answer import trained_answer
+    from verm_local.tasks import profile
+
+    out = []
+    for i, (item, row) in enumerate(zip(items, rows)):
+        base = dict(item.row or {"id": item.id, "category": item.task})
+        base["category"] = item.task
+        if labels is not None:
+            if labels[i] is None:
+                continue
+            base["human_errors"] = labels[i]
+        base["pred_json"] = (
+            trained_answer(profile(item.task), row["errors"]) if row["valid"] else None
+        )
+        out.append(base)
+    return out
+
+
+def _key(row: dict[str, Any]) -> str:
+    return json.dumps([row.get("id"), row.get("idx")])
+
+
+def scored(rows: list[dict], matcher: Any, workers: int) -> dict[str, Any]:
+    """The authors' scoring of rows: summary, the paper's table, per-item results by key."""
+    from .score import score_rows
+
+    result = score_rows(rows, matcher, workers=workers)
+    return {
+        "summary": result["summary"],
+        "table": result["table"],
+        "failed": len(result["failed_items"]),
+        "by_item": {_key(r): r for r in result["per_item_results"]},
+    }
+
+
+def compare(ref: dict[str, Any], cand: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Candidate minus reference on the items both have scored, with paired bootstrap
+    intervals (`score.paired_difference`)."""
+    from .score import paired_difference
+
+    keys = [k for k in ref["by_item"] if k in cand["by_item"]]
+    return paired_difference(
+        [ref["by_item"][k] for k in keys], [cand["by_item"][k] for k in keys], seed=seed
+    )
+
+
+def _overall(s: dict[str, Any]) -> dict[str, Any]:
+    """The paper's overall figures of a scoring (x100), items and failed."""
+    row = next(r for r in s["table"] if r["group"] == "overall")
+    return {
+        k: metrics.finite(row[k]) for k in ("f1_hard", "f1_soft", "severity_r", "items", "failed")
+    }
+
+
 def judgement_agreement(
-    cand: list[dict], ref: list[dict], items: list[Item], scorer: metrics.Scorer
+    cand: list[dict], ref: list[dict], items: list[Item], matcher: Any, workers: int
 ) -> dict[str, Any]:
-    s_c = [metrics.severity_sum(c["errors"]) for c in cand]
-    s_r = [metrics.severity_sum(r["errors"]) for r in ref]
+    """A candidate against the reference's answers as labels: the authors' figures (the
+    same matcher and formulas as against the human labels), reward differences, count
+    agreement, JSON validity."""
+    labels = [[_label(e) for e in r["errors"]] if r["valid"] else None for r in ref]
+    vs_ref = scored(predicted_rows(items, cand, labels), matcher, workers)
     rewards = [
         (c["score"], r["score"])
         for c, r in zip(cand, ref)
@@ -284,47 +358,11 @@ def judgement_agreement(
                 [cand[i]["errors"] for i in idx], [ref[i]["errors"] for i in idx], CATEGORIES[task]
             )
     return {
-        **metrics.set_f1([(c["errors"], r["errors"]) for c, r in zip(cand, ref)], scorer),
-        "severity_pearson": metrics.finite(metrics.pearson(s_c, s_r)),
-        "severity_spearman": metrics.finite(metrics.spearman(s_c, s_r)),
+        **_overall(vs_ref),
         "reward_mae": float(np.mean([abs(a - b) for a, b in rewards])) if rewards else None,
         "count_agreement": counts,
         "json_valid_rate": float(np.mean([c["valid"] for c in cand])),
     }
-
-
-def human_agreement(rows: list[dict], items: list[Item], scorer: metrics.Scorer) -> dict[str, Any]:
-    """Per task (category of the benchmark) and overall: F1 against the human labels and
-    the Pearson correlation of severity sums."""
-    out = {}
-    groups = {t: [i for i, it in enumerate(items) if it.task == t] for t in TASKS}
-    groups["overall"] = list(range(len(items)))
-    for name, idx in groups.items():
-        if not idx:
-            continue
-        pairs = [(rows[i]["errors"], items[i].human_errors) for i in idx]
-        out[name] = {
-            "f1": metrics.set_f1(pairs, scorer)["f1"],
-            "severity_pearson": metrics.finite(
-                metrics.pearson(
-                    [metrics.severity_sum(p) for p, _ in pairs],
-                    [metrics.severity_sum(g) for _, g in pairs],
-                )
-            ),
-            "items": len(idx),
-        }
-    return out
-
-
-def _loss(ref: dict, cand: dict) -> dict[str, Any]:
-    out = {}
-    for group, r in ref.items():
-        c = cand.get(group, {})
-        out[group] = {
-            k: (None if r.get(k) is None or c.get(k) is None else r[k] - c[k])
-            for k in ("f1", "severity_pearson")
-        }
-    return out
 
 
 def run_agreement(
@@ -335,8 +373,8 @@ def run_agreement(
     limit: int | None = None,
     out: str | Path = "bench-agreement",
     free: bool = False,
-    matcher_url: str | None = None,
-    matcher_model: str = "default",
+    matcher: Any = None,
+    workers: int = 8,
     top_k: int = 32,
     seed: int = 0,
     image_tokens: int | None = None,
@@ -344,15 +382,20 @@ def run_agreement(
     threads: int | None = None,
     max_errors: int | None = None,
 ) -> dict[str, Any]:
+    from .matcher import LexicalMatcher
+
     out = Path(out)
     items = load_items(data, limit)
     if not items:
         raise InputError(f"{data}: no items")
-    scorer = metrics.credit_matrix
-    if matcher_url:
-        from .matcher import EndpointMatcher
-
-        scorer = EndpointMatcher(matcher_url, matcher_model)
+    matcher = matcher or LexicalMatcher()
+    if not matcher.comparable:
+        log.warning(
+            "matching with the %s: the figures against the human labels are not comparable "
+            "with the paper's (--matcher-url URL --matcher-model NAME for the authors' LLM "
+            "matching)",
+            "lexical matcher" if matcher.kind == "lexical" else "built-in matcher prompt",
+        )
     ref_path = model_path(reference)
     ref = reference_pass(
         ref_path,
@@ -367,7 +410,9 @@ def run_agreement(
         max_errors=max_errors,
     )
     has_labels = any(it.human_errors for it in items)
-    ref_human = human_agreement(ref["items"], items, scorer) if has_labels else None
+    ref_human = (
+        scored(predicted_rows(items, ref["items"]), matcher, workers) if has_labels else None
+    )
     report: dict[str, Any] = {
         "data": {"source": str(data), "items": len(items), "sha256": ref["key"]["data_sha256"]},
         "settings": {
@@ -377,13 +422,14 @@ def run_agreement(
             "image_tokens": image_tokens,
             "max_tokens": max_tokens,
             "max_errors": max_errors,
-            "matcher": matcher_url or "lexical",
+            "matcher": matcher.describe(),
+            "comparable": bool(matcher.comparable),
         },
         "reference": {
             "name": reference,
             "model": ref["model"],
             "size_bytes": ref["size_bytes"],
-            "human": ref_human,
+            "human": _human(ref_human),
             "json_valid_rate": float(np.mean([r["valid"] for r in ref["items"]])),
         },
         "candidates": {},
@@ -407,11 +453,12 @@ def run_agreement(
             "model": c["model"],
             "size_bytes": c["size_bytes"],
             "token": c["token"],
-            "judgement": judgement_agreement(c["items"], ref["items"], items, scorer),
+            "judgement": judgement_agreement(c["items"], ref["items"], items, matcher, workers),
         }
-        if has_labels:
-            entry["human"] = human_agreement(c["items"], items, scorer)
-            entry["human_loss"] = _loss(ref_human, entry["human"])
+        if ref_human is not None:
+            human = scored(predicted_rows(items, c["items"]), matcher, workers)
+            entry["human"] = _human(human)
+            entry["human_loss"] = compare(ref_human, human, seed)
         report["candidates"][name] = entry
         _write_results(out, name, items, c["items"])
         report.setdefault("items", {})[name] = [
@@ -426,10 +473,20 @@ def run_agreement(
             for r, rr in zip(c["items"], ref["items"])
         ]
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "agreement.json", report)
+    from .score import json_safe
+
+    write_json_atomic(out / "agreement.json", json_safe(report))
     (out / "agreement.md").write_text(markdown(report), encoding="utf-8")
     plot(report, out / "agreement.png")
     return report
+
+
+def _human(s: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A model against the human labels: the paper's table (per task and overall, x100)
+    and the authors' summary."""
+    if s is None:
+        return None
+    return {"table": s["table"], "summary": s["summary"], "failed": s["failed"]}
 
 
 def _safe(name: str) -> str:
@@ -437,21 +494,10 @@ def _safe(name: str) -> str:
 
 
 def _write_results(out: Path, name: str, items: list[Item], rows: list[dict]) -> None:
-    """VC-RewardBench-style predictions: one row per item with the judge's JSON answer."""
+    """A model's predictions as the authors' evaluation reads them (`bench score` takes
+    the file too): a JSON list of the rows with `pred_json`."""
     (out / "results").mkdir(parents=True, exist_ok=True)
-    with open(out / "results" / f"{_safe(name)}.jsonl", "w", encoding="utf-8") as f:
-        for item, row in zip(items, rows):
-            f.write(
-                json.dumps(
-                    {
-                        "id": item.id,
-                        "category": item.task,
-                        "pred_json": row.get("answer") or {"errors": row["errors"]},
-                        "valid": row["valid"],
-                    }
-                )
-                + "\n"
-            )
+    write_json_atomic(out / "results" / f"{_safe(name)}.json", predicted_rows(items, rows))
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
@@ -459,16 +505,24 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    from .score import difference_line, markdown_table
+
     ref = report["reference"]
+    settings = report["settings"]
+    matcher = settings["matcher"]
     lines = [
         f"# Agreement with the reference `{ref['name']}` ({ref['model']['quant']})",
         "",
         f"{report['data']['items']} items from `{report['data']['source']}`; matcher: "
-        f"{report['settings']['matcher']}; KL on the reference's top-"
-        f"{report['settings']['top_k'] or 'all'} + tail (mass covered: "
-        f"{next(iter(report['candidates'].values()))['token']['ref_topk_mass']:.3f})."
-        if report["candidates"]
-        else "",
+        f"{matcher.get('model') or matcher['kind']} ("
+        + ("comparable with the paper" if settings["comparable"] else "comparable: false")
+        + f"); KL on the reference's top-{settings['top_k'] or 'all'} + tail"
+        + (
+            f" (mass covered: "
+            f"{next(iter(report['candidates'].values()))['token']['ref_topk_mass']:.3f})."
+            if report["candidates"]
+            else "."
+        ),
         "",
         *table_head(
             "model (quant, vision)",
@@ -476,38 +530,45 @@ def markdown(report: dict[str, Any]) -> str:
             "mean KL/token",
             "p95 KL",
             "top-1",
-            "F1 vs ref",
-            "severity r",
+            "F1-hard vs ref",
+            "F1-soft vs ref",
+            "severity r vs ref",
             "reward MAE",
             "JSON valid",
-            "F1 loss vs human",
         ),
     ]
     for name, c in report["candidates"].items():
         t, j = c["token"], c["judgement"]
-        loss = (c.get("human_loss") or {}).get("overall", {}).get("f1")
         vision = c["model"].get("vision", "mmproj")
         lines.append(
             f"| {name} ({c['model']['quant']}, {vision}) | {c['size_bytes'] / 1e6:.1f} | "
             f"{t['mean']:.3g} ± {t['stderr']:.1g} | {t['p95']:.3g} | "
-            f"{t['top1_agreement']:.3f} | {j['f1']:.3f} | "
-            f"{_fmt(j['severity_pearson'])} | {_fmt(j['reward_mae'])} | "
-            f"{j['json_valid_rate']:.2f} | {_fmt(loss)} |"
+            f"{t['top1_agreement']:.3f} | {_fmt(j['f1_hard'], '.1f')} | "
+            f"{_fmt(j['f1_soft'], '.1f')} | {_fmt(j['severity_r'], '.1f')} | "
+            f"{_fmt(j['reward_mae'])} | {j['json_valid_rate']:.2f} |"
         )
     if ref.get("human"):
         lines += [
             "",
-            "Reference against the human labels:",
-            "",
-            *table_head("group", "items", "F1", "severity r"),
+            markdown_table(
+                ref["human"]["table"], "## The reference against the human labels (x100)"
+            ),
         ]
-        for g, h in ref["human"].items():
-            lines.append(f"| {g} | {h['items']} | {h['f1']:.3f} | {_fmt(h['severity_pearson'])} |")
+        for name, c in report["candidates"].items():
+            lines += [
+                markdown_table(c["human"]["table"], f"## {name} against the human labels (x100)")
+            ]
+        lines += [
+            "## What each candidate loses against the reference (points; 95% paired bootstrap)",
+            "",
+            *(f"- {difference_line(n, c['human_loss'])}" for n, c in report["candidates"].items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Model size vs agreement loss: mean KL per token and 1 - F1 against the reference."""
+    """Model size vs agreement loss: mean KL per token and 100 - F1-hard against the
+    reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -516,11 +577,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     names = list(report["candidates"])
     sizes = [report["candidates"][n]["size_bytes"] / 1e6 for n in names]
     kl = [max(report["candidates"][n]["token"]["mean"], 1e-12) for n in names]
-    f1_loss = [1 - report["candidates"][n]["judgement"]["f1"] for n in names]
+    f1_loss = [100 - (report["candidates"][n]["judgement"]["f1_hard"] or 0) for n in names]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, ys, label in (
         (axes[0], kl, "mean KL per token (nats, log)"),
-        (axes[1], f1_loss, "1 - error-set F1 vs reference"),
+        (axes[1], f1_loss, "100 - F1-hard vs reference"),
     ):
         ax.scatter(sizes, ys)
         for x, y, n in zip(sizes, ys, names):

@@ -1,11 +1,13 @@
-"""Benchmark data in VC-RewardBench's layout: synthetic labelled pairs made offline, and a
-loader for any directory (or hub dataset) in that layout.
+"""Benchmark data in VC-RewardBench's layout: synthetic labelled pairs made offline (the
+one generator of image pairs with known errors: the benchmarks, `bench serve`'s load and
+the GPTQ calibration sets draw from it), and the items of any directory, file or hub
+dataset in that layout (read by `rows.read_rows`).
 
-Layout: `<dir>/data.jsonl`, one row per pair:
+Layout: `<dir>/VC-RewardBench.jsonl`, one row per pair:
     {"id", "category": "chart"|"table"|"svg", "gt_img_path", "pred_img_path",
-     "human_errors": [{"category", "severity", "location", "description"}]}
+     "human_errors": [{"type", "severity", "location", "description"}]}
 with image paths relative to the directory. Synthetic pairs draw one spec twice: the
-prediction is the spec with known errors injected (category and severity recorded as they
+prediction is the spec with known errors injected (type and severity recorded as they
 are injected), several per pair, some pairs with none. Deterministic for a seed."""
 
 from __future__ import annotations
@@ -14,29 +16,20 @@ import copy
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from verm_local.constants import TASKS
 from verm_local.errors import InputError
+from verm_local.rows import ROWS_FILE
 
 log = logging.getLogger(__name__)
 
-DATA_FILE = "data.jsonl"
 SIZE_PX = (384, 288)  # multiples of 32: 12 x 9 visual tokens
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#17becf"]
 WORDS = ["Revenue", "Costs", "Users", "Orders", "Growth", "Margin", "Visits", "Returns"]
 NAMES = ["Alpha", "Beta", "Gamma", "Delta", "Omega", "Sigma", "Kappa", "Theta"]
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str
-    task: str
-    gt: Path
-    pred: Path
-    human_errors: list[dict[str, Any]]
 
 
 def _typo(word: str, rng: random.Random) -> str:
@@ -50,9 +43,10 @@ def _typo(word: str, rng: random.Random) -> str:
     )
 
 
-def _err(category: str, severity: int, location: str, description: str) -> dict[str, Any]:
+def _err(error_type: str, severity: int, location: str, description: str) -> dict[str, Any]:
+    """A label as VC-RewardBench writes one (keyed `type`)."""
     return {
-        "category": category,
+        "type": error_type,
         "severity": severity,
         "location": location,
         "description": description,
@@ -116,13 +110,28 @@ def _chart_errors(spec: dict, rng: random.Random) -> dict[str, Callable[[], dict
     return {"value": value, "colour": colour, "title": title, "legend": legend, "series": series}
 
 
-def render_chart(spec: dict, path: Path) -> None:
+def _figure(size: tuple[int, int]) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(SIZE_PX[0] / 64, SIZE_PX[1] / 64), dpi=64)
+    return plt.subplots(figsize=(size[0] / 64, size[1] / 64), dpi=64)
+
+
+def _png(fig: Any) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=64, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_chart(spec: dict, size: tuple[int, int] = SIZE_PX) -> bytes:
+    fig, ax = _figure(size)
     x = list(range(len(spec["labels"])))
     width = 0.8 / max(1, len(spec["series"]))
     for k, s in enumerate(spec["series"]):
@@ -137,8 +146,7 @@ def render_chart(spec: dict, path: Path) -> None:
     if spec["legend"]:
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=64)
-    plt.close(fig)
+    return _png(fig)
 
 
 # ---------------------------------------------------------------- tables (matplotlib)
@@ -188,20 +196,14 @@ def _table_errors(spec: dict, rng: random.Random) -> dict[str, Callable[[], dict
     return {"number": number, "typo": typo, "swap": swap, "column": column}
 
 
-def render_table(spec: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(SIZE_PX[0] / 64, SIZE_PX[1] / 64), dpi=64)
+def render_table(spec: dict, size: tuple[int, int] = SIZE_PX) -> bytes:
+    fig, ax = _figure(size)
     ax.axis("off")
     table = ax.table(
         cellText=spec["rows"], colLabels=spec["header"], loc="center", cellLoc="center"
     )
     table.scale(1, 1.6)
-    fig.savefig(path, dpi=64)
-    plt.close(fig)
+    return _png(fig)
 
 
 # ---------------------------------------------------------------- SVG (cairosvg)
@@ -260,10 +262,11 @@ def _svg_errors(spec: dict, rng: random.Random) -> dict[str, Callable[[], dict]]
     return {"missing": missing, "distort": distort, "fill": fill, "text": text, "move": move}
 
 
-def svg_text(spec: dict) -> str:
+def svg_text(spec: dict, size: tuple[int, int] = SIZE_PX) -> str:
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{SIZE_PX[0]}" '
-        f'height="{SIZE_PX[1]}"><rect width="100%" height="100%" fill="white"/>',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{size[0]}" height="{size[1]}" '
+        f'viewBox="0 0 {SIZE_PX[0]} {SIZE_PX[1]}"><rect width="100%" height="100%" '
+        'fill="white"/>',
         f'<text x="150" y="36" font-size="24" font-family="sans-serif">{spec["label"]}</text>',
     ]
     for s in spec["shapes"]:
@@ -287,10 +290,10 @@ def svg_text(spec: dict) -> str:
     return "".join(parts)
 
 
-def render_svg(spec: dict, path: Path) -> None:
+def render_svg(spec: dict, size: tuple[int, int] = SIZE_PX) -> bytes:
     import cairosvg
 
-    cairosvg.svg2png(bytestring=svg_text(spec).encode(), write_to=str(path))
+    return cairosvg.svg2png(bytestring=svg_text(spec, size).encode())
 
 
 GENERATORS = {
@@ -305,11 +308,40 @@ def make_pair(task: str, rng: random.Random, n_errors: int) -> tuple[dict, dict,
     make_spec, errors_for, _ = GENERATORS[task]
     gt = make_spec(rng)
     pred = copy.deepcopy(gt)
-    injectors = errors_for(pred, rng)
+    return gt, pred, inject(task, pred, rng, n_errors)
+
+
+def inject(task: str, spec: dict, rng: random.Random, n_errors: int) -> list[dict]:
+    """Inject up to `n_errors` distinct known errors into `spec`; their labels."""
+    injectors = GENERATORS[task][1](spec, rng)
     kinds = rng.sample(sorted(injectors), min(n_errors, len(injectors)))
     # A structural removal last, so earlier edits never target what is gone.
     kinds.sort(key=lambda k: k in ("series", "column", "missing"))
-    return gt, pred, [injectors[k]() for k in kinds]
+    return [injectors[k]() for k in kinds]
+
+
+def pair_images(
+    task: str, rng: random.Random, n_errors: int, size: tuple[int, int] = SIZE_PX
+) -> tuple[bytes, bytes, list[dict]]:
+    """One labelled pair: the ground truth and the prediction as PNG bytes, the labels."""
+    gt, pred, errors = make_pair(task, rng, n_errors)
+    render = GENERATORS[task][2]
+    return render(gt, size), render(pred, size), errors
+
+
+def prediction_group(
+    task: str, rng: random.Random, n: int, size: tuple[int, int] = SIZE_PX
+) -> tuple[bytes, list[bytes]]:
+    """One ground truth and `n` predictions of it, each with its own injected error (an
+    RL step's rollouts against one reference), as PNG bytes."""
+    make_spec, _, render = GENERATORS[task]
+    gt = make_spec(rng)
+    preds = []
+    for _ in range(n):
+        pred = copy.deepcopy(gt)
+        inject(task, pred, rng, 1 + rng.randrange(2))
+        preds.append(render(pred, size))
+    return render(gt, size), preds
 
 
 def synthetic(
@@ -319,7 +351,8 @@ def synthetic(
     tasks: tuple[str, ...] = TASKS,
     quiet: bool = False,
 ) -> Path:
-    """Write `n` labelled pairs (round-robin over tasks) and data.jsonl; return the jsonl."""
+    """Write `n` labelled pairs (round-robin over tasks) and VC-RewardBench.jsonl; return
+    the rows file."""
     for t in tasks:
         if t not in TASKS:
             raise InputError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
@@ -330,14 +363,14 @@ def synthetic(
     for i in range(n):
         task = tasks[i % len(tasks)]
         n_errors = 0 if i % 4 == 3 else rng.randint(1, 3)
-        gt, pred, errors = make_pair(task, rng, n_errors)
+        gt, pred, errors = pair_images(task, rng, n_errors)
         item_id = f"{task}_{i:04d}"
-        render = GENERATORS[task][2]
-        for spec, side in ((gt, "gt"), (pred, "pred")):
-            render(spec, out / "images" / f"{item_id}_{side}.png")
+        for data, side in ((gt, "gt"), (pred, "pred")):
+            (out / "images" / f"{item_id}_{side}.png").write_bytes(data)
         rows.append(
             {
                 "id": item_id,
+                "idx": i,
                 "category": task,
                 "gt_img_path": f"images/{item_id}_gt.png",
                 "pred_img_path": f"images/{item_id}_pred.png",
@@ -348,7 +381,7 @@ def synthetic(
         )
         if not quiet:
             log.info("[%d/%d] %s: %d injected errors", i + 1, n, item_id, len(errors))
-    path = out / DATA_FILE
+    path = out / ROWS_FILE
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -358,69 +391,28 @@ def synthetic(
 # ---------------------------------------------------------------- loading
 
 
-def _task_of(row: dict) -> str:
-    raw = str(row.get("category") or row.get("task") or "").lower()
-    for task in TASKS:
-        if task in raw:
-            return task
-    raise InputError(f"row {row.get('id')}: category {raw!r} is not one of {', '.join(TASKS)}")
+@dataclass(frozen=True)
+class Item:
+    """A labelled pair: `human_errors` as the row gives them (the authors' scoring reads
+    them as they are), `row` the whole row."""
 
-
-def _normal_error(e: dict) -> dict:
-    return {
-        "category": str(e.get("category") or e.get("type") or ""),
-        "severity": int(e.get("severity", 1) or 1),
-        "location": str(e.get("location", "") or ""),
-        "description": str(e.get("description", "") or ""),
-    }
+    id: str
+    task: str
+    gt: Path
+    pred: Path
+    human_errors: list[dict[str, Any]]
+    row: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 def load_items(source: str | Path, limit: int | None = None) -> list[Item]:
-    """Rows of a VC-RewardBench-layout directory or .jsonl file, or of a hub dataset id
-    (downloaded with huggingface_hub when online)."""
-    path = Path(source)
-    if not path.exists():
-        if "/" in str(source) and not str(source).startswith((".", "/")):
-            from huggingface_hub import snapshot_download
+    """Items of a VC-RewardBench-layout directory or rows file, or of a hub dataset id
+    (`rows.read_rows`)."""
+    from verm_local.rows import read_rows
 
-            try:
-                path = Path(snapshot_download(str(source), repo_type="dataset"))
-            except Exception as exc:  # noqa: BLE001 - one line for any hub failure
-                raise InputError(
-                    f"{source}: not a local directory, and the hub dataset could "
-                    f"not be fetched ({exc.__class__.__name__})"
-                ) from None
-        else:
-            raise InputError(f"{source}: no such data directory")
-    if path.is_dir():
-        files = [path / DATA_FILE] if (path / DATA_FILE).is_file() else sorted(path.glob("*.jsonl"))
-        if not files:
-            raise InputError(f"{path}: no {DATA_FILE} (VC-RewardBench layout) in it")
-        jsonl = files[0]
-    else:
-        jsonl = path
-    base = jsonl.parent
-    items = []
-    with open(jsonl, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                items.append(
-                    Item(
-                        str(row["id"]),
-                        _task_of(row),
-                        base / row["gt_img_path"],
-                        base / row["pred_img_path"],
-                        [_normal_error(e) for e in row.get("human_errors") or []],
-                    )
-                )
-            except (KeyError, ValueError, TypeError) as exc:
-                raise InputError(f"{jsonl}:{n}: not a VC-RewardBench row ({exc})") from None
-            if limit and len(items) >= limit:
-                break
-    return items
+    return [
+        Item(str(r.id), r.task.name, r.gt, r.pred, r.human_errors, r.data)
+        for r in read_rows(source, limit=limit)
+    ]
 
 
 def data_digest(items: list[Item]) -> str:

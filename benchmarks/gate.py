@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 from .markdown import table_head
@@ -32,37 +32,42 @@ CONFIDENCE = 0.95
 PASS, REGRESSION, INCONCLUSIVE = "pass", "regression", "inconclusive"
 
 
-def _t_quantile(p: float, df: int) -> float:
-    """Student's t quantile: exact for df 1 and 2, else the Cornish-Fisher series from the
-    normal quantile (within 0.2% of the tables at the 95% level for df >= 3; 0.8% short
-    of them at 99% for df 3)."""
-    if df <= 0:
-        return math.inf
-    if df == 1:
-        return math.tan(math.pi * (p - 0.5))
-    if df == 2:
-        a = 2 * p - 1
-        return a * math.sqrt(2 / (1 - a * a))
-    z = NormalDist().inv_cdf(p)
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (scipy)."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, df)) if df > 0 else math.inf
 
 
 @dataclass(frozen=True)
 class Interval:
-    """A ratio's estimate (geometric mean of the pair ratios) and its confidence bounds."""
+    """A ratio's estimate (geometric mean of the pair ratios) and its confidence bounds;
+    `logs` the pairs' log-ratios (a later run compares itself with them); a sequential
+    run's `rounds`, `seconds`, the number of `looks` it made and the per-look `level`."""
 
     value: float
     low: float
     high: float
     n: int
     confidence: float = CONFIDENCE
+    logs: tuple[float, ...] = ()
+    rounds: int | None = None
+    seconds: float | None = None
+    looks: int | None = None
+    level: float | None = None
+    detectable: float | None = None  # smallest slowdown this run would have flagged
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["logs"] = list(self.logs)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Interval:
+        known = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
+        known["high"] = math.inf if known.get("high") is None else known["high"]
+        known["logs"] = tuple(known.get("logs") or ())
+        return cls(**known)
 
 
 def ratio_interval(
@@ -70,16 +75,66 @@ def ratio_interval(
 ) -> Interval:
     """The interval of candidate/reference over pairs (same index = one interleaved
     round). One pair has no interval: its bounds are 0 and infinity."""
+    return interval_of(pair_logs(candidate, reference), confidence)
+
+
+def pair_logs(candidate: list[float], reference: list[float]) -> list[float]:
     logs = [math.log(a / b) for a, b in zip(candidate, reference) if a > 0 and b > 0]
     if not logs:
         raise ValueError("no positive pairs to take a ratio of")
+    return logs
+
+
+def interval_of(
+    logs: list[float], confidence: float = CONFIDENCE, level: float | None = None
+) -> Interval:
+    """Student's t interval of the pairs' log-ratios at `level` (default `confidence`)."""
+    level = level or confidence
     mean = statistics.fmean(logs)
     if len(logs) < 2:
-        return Interval(math.exp(mean), 0.0, math.inf, len(logs), confidence)
-    half = _t_quantile(0.5 + confidence / 2, len(logs) - 1) * statistics.stdev(logs)
+        return Interval(math.exp(mean), 0.0, math.inf, len(logs), confidence, tuple(logs))
+    half = t_quantile(0.5 + level / 2, len(logs) - 1) * statistics.stdev(logs)
     half /= math.sqrt(len(logs))
     return Interval(
-        math.exp(mean), math.exp(mean - half), math.exp(mean + half), len(logs), confidence
+        math.exp(mean),
+        math.exp(mean - half),
+        math.exp(mean + half),
+        len(logs),
+        confidence,
+        tuple(logs),
+        level=level,
+    )
+
+
+def against_baseline(
+    logs: list[float], base: Interval, confidence: float = CONFIDENCE, level: float | None = None
+) -> Interval:
+    """The current ratio's interval as a comparison with a stored run's pairs (Welch's two
+    samples: the baseline's own noise counts), on the current ratio's scale: baseline x
+    exp(d ± half), d the difference of the mean log-ratios. With no pairs stored for the
+    baseline it is taken as exact (a one-sample interval)."""
+    level = level or confidence
+    if len(base.logs) < 2 or len(logs) < 2:
+        return interval_of(logs, confidence, level)
+    # The baseline's value is its pairs' geometric mean; the value stands where a file
+    # says otherwise (an edited baseline), its pairs give the noise.
+    ma, mb = statistics.fmean(logs), math.log(base.value)
+    va, vb = statistics.variance(logs) / len(logs), statistics.variance(base.logs) / len(base.logs)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        half = 0.0
+    else:
+        df = (va + vb) ** 2 / (va**2 / (len(logs) - 1) + vb**2 / (len(base.logs) - 1))
+        half = t_quantile(0.5 + level / 2, max(1, int(df))) * se
+    center = base.value * math.exp(ma - mb)
+    return Interval(
+        center,
+        center * math.exp(-half),
+        center * math.exp(half),
+        len(logs),
+        confidence,
+        tuple(logs),
+        level=level,
     )
 
 
@@ -107,8 +162,16 @@ class Check:
         )
         return (
             f"{self.name} {c.value:.3f} ({c.confidence:.0%} interval {span}) vs baseline "
-            f"{self.baseline:.3f}, limit {self.limit:.3f}: {self.verdict}"
+            f"{self.baseline:.3f}, limit {self.limit:.3f}: {self.verdict}{self.effort()}"
         )
+
+    def effort(self) -> str:
+        """`; 12 rounds, 31 s, detects slowdowns over 14%` for a sequential run."""
+        c = self.current
+        if c.rounds is None:
+            return ""
+        found = f", detects slowdowns over {c.detectable:.0%}" if c.detectable is not None else ""
+        return f" ({c.rounds} rounds, {c.seconds:.0f} s{found})"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -165,7 +228,7 @@ def evaluate(report: dict[str, Any], baseline: dict[str, Any], tolerance: float)
             if interval is None:
                 missing.append(f"{name}: {ratio}")
                 continue
-            iv = Interval(**{**interval, "high": interval["high"] or math.inf})
+            iv = Interval.from_dict(interval)
             limit, verdict = decide(iv, float(old[ratio]), tolerance)
             checks.append(Check(name, ratio, iv, float(old[ratio]), limit, verdict))
     return GateResult(tolerance, checks, missing)
@@ -187,7 +250,13 @@ def junit_xml(result: GateResult, *, suite: str = "verm-local bench latency") ->
         skipped=str(skipped),
     )
     for c in result.checks:
-        case = ET.SubElement(ts, "testcase", classname=f"latency.{c.model}", name=c.ratio)
+        case = ET.SubElement(
+            ts,
+            "testcase",
+            classname=f"latency.{c.model}",
+            name=c.ratio,
+            time=f"{c.current.seconds or 0:.1f}",
+        )
         if c.verdict == REGRESSION:
             ET.SubElement(case, "failure", message=c.line(), type="regression").text = c.line()
         elif c.verdict == INCONCLUSIVE:
@@ -210,15 +279,173 @@ def summary_markdown(result: GateResult, baseline_path: str | Path) -> str:
         f"Against `{baseline_path}`, tolerance {result.tolerance:.0%}: a ratio fails when "
         "its whole confidence interval lies above baseline x (1 + tolerance).",
         "",
-        *table_head("model", "ratio", "current", "interval", "baseline", "limit", "verdict"),
+        *table_head(
+            "model",
+            "ratio",
+            "current",
+            "interval",
+            "baseline",
+            "limit",
+            "verdict",
+            "rounds",
+            "seconds",
+            "detects over",
+        ),
     ]
     for c in result.checks:
         iv = c.current
         span = f"{iv.low:.3f} – {iv.high:.3f}" if math.isfinite(iv.high) else f"n={iv.n}"
+        detect = f"{iv.detectable:.0%}" if iv.detectable is not None else ""
         lines.append(
             f"| {c.model} | {c.ratio} | {iv.value:.3f} | {span} | {c.baseline:.3f} | "
-            f"{c.limit:.3f} | {icon[c.verdict]} {c.verdict} |"
+            f"{c.limit:.3f} | {icon[c.verdict]} {c.verdict} | {iv.rounds or iv.n} | "
+            f"{'' if iv.seconds is None else f'{iv.seconds:.0f}'} | {detect} |"
         )
     for m in result.missing:
-        lines.append(f"| {m} | | not measured | | | | ⚠️ missing |")
+        lines.append(f"| {m} | | not measured | | | | ⚠️ missing | | | |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- sequential rounds
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a gated run measures: interleaved rounds until every gated ratio is decided
+    (its interval wholly under the limit, or wholly above it), looking at the data after
+    `first` rounds and then whenever the rounds have grown by half, until `max_repeat`
+    rounds or `budget_s` seconds; the last round made is a look too. Each look's interval
+    is at level 1 - alpha/K, K the looks the schedule allows (Bonferroni over the looks):
+    all of them hold together with probability at least `confidence`, so stopping at the
+    first that clears inflates no false alarm. `targets`: for each gated ratio
+    ("MODEL|ratio"), the baseline's interval (its value and pairs) and the tolerance; with
+    `precision` instead, a run stops when every interval's half-width is under it (a
+    baseline on purpose)."""
+
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tolerance: float = 0.10
+    budget_s: float = 300.0
+    max_repeat: int = 64
+    first: int = 4
+    confidence: float = CONFIDENCE
+    precision: float | None = None
+
+    def schedule(self) -> list[int]:
+        looks, n = [], max(2, self.first)
+        while n < self.max_repeat:
+            looks.append(n)
+            n = max(n + 1, math.ceil(n * 1.5))
+        return looks + [self.max_repeat]
+
+    @property
+    def level(self) -> float:
+        return 1 - (1 - self.confidence) / len(self.schedule())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gate_plan(
+    baseline: dict[str, Any] | None,
+    tolerance: float,
+    *,
+    budget_s: float = 300.0,
+    max_repeat: int = 64,
+    first: int = 4,
+) -> Plan:
+    """The plan of a gated run against a stored report (each gated ratio it has, by
+    model name: its interval, with its pairs where stored), or with no baseline the plan
+    of a baseline made on purpose: rounds until every ratio is known to within a third of
+    the tolerance (on the log scale), so the gate later compares with a precise value."""
+    if baseline is None:
+        return Plan(
+            tolerance=tolerance,
+            budget_s=budget_s,
+            max_repeat=max_repeat,
+            first=first,
+            precision=math.log1p(tolerance) / 3,
+        )
+    targets = {}
+    for name, old in baseline.get("models", {}).items():
+        for ratio in GATED:
+            if ratio not in old:
+                continue
+            stored = (old.get("intervals") or {}).get(ratio) or {}
+            value = float(old[ratio])
+            targets[f"{name}|{ratio}"] = {
+                "baseline": {
+                    "value": value,
+                    "low": stored.get("low", value),
+                    "high": stored.get("high", value),
+                    "n": stored.get("n", 0),
+                    "logs": stored.get("logs", []),
+                }
+            }
+    return Plan(targets, tolerance, budget_s, max_repeat, first)
+
+
+class Sequential:
+    """Follows a run's rounds for a Plan: `after_round(n, pairs)` looks when the schedule
+    (or the end) says so, and says whether to stop; `decided` keeps each ratio's first
+    decisive look (or its last look)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.t0 = time.perf_counter()
+        self.looks = 0
+        self.decided: dict[str, dict[str, Any]] = {}
+        self.last: dict[str, dict[str, Any]] = {}
+
+    def interval(self, key: str, logs: list[float]) -> Interval:
+        target = self.plan.targets.get(key)
+        base = Interval.from_dict(target["baseline"]) if target else None
+        if base is None:
+            return interval_of(logs, self.plan.confidence, self.plan.level)
+        return against_baseline(logs, base, self.plan.confidence, self.plan.level)
+
+    def verdict(self, key: str, iv: Interval) -> str:
+        if self.plan.precision is not None:
+            wide = (
+                not math.isfinite(iv.high) or math.log(iv.high / iv.low) / 2 > self.plan.precision
+            )
+            return INCONCLUSIVE if wide else PASS
+        target = self.plan.targets.get(key)
+        if target is None:
+            return PASS  # not gated: it never holds the run
+        return decide(iv, float(Interval.from_dict(target["baseline"]).value), self.plan.tolerance)[
+            1
+        ]
+
+    def after_round(self, n: int, pairs: dict[str, tuple[list[float], list[float]]]) -> bool:
+        elapsed = time.perf_counter() - self.t0
+        per_round = elapsed / max(n, 1)
+        last = n >= self.plan.max_repeat or elapsed + per_round > self.plan.budget_s
+        if n not in self.plan.schedule() and not last:
+            return False
+        self.looks += 1
+        for key, (cand, ref) in pairs.items():
+            if key in self.decided:
+                continue
+            iv = self.interval(key, pair_logs(cand, ref))
+            half = (
+                math.log(iv.high / iv.low) / 2
+                if math.isfinite(iv.high) and iv.low > 0
+                else math.inf
+            )
+            info = {
+                **iv.to_dict(),
+                "rounds": n,
+                "seconds": round(elapsed, 2),
+                "looks": self.looks,
+                "detectable": (1 + self.plan.tolerance) * math.exp(half) - 1
+                if math.isfinite(half)
+                else None,
+            }
+            self.last[key] = info
+            if self.verdict(key, iv) != INCONCLUSIVE:
+                self.decided[key] = info
+        return last or all(k in self.decided for k in pairs)
+
+    def result(self, key: str) -> dict[str, Any] | None:
+        """The interval to report for `key`: its decisive look, else its last one."""
+        return self.decided.get(key) or self.last.get(key)

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .gate import ratio_interval
+from .gate import Plan, ratio_interval
 from .latency_report import write_reports
 from .latency_runs import prefill_sweep, run_worker
 from .latency_summary import repack_summary, shared_summary, summarize_model
@@ -47,10 +47,15 @@ def run_latency(
     serve_parallel: int = 0,
     sweep: bool = False,
     timed: bool = True,
+    plan: Plan | None = None,
+    slowdown: float | None = None,
 ) -> dict[str, Any]:
     """Latency per model (and llama.cpp's own path), and for GGUF models: one default
     judgement's memory (`memory`), the served worker's (`serve_parallel`), the prefill
-    settings side by side (`sweep`); `timed=False` skips the repeated timing runs."""
+    settings side by side (`sweep`); `timed=False` skips the repeated timing runs. With a
+    gate `plan` the timed and shared measurements run rounds until each gated ratio is
+    decided (its targets keyed `MODEL|ratio` by the names in `models`); `slowdown` makes
+    verm-local's side that much slower (checking the gate)."""
     from verm_local.modelref import resolve_model
 
     from .agreement import model_path
@@ -64,16 +69,29 @@ def run_latency(
         "image_tokens": image_tokens,
         "max_tokens": max_tokens,
         "repack": repack,
+        "slowdown": slowdown,
     }
     report: dict[str, Any] = {"settings": args, "machine": _machine(), "models": {}}
     paths = {name: model_path(name) for name in models}
+    if plan is not None:
+        # The workers know the models by path.
+        by_path = {
+            f"{paths[k.split('|')[0]]}|{k.split('|')[1]}": v for k, v in plan.targets.items()
+        }
+        args["gate"] = {**plan.to_dict(), "targets": by_path}
+        report["gate_plan"] = {
+            "schedule": plan.schedule(),
+            "level": plan.level,
+            "budget_s": plan.budget_s,
+            "max_repeat": plan.max_repeat,
+        }
     measured: dict[str, Any] = {}
     if timed:
         log.info(
-            "latency: %s%s, %d interleaved rounds ...",
+            "latency: %s%s, %s interleaved rounds ...",
             ", ".join(models),
             " and llama.cpp's own path" if stock else "",
-            repeat,
+            repeat if plan is None else f"up to {plan.max_repeat} (within {plan.budget_s:g} s)",
         )
         measured = run_worker(
             "timed", "", {**args, "models": [paths[n] for n in models], "stock": stock}
@@ -85,6 +103,7 @@ def run_latency(
         if timed:
             verm = measured[path]["verm"]
             entry = summarize_model(verm, measured[path]["stock"])
+            _sequential(entry, measured, path, "overhead_ratio")
         report["models"][name] = entry
         if memory and gguf:
             log.info("latency: %s: one default judgement, its memory ...", name)
@@ -117,6 +136,7 @@ def run_latency(
                 [r["s"] for r in both["batched"]["runs"]],
                 [r["s"] for r in both["independent"]["runs"]],
             ).to_dict()
+            _sequential(entry, both, path, "shared_ratio")
             report["models"][name]["shared_prefix"] = shared
             report["models"][name]["shared_ratio"] = shared["ratio"]
     timed_models = [n for n in models if "e2e_s" in report["models"][n]]
@@ -130,9 +150,20 @@ def run_latency(
             ).to_dict()
             report["models"][n]["relative_e2e"] = iv["value"]
             report["models"][n].setdefault("intervals", {})["relative_e2e"] = iv
+            _sequential(report["models"][n], measured, paths[n], "relative_e2e")
     if out:
         write_reports(report, Path(out))
     return report
+
+
+def _sequential(entry: dict[str, Any], measured: dict[str, Any], path: str, ratio: str) -> None:
+    """A sequential run's interval of `ratio` (its decisive look, at the plan's per-look
+    level, with rounds, seconds and the smallest detectable slowdown) in place of the
+    plain one."""
+    found = (measured.get("_sequential") or {}).get(f"{path}|{ratio}")
+    if found:
+        entry.setdefault("intervals", {})[ratio] = found
+        entry[ratio] = found["value"]
 
 
 def _machine() -> dict[str, Any]:

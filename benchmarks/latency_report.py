@@ -14,9 +14,13 @@ log = logging.getLogger(__name__)
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
+    rounds = next(
+        (r["rounds"] for r in report["models"].values() if "rounds" in r),
+        report["settings"]["repeat"],
+    )
     lines = [
-        f"# Latency ({m['cpu']}, {m['threads']} threads; median of "
-        f"{report['settings']['repeat']} after a warm-up)",
+        f"# Latency ({m['cpu']}, {m['threads']} threads; median of {rounds} rounds after a "
+        "warm-up)",
     ]
     if any("e2e_s" in r for r in report["models"].values()):
         lines += [
@@ -56,7 +60,7 @@ def markdown(report: dict[str, Any]) -> str:
         row += f"{rel} |"
         lines.append(row)
     cut = [
-        f"{n} ({r['cut_runs']} of {report['settings']['repeat']})"
+        f"{n} ({r['cut_runs']} of {r.get('rounds', rounds)})"
         for n, r in report["models"].items()
         if r.get("cut_runs")
     ]
@@ -72,7 +76,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             "N predictions against one ground truth (best of "
-            f"{report['settings']['repeat']}, {how} decoding): independent judge calls "
+            f"{next(iter(shared.values())).get('rounds', rounds)}, {how} decoding): "
+            "independent judge calls "
             "vs one batch (ground truth encoded once, answers decoded together):",
             "",
             *table_head(

@@ -5,10 +5,8 @@ against one ground truth, and the worker process each measurement runs in
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import resource
@@ -19,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from verm_local import net
 from verm_local.errors import VermError
 from verm_local.tasks import TaskProfile, decoding, profile
 
@@ -40,6 +39,10 @@ class Workload:
     image_tokens: int | None
     max_tokens: int | None
     repack: bool | None = None
+    # Checking the gate only: verm-local's judgement made this fraction slower (a delay
+    # inside the timed call), as a build that slow would be.
+    slowdown: float | None = None
+    gate: dict[str, Any] | None = None  # a gate.Plan: rounds until decided (sequential)
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> Workload:
@@ -67,9 +70,10 @@ class Workload:
 def _png_data_url(img: Any) -> str:
     """A prepared image's pixels as a PNG data URL (lossless: the server or llama.cpp's
     own path sees what verm-local's judge sees)."""
-    buf = io.BytesIO()
-    img.image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    from verm_local.images import data_url
+    from verm_local.pixels import png_bytes
+
+    return data_url(png_bytes(img.image))
 
 
 def _peak_rss() -> int:
@@ -111,11 +115,14 @@ class _VermRunner:
             self.judge.prepare(w.pred, self.task, "pred"),
         ]
         self.sampling = self.judge.sampling(self.task)
+        self.slowdown = w.slowdown or 0.0
         self.gguf = self.judge.resolved.format == "gguf"
 
     def once(self) -> dict[str, Any]:
         t = time.perf_counter()
         gen = _judge_once(self.judge, *self.images, self.task, self.sampling)
+        if self.slowdown:
+            time.sleep(self.slowdown * (time.perf_counter() - t))
         e2e = time.perf_counter() - t
         n = max(1, gen.completion_tokens)
         return {
@@ -152,10 +159,23 @@ def measure_verm(model: str, w: Workload) -> dict[str, Any]:
     return out
 
 
+def rounds(w: Workload) -> Any:
+    """Round numbers for a measurement: `repeat` of them, or with a gate plan as many as
+    its sequential decision asks for (`gate.Sequential`); returns (the rounds, the
+    Sequential or None)."""
+    from .gate import Plan, Sequential
+
+    if not w.gate:
+        return iter(range(1, w.repeat + 1)), None
+    plan = Plan(**w.gate)
+    return iter(range(1, plan.max_repeat + 1)), Sequential(plan)
+
+
 def measure_timed(models: list[str], w: Workload, stock: bool = True) -> dict[str, Any]:
     """Every model (and, for GGUF ones, llama.cpp's own path on it) loaded in this process,
-    a warm-up each, then `repeat` rounds, each judging once on every one of them in turn
-    (A, B, A, B ...): a slow spell of the machine falls on both sides of a ratio."""
+    a warm-up each, then rounds, each judging once on every one of them in turn (A, B, A,
+    B ...): a slow spell of the machine falls on both sides of a ratio. `repeat` rounds,
+    or with a gate plan until each gated ratio is decided (`rounds`)."""
     runners = []
     for model in models:
         verm = _VermRunner(model, w)
@@ -166,19 +186,39 @@ def measure_timed(models: list[str], w: Workload, stock: bool = True) -> dict[st
         if own is not None:
             own.once()
     runs: dict[str, dict[str, list]] = {m: {"verm": [], "stock": []} for m in models}
-    for _ in range(w.repeat):
+    order, seq = rounds(w)
+    for n in order:
         for model, verm, own in runners:
             runs[model]["verm"].append(verm.once())
             if own is not None:
                 runs[model]["stock"].append(own.once())
-    out = {}
+        if seq is not None and seq.after_round(n, _timed_pairs(runs, runners)):
+            break
+    out: dict[str, Any] = {}
     for model, verm, own in runners:
         out[model] = {
             "verm": verm.result(runs[model]["verm"]),
             "stock": own.result(runs[model]["stock"]) if own is not None else None,
         }
         verm.close()
+    if seq is not None:
+        out["_sequential"] = {k: seq.result(k) for k in _timed_pairs(runs, runners)}
     return out
+
+
+def _timed_pairs(runs: dict[str, Any], runners: list) -> dict[str, tuple[list, list]]:
+    """The gated ratios of a timed run, as (candidate, reference) end-to-end times:
+    `MODEL|overhead_ratio` (verm-local / llama.cpp's path), `MODEL|relative_e2e` (a model
+    / the first)."""
+    e2e = {m: [r["e2e_s"] for r in runs[m]["verm"]] for m, _, _ in runners}
+    pairs = {
+        f"{m}|overhead_ratio": (e2e[m], [r["e2e_s"] for r in runs[m]["stock"]])
+        for m, _, own in runners
+        if own is not None
+    }
+    first = runners[0][0]
+    pairs.update({f"{m}|relative_e2e": (e2e[m], e2e[first]) for m, _, _ in runners[1:]})
+    return pairs
 
 
 def _rss() -> int:
@@ -300,7 +340,7 @@ def measure_oneshot(
 def measure_served(model: str, w: Workload, parallel: int = 8) -> dict[str, Any]:
     """`verm-local serve --parallel N` under N concurrent /v1/judge requests against one
     ground truth: the model worker's peak RSS (VmHWM) and the wall time of the round."""
-    import urllib.request
+    from verm_local.images import data_url
 
     from .serve import ServerProcess, concurrently, free_port, post_json
 
@@ -328,9 +368,9 @@ def measure_served(model: str, w: Workload, parallel: int = 8) -> dict[str, Any]
         cmd.append("--repack" if w.repack else "--no-repack")
     server = ServerProcess(cmd, port, "/health", "verm-local serve")
     try:
-        pid = json.loads(urllib.request.urlopen(server.base + "/health").read())["worker_pid"]
+        pid = net.get_json(server.base + "/health", policy=net.NO_RETRY)["worker_pid"]
         preds = _variants(w.pred, parallel, w.image_tokens, w.profile)
-        gt_url = "data:image/png;base64," + base64.b64encode(Path(w.gt).read_bytes()).decode()
+        gt_url = data_url(Path(w.gt))
 
         def one(p: Any) -> None:
             body = {"gt": gt_url, "pred": _png_data_url(p), "task": w.task}
@@ -484,7 +524,8 @@ def measure_shared(
         _judge_once(j, warm[0], warm[1], task, sampling)
         j.judge_many([(warm[0], warm[1], task)])
         independent, batched = [], []
-        for _ in range(w.repeat):
+        order, seq = rounds(w)
+        for n in order:
             t, tokens, decode_s = time.perf_counter(), 0, 0.0
             for p in preds:
                 engine.reset()
@@ -505,11 +546,18 @@ def measure_shared(
                     "failed": sum(isinstance(r, Exception) for r in res),
                 }
             )
+            key = f"{model}|shared_ratio"
+            pairs = {key: ([r["s"] for r in batched], [r["s"] for r in independent])}
+            if seq is not None and seq.after_round(n, pairs):
+                break
     best = {k: min(v, key=lambda r: r["s"]) for k, v in (("i", independent), ("b", batched))}
-    return {
+    out = {
         "independent": {**best["i"], "runs": independent},
         "batched": {**best["b"], "runs": batched},
     }
+    if seq is not None:
+        out["_sequential"] = {key: seq.result(key)}
+    return out
 
 
 def run_worker(kind: str, model: str, args: dict[str, Any]) -> dict[str, Any]:

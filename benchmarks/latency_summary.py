@@ -30,6 +30,7 @@ def summarize_model(verm: dict[str, Any], stock: dict[str, Any] | None) -> dict[
         "completion_tokens": runs[-1]["completion_tokens"],
         "prompt_tokens": runs[-1]["prompt_tokens"],
         "cut_runs": sum(bool(r.get("cut")) for r in runs),
+        "rounds": len(runs),
     }
     for key in STAGES[1:]:
         out[key] = _spread([r[key] for r in runs])
@@ -58,6 +59,7 @@ def shared_summary(
 
     out = {
         "predictions": predictions,
+        "rounds": len(ind.get("runs", [])),
         "sampling": "rl" if rl else "greedy",
         "independent_s": ind["s"],
         "batched_s": bat["s"],

@@ -1,18 +1,13 @@
-"""Judgement-level agreement: one-to-one error matching -> F1, correlations of severity
-sums, reward differences, count agreement; and KL from a cached top-k of the reference.
-
-Matching follows VC-RewardBench's protocol (each predicted error matches at most one
-labelled error, "partial" counts 0.5), with a lexical similarity of location and
-description standing in for its LLM matcher (or an OpenAI-compatible endpoint, see
-`agreement.py --matcher-url`). The assignment maximising the total credit is optimal
-(Hungarian algorithm)."""
+"""Agreement measures beside the authors' scoring (`score.py`): the lexical credit the
+lexical matcher assigns by (no LLM), correlations, count agreement, and KL from a cached
+top-k of the reference."""
 
 from __future__ import annotations
 
 import math
 import re
 from difflib import SequenceMatcher
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -44,66 +39,31 @@ def credit(a: dict[str, Any], b: dict[str, Any]) -> float:
     return 0.0
 
 
-Scorer = Callable[[list[dict], list[dict]], np.ndarray]
-
-
 def credit_matrix(pred: list[dict], gold: list[dict]) -> np.ndarray:
     return np.array([[credit(p, g) for g in gold] for p in pred], dtype=float).reshape(
         len(pred), len(gold)
     )
 
 
-def match(pred: list[dict], gold: list[dict], scorer: Scorer = credit_matrix) -> float:
-    """Total credit of the best one-to-one assignment of predicted to gold errors."""
-    if not pred or not gold:
-        return 0.0
-    from scipy.optimize import linear_sum_assignment
-
-    m = scorer(pred, gold)
-    rows, cols = linear_sum_assignment(m, maximize=True)
-    return float(m[rows, cols].sum())
-
-
-def prf(matched: float, n_pred: int, n_gold: int) -> dict[str, float]:
-    """Precision, recall, F1 from matched credit; two empty sets agree perfectly."""
-    if n_pred == 0 and n_gold == 0:
-        return {"precision": 1.0, "recall": 1.0, "f1": 1.0}
-    p = matched / n_pred if n_pred else 0.0
-    r = matched / n_gold if n_gold else 0.0
-    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
-
-
-def set_f1(
-    pairs: Sequence[tuple[list[dict], list[dict]]], scorer: Scorer = credit_matrix
-) -> dict[str, float]:
-    """Micro-averaged precision/recall/F1 over items of (predicted, gold) error lists."""
-    matched = sum(match(p, g, scorer) for p, g in pairs)
-    return prf(matched, sum(len(p) for p, _ in pairs), sum(len(g) for _, g in pairs))
+def _defined(a: np.ndarray, b: np.ndarray) -> bool:
+    """A correlation is defined on two or more items, neither side constant."""
+    return a.size >= 2 and np.ptp(a) > 0 and np.ptp(b) > 0
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson r; nan when either side is constant (r is undefined there)."""
+    """Pearson r (scipy); nan when either side is constant (r is undefined there)."""
+    from scipy.stats import pearsonr
+
     a, b = np.asarray(x, float), np.asarray(y, float)
-    if a.size < 2 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for v in np.unique(x):  # ties share their mean rank
-        ranks[x == v] = ranks[x == v].mean()
-    return ranks
+    return float(pearsonr(a, b).statistic) if _defined(a, b) else float("nan")
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    return pearson(_ranks(np.asarray(x, float)), _ranks(np.asarray(y, float)))
+    """Spearman's rank correlation (scipy; ties share their mean rank)."""
+    from scipy.stats import spearmanr
 
-
-def severity_sum(errors: list[dict]) -> int:
-    return sum(int(e.get("severity", 0)) for e in errors)
+    a, b = np.asarray(x, float), np.asarray(y, float)
+    return float(spearmanr(a, b).statistic) if _defined(a, b) else float("nan")
 
 
 def count_agreement(

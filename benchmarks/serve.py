@@ -18,19 +18,19 @@ ratio verm-local / llama-server (below 1: verm-local is faster)."""
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
+import numpy as np
+
+from verm_local import net
 from verm_local.errors import InputError, VermError
 
 from .markdown import table_head
@@ -46,53 +46,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _images(n_gt: int, n_pred: int, size: tuple[int, int], tmp: Path) -> tuple[list, list]:
-    """Bar charts: `n_gt` references and, per reference, `n_pred` predictions that differ
-    from it in one bar's height and colour."""
-    from PIL import Image, ImageDraw
-
-    def chart(values: list[int], colour: str) -> Image.Image:
-        w, h = size
-        img = Image.new("RGB", size, "white")
-        d = ImageDraw.Draw(img)
-        step = w // (len(values) + 1)
-        for i, v in enumerate(values):
-            x = step // 2 + i * step
-            d.rectangle([x, h - 30 - v * (h - 60) // 10, x + step // 2, h - 30], fill=colour)
-        d.line([10, h - 30, w - 10, h - 30], fill="black")
-        return img
-
+def _images(n_gt: int, n_pred: int, size: tuple[int, int]) -> tuple[list, list]:
+    """`n_gt` distinct chart references and, per reference, `n_pred` predictions of it,
+    each with its own injected error (the benchmarks' one generator, `data.py`)."""
     import random
+
+    from .data import prediction_group
 
     gts, preds = [], []
     for g in range(n_gt):  # every reference distinct: nothing can be reused across them
-        rng = random.Random(g)
-        values = [rng.randint(1, 9) for _ in range(5)]
-        gts.append(chart(values, ["steelblue", "purple", "teal", "brown"][g % 4]))
-        row = []
-        for p in range(n_pred):
-            changed = list(values)
-            changed[p % 5] = (changed[p % 5] + 1 + p) % 9 + 1
-            row.append(chart(changed, ["orange", "steelblue", "green", "red"][p % 4]))
-        preds.append(row)
+        gt, group = prediction_group("chart", random.Random(g), n_pred, size)
+        gts.append(gt)
+        preds.append(group)
     return gts, preds
 
 
-def _data_url(img: Any) -> str:
+def _data_url(png: bytes) -> str:
     """The image as the authors' client sends it for charts: thumbnailed, JPEG."""
-    import io
-
-    from verm_local.images import prepare_image
+    from verm_local.images import data_url, prepare_image
     from verm_local.tasks import profile
 
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    prepared = prepare_image(buf.getvalue(), profile("chart").gt)
-    return "data:image/jpeg;base64," + base64.b64encode(prepared.encoded).decode()
+    return data_url(prepare_image(png, profile("chart").gt))
 
 
 def build_load(
-    workload: str, clients: int, requests: int, answer_tokens: int, size: tuple[int, int], tmp: Path
+    workload: str, clients: int, requests: int, answer_tokens: int, size: tuple[int, int]
 ) -> list[list[dict[str, Any]]]:
     """Per client, its request bodies in order (round r is every client's r-th)."""
     from verm_local.answer import answer_schema
@@ -102,7 +80,7 @@ def build_load(
     chart = profile("chart")  # the load is the chart task's requests
     rounds = -(-requests // clients)
     shared = workload != "independent"
-    gts, preds = _images(rounds if shared else rounds * clients, clients, size, tmp)
+    gts, preds = _images(rounds if shared else rounds * clients, clients, size)
     prompt = resolve_prompt(chart, warn=False).text
     urls_gt = [_data_url(g) for g in gts]
     per_client: list[list[dict[str, Any]]] = [[] for _ in range(clients)]
@@ -140,25 +118,23 @@ def build_load(
 
 
 def post_json(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    req = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    """One request of a measured load: not retried (a retry would hide a failure and
+    time two requests as one); httpx errors propagate."""
+    return net.post_json(url, body, timeout=timeout, policy=net.NO_RETRY)
 
 
 def concurrently(fn: Callable[[Any], None], items: list[Any]) -> float:
-    """Call `fn(item)` for every item at once, one thread each; the wall seconds."""
+    """Call `fn(item)` for every item at once (a thread each); the wall seconds. An
+    exception in any call fails the measurement: it is raised here once all are done."""
+    from concurrent.futures import ThreadPoolExecutor
+
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=fn, args=(item,)) for item in items]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0
+    with ThreadPoolExecutor(max(1, len(items))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+    wall = time.perf_counter() - t0
+    for f in futures:
+        f.result()  # re-raises the first failure
+    return wall
 
 
 def drive(base: str, load: list[list[dict[str, Any]]], timeout: float = 1800) -> dict[str, Any]:
@@ -172,13 +148,14 @@ def drive(base: str, load: list[list[dict[str, Any]]], timeout: float = 1800) ->
             try:
                 out = post_json(base + "/v1/chat/completions", body, timeout)
                 tokens, problem = int(out["usage"]["completion_tokens"]), ""
-            except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
-                tokens, problem = 0, str(exc)
+            except (httpx.HTTPError, KeyError, ValueError) as exc:
+                tokens, problem = 0, f"{exc.__class__.__name__}: {exc}"
             with lock:
                 results.append((time.perf_counter() - t0, tokens, problem))
 
     wall = concurrently(client, load)
-    lat = sorted(r[0] for r in results)
+    lat = [r[0] for r in results]
+    p50, p95 = np.percentile(lat, [50, 95]) if lat else (0.0, 0.0)
     failed = [r[2] for r in results if r[2]]
     return {
         "wall_s": wall,
@@ -186,8 +163,8 @@ def drive(base: str, load: list[list[dict[str, Any]]], timeout: float = 1800) ->
         "failed": len(failed),
         "first_failure": failed[0] if failed else "",
         "completion_tokens": sum(r[1] for r in results),
-        "p50_s": lat[len(lat) // 2] if lat else 0.0,
-        "p95_s": lat[min(len(lat) - 1, int(len(lat) * 0.95))] if lat else 0.0,
+        "p50_s": float(p50),
+        "p95_s": float(p95),
     }
 
 
@@ -205,11 +182,12 @@ class ServerProcess:
                 tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
                 raise VermError(f"{what} exited before it served ({tail[0]})")
             try:
-                with urllib.request.urlopen(self.base + health, timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.5)
+                r = net.request("GET", self.base + health, timeout=5, policy=net.NO_RETRY)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
         self.stop()
         raise VermError(f"{what} did not come up in 10 minutes")
 
@@ -238,7 +216,6 @@ def run_serve_bench(
     repack: bool | None = None,
 ) -> dict[str, Any]:
     """Both engines, one after the other, on each workload; the report."""
-    import tempfile
 
     from verm_local.backends.llamacpp import repack_choice
     from verm_local.convert.llama_sources import llama_server as build_llama_server
@@ -281,74 +258,70 @@ def run_serve_bench(
         },
         "workloads": {},
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        loads = {
-            w: build_load(w, clients, requests, answer_tokens, image_size, Path(tmp))
-            for w in workloads
-        }
-        engines = {
-            "verm-local": [
-                sys.executable,
-                "-m",
-                "verm_local.cli",
-                "serve",
-                "-m",
-                str(resolved.path),
-                "--vision",
-                "gguf",
-                "--parallel",
-                str(parallel),
-                "--threads",
-                str(threads),
-                "--max-tokens",
-                str(answer_tokens),
-                "--image-tokens",
-                str(tokens),
-                "--repack" if use_repack else "--no-repack",
-                "--queue",
-                str(max(64, requests)),
-            ],
-            "llama-server": [
-                str(binary),
-                "-m",
-                str(resolved.path),
-                "--mmproj",
-                str(resolved.mmproj),
-                "-np",
-                str(parallel),
-                "-c",
-                str(n_ctx * parallel),
-                "-t",
-                str(threads),
-                "-tb",
-                str(threads),
-                "--host",
-                "127.0.0.1",
-                "--no-webui",
-                "--image-max-tokens",
-                str(tokens),
-                *([] if use_repack else ["--no-repack"]),
-            ],
-        }
-        for name, cmd in engines.items():
-            port = free_port()
-            cmd = cmd + ["--port", str(port)]
-            log.info("bench serve: starting %s", name)
-            server = ServerProcess(cmd, port, "/health", name)
-            try:
-                for w, load in loads.items():
-                    log.info(
-                        "bench serve: %s, %s workload, %d clients x %d requests",
-                        name,
-                        w,
-                        clients,
-                        requests,
-                    )
-                    drive(server.base, [load[0][:1]])  # warm-up: one request
-                    result = drive(server.base, load)
-                    report["workloads"].setdefault(w, {})[name] = result
-            finally:
-                server.stop()
+    loads = {w: build_load(w, clients, requests, answer_tokens, image_size) for w in workloads}
+    engines = {
+        "verm-local": [
+            sys.executable,
+            "-m",
+            "verm_local.cli",
+            "serve",
+            "-m",
+            str(resolved.path),
+            "--vision",
+            "gguf",
+            "--parallel",
+            str(parallel),
+            "--threads",
+            str(threads),
+            "--max-tokens",
+            str(answer_tokens),
+            "--image-tokens",
+            str(tokens),
+            "--repack" if use_repack else "--no-repack",
+            "--queue",
+            str(max(64, requests)),
+        ],
+        "llama-server": [
+            str(binary),
+            "-m",
+            str(resolved.path),
+            "--mmproj",
+            str(resolved.mmproj),
+            "-np",
+            str(parallel),
+            "-c",
+            str(n_ctx * parallel),
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "--host",
+            "127.0.0.1",
+            "--no-webui",
+            "--image-max-tokens",
+            str(tokens),
+            *([] if use_repack else ["--no-repack"]),
+        ],
+    }
+    for name, cmd in engines.items():
+        port = free_port()
+        cmd = cmd + ["--port", str(port)]
+        log.info("bench serve: starting %s", name)
+        server = ServerProcess(cmd, port, "/health", name)
+        try:
+            for w, load in loads.items():
+                log.info(
+                    "bench serve: %s, %s workload, %d clients x %d requests",
+                    name,
+                    w,
+                    clients,
+                    requests,
+                )
+                drive(server.base, [load[0][:1]])  # warm-up: one request
+                result = drive(server.base, load)
+                report["workloads"].setdefault(w, {})[name] = result
+        finally:
+            server.stop()
     for r in report["workloads"].values():
         a, b = r.get("verm-local"), r.get("llama-server")
         if a and b and b["wall_s"] > 0:

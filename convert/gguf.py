@@ -22,6 +22,7 @@ from verm_local.constants import (
 )
 from verm_local.errors import InputError, ModelError
 from verm_local.fileio import atomic_output, manifest_entry, write_json_atomic
+from verm_local.gguf_meta import check_depth
 
 from .llama_sources import llama_cpp_dir, runtime_version
 
@@ -75,11 +76,12 @@ def check_checkpoint(hf_dir: Path) -> dict[str, Any]:
             raise ModelError(f"{hf_dir}: incomplete checkpoint, {name} is missing")
     text = config.get("text_config") or {}
     vision = config.get("vision_config") or {}
-    n_deep = len(vision.get("deepstack_visual_indexes") or [])
-    depth = int(text.get("num_hidden_layers") or 0)
     # llama.cpp aborts the process (GGML_ASSERT) on this; refuse it before it can.
-    if depth < n_deep:
-        raise ModelError(f"{hf_dir}: text depth {depth} is below the {n_deep} deepstack layers")
+    check_depth(
+        hf_dir,
+        int(text.get("num_hidden_layers") or 0),
+        len(vision.get("deepstack_visual_indexes") or []),
+    )
     return config
 
 

@@ -22,7 +22,8 @@ from .llama_sources import qwen2_vocab, tokenizer_vectors
 log = logging.getLogger(__name__)
 
 # Widths are multiples of 256 so K-quants (256-wide super-blocks) are really exercised;
-# text depth (4) >= number of deepstack layers (3), which llama.cpp asserts.
+# text depth (4) > number of deepstack layers (3): llama.cpp needs a layer after the last
+# deepstack one (gguf_meta.check_depth).
 TEXT = dict(
     vocab_size=VOCAB_SIZE,
     hidden_size=256,
@@ -75,10 +76,9 @@ VISION_8B = dict(
 )
 SHAPES = {
     "tiny": (TEXT, VISION),
-    # The real vision tower with a 3-layer text model: vision-stage timings without 16 GB.
-    # Vision only: llama.cpp cannot decode image embeddings with it (its last layer is a
-    # deepstack layer, whose add then meets the output-row selection and asserts).
-    "8b-vision": (dict(TEXT_8B, num_hidden_layers=3), VISION_8B),
+    # The real vision tower with a 4-layer text model: vision-stage timings without 16 GB.
+    # Four, not three: the text model needs a layer after its 3 deepstack layers.
+    "8b-vision": (dict(TEXT_8B, num_hidden_layers=4), VISION_8B),
     "8b": (TEXT_8B, VISION_8B),
     # Real text widths with 4 of the 36 layers and the tiny vision tower: a weight-heavy
     # text model's decode and batching (4.1 GB) where the full 8B does not fit or run.

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = hw.isa_flags(text)
     if not flags and sys.platform == "darwin":
         flags = tuple(sorted(set(text.split()) - {"flags:"}))
-    arch = a.arch or platform.machine().lower().replace("aarch64", "arm64")
+    arch = hw.arch_name(a.arch)
     print(hw.wheel_key(a.version, a.cmake_args, arch, flags))
     return 0
 

@@ -1,10 +1,11 @@
 """A Hugging Face Hub-compatible HTTP server on 127.0.0.1 for the pull tests.
 
 It speaks the parts of the hub protocol huggingface_hub uses to download: repository info
-with file metadata (`/api/models/{repo}/revision/{rev}`), and `resolve` URLs answering
+with file metadata (`/api/models/{repo}/revision/{rev}`), the tree listing
+snapshot_download reads (`/api/models/{repo}/tree/{rev}`), and `resolve` URLs answering
 HEAD with the commit, ETag and size headers and GET with byte ranges. Faults on demand:
 drop the connection mid-file once, serve bytes that do not match the advertised sha256,
-require a token."""
+answer a file with an error status (a hub hiccup), require a token."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class Hub:
     log: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, Range
     drop_once: dict[str, int] = field(default_factory=dict)  # file -> bytes before the drop
     corrupt: set[str] = field(default_factory=set)  # files served with a flipped byte
+    fail: dict[str, int] = field(default_factory=dict)  # file -> HTTP status it answers
     url: str = ""
 
     def add_dir(
@@ -115,6 +117,32 @@ def _handler(hub: Hub):
             path = unquote(urlparse(self.path).path)
             hub.log.append((self.command, path, self.headers.get("Range", "")))
             parts = path.strip("/").split("/")
+            if parts[:2] == ["api", "models"] and len(parts) > 5 and parts[4] == "tree":
+                # The tree listing snapshot_download reads (recursive: every file).
+                repo = self._repo("/".join(parts[2:4]))
+                if repo is None or not self._revision_ok(repo, parts[5]):
+                    return
+                prefix = "/".join(parts[6:])
+                entries = []
+                for name in sorted(repo.files):
+                    if prefix and not name.startswith(prefix + "/"):
+                        continue
+                    sib = repo.sibling(name)
+                    entry = {
+                        "type": "file",
+                        "path": name,
+                        "size": sib["size"],
+                        "oid": sib["blobId"],
+                    }
+                    if "lfs" in sib:
+                        entry["lfs"] = {
+                            "oid": sib["lfs"]["sha256"],
+                            "size": sib["lfs"]["size"],
+                            "pointerSize": sib["lfs"]["pointerSize"],
+                        }
+                    entries.append(entry)
+                self._send(200, json.dumps(entries).encode(), {"Content-Type": "application/json"})
+                return
             if parts[:2] == ["api", "models"]:
                 repo_id = "/".join(parts[2:4])
                 rev = parts[5] if len(parts) > 5 and parts[4] == "revision" else "main"
@@ -137,6 +165,9 @@ def _handler(hub: Hub):
                 name = "/".join(parts[4:])
                 if name not in repo.files:
                     self._error(404, "EntryNotFound")
+                    return
+                if name in hub.fail:
+                    self._send(hub.fail[name], b"upstream trouble", {"Retry-After": "0"})
                     return
                 self._file(repo, name)
                 return

@@ -22,7 +22,19 @@ PARTS = {
 # Layers, bottom first (docs/architecture.md): a module imports only from its own layer or
 # the ones below. The CLI is on top.
 LAYERS = [
-    {"constants", "errors", "settings", "decoding", "events", "stdio", "paths", "fileio", "memory"},
+    {
+        "constants",
+        "errors",
+        "settings",
+        "decoding",
+        "events",
+        "stdio",
+        "paths",
+        "fileio",
+        "memory",
+        "net",
+        "sandbox",
+    },
     {
         "tasks",
         "reward",
@@ -35,6 +47,8 @@ LAYERS = [
         "catalog",
         "report",
         "render",
+        "rows",
+        "pixels",
     },
     {"hardware", "select", "crash", "runtime"},
     {"backends", "vision_onnx"},

@@ -28,7 +28,7 @@ WORKFLOWS = {
 
 
 def test_t_quantiles_match_the_tables():
-    from verm_local.benchmarks.gate import _t_quantile
+    from verm_local.benchmarks.gate import t_quantile as _t_quantile
 
     table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 6: 2.447, 10: 2.228, 30: 2.042}
     for df, want in table.items():
@@ -113,6 +113,64 @@ def test_evaluate_junit_and_summary():
     assert evaluate(cur, {"models": {}}, 0.1).verdict == "inconclusive"
 
 
+# ------------------------------------------------------------------ sequential rounds
+
+
+def _simulate(ratio: float, base_logs: list[float], rng, plan, sd: float = 0.1) -> tuple:
+    """One gated run on simulated pair ratios (log-normal around `ratio`)."""
+    from verm_local.benchmarks.gate import Sequential
+
+    seq = Sequential(plan)
+    cand, ref = [], []
+    for n in range(1, plan.max_repeat + 1):
+        ref.append(1.0)
+        cand.append(ratio * math.exp(rng.gauss(0, sd)))
+        if seq.after_round(n, {"m|overhead_ratio": (cand, ref)}):
+            break
+    got = seq.result("m|overhead_ratio")
+    return n, got
+
+
+def test_the_plan_looks_on_a_schedule_with_bonferroni_levels():
+    from verm_local.benchmarks.gate import Plan
+
+    plan = Plan(max_repeat=64, first=4)
+    assert plan.schedule() == [4, 6, 9, 14, 21, 32, 48, 64]
+    assert plan.level == pytest.approx(1 - 0.05 / 8)
+    assert Plan(max_repeat=1, first=1).schedule() == [1]
+
+
+def test_sequential_gate_decides_and_keeps_its_false_alarm_rate():
+    """Simulated runs: the same build against its own baseline passes and almost never
+    alarms (under 5% of runs, however early they stop); 30% slower is a regression; too
+    little budget is inconclusive."""
+    import random
+
+    from verm_local.benchmarks.gate import INCONCLUSIVE, PASS, REGRESSION, Interval, Plan, decide
+
+    rng = random.Random(7)
+    base_logs = [rng.gauss(0, 0.1) for _ in range(40)]
+    base = {"value": math.exp(sum(base_logs) / 40), "low": 0.9, "high": 1.1, "n": 40}
+    plan = Plan({"m|overhead_ratio": {"baseline": {**base, "logs": base_logs}}}, 0.10)
+    verdicts = []
+    for _ in range(200):
+        n, got = _simulate(base["value"], base_logs, rng, plan)
+        verdicts.append(decide(Interval.from_dict(got), base["value"], 0.10)[1])
+    assert verdicts.count(REGRESSION) <= 10  # 5% of 200, with room for chance
+    assert verdicts.count(PASS) >= 180
+    slow = [
+        decide(
+            Interval.from_dict(_simulate(1.3 * base["value"], base_logs, rng, plan)[1]),
+            base["value"],
+            0.10,
+        )[1]
+        for _ in range(20)
+    ]
+    assert slow == [REGRESSION] * 20
+    n, got = _simulate(base["value"], base_logs, rng, Plan(plan.targets, 0.10, max_repeat=3))
+    assert n == 3 and decide(Interval.from_dict(got), base["value"], 0.10)[1] == INCONCLUSIVE
+
+
 # ------------------------------------------------------------------ the gate on the tiny model
 
 
@@ -142,21 +200,27 @@ def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
     proc = _latency(tiny_gguf, pair, "--repeat", "1", "--update-baseline")
     assert proc.returncode == 2 and "needs --baseline" in proc.stderr
 
-    # A baseline on purpose, then the same build against it: pass.
-    proc = _latency(tiny_gguf, pair, "--repeat", "6", "--baseline", base, "--update-baseline")
+    # A baseline on purpose (rounds until it is known to a third of the tolerance, from a
+    # first look at 6), then the same build against it: pass.
+    budget = ("--budget-s", "90", "--max-repeat", "40")
+    proc = _latency(
+        tiny_gguf, pair, "--repeat", "6", "--baseline", base, "--update-baseline", *budget
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     made = json.loads(base.read_text())
     m = next(iter(made["models"].values()))
     iv = m["intervals"]["overhead_ratio"]
-    assert iv["n"] == 6 and iv["low"] <= m["overhead_ratio"] <= iv["high"]
+    assert iv["n"] >= 6 and iv["low"] <= m["overhead_ratio"] <= iv["high"]
+    assert iv["rounds"] == iv["n"] == len(iv["logs"]) and iv["seconds"] > 0
     summary = tmp_path / "summary.md"
     junit = tmp_path / "junit.xml"
     env = {"GITHUB_STEP_SUMMARY": str(summary)}
-    # Tolerance 25%: a 2-core runner's noise over 6 pairs stays inside it.
-    args = ("--repeat", "6", "--tolerance", "0.25", "--junit", junit)
+    # Tolerance 25%: rounds go on until the interval clears the limit.
+    args = ("--repeat", "6", "--tolerance", "0.25", "--junit", junit, *budget)
     proc = _latency(tiny_gguf, pair, *args, "--baseline", base, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "pass: no regression" in proc.stdout
+    assert re.search(r"pass: .* \(\d+ rounds, \d+ s, detects slowdowns over \d+%\)", proc.stdout)
     assert "Latency gate: ✅ pass" in summary.read_text()
     cases = ET.parse(junit).getroot().findall(".//testcase")
     # One model: it is the reference of relative_e2e, so only its overhead is gated.
@@ -172,7 +236,7 @@ def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
     doctored = tmp_path / "better.json"
     doctored.write_text(json.dumps(better))
     summary.write_text("")
-    args = ("--repeat", "6", "--tolerance", "0.10", "--junit", junit)
+    args = ("--repeat", "6", "--tolerance", "0.10", "--junit", junit, *budget)
     proc = _latency(tiny_gguf, pair, *args, "--baseline", doctored, env=env)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "regression" in proc.stderr
@@ -186,11 +250,12 @@ def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
 
     # Too few rounds for any interval: inconclusive, its own exit code (8), and with
     # --fail-inconclusive a failure.
-    proc = _latency(tiny_gguf, pair, "--repeat", "1", "--baseline", base, "--junit", junit)
+    one = ("--repeat", "1", "--max-repeat", "1")
+    proc = _latency(tiny_gguf, pair, *one, "--baseline", base, "--junit", junit)
     assert proc.returncode == 8, proc.stderr[-2000:]
     assert "inconclusive" in proc.stderr
     assert ET.parse(junit).getroot().findall(".//skipped")
-    proc = _latency(tiny_gguf, pair, "--repeat", "1", "--baseline", base, "--fail-inconclusive")
+    proc = _latency(tiny_gguf, pair, *one, "--baseline", base, "--fail-inconclusive")
     assert proc.returncode == 1
     assert json.loads(base.read_text()) == made  # the baseline was never touched
 
@@ -301,7 +366,7 @@ def test_github_workflow_runs_here_as_a_script(tmp_path, tiny_gguf):
             "--env",
             f"VERM_LOCAL_HOME={store}",
             "--env",
-            "REPEAT=4",
+            "BUDGET_S=30",
             "--env",
             "MAX_TOKENS=32",
             "--env",

@@ -69,3 +69,27 @@ def test_refuses_an_incomplete_checkpoint(tmp_path, tiny_hf):
     ]
     proc = run_cli("convert", "gguf", tmp_path / "nowhere", tmp_path / "out")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_refuses_a_text_model_with_no_layer_after_its_deepstack_layers(tmp_path, tiny_hf):
+    """llama.cpp aborts (GGML_ASSERT ggml_can_repeat in ggml_add) on the first text after
+    an image when the last text layer is a deepstack layer (issue 28: the old 8b-vision
+    shape, 3 layers and 3 deepstack layers): refused in one line before anything runs."""
+    from verm_local.convert.tiny_model import SHAPES
+    from verm_local.errors import ModelError
+    from verm_local.gguf_meta import check_depth
+
+    for text, vision in SHAPES.values():  # every shape the builder offers can be judged
+        check_depth("shape", text["num_hidden_layers"], len(vision["deepstack_visual_indexes"]))
+    with pytest.raises(ModelError, match="leaves no layer after its 3 deepstack layers"):
+        check_depth("model.gguf", 3, 3)
+    shallow = tmp_path / "shallow"
+    shutil.copytree(tiny_hf, shallow)
+    cfg = json.loads((shallow / "config.json").read_text())
+    cfg["text_config"]["num_hidden_layers"] = len(cfg["vision_config"]["deepstack_visual_indexes"])
+    (shallow / "config.json").write_text(json.dumps(cfg))
+    proc = run_cli("convert", "gguf", shallow, tmp_path / "out")
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "text depth 3 leaves no layer after its 3 deepstack" in lines[0]
+    assert not (tmp_path / "out" / "manifest.json").exists()

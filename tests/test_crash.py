@@ -11,14 +11,15 @@ import signal
 import pytest
 
 from verm_local import events
-from verm_local.crash import Recorder, crash_report, last_step, supervise
+from verm_local.crash import Recorder, crash_report, last_step, note_state, supervise
 from verm_local.errors import ExitCode
 
 from .conftest import run_cli
 
 
-def _die(sig: int):
+def _die(sig: int, repack: str = "on"):
     def run() -> int:
+        note_state("repack", repack)  # as native.Model notes it when weights load
         events.stage("decode", model="model-Q8_0.gguf", quant="Q8_0")
         os.kill(os.getpid(), sig)
         return 0
@@ -42,6 +43,48 @@ def test_a_child_killed_by_a_signal_becomes_one_line(sig, tmp_path, monkeypatch,
     log = next((tmp_path / "crash").glob("*.log"))
     text = log.read_text()
     assert "step: decode" in text and "Fatal Python error" in text  # faulthandler's stack
+
+
+def test_the_advice_follows_the_cause(tmp_path, monkeypatch, capfd):
+    """The repack advice only where repacked weights were in use; an illegal instruction
+    points at the wheel."""
+    monkeypatch.setenv("VERM_LOCAL_CACHE", str(tmp_path))
+    assert supervise(_die(signal.SIGSEGV, repack="off"), "verm-local judge") == 10
+    line = capfd.readouterr().err.strip()
+    assert "--no-repack" not in line and "fewer threads" in line, line
+    assert supervise(_die(signal.SIGILL, repack="off"), "verm-local judge") == 10
+    line = capfd.readouterr().err.strip()
+    assert "--no-repack" not in line and "instruction this CPU lacks" in line, line
+
+
+def test_a_ggml_assert_is_quoted_in_the_line_and_kept_in_the_log(tmp_path, monkeypatch, capfd):
+    """llama.cpp's own abort (ggml_abort, what a failed GGML_ASSERT calls) in a supervised
+    command: the line quotes the assertion and gives the advice for a failed assertion,
+    not the repack one; the log keeps llama.cpp's last lines and the message."""
+    import ctypes
+    from pathlib import Path
+
+    monkeypatch.setenv("VERM_LOCAL_CACHE", str(tmp_path))
+
+    def run() -> int:
+        from verm_local.backends import native
+
+        lc, _ = native.init()
+        note_state("repack", "off")
+        events.stage("prefill", tokens=266)
+        lib = ctypes.CDLL(str(Path(lc.__file__).parent / "lib" / "libggml-base.so"))
+        lib.ggml_abort(b"ggml.c", 2072, b"GGML_ASSERT(%s) failed", b"ggml_can_repeat(b, a)")
+        return 0
+
+    assert supervise(run, "verm-local judge") == 10
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # the message is quoted, not printed a second time
+    line = err[0]
+    assert "crashed in native code (SIGABRT) during prefill (266 tokens)" in line, line
+    assert ": ggml.c:2072: GGML_ASSERT(ggml_can_repeat(b, a)) failed;" in line
+    assert "a failed assertion" in line and "--no-repack" not in line
+    text = next((tmp_path / "crash").glob("*.log")).read_text()
+    assert "native abort: ggml.c:2072: GGML_ASSERT(ggml_can_repeat(b, a)) failed" in text
 
 
 def test_a_normal_exit_keeps_its_code_and_leaves_no_log(tmp_path, monkeypatch):
@@ -78,7 +121,9 @@ def test_judge_that_crashes_in_native_code_prints_one_line(tiny_gguf, pair, tmp_
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     line = lines[0]
     assert "verm-local judge crashed in native code (SIGSEGV)" in line
-    assert "load vocabulary (model-Q8_0.gguf, Q8_0" in line and "--no-repack" in line
+    assert "load vocabulary (model-Q8_0.gguf, Q8_0" in line
+    # No weights were loaded yet (the vocabulary alone): the repack advice would mislead.
+    assert "--no-repack" not in line and "verm-local doctor" in line
     log = line.rsplit("native stack: ", 1)[1]
     text = open(log).read()
     assert "Segmentation fault" in text and "step: load vocabulary" in text

@@ -44,7 +44,19 @@ def test_depth_below_deepstack_is_refused_before_loading(tmp_path):
         tmp_path / "mmproj-f16.gguf",
         {"general.architecture": "clip", "clip.projector_type": "qwen3vl_merger"},
     )
-    with pytest.raises(ModelError, match="text depth 2 is below its 3 deepstack layers"):
+    with pytest.raises(ModelError, match="text depth 2 leaves no layer after its 3 deepstack"):
+        resolve_model(model, mm)
+    # Equal counts abort llama.cpp too (the last layer is a deepstack layer): refused.
+    _gguf(
+        model,
+        {
+            "general.architecture": "qwen3vl",
+            "qwen3vl.block_count": 3,
+            "qwen3vl.n_deepstack_layers": 3,
+            "qwen3vl.embedding_length": 256,
+        },
+    )
+    with pytest.raises(ModelError, match="text depth 3 leaves no layer after its 3 deepstack"):
         resolve_model(model, mm)
 
 

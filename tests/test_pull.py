@@ -36,6 +36,7 @@ def env(hub, tmp_path):
     hub.log.clear()
     hub.drop_once.clear()
     hub.corrupt.clear()
+    hub.fail.clear()
     # The training prompts come from GitHub, which these machines cannot reach: a closed
     # port makes pull's (non-fatal) prompt fetch fail at once.
     return {
@@ -150,6 +151,22 @@ def test_wrong_hash_is_refused_and_store_untouched(hub, env, tiny_gguf):
     assert store_rows(env) == before  # the other variant is still there and verified
     hub.corrupt.clear()
     proc = run_cli("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_hub_server_error_is_an_error_and_stores_nothing(hub, env):
+    """manifest.json answering 500 (a hub hiccup that outlasts the retries) must not be
+    read as an empty manifest: the repository's own checks would be skipped."""
+    hub.fail["manifest.json"] = 500
+    proc = run_cli("pull", "gguf-q8_0", "--repo", QUANT_REPO, env=env)
+    one_line_error(proc, 6, QUANT_REPO, "HTTP 500")
+    home = Path(env["VERM_LOCAL_HOME"])
+    assert not (home / "gguf-q8_0").exists()
+    assert not list(home.rglob("*.gguf"))
+    tries = [e for e in hub.log if e[1].endswith("/manifest.json")]
+    assert len(tries) >= 2, tries  # tried again before giving up
+    hub.fail.clear()
+    proc = run_cli("pull", "gguf-q8_0", "--repo", QUANT_REPO, env=env)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -251,13 +251,19 @@ text_error_count and numeric_error_count.
 
 @pytest.fixture
 def prompt_server(tmp_path):
+    from verm_local.prompts import MATCHER_SOURCE
     from verm_local.tasks import PROFILES as P
+
+    from .test_score import FAKE_EVALUATION
 
     root = tmp_path / "mirror"
     for p in P.values():
         f = root / p.prompt.commit / p.prompt.path
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(FAKE_TABLE if p.name == "table" else FAKE_RL)
+    f = root / MATCHER_SOURCE.commit / MATCHER_SOURCE.path
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(FAKE_EVALUATION)
     handler = functools.partial(_Quiet, directory=str(root))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -384,6 +390,8 @@ def test_pull_prompts_then_dry_run_uses_them(prompt_server, tmp_path, pair):
     out = _dry_run(*pair, "--task", "svg", env=env)
     assert out["prompt_source"] == "trained"
     assert out["messages"][0]["content"][-1]["text"].startswith("FAKE svg prompt")
+    matcher = Path(proc.stdout.strip()).with_name("matcher.json")  # the benchmark's matcher
+    assert json.loads(matcher.read_text())["source"]["name"] == "build_llm_prompt"
     table = _dry_run(*pair, "--task", "table", env=env)
     assert table["messages"][1]["content"][-1]["text"].startswith("<image>\n<image>\n\nFAKE")
     bad = run_cli(

@@ -10,6 +10,7 @@ import logging as _logging
 # `judge` the function shadows the `verm_local.judge` module on purpose: the public API is
 # `verm_local.judge(gt, pred, task=..., model=...)`. Import the module's contents with
 # `from verm_local.judge import ...`, which reads sys.modules, not this attribute.
+from .constants import package_version
 from .judge import Judge, judge
 from .schema import Judgement
 
@@ -17,6 +18,6 @@ from .schema import Judgement
 # chatter; it reaches a terminal only where an application asks for it (`-v -v`).
 _logging.getLogger("verm_local.llama_cpp").addHandler(_logging.NullHandler())
 
-__version__ = "0.2.0"
+__version__ = package_version()
 
 __all__ = ["Judge", "Judgement", "judge", "__version__"]

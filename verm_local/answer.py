@@ -121,6 +121,26 @@ def answer_schema(
     }
 
 
+def trained_answer(p: TaskProfile, errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """An answer in the task's trained format, from labelled errors (keyed `type` or
+    `category`, with severity, location, description): the `<category>_count` integers in
+    the task's order, then `errors` with the trained keys in the trained order (an error's
+    category under the task's key; no location for tables)."""
+    items = []
+    for e in errors:
+        item: dict[str, Any] = {}
+        for k in p.error_keys:
+            if k == p.category_key:
+                item[k] = e.get("type") or e.get("category")
+            elif k == "severity":
+                item[k] = int(e.get("severity", SEVERITY_MIN))
+            else:
+                item[k] = str(e.get(k) or "")
+        items.append(item)
+    counts = {f"{c}_count": sum(i[p.category_key] == c for i in items) for c in p.categories}
+    return {**counts, "errors": items}
+
+
 # ---------------------------------------------------------------- grammar
 
 _GBNF_COMMON = (

@@ -19,13 +19,6 @@ from .errors import InputError
 BF16_REPO = "internlm/Visual-ERM"
 GB = 1_000_000_000
 
-# Qwen3-VL-8B: 36 layers x 8 KV heads x 128 dims x (K and V) x 2 bytes (f16 cache).
-KV_BYTES_PER_TOKEN = 36 * 8 * 128 * 2 * 2
-TEXT_LAYERS = 36
-# Compute buffers beside weights and KV cache: llama.cpp's graph and the image encoder's
-# activations (measured 0.3-0.5 GB on the CPU for a 1024-token image), transformers' eager
-# activations in 16 bits.
-RUNTIME_OVERHEAD = {"llamacpp": int(0.5 * GB), "transformers": int(2.0 * GB)}
 MMPROJ_F16_BYTES = int(1.16 * GB)
 
 
@@ -56,13 +49,13 @@ class Variant:
         n_ubatch: int = 512,
         kv_type: str = "f16",
     ) -> int:
-        """Peak memory of a judgement at context `n_ctx`. llama.cpp: `memory.estimate_
-        llamacpp` (weights, KV cache, compute buffers; `one_shot`: the vision phase and
-        the text phase apart, as `judge` runs). transformers: weights (float32 on a CPU
-        doubles bf16), KV cache and eager activations."""
-        if self.backend == "llamacpp":
-            from .memory import estimate_llamacpp
+        """Peak memory of a judgement at context `n_ctx`, by the one memory model
+        (`memory.py`). llama.cpp: weights, KV cache, compute buffers (`one_shot`: the
+        vision phase and the text phase apart, as `judge` runs). transformers: weights
+        (float32 on a CPU doubles bf16), KV cache and eager activations."""
+        from .memory import estimate_llamacpp, estimate_transformers
 
+        if self.backend == "llamacpp":
             return estimate_llamacpp(
                 self.text_bytes,
                 self.size_bytes - self.text_bytes,
@@ -73,7 +66,7 @@ class Variant:
                 one_shot=one_shot,
             ).peak
         weights = self.size_bytes * dtype_bytes // 2 if self.format == "hf" else self.size_bytes
-        return weights + KV_BYTES_PER_TOKEN * n_ctx + RUNTIME_OVERHEAD[self.backend]
+        return estimate_transformers(weights, n_ctx)
 
     def source(self, repo: str | None) -> str:
         if self.format == "hf":

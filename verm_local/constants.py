@@ -3,6 +3,8 @@ quant types and the pinned llama.cpp release. Import from here; never repeat a l
 
 from __future__ import annotations
 
+from importlib import metadata
+
 TASKS: tuple[str, ...] = ("chart", "table", "svg")
 
 # Closed category sets per task (Visual-ERM's training labels).
@@ -19,16 +21,6 @@ SEVERITY_NAMES: dict[int, str] = {1: "minor", 2: "medium", 3: "severe"}
 # rm_reward = clip(1 - S / REWARD_SCALE, 0, 1), as in the authors' RL recipe.
 REWARD_SCALE = 50.0
 MIN_REWARD = 0.0
-
-# The authors' RL sampling; judging defaults to greedy so runs reproduce.
-RL_SAMPLING = {
-    "temperature": 0.7,
-    "top_p": 0.8,
-    "top_k": 20,
-    "presence_penalty": 1.5,
-    "max_tokens": 4096,
-}
-DEFAULT_MAX_TOKENS = 1024
 
 # One visual token per 32x32 pixels (patch 16, spatial merge 2).
 PIXELS_PER_TOKEN_SIDE = 32
@@ -65,3 +57,11 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
 MODEL_ARCHITECTURE = "Qwen3VLForConditionalGeneration"
 MODEL_TYPE = "qwen3_vl"
+
+
+def package_version() -> str:
+    """verm-local's version, as its installed metadata says (pyproject.toml's)."""
+    try:
+        return metadata.version("verm-local")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "0+unknown"

@@ -29,16 +29,44 @@ from typing import Any, Callable, TextIO
 from . import events
 from .errors import ExitCode
 
+NATIVE_PREFIX = "native: "  # a line of llama.cpp's own log
+STATE_PREFIX = "state: "  # what was in use (repacked weights)
+ABORT_PREFIX = "native abort: "  # the message llama.cpp (ggml) aborted with
 SIGNALS = {
     getattr(signal, n): n
     for n in ("SIGSEGV", "SIGABRT", "SIGILL", "SIGBUS", "SIGFPE", "SIGKILL")
     if hasattr(signal, n)
 }
 STEP_PREFIX = "step: "
-ADVICE = (
-    "try --no-repack (or VERM_LOCAL_REPACK=off), a smaller model or fewer threads, "
-    "and see `verm-local doctor`"
+REPACK_ADVICE = "try --no-repack (or VERM_LOCAL_REPACK=off) and see `verm-local doctor`"
+ADVICE = "try a smaller model or fewer threads, and see `verm-local doctor`"
+ASSERT_ADVICE = (
+    "llama.cpp cannot run this model or request as it is (a failed assertion: a model "
+    "shape it does not support, or a bug); check the model with `verm-local convert gguf "
+    "--check`, and report it with the log"
 )
+ILLEGAL_ADVICE = (
+    "the native library uses an instruction this CPU lacks (a wheel built on another "
+    "machine: reinstall with scripts/install.sh)"
+)
+
+# The crash log of this process while a Recorder writes it (native lines go there).
+_active: dict[str, Any] = {"recorder": None}
+
+
+def native_line(text: str, prefix: str = NATIVE_PREFIX) -> bool:
+    """A line of the native library's own output (its log, an abort message), kept in
+    the crash log as it happens: a crash leaves no chance to write it later. False when
+    no crash log is being written."""
+    rec = _active["recorder"]
+    if rec is None or rec.file is None:
+        return False
+    try:
+        rec.file.write(f"{prefix}{text}\n")
+        rec.file.flush()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def crash_dir() -> Path:
@@ -66,6 +94,7 @@ class Recorder:
         faulthandler.enable(file=self.file, all_threads=True)
         self._injected = False
         events.add_listener(self._step)
+        _active["recorder"] = self
 
     def _step(self, name: str, detail: dict[str, Any]) -> None:
         if self.file is None:
@@ -87,6 +116,8 @@ class Recorder:
 
     def close(self, keep: bool = False) -> None:
         events.remove_listener(self._step)
+        if _active["recorder"] is self:
+            _active["recorder"] = None
         if self.file is not None:
             faulthandler.disable()
             self.file.close()
@@ -110,16 +141,40 @@ def _header(what: str) -> str:
     )
 
 
+def note_state(name: str, value: str) -> None:
+    """Something in use from now on that the advice after a crash depends on (`repack`:
+    `on` while repacked weights are loaded)."""
+    native_line(f"{name}={value}", STATE_PREFIX)
+
+
+def _lines(path: Path | None, prefix: str) -> list[str]:
+    if path is None or not path.is_file():
+        return []
+    return [
+        ln[len(prefix) :].strip()
+        for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if ln.startswith(prefix)
+    ]
+
+
 def last_step(path: Path | None) -> str:
     """The last stage a crash log recorded ('' when none)."""
-    if path is None or not path.is_file():
-        return ""
-    steps = [
-        ln[len(STEP_PREFIX) :].strip()
-        for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
-        if ln.startswith(STEP_PREFIX)
-    ]
+    steps = _lines(path, STEP_PREFIX)
     return steps[-1] if steps else ""
+
+
+def native_message(path: Path | None) -> str:
+    """What the native library said as it died: its abort message (a GGML_ASSERT), else
+    its last error line ('' when none)."""
+    aborts = _lines(path, ABORT_PREFIX)
+    if aborts:
+        return aborts[-1]
+    errors = [
+        ln
+        for ln in _lines(path, NATIVE_PREFIX)
+        if any(w in ln.lower() for w in ("error", "failed", "assert", "exception", "what():"))
+    ]
+    return errors[-1] if errors else ""
 
 
 def signal_name(sig: int) -> str:
@@ -139,8 +194,25 @@ def crash_report(what: str, sig: int, log: Path | None) -> str:
         return f"{what} was stopped by {signal_name(sig)}{during}"
     else:
         cause = f"crashed in native code ({signal_name(sig)})"
+    said = native_message(log)
+    repack = [s for s in _lines(log, STATE_PREFIX) if s.startswith("repack=")]
+    repacked = bool(repack) and repack[-1] == "repack=on"
     where = f"; native stack: {log}" if log is not None and log.is_file() else ""
-    return f"{what} {cause}{during}; {ADVICE}{where}"
+    quoted = f": {said}" if said else ""
+    return f"{what} {cause}{during}{quoted}; {advice(sig, repacked, said)}{where}"
+
+
+def advice(sig: int, repacked: bool, said: str) -> str:
+    """What to try, from the cause: a failed assertion is the model or the request; an
+    illegal instruction the wheel; repacking is advised against only where repacked
+    weights were in use."""
+    if "GGML_ASSERT" in said or "assert" in said.lower():
+        return ASSERT_ADVICE
+    if sig == getattr(signal, "SIGILL", -1):
+        return (REPACK_ADVICE + "; or " + ILLEGAL_ADVICE) if repacked else ILLEGAL_ADVICE
+    if repacked:
+        return REPACK_ADVICE + "; or " + ADVICE.removeprefix("try ")
+    return ADVICE
 
 
 def supervise(run: Callable[[], int], what: str) -> int:

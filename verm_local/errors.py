@@ -77,6 +77,10 @@ class FetchError(VermError):
     exit_code = ExitCode.FETCH
 
 
+class TooLargeError(FetchError):
+    """A download went over the size it was allowed."""
+
+
 class EndpointError(FetchError):
     """Every reward endpoint a client tried failed."""
 
@@ -85,6 +89,13 @@ class RenderError(VermError):
     """Predicted code could not be rendered (no code, a failure, a timeout, a blank image)."""
 
     exit_code = ExitCode.INPUT
+
+
+class SandboxError(VermError):
+    """No sandbox for model-written code on this machine, and rendering without one was
+    not asked for (--unsafe-render)."""
+
+    exit_code = ExitCode.PLAN
 
 
 class NativeCrash(VermError):

@@ -1,5 +1,5 @@
 """Read a GGUF file's header key/values without llama.cpp, so a file llama.cpp would abort
-on (wrong architecture, text depth below the deepstack count) is refused with one line
+on (wrong architecture, no text layer after the deepstack ones) is refused with one line
 before it is loaded. Pure Python, reads only the header."""
 
 from __future__ import annotations
@@ -92,6 +92,20 @@ def read_metadata(path: str | Path, stop_at: str = "tokenizer.ggml.tokens") -> d
         raise ModelError(f"{path}: GGUF header is truncated or corrupt") from None
 
 
+def check_depth(what: str | Path, depth: int, n_deepstack: int) -> None:
+    """Refuse a text model with no layer after its deepstack layers. llama.cpp's Qwen3-VL
+    graph (0.3.36) selects the output rows in the last layer, then adds that layer's
+    deepstack slice for every token: with depth <= deepstack layers the shapes differ on
+    any text chunk that needs fewer outputs than tokens, and GGML_ASSERT(ggml_can_repeat)
+    aborts the process."""
+    if depth <= n_deepstack:
+        raise ModelError(
+            f"{what}: text depth {depth} leaves no layer after its {n_deepstack} deepstack "
+            "layers, which llama.cpp cannot run (it aborts on the first text after an "
+            f"image); a Qwen3-VL text model needs more than {n_deepstack} layers"
+        )
+
+
 def check_pair(model: Path, mmproj: Path) -> None:
     """Refuse a text model / projector pair that is not a usable Qwen3-VL."""
     meta = read_metadata(model)
@@ -100,10 +114,11 @@ def check_pair(model: Path, mmproj: Path) -> None:
         raise ModelError(f"{model}: this is a vision projector; pass it as --mmproj")
     if arch != "qwen3vl":
         raise ModelError(f"{model}: architecture {arch!r} is not qwen3vl (Visual-ERM)")
-    depth = int(meta.get("qwen3vl.block_count", 0))
-    n_deep = int(meta.get("qwen3vl.n_deepstack_layers", 0))
-    if depth < n_deep:
-        raise ModelError(f"{model}: text depth {depth} is below its {n_deep} deepstack layers")
+    check_depth(
+        model,
+        int(meta.get("qwen3vl.block_count", 0)),
+        int(meta.get("qwen3vl.n_deepstack_layers", 0)),
+    )
     proj = read_metadata(mmproj)
     if proj.get("general.architecture") != "clip" or proj.get("clip.projector_type") not in (
         "qwen3vl_merger",

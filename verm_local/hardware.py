@@ -248,6 +248,13 @@ def probe_cuda() -> tuple[GpuDevice, ...]:
     return parse_nvidia_smi(out) if out else ()
 
 
+def arch_name(machine: str | None = None) -> str:
+    """The CPU architecture under one name per kind: x86_64 (also AMD64) and arm64 (also
+    aarch64, ARM64), whatever the platform calls it."""
+    m = (machine if machine is not None else platform.machine()).lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "aarch64": "arm64", "armv8": "arm64"}.get(m, m)
+
+
 def probe_cpu() -> tuple[str, tuple[str, ...], int | None]:
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -255,7 +262,7 @@ def probe_cpu() -> tuple[str, tuple[str, ...], int | None]:
     if platform.system() == "Darwin":
         model = (_run(["sysctl", "-n", "machdep.cpu.brand_string"]) or "").strip()
         cores = (_run(["sysctl", "-n", "hw.physicalcpu"]) or "").strip()
-        flags = ("neon",) if platform.machine() == "arm64" else ()
+        flags = ("neon",) if arch_name() == "arm64" else ()
         return model, flags, int(cores) if cores.isdigit() else None
     return platform.processor(), (), None
 
@@ -300,7 +307,7 @@ def probe(with_torch: bool = True) -> Hardware:
     """The record of this machine. `with_torch=False` skips importing torch (the judge's
     fast path; GPTQ and bf16 then count as unavailable on CUDA)."""
     system = platform.system().lower()
-    arch = platform.machine().lower().replace("aarch64", "arm64").replace("amd64", "x86_64")
+    arch = arch_name()
     model, flags, physical = probe_cpu()
     total, available = probe_memory()
     metal = system == "darwin" and arch == "arm64"

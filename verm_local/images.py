@@ -9,16 +9,18 @@ the processor's resize alone (images a client already prepared, the chat path)."
 
 from __future__ import annotations
 
+import base64
 import io
 import math
-import warnings
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps
 
 from .constants import DEFAULT_IMAGE_TOKEN_BUDGET, MAX_IMAGE_PIXELS, PIXELS_PER_TOKEN_SIDE
 from .errors import InputError
+from .pixels import crop_to_content, png_bytes
 from .render import is_svg, svg_to_png
 from .tasks import ImagePrep
 
@@ -56,6 +58,36 @@ class PreparedImage:
 
     def rgb_bytes(self) -> bytes:
         return self.image.tobytes()
+
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+)
+
+
+def media_type_of(data: bytes) -> str:
+    """The media type an image file's bytes say they are (PNG when they say nothing
+    known)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in _MAGIC if data.startswith(magic)), "image/png")
+
+
+def data_url(image: bytes | str | Path | PreparedImage) -> str:
+    """The one way an image becomes a base64 data URL: a PreparedImage as its task sends
+    it (its JPEG or PNG file; PNG of its pixels when it has none), a file's bytes (or a
+    path) under the media type they say they are."""
+    if isinstance(image, PreparedImage):
+        raw = image.encoded if image.encoded is not None else png_bytes(image.image)
+        kind = image.media_type if image.encoded is not None else "image/png"
+    else:
+        raw = image if isinstance(image, bytes) else Path(image).read_bytes()
+        kind = media_type_of(raw)
+    return f"data:{kind};base64," + base64.b64encode(raw).decode()
 
 
 def visual_tokens(width: int, height: int) -> int:
@@ -141,26 +173,6 @@ def prepare_image(
     )
 
 
-def crop_to_content(img: Image.Image, padding: int = 12) -> Image.Image:
-    """Crop to what differs from the background (the top-left pixel's colour), keeping
-    `padding` pixels around it; an image of one colour is kept whole."""
-    from PIL import ImageChops
-
-    background = Image.new("RGB", img.size, img.getpixel((0, 0)))
-    box = ImageChops.difference(img, background).getbbox()
-    if not box:
-        return img
-    left, top, right, bottom = box
-    return img.crop(
-        (
-            max(0, left - padding),
-            max(0, top - padding),
-            min(img.width, right + padding),
-            min(img.height, bottom + padding),
-        )
-    )
-
-
 def _fit(rgb: Image.Image, image_tokens: int | None) -> Image.Image:
     size = fit_to_budget(*rgb.size, min(image_tokens or MAX_IMAGE_TOKENS, MAX_IMAGE_TOKENS))
     return rgb.resize(size, Image.Resampling.BICUBIC) if size != rgb.size else rgb
@@ -207,32 +219,25 @@ def check_image(path: str | Path, prep: ImagePrep | None = None) -> None:
 
 
 def _decode(data: bytes, label: str) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode safely: RGB, upright, alpha on white; the original size."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    """Decode safely: RGB, upright, alpha on white; the original size. The pixel count is
+    checked from the header before any pixel is decoded, by this function alone: Pillow's
+    own process-wide limit and warnings filters are left as they are, so threads decoding
+    at once (and the application around verm-local) see no shared state change."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format
-            if fmt not in FORMATS:
-                raise InputError(f"{label}: {fmt} images are not supported ({', '.join(FORMATS)})")
-            img.seek(0)  # GIF and animated WebP: the first frame
-            img.load()
+        img = _open(data, label)
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise InputError(
+                f"{label}: image is too large ({w}x{h}, over {MAX_IMAGE_PIXELS} pixels; "
+                "possible decompression bomb)"
+            )
+        img.seek(0)  # GIF and animated WebP: the first frame
+        img.load()
     except InputError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(
-            f"{label}: image is too large (over {MAX_IMAGE_PIXELS} pixels; "
-            "possible decompression bomb)"
-        ) from None
-    except UnidentifiedImageError:
-        raise InputError(f"{label}: not an image (or a format Pillow cannot read)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise InputError(f"{label}: truncated or corrupt image ({msg})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
     original = img.size
     rgb = to_rgb(img)
     w, h = rgb.size
@@ -242,6 +247,30 @@ def _decode(data: bytes, label: str) -> tuple[Image.Image, tuple[int, int]]:
             f"{MAX_ASPECT}:1, which the vision encoder cannot take"
         )
     return rgb, original
+
+
+def _open(data: bytes, label: str) -> ImageFile.ImageFile:
+    """The image's header read by the plugin of its format (as `Image.open` picks one, from
+    the registry of `Image.register_open`), without `Image.open`'s bomb check, which reads
+    the process-wide `Image.MAX_IMAGE_PIXELS` and warns through the global filters."""
+    Image.init()
+    prefix = data[:16]
+    ours = [(f, entry) for f, entry in Image.OPEN.items() if f in FORMATS]
+    others = [(f, entry) for f, entry in Image.OPEN.items() if f not in FORMATS]
+    for fmt, (factory, accept) in ours + others:
+        try:
+            verdict = accept(prefix) if accept is not None else True
+            if isinstance(verdict, str):  # the plugin knows the format, refuses this file
+                raise InputError(f"{label}: {verdict}")
+            if not verdict:
+                continue
+            img = factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, OSError, struct.error):
+            continue
+        if fmt not in FORMATS:
+            raise InputError(f"{label}: {fmt} images are not supported ({', '.join(FORMATS)})")
+        return img
+    raise InputError(f"{label}: not an image (or a format Pillow cannot read)")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -186,6 +186,69 @@ def judgement_of(
         return Judgement.failed(p, str(exc), reward_scale=reward_scale, **fields)
 
 
+# The authors' RL asks the reward model again when its answer cannot be read: an answer
+# unreadable after 2 tries counts as S = 25 (DESIGN.md section 2).
+ANSWER_TRIES = 2
+
+
+def answer_tries(sampling: Sampling, tries: int = ANSWER_TRIES) -> int:
+    """Answers to ask for at most: greedy decoding would repeat itself, so one."""
+    return 1 if sampling.greedy else max(1, tries)
+
+
+def retry_sampling(sampling: Sampling, attempt: int) -> Sampling:
+    """The decoding of try `attempt` (from 0): the next seed for each new try."""
+    return sampling.with_(seed=sampling.seed + attempt) if attempt else sampling
+
+
+def worth_retrying(judgement: Judgement | None) -> bool:
+    """An answer that was unreadable (None) or cut at the token cap."""
+    return judgement is None or not judgement.complete
+
+
+Reader = Callable[[Generation, bool], Judgement]
+
+
+def judge_requests(
+    generate: Callable[[list[Request]], list[Any]],
+    requests: list[Request],
+    readers: list[Reader | None],
+    tries: int = ANSWER_TRIES,
+) -> list[Any]:
+    """The one retry policy for judgements, whatever the entry point (`judge`,
+    `judge --pairs`, `/v1/judge`; the reward client follows the same rule remotely):
+    run `requests` as one batch; each answer is read by its reader (`reader(gen, last)`,
+    raising AnswerError when unreadable); a sampled answer that is unreadable or cut at
+    the token cap is asked again with the next seed, together with the others that need
+    it, up to `tries` answers in all. A request without a reader (a plain chat
+    completion) gets its Generation. Results in order; an error in place of a failed one."""
+    results: list[Any] = [None] * len(requests)
+    todo = list(range(len(requests)))
+    attempt = 0
+    while todo:
+        batch = [
+            Request(r.images, r.messages, retry_sampling(r.sampling, attempt), r.grammar)
+            for r in (requests[i] for i in todo)
+        ]
+        again = []
+        for i, gen in zip(todo, generate(batch)):
+            read = readers[i]
+            if isinstance(gen, Exception) or read is None:
+                results[i] = gen
+                continue
+            last = attempt + 1 >= answer_tries(requests[i].sampling, tries)
+            try:
+                judgement = read(gen, last)
+            except AnswerError as exc:
+                judgement, results[i] = None, exc
+            else:
+                results[i] = judgement
+            if not last and worth_retrying(judgement):
+                again.append(i)
+        todo, attempt = again, attempt + 1
+    return results
+
+
 class Judge:
     """A loaded judge model for repeated calls without reloading.
 
@@ -359,15 +422,17 @@ class Judge:
         sampling: Sampling | None = None,
         prompt_file: str | Path | None = None,
         max_errors: int | None = None,
-        tries: int = 2,
+        tries: int = ANSWER_TRIES,
         unreadable: str = "raise",
     ) -> Judgement:
         """Compare `pred` with the ground truth `gt` (images go to the model in that order).
 
-        An answer cut at the token cap comes back with `complete=False` and the task's
-        failure reward. An unreadable answer is asked again up to `tries` times when
-        sampling (greedy would repeat it), then raises AnswerError, or with
-        `unreadable="score"` comes back like a cut one (the authors' RL: S = 25)."""
+        When sampling, an answer that cannot be read or was cut at the token cap is asked
+        again with the next seed, `tries` answers in all (greedy decoding would repeat it;
+        `judge_requests`). After the last one, a cut answer comes back with
+        `complete=False` and the task's failure reward; an unreadable one raises
+        AnswerError, or with `unreadable="score"` comes back the same way (the authors'
+        RL: S = 25)."""
         p = profile(task)
         jr = self.request(
             gt,
@@ -378,28 +443,10 @@ class Judge:
             prompt_file=prompt_file,
             max_errors=max_errors,
         )
-        attempts = max(1, tries) if not jr.request.sampling.greedy else 1
-        for attempt in range(attempts):
-            request = jr.request
-            if attempt:
-                request = Request(
-                    request.images,
-                    request.messages,
-                    request.sampling.with_(seed=request.sampling.seed + attempt),
-                    request.grammar,
-                )
-            gen = self._generate([request])[0]
-            if isinstance(gen, Exception):
-                raise gen
-            self.last_generation = gen  # the raw answer, for benchmarks scoring its tokens
-            try:
-                return self._judgement(
-                    p, gen, jr.prompt.source, "raise" if attempt + 1 < attempts else unreadable
-                )
-            except AnswerError:
-                if attempt + 1 == attempts:
-                    raise
-        raise AssertionError("unreachable")
+        result = self._judge_built([jr], tries, unreadable)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def judge_many(
         self,
@@ -410,6 +457,7 @@ class Judge:
         max_errors: int | None = None,
         progress: Callable[[int, int], None] | None = None,
         unreadable: str = "raise",
+        tries: int = ANSWER_TRIES,
     ) -> list[Judgement | VermError]:
         """Judge (gt, pred, task) pairs; results in input order, an error per failed pair.
 
@@ -417,7 +465,7 @@ class Judge:
         `parallel` > 1 the ground truth is encoded once and the answers decode as one batch.
         `sampling`: a Sampling for every pair, a mode ("default", "greedy", "rl") each
         task resolves, or a function of the task. `progress(done, total)` is called as
-        pairs finish."""
+        pairs finish. Answers are asked again as `judge` asks them (`judge_requests`)."""
         results: list[Judgement | VermError | None] = [None] * len(pairs)
         built: list[tuple[int, JudgeRequest]] = []
         for i, (gt, pred, task) in enumerate(pairs):
@@ -444,16 +492,9 @@ class Judge:
         step = self.backend.parallel
         for start in range(0, len(order), step):
             part = order[start : start + step]
-            gens = self._generate([built[k][1].request for k in part])
-            for k, gen in zip(part, gens):
-                i, jr = built[k]
-                if isinstance(gen, Exception):
-                    results[i] = gen
-                    continue
-                try:
-                    results[i] = self._judgement(jr.profile, gen, jr.prompt.source, unreadable)
-                except VermError as exc:
-                    results[i] = exc
+            out = self._judge_built([built[k][1] for k in part], tries, unreadable)
+            for k, result in zip(part, out):
+                results[built[k][0]] = result
             done += len(part)
             if progress is not None:
                 progress(done, len(pairs))
@@ -464,7 +505,22 @@ class Judge:
         return self._generate(requests)
 
     def _generate(self, requests: list[Request]) -> list[Generation | VermError]:
-        return self.backend.generate_all(requests)
+        gens = self.backend.generate_all(requests)
+        if len(gens) == 1 and not isinstance(gens[0], Exception):
+            self.last_generation = gens[0]  # the raw answer, for benchmarks scoring its tokens
+        return gens
+
+    def _judge_built(
+        self, built: list[JudgeRequest], tries: int, unreadable: str
+    ) -> list[Judgement | VermError]:
+        def reader(jr: JudgeRequest) -> Callable[[Generation, bool], Judgement]:
+            return lambda gen, last: self._judgement(
+                jr.profile, gen, jr.prompt.source, unreadable if last else "raise"
+            )
+
+        return judge_requests(
+            self._generate, [jr.request for jr in built], [reader(jr) for jr in built], tries
+        )
 
     def _judgement(
         self, p: TaskProfile, gen: Generation, prompt_source: str, unreadable: str = "raise"
@@ -541,42 +597,20 @@ def judge_file(
 
 
 def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, Any]]:
-    """Pairs to judge from a JSONL file: {gt, pred, task, id} per line, or VC-RewardBench's
-    {id, category, gt_img_path, pred_img_path}. Relative image paths are taken from the
-    file's directory. Every image is checked here, so a bad line fails before any model
-    loads, naming the line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read ({exc.__class__.__name__})") from None
+    """Pairs to judge from a file the one row reader reads (`rows.read_rows`: JSONL of
+    {gt, pred, task, id}, VC-RewardBench's rows, or a JSON list of either). Every image
+    is checked here with its task's preparation, so a bad row fails before any model
+    loads, naming the row."""
+    from .rows import read_rows
+
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError
-        except ValueError:
-            raise InputError(f"{path}:{n}: not a JSON object") from None
-        gt, pred = row.get("gt", row.get("gt_img_path")), row.get("pred", row.get("pred_img_path"))
-        task = row.get("task", row.get("category", default_task))
-        if not isinstance(gt, str) or not isinstance(pred, str):
-            raise InputError(f'{path}:{n}: needs "gt" and "pred" image paths')
-        try:
-            prof = profile(task)
-        except InputError as exc:
-            raise InputError(f"{path}:{n}: {exc}") from None
-        gt_p, pred_p = (p if Path(p).is_absolute() else path.parent / p for p in (gt, pred))
-        for p, prep in ((gt_p, prof.gt), (pred_p, prof.pred)):
+    for row in read_rows(path, default_task):
+        for p, prep in ((row.gt, row.task.gt), (row.pred, row.task.pred)):
             try:
                 check_image(p, prep)
             except InputError as exc:
-                raise InputError(f"{path}:{n}: {exc}") from None
-        out.append({"id": row.get("id", n), "gt": gt_p, "pred": pred_p, "task": prof})
-    if not out:
-        raise InputError(f"{path}: no pairs in it")
+                raise InputError(f"{row.where}: {exc}") from None
+        out.append({"id": row.id, "gt": row.gt, "pred": row.pred, "task": row.task})
     return out
 
 

@@ -15,8 +15,6 @@ import hashlib
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,14 +250,10 @@ def fetch_trained(
 
 
 def _download(url: str, timeout: float) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.read()
-    except urllib.error.HTTPError as exc:
-        raise FetchError(f"{url}: HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise FetchError(f"{url}: cannot fetch ({reason})") from None
+    """The file at `url` (the package's HTTP client: retries with backoff); FetchError."""
+    from .net import get_bytes
+
+    return get_bytes(url, timeout=timeout)
 
 
 def extract_prompt(source: str, where: PromptSource, label: str = "") -> str:
@@ -326,3 +320,155 @@ def check_prompt(p: TaskProfile, text: str, label: str) -> None:
             f"{label}: the {p.name} prompt does not name {', '.join(missing) or 'anything'}; "
             "nothing was stored"
         )
+
+
+# ---------------------------------------------------------------- the matcher's prompt
+
+# VC-RewardBench's scoring asks an LLM which predicted error is which labelled one, with
+# a prompt the authors build in `build_llm_prompt` (an f-string) in their evaluation.
+MATCHER_SOURCE = PromptSource(
+    "evaluation/evaluation.py",
+    "d842beca56b5a95c11128a263797dbf4cf0bc9d6",
+    "fstring",
+    "build_llm_prompt",
+)
+MATCHER_FILE = "matcher.json"
+# The f-string's fields, by their expression, and the value each stands for.
+MATCHER_SLOTS = {
+    "category": "category",
+    "allowed_types": "allowed_types",
+    "json.dumps(pred_list, ensure_ascii=False, indent=2)": "pred_list",
+    "json.dumps(gt_list, ensure_ascii=False, indent=2)": "gt_list",
+}
+
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt template: literal text and named slots, in order; `strip` as the source
+    strips the result."""
+
+    parts: tuple[tuple[str, str], ...]  # ("text", literal) | ("slot", name)
+    strip: bool = False
+
+    def render(self, values: dict[str, str]) -> str:
+        text = "".join(v if kind == "text" else values[v] for kind, v in self.parts)
+        return text.strip() if self.strip else text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parts": [list(p) for p in self.parts], "strip": self.strip}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Template:
+        return cls(tuple((str(k), str(v)) for k, v in data["parts"]), bool(data["strip"]))
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def extract_template(
+    source: str, where: PromptSource, slots: dict[str, str], label: str = ""
+) -> Template:
+    """The f-string a module-level function builds its prompt from, read with `ast` (the
+    code is never run): literal parts as text, each field as the slot its expression
+    names in `slots` (a field not in `slots`, a conversion or a format spec: refused, the
+    file has changed). A `.strip()` on the f-string is kept."""
+    label = label or where.path
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise FetchError(f"{label}: not valid Python ({exc.msg}, line {exc.lineno})") from None
+    funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == where.name]
+    found: tuple[ast.JoinedStr, bool] | None = None
+    for node in ast.walk(funcs[-1]) if funcs else ():
+        value = node.value if isinstance(node, (ast.Assign, ast.Return)) else None
+        strip = False
+        if (
+            isinstance(value, ast.Call)
+            and isinstance(value.func, ast.Attribute)
+            and value.func.attr == "strip"
+            and not value.args
+        ):
+            value, strip = value.func.value, True
+        if isinstance(value, ast.JoinedStr):
+            found = (value, strip)
+    if found is None:
+        raise FetchError(
+            f"{label}: no f-string prompt in {where.name} (has the file changed?); "
+            "nothing was stored"
+        )
+    parts: list[tuple[str, str]] = []
+    for piece in found[0].values:
+        if isinstance(piece, ast.Constant) and isinstance(piece.value, str):
+            parts.append(("text", piece.value))
+            continue
+        expr = ast.unparse(piece.value) if isinstance(piece, ast.FormattedValue) else "?"
+        if (
+            not isinstance(piece, ast.FormattedValue)
+            or piece.conversion != -1
+            or piece.format_spec is not None
+            or expr not in slots
+        ):
+            raise FetchError(
+                f"{label}: {where.name} fills in {expr!r}, which is not known here (has the "
+                "file changed?); nothing was stored"
+            )
+        parts.append(("slot", slots[expr]))
+    return Template(tuple(parts), found[1])
+
+
+def matcher_path(home: Path | None = None) -> Path:
+    return prompts_path(home).with_name(MATCHER_FILE)
+
+
+def fetch_matcher(
+    base_url: str | None = None, home: Path | None = None, timeout: float = 30.0
+) -> Path:
+    """Download the authors' evaluation at its pinned commit, extract the matcher's prompt
+    template with `ast`, and store it (parts, sha256, source); returns the file written."""
+    from .fileio import write_json_atomic
+    from .settings import settings
+
+    url = source_url(base_url or settings().prompts_url, MATCHER_SOURCE)
+    raw = _download(url, timeout)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FetchError(f"{url}: not UTF-8 text") from None
+    template = extract_template(text, MATCHER_SOURCE, MATCHER_SLOTS, url)
+    missing = set(MATCHER_SLOTS.values()) - {v for k, v in template.parts if k == "slot"}
+    if missing:
+        raise FetchError(f"{url}: the matcher prompt lacks {', '.join(sorted(missing))}")
+    path = matcher_path(home)
+    write_json_atomic(
+        path,
+        {
+            "version": FORMAT_VERSION,
+            "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "template": template.to_dict(),
+            "sha256": template.sha256,
+            "source": {
+                "url": url,
+                "path": MATCHER_SOURCE.path,
+                "commit": MATCHER_SOURCE.commit,
+                "name": MATCHER_SOURCE.name,
+                "file_sha256": hashlib.sha256(raw).hexdigest(),
+            },
+        },
+    )
+    return path
+
+
+def stored_matcher(home: Path | None = None) -> tuple[Template, dict[str, Any]] | None:
+    """The stored matcher template and its record, or None (absent, unreadable, or failing
+    its sha256 check, with a warning)."""
+    path = matcher_path(home)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        template = Template.from_dict(record["template"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if template.sha256 != record.get("sha256"):
+        log.warning("%s: the matcher prompt fails its sha256 check; ignoring it", path)
+        return None
+    return template, record

@@ -134,44 +134,17 @@ def extract_json(text: str) -> dict[str, Any]:
     engine's unconstrained answer may break a description over lines). Raises AnswerError
     when none parses."""
     cleaned = _FENCE.sub("", _THINK.sub("", text))
+    decoder = json.JSONDecoder(strict=False)
     start = cleaned.find("{")
     while start != -1:
-        end = _balanced_end(cleaned, start)
-        if end is None:
-            break
         try:
-            obj = json.loads(cleaned[start : end + 1], strict=False)
+            obj, _ = decoder.raw_decode(cleaned, start)
         except json.JSONDecodeError:
             obj = None
         if isinstance(obj, dict):
             return obj
         start = cleaned.find("{", start + 1)
     raise AnswerError(f"no JSON object in the model's answer: {_snippet(text)!r}")
-
-
-def _balanced_end(s: str, start: int) -> int | None:
-    """Index of the brace closing the object opened at `start`, honouring strings."""
-    depth = 0
-    in_str = False
-    escaped = False
-    for i in range(start, len(s)):
-        ch = s[i]
-        if in_str:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return None
 
 
 def _snippet(text: str, n: int = 80) -> str:

@@ -19,18 +19,16 @@ from .catalog import (
     CATALOG,
     GB,
     GGUF_LADDER,
-    KV_BYTES_PER_TOKEN,
-    RUNTIME_OVERHEAD,
-    TEXT_LAYERS,
     Variant,
     get_variant,
 )
 from .errors import InputError, PlanError
 from .hardware import AMX_FLAGS, Hardware, has_amx
-from .memory import ANSWER_RESERVE
+from .memory import ANSWER_RESERVE, Shape, estimate_llamacpp
 from .tasks import PROFILES, TaskProfile
 
 DEVICES = ("cuda", "metal", "cpu")
+TEXT_LAYERS = Shape().layers  # the 8B text model's layers, the unit of partial offload
 # Share of memory a plan may fill: the rest is the OS, other programs, fragmentation.
 RAM_SHARE = 0.90
 VRAM_SHARE = 0.90
@@ -326,7 +324,8 @@ def _gguf_on_gpu(
                 )
             return _plan(hw, v, device, -1, need, budget, n_ctx, why)
     v = candidates[-1]
-    fixed = v.size_bytes - v.text_bytes + KV_BYTES_PER_TOKEN * n_ctx + RUNTIME_OVERHEAD["llamacpp"]
+    # What stays on the GPU whatever the layers: the projector, the KV cache, buffers.
+    fixed = estimate_llamacpp(0, v.size_bytes - v.text_bytes, n_ctx, one_shot=False).peak
     per_layer = v.text_bytes / TEXT_LAYERS
     layers = int(max(0, budget - fixed) // per_layer)
     rest = int(v.text_bytes - layers * per_layer)

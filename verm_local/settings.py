@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     table_fail_reward: float | None = Field(
         None, description="table reward for an unreadable answer or any failure (default -4)."
     )
+    unsafe_render: bool = Field(
+        False,
+        description="Render model-written code even where no sandbox is available "
+        "(--unsafe-render); refused otherwise.",
+    )
     debug: bool = Field(False, description="Show tracebacks of internal errors.")
     crash_test: str | None = Field(
         None,

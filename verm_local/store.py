@@ -159,14 +159,22 @@ def remove(name: str, home: Path | None = None) -> Path:
 
 
 def pull_prompts(required: bool = False, home: Path | None = None) -> Path | None:
-    """Fetch the authors' training prompts into the store unless they are there (always
-    with `required`). Without `required` a failure (offline, no network) is a warning:
-    judge then says it uses the built-in prompts."""
+    """Fetch the authors' training prompts and their benchmark matcher's prompt into the
+    store unless they are there (always with `required`); returns the training prompts'
+    file. Without `required` a failure (offline, no network) is a warning: judge then
+    says it uses the built-in prompts, bench score that its figures are not comparable."""
     from huggingface_hub.constants import is_offline_mode
 
-    from .prompts import fetch_trained, prompts_path, trained_record
+    from .prompts import (
+        fetch_matcher,
+        fetch_trained,
+        prompts_path,
+        stored_matcher,
+        trained_record,
+    )
 
-    if not required and trained_record(home) is not None:
+    have = trained_record(home) is not None and stored_matcher(home) is not None
+    if not required and have:
         return prompts_path(home)
     if is_offline_mode():
         if required:
@@ -174,16 +182,17 @@ def pull_prompts(required: bool = False, home: Path | None = None) -> Path | Non
         return None
     try:
         path = fetch_trained(home=home)
+        log(f"training prompts stored: {path}")
+        log(f"the benchmark matcher's prompt stored: {fetch_matcher(home=home)}")
     except FetchError as exc:
         if required:
             raise
         _log.warning(
-            "the training prompts were not fetched (%s); judge uses the built-in "
+            "the authors' prompts were not fetched (%s); judge uses the built-in "
             "ones until `verm-local pull --prompts-only` succeeds",
             exc,
         )
-        return None
-    log(f"training prompts stored: {path}")
+        return prompts_path(home) if trained_record(home) is not None else None
     return path
 
 
@@ -309,18 +318,85 @@ def _reclaim(final: Path, staging: Path, bad: set[str]) -> None:
         (staging / name).unlink(missing_ok=True)
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The HTTP or connection error behind a huggingface_hub error: hf_hub_download
+    reports a server error or a lost connection as LocalEntryNotFoundError (nothing in
+    the cache to fall back on), with the real failure as its cause."""
+    import httpx
+    from huggingface_hub import errors as hub
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (hub.HfHubHTTPError, httpx.TransportError)) and seen is not exc:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
 def _hub_error(exc: Exception, repo: str) -> VermError:
-    name = exc.__class__.__name__
-    if "RepositoryNotFound" in name:
-        return FetchError(f"repository {repo} not found on the hub (or it needs HF_TOKEN)")
-    if "RevisionNotFound" in name:
-        return FetchError(f"{repo}: revision not found")
-    if "GatedRepo" in name:
+    """One line for a huggingface_hub failure, told apart by its type."""
+    from huggingface_hub import errors as hub
+
+    if isinstance(exc, hub.LocalEntryNotFoundError):
+        cause = _root_cause(exc)
+        if cause is not exc:
+            return _hub_error(cause, repo)  # type: ignore[arg-type]
+    if isinstance(exc, hub.GatedRepoError):  # a subclass of RepositoryNotFoundError
         return FetchError(f"{repo} is gated: accept its terms on the hub and set HF_TOKEN")
-    if "Offline" in name:
-        return FetchError("HF_HUB_OFFLINE is set; nothing can be downloaded")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else name
-    return FetchError(f"cannot download from {repo}: {first}")
+    if isinstance(exc, hub.RepositoryNotFoundError):
+        return FetchError(f"repository {repo} not found on the hub (or it needs HF_TOKEN)")
+    if isinstance(exc, hub.RevisionNotFoundError):
+        return FetchError(f"{repo}: revision not found")
+    if isinstance(exc, hub.EntryNotFoundError):
+        return FetchError(f"{repo}: a file it lists is not there ({_first_line(exc)})")
+    if isinstance(exc, (hub.OfflineModeIsEnabled, hub.LocalEntryNotFoundError)):
+        return FetchError("HF_HUB_OFFLINE is set (or the hub is unreachable); nothing was fetched")
+    if isinstance(exc, hub.HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "?"
+        return FetchError(f"cannot download from {repo}: HTTP {status} ({_first_line(exc)})")
+    return FetchError(f"cannot download from {repo}: {_first_line(exc)}")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _hub_call(repo: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """A huggingface_hub call, tried again with the package's backoff (a Retry-After
+    honoured) when the hub answers 429 or 5xx or the connection fails; any failure left
+    is one FetchError line (exit 6), and the caller stores nothing."""
+    import httpx
+    from huggingface_hub import errors as hub
+    from huggingface_hub.constants import is_offline_mode
+
+    from . import net
+
+    policy = net.DEFAULT_POLICY
+    for attempt in range(policy.retries + 1):
+        try:
+            try:
+                return fn(*args, **kwargs)
+            except hub.LocalEntryNotFoundError as exc:
+                cause = _root_cause(exc)
+                if cause is exc or is_offline_mode():
+                    raise
+                raise cause from None
+        except hub.HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            final = attempt == policy.retries or not net.retryable_status(status)
+            if final or isinstance(exc, (hub.RepositoryNotFoundError, hub.EntryNotFoundError)):
+                raise _hub_error(exc, repo) from None
+            wait = net.retry_after(exc.response) if exc.response is not None else None
+        except (httpx.TransportError, ConnectionError, TimeoutError) as exc:
+            if attempt == policy.retries:
+                raise _hub_error(exc, repo) from None
+            wait = None
+        except Exception as exc:  # noqa: BLE001 - every other hub failure is one line
+            raise _hub_error(exc, repo) from None
+        log(f"{repo}: the hub did not answer; trying again ({attempt + 1}/{policy.retries})")
+        net.sleep(policy.delay(attempt, wait))
+    raise AssertionError("unreachable")
 
 
 def _repo_files(
@@ -329,10 +405,9 @@ def _repo_files(
     """(commit, {path: sibling}) with sizes, git blob ids and LFS sha256 from the hub."""
     from huggingface_hub import HfApi
 
-    try:
-        info = HfApi(endpoint=endpoint).model_info(repo, revision=revision, files_metadata=True)
-    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one line
-        raise _hub_error(exc, repo) from None
+    info = _hub_call(
+        repo, HfApi(endpoint=endpoint).model_info, repo, revision=revision, files_metadata=True
+    )
     return info.sha, {s.rfilename: s for s in info.siblings or []}
 
 
@@ -360,18 +435,23 @@ def _published(
 
 
 def _download_json(repo: str, commit: str, name: str, endpoint: str | None) -> dict[str, Any]:
+    """A JSON file the repository lists (its manifest): a hub failure or a file that is
+    not a JSON object is an error, never an empty manifest that would skip its checks."""
     import tempfile
 
     from huggingface_hub import hf_hub_download
 
     with tempfile.TemporaryDirectory() as tmp:
+        path = _hub_call(
+            repo, hf_hub_download, repo, name, revision=commit, local_dir=tmp, endpoint=endpoint
+        )
         try:
-            path = hf_hub_download(repo, name, revision=commit, local_dir=tmp, endpoint=endpoint)
-            return json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        except Exception as exc:  # noqa: BLE001
-            raise _hub_error(exc, repo) from None
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise FetchError(f"{repo}: {name} is not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise FetchError(f"{repo}: {name} is not a JSON object")
+    return data
 
 
 def _fetch(
@@ -384,8 +464,9 @@ def _fetch(
     wanted: dict[str, str | None] | None = None,
 ) -> dict[str, str]:
     """Download the variant's files (default: the checkpoint files at the repo's root)
-    into staging at `commit` and verify each; returns {name: sha256}."""
-    from huggingface_hub import hf_hub_download
+    into staging at `commit`, in parallel (huggingface_hub's snapshot_download with the
+    files' names as its patterns), and verify each; returns {name: sha256}."""
+    from huggingface_hub import snapshot_download
 
     if wanted is None:
         wanted = {n: None for n in siblings if n.endswith(HF_PATTERNS) and "/" not in n}
@@ -399,16 +480,25 @@ def _fetch(
         f"pulling {variant.name} from {repo}@{commit[:12]}: {len(wanted)} files, "
         f"{need / GB:.2f} GB to download"
     )
-    digests = {}
-    for name in sorted(wanted):
-        try:
-            path = Path(
-                hf_hub_download(repo, name, revision=commit, local_dir=staging, endpoint=endpoint)
-            )
-        except Exception as exc:  # noqa: BLE001
-            raise _hub_error(exc, repo) from None
-        digests[name] = _verify_download(path, name, siblings.get(name), wanted[name])
-    return digests
+    _hub_call(
+        repo,
+        snapshot_download,
+        repo,
+        revision=commit,
+        local_dir=staging,
+        endpoint=endpoint,
+        allow_patterns=sorted(_glob_escape(n) for n in wanted),
+        max_workers=4,
+    )
+    return {
+        name: _verify_download(staging / name, name, siblings.get(name), wanted[name])
+        for name in sorted(wanted)
+    }
+
+
+def _glob_escape(name: str) -> str:
+    """A file name as an fnmatch pattern that matches it alone."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _verify_download(path: Path, name: str, sibling: Any, stated: str | None) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..crash import ABORT_PREFIX, native_line, note_state
 from ..errors import ModelError, VermError
 
 log = logging.getLogger("verm_local.llama_cpp")
@@ -52,6 +53,8 @@ def init() -> tuple[Any, Any]:
         lvl = _state["last"] if level == 5 else _LEVELS.get(level, logging.DEBUG)
         _state["last"] = lvl
         msg = text.decode("utf-8", errors="replace").rstrip("\n")
+        if msg:
+            native_line(msg)  # into a crash log, should the process die next
         if lvl >= logging.ERROR and msg:
             _state["errors"] = (_state["errors"] + [msg])[-4:]  # for the one-line error
         # llama.cpp's INFO chatter (tensor lists, timings) is debugging detail here.
@@ -64,6 +67,7 @@ def init() -> tuple[Any, Any]:
     setter = _mtmd_log_set(lc)
     if setter is not None:
         setter(_forward, ctypes.c_void_p(0))
+    _set_abort_callback(lc)
     lc.llama_backend_init()
     _state["init"] = True
     return lc, mtmd
@@ -77,6 +81,37 @@ def last_error(since: int = 0) -> str:
 
 def error_mark() -> int:
     return len(_state["errors"])
+
+
+_ABORT = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+
+def _set_abort_callback(lc: Any) -> None:
+    """ggml's abort message (a failed GGML_ASSERT: file, line, condition) into the crash
+    log before the abort, so the one-line report quotes it (on stderr, as ggml prints it,
+    where no crash log is written). ggml_set_abort_callback is in libggml-base, not in
+    the bindings."""
+    libdir = Path(lc.__file__).parent / "lib"
+    names = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
+    path = libdir / names.get(sys.platform, "libggml-base.so")
+    if not path.exists():
+        return
+    try:
+        fn = ctypes.CDLL(str(path)).ggml_set_abort_callback
+    except (OSError, AttributeError):
+        return
+    fn.argtypes = [_ABORT]
+    fn.restype = _ABORT
+
+    @_ABORT
+    def _aborting(message: bytes) -> None:
+        text = (message or b"").decode("utf-8", errors="replace").strip()
+        if not native_line(text, ABORT_PREFIX):  # no crash log to quote it from
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+    _state["abort_callback"] = _aborting  # keep the C callback alive
+    fn(_aborting)
 
 
 def _mtmd_log_set(lc: Any) -> Any:
@@ -122,6 +157,8 @@ class Model:
         params.use_extra_bufts = repack
         params.vocab_only = vocab_only
         params.lazy_mode = LAZY_MODE_ON
+        if not vocab_only:  # the advice after a crash depends on it
+            note_state("repack", "on" if repack else "off")
         _state["errors"] = []
         self.ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:

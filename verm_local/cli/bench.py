@@ -1,4 +1,6 @@
-"""`verm-local bench`: labelled data, agreement, latency (with its CI gate), serving."""
+"""`verm-local bench`: labelled data, VC-RewardBench predictions and scoring as the authors
+score it, agreement with the reference, serving against llama-server (latency and its CI
+gate: `latency.py`)."""
 
 from __future__ import annotations
 
@@ -7,17 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import ExitCode
 from ..stdio import stdout_to_stderr
 from .app import (
     ImageTokensOpt,
     MaxTokensOpt,
+    ModelOpt,
+    QuantOpt,
     RepackOpt,
-    TaskOpt,
     ThreadsOpt,
+    VariantOpt,
+    VisionOpt,
     bench_app,
     bench_data_app,
-    fail,
     show_progress,
     split_list,
 )
@@ -25,7 +28,9 @@ from .app import (
 
 @bench_data_app.command("synthetic")
 def bench_data_synthetic_cmd(
-    out_dir: Annotated[Path, typer.Argument(help="Where to write data.jsonl and images/.")],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Where to write VC-RewardBench.jsonl and images/.")
+    ],
     n: Annotated[int, typer.Option("--n", min=1, help="Pairs to draw.")] = 12,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     tasks: Annotated[str, typer.Option("--tasks")] = "chart,table,svg",
@@ -35,6 +40,138 @@ def bench_data_synthetic_cmd(
     from ..benchmarks.data import synthetic
 
     typer.echo(str(synthetic(out_dir, n=n, seed=seed, tasks=tuple(split_list(tasks)))))
+
+
+MatcherOpt = Annotated[
+    str,
+    typer.Option(
+        "--matcher",
+        rich_help_panel="Matcher",
+        help="llm (the authors' protocol: an LLM behind --matcher-url) | lexical (no LLM; "
+        "figures not comparable with the paper's).",
+    ),
+]
+MatcherUrlOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--matcher-url",
+        rich_help_panel="Matcher",
+        help="OpenAI-compatible base URL of the matcher (llama-server, Ollama, vLLM, a "
+        "cloud API; key: OPENAI_API_KEY).",
+    ),
+]
+MatcherModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--matcher-model",
+        rich_help_panel="Matcher",
+        help="The matcher's model (the authors': gpt-5-mini).",
+    ),
+]
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--workers", min=1, max=256, rich_help_panel="Matcher", help="Matcher calls at once."
+    ),
+]
+
+
+def _matcher(kind: str, url: Optional[str], model: Optional[str]):
+    from ..benchmarks.matcher import make_matcher
+    from ..paths import cache_dir
+
+    return make_matcher(kind, url, model, cache_dir=cache_dir() / "matcher")
+
+
+@bench_app.command("predict")
+def bench_predict_cmd(
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="A folder or hub dataset holding VC-RewardBench.jsonl, or a rows file "
+            "(JSONL, or the JSON list the authors' evaluation reads)."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Predictions FILE (JSON list; resumed when it exists).")
+    ],
+    model: ModelOpt = None,
+    variant: VariantOpt = None,
+    quant: QuantOpt = None,
+    vision: VisionOpt = "auto",
+    image_tokens: ImageTokensOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    max_errors: Annotated[
+        Optional[int], typer.Option("--max-errors", min=0, help="Cap each answer's error list.")
+    ] = None,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel", min=1, max=64, help="Predictions judged at once per ground truth."
+        ),
+    ] = 4,
+    threads: ThreadsOpt = None,
+    repack: RepackOpt = None,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=1, help="The first N rows.")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="A missing or unreadable image stops the run.")
+    ] = False,
+) -> None:
+    """Judge a VC-RewardBench-layout dataset; write the authors' evaluation input."""
+    show_progress()
+    from ..benchmarks.predict import predict
+    from ..judge import Judge
+
+    def load() -> Judge:
+        return Judge(
+            model,
+            variant=variant,
+            quant=quant,
+            vision=vision,
+            image_tokens=image_tokens,
+            max_tokens=max_tokens,
+            parallel=parallel,
+            prefix_cache=2,
+            threads=threads,
+            repack=repack,
+        )
+
+    with stdout_to_stderr():
+        summary = predict(data, out, load, strict=strict, limit=limit, max_errors=max_errors)
+    skipped = summary["skipped"]
+    typer.echo(
+        f"{summary['judged']} judged ({summary['unreadable']} without a readable answer), "
+        f"{summary['resumed']} already in {out}, {len(skipped)} skipped -> {out}"
+    )
+    for s in skipped:
+        typer.echo(f"skipped {s['id']}: {s['path']}: {s['problem']}", err=True)
+
+
+@bench_app.command("score")
+def bench_score_cmd(
+    predictions: Annotated[
+        Path, typer.Argument(help="`bench predict` output (or any rows with pred_json).")
+    ],
+    matcher: MatcherOpt = "llm",
+    matcher_url: MatcherUrlOpt = None,
+    matcher_model: MatcherModelOpt = None,
+    workers: WorkersOpt = 8,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="SCORE.json (default: FILE_score.json beside FILE)."),
+    ] = None,
+) -> None:
+    """Score predictions exactly as the authors' VC-RewardBench evaluation does."""
+    show_progress()
+    from ..benchmarks.score import run_score
+
+    m = _matcher(matcher, matcher_url, matcher_model)
+    target = out or predictions.with_name(predictions.stem + "_score.json")
+    _, table = run_score(predictions, m, target, workers=workers)
+    typer.echo(table)
+    typer.echo(f"score: {target} (and {target.with_suffix('.md').name})")
 
 
 @bench_app.command("agreement")
@@ -57,11 +194,17 @@ def bench_agreement_cmd(
     free: Annotated[
         bool, typer.Option("--free", help="Unconstrained answers (JSON validity).")
     ] = False,
-    matcher_url: Annotated[
-        Optional[str],
-        typer.Option("--matcher-url", help="OpenAI-compatible base URL for LLM matching."),
-    ] = None,
-    matcher_model: Annotated[str, typer.Option("--matcher-model")] = "default",
+    matcher: Annotated[
+        str,
+        typer.Option(
+            "--matcher",
+            rich_help_panel="Matcher",
+            help="auto (llm with --matcher-url, else lexical) | llm | lexical.",
+        ),
+    ] = "auto",
+    matcher_url: MatcherUrlOpt = None,
+    matcher_model: MatcherModelOpt = None,
+    workers: WorkersOpt = 8,
     top_k: Annotated[
         int,
         typer.Option(
@@ -81,6 +224,9 @@ def bench_agreement_cmd(
     show_progress()
     from ..benchmarks.agreement import markdown, run_agreement
 
+    if matcher == "auto":
+        matcher = "llm" if matcher_url else "lexical"
+    m = _matcher(matcher, matcher_url, matcher_model)
     with stdout_to_stderr():
         report = run_agreement(
             reference,
@@ -89,8 +235,8 @@ def bench_agreement_cmd(
             limit=limit,
             out=out,
             free=free,
-            matcher_url=matcher_url,
-            matcher_model=matcher_model,
+            matcher=m,
+            workers=workers,
             top_k=top_k,
             seed=seed,
             image_tokens=image_tokens,
@@ -100,223 +246,6 @@ def bench_agreement_cmd(
         )
     typer.echo(markdown(report))
     typer.echo(f"reports: {out}/agreement.json, agreement.md, agreement.png, results/")
-
-
-@bench_app.command("latency")
-def bench_latency_cmd(
-    models: Annotated[str, typer.Option("--models", help="Comma-separated variants/paths.")],
-    images: Annotated[tuple[Path, Path], typer.Option("--images", help="GT PRED")],
-    task: TaskOpt = "chart",
-    repeat: Annotated[int, typer.Option("--repeat", min=1)] = 3,
-    out: Annotated[
-        Optional[Path], typer.Option("--out", help="FILE.json (or a directory).")
-    ] = None,
-    baseline: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--baseline",
-            help="A stored latency.json to gate against: each ratio's interval against "
-            "baseline x (1 + tolerance).",
-            rich_help_panel="CI gate",
-        ),
-    ] = None,
-    tolerance: Annotated[
-        float,
-        typer.Option(
-            "--tolerance", min=0.0, help="Allowed slowdown of a ratio.", rich_help_panel="CI gate"
-        ),
-    ] = 0.10,
-    update_baseline: Annotated[
-        bool,
-        typer.Option(
-            "--update-baseline",
-            help="Write this run as the new --baseline file (on purpose: no gate is run).",
-            rich_help_panel="CI gate",
-        ),
-    ] = False,
-    junit: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--junit",
-            help="Write the gate as JUnit XML (one test case per gated ratio).",
-            rich_help_panel="CI gate",
-        ),
-    ] = None,
-    fail_inconclusive: Annotated[
-        bool,
-        typer.Option(
-            "--fail-inconclusive",
-            help="Exit 1 when the gate is inconclusive (default: exit 8, not a failure).",
-            rich_help_panel="CI gate",
-        ),
-    ] = False,
-    threads: ThreadsOpt = None,
-    image_tokens: ImageTokensOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    no_llamacpp: Annotated[
-        bool, typer.Option("--no-llamacpp", help="Skip timing llama.cpp's own path.")
-    ] = False,
-    predictions: Annotated[
-        int,
-        typer.Option(
-            "--predictions",
-            min=0,
-            max=64,
-            help="Also time N predictions against GT: N independent judge calls vs one "
-            "shared-prefix batch.",
-        ),
-    ] = 0,
-    rl_sampling: Annotated[
-        bool,
-        typer.Option(
-            "--rl-sampling",
-            help="--predictions: sample as the authors' RL does for the task "
-            "(seeded), not the judging default.",
-        ),
-    ] = False,
-    repack: RepackOpt = None,
-    compare_repack: Annotated[
-        bool,
-        typer.Option(
-            "--compare-repack",
-            help="Also time each GGUF model with and without repacked weights, side by side.",
-        ),
-    ] = False,
-    memory: Annotated[
-        bool,
-        typer.Option(
-            "--memory/--no-memory",
-            help="One default judgement per GGUF model in a fresh process: peak RSS and its "
-            "parts, RSS at each stage, TTFT.",
-        ),
-    ] = True,
-    serve_parallel: Annotated[
-        int,
-        typer.Option(
-            "--serve-parallel",
-            min=0,
-            max=64,
-            help="Also the model worker's peak RSS under `serve --parallel N` (0: not).",
-        ),
-    ] = 0,
-    sweep: Annotated[
-        bool,
-        typer.Option(
-            "--sweep",
-            help="The prefill settings side by side (n_ubatch, flash attention, KV type, "
-            "vision path), one default judgement each.",
-        ),
-    ] = False,
-    timed: Annotated[
-        bool, typer.Option("--timed/--no-timed", help="The repeated timing runs.")
-    ] = True,
-) -> None:
-    """Per-stage latency and memory, with llama.cpp's own path as a ratio; a CI gate.
-
-    Exit codes of the gate: 0 pass, 1 regression, 8 inconclusive (the noise is wider than
-    the tolerance; 1 with --fail-inconclusive), 2 bad input."""
-    show_progress()
-    from ..benchmarks.latency import run_latency
-    from ..benchmarks.latency_report import markdown, write_reports
-    from ..benchmarks.latency_summary import load_baseline
-    from ..images import check_image
-    from ..tasks import profile
-
-    profile(task)
-    for p in images:
-        check_image(p)  # a bad image (or an SVG file) fails here, in one line
-    base = None
-    if update_baseline:
-        if baseline is None:
-            fail("--update-baseline needs --baseline FILE: the file to write", ExitCode.INPUT)
-        if not timed:
-            fail("--update-baseline needs the timed runs (not --no-timed)", ExitCode.INPUT)
-    elif baseline is not None:
-        if not baseline.is_file():
-            fail(
-                f"{baseline}: no such baseline; make one on purpose with "
-                f"--baseline {baseline} --update-baseline",
-                ExitCode.INPUT,
-            )
-        base = load_baseline(baseline)
-        if out is not None and out.resolve() in (baseline.resolve(), baseline.resolve().parent):
-            fail("--out would overwrite the --baseline file; use --update-baseline", ExitCode.INPUT)
-    report = run_latency(
-        split_list(models),
-        str(images[0]),
-        str(images[1]),
-        task=task,
-        repeat=repeat,
-        threads=threads,
-        image_tokens=image_tokens,
-        max_tokens=max_tokens,
-        stock=not no_llamacpp,
-        predictions=predictions,
-        rl_sampling=rl_sampling,
-        repack=repack,
-        compare_repack=compare_repack,
-        memory=memory,
-        serve_parallel=serve_parallel,
-        sweep=sweep,
-        timed=timed,
-    )
-    from ..fileio import write_json_atomic
-
-    table = markdown(report)
-    typer.echo(table)
-    if out is not None:
-        typer.echo(f"report: {write_reports(report, out)}")
-    if update_baseline:
-        assert baseline is not None
-        baseline.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(baseline, report)
-        typer.echo(f"baseline written: {baseline}")
-        return
-    if base is None:
-        return
-    _latency_gate(report, base, baseline, tolerance, table, junit, fail_inconclusive)
-
-
-def _latency_gate(
-    report: dict,
-    base: dict,
-    baseline: Path,
-    tolerance: float,
-    table: str,
-    junit: Optional[Path],
-    fail_inconclusive: bool,
-) -> None:
-    """Gate `report` against `base`: the verdict on stdout and stderr, in the JUnit file
-    and the GitHub step summary when asked; the exit code says which."""
-    from ..benchmarks.gate import INCONCLUSIVE, REGRESSION, evaluate, junit_xml, summary_markdown
-    from ..settings import settings
-
-    result = evaluate(report, base, tolerance)
-    report["gate"] = result.to_dict()
-    for check in result.checks:
-        typer.echo(f"{check.verdict}: {check.line()}", err=check.verdict != "pass")
-    for missing in result.missing:
-        typer.echo(f"inconclusive: {missing}: in the baseline, not measured", err=True)
-    if junit is not None:
-        junit.parent.mkdir(parents=True, exist_ok=True)
-        junit.write_text(junit_xml(result), encoding="utf-8")
-    summary = settings().github_step_summary
-    if summary is not None:
-        with open(summary, "a", encoding="utf-8") as f:
-            f.write(table + "\n" + summary_markdown(result, baseline) + "\n")
-    if result.verdict == REGRESSION:
-        n = sum(c.verdict == REGRESSION for c in result.checks)
-        fail(
-            f"{n} latency regression(s) beyond {tolerance:.0%} against {baseline}",
-            ExitCode.REGRESSION,
-        )
-    if result.verdict == INCONCLUSIVE:
-        fail(
-            f"inconclusive against {baseline}: the noise is wider than the tolerance "
-            f"{tolerance:.0%} allows to decide (more --repeat, or a quieter machine)",
-            ExitCode.REGRESSION if fail_inconclusive else ExitCode.INCONCLUSIVE,
-        )
-    typer.echo(f"pass: no regression beyond {tolerance:.0%} against {baseline}")
 
 
 @bench_app.command("serve")

@@ -69,16 +69,16 @@ def _b64(data: str, cfg: ServeConfig) -> bytes:
 
 
 def _fetch(url: str, cfg: ServeConfig) -> bytes:
-    import urllib.request
+    """A remote image (the package's HTTP client), read no further than the size limit."""
+    from ..errors import FetchError, TooLargeError
+    from ..net import get_bytes
 
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            raw = r.read(cfg.max_image_bytes + 1)
-    except OSError as exc:
-        raise APIError(400, f"cannot fetch {url}: {exc}") from None
-    if len(raw) > cfg.max_image_bytes:
-        raise APIError(413, f"image over {cfg.max_image_bytes} bytes")
-    return raw
+        return get_bytes(url, max_bytes=cfg.max_image_bytes, timeout=30)
+    except TooLargeError:
+        raise APIError(413, f"image over {cfg.max_image_bytes} bytes") from None
+    except FetchError as exc:
+        raise APIError(400, f"cannot fetch the image: {exc}") from None
 
 
 def _check_image(raw: bytes) -> None:

@@ -94,13 +94,15 @@ def _worker_main(cfg: ServeConfig, conn: Any) -> None:
 
 
 def run_jobs(judge: Any, cfg: ServeConfig, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run a batch of jobs on a loaded Judge; a result (or an error and status) per job."""
+    """Run a batch of jobs on a loaded Judge; a result (or an error and status) per job.
+    Judge jobs follow the judge's one retry policy (`judge.judge_requests`): a sampled
+    answer that cannot be read, or was cut at the cap, is asked again with the next seed."""
     from ..backends.base import Request
     from ..decoding import Sampling
     from ..images import load_image
-    from ..judge import build_request, judgement_of
+    from ..judge import build_request, judge_requests, judgement_of
 
-    built: list[tuple[int, Any, Any]] = []  # (job index, Request, JudgeRequest or None)
+    built: list[tuple[int, Any, Any]] = []  # (job index, Request, reader or None)
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     for i, job in enumerate(jobs):
         try:
@@ -116,58 +118,50 @@ def run_jobs(judge: Any, cfg: ServeConfig, jobs: list[dict[str, Any]]) -> list[d
                     image_tokens=cfg.image_tokens,
                     warn=False,
                 )
-                built.append((i, jr.request, jr))
+                built.append((i, jr.request, _reader(judge, jr, judgement_of)))
             else:
                 images = [load_image(b, image_tokens=cfg.chat_image_tokens) for b in job["images"]]
                 built.append((i, Request(images, job["messages"], sampling, job["grammar"]), None))
         except VermError as exc:
             results[i] = {"error": str(exc), "status": 400}
-    todo = built
-    for attempt in range(2):  # an unreadable sampled judgement is asked once more
+
+    def generate(requests: list[Any]) -> list[Any]:
         try:
-            gens = judge.generate_all([r for _, r, _ in todo])
+            return judge.generate_all(requests)
         except Exception as exc:  # noqa: BLE001 - a bug fails this batch, not the worker
-            gens = [VermError(f"internal error: {exc.__class__.__name__}: {exc}")] * len(todo)
-        again = []
-        for (i, req, jr), gen in zip(todo, gens):
-            if isinstance(gen, Exception):
-                results[i] = {"error": str(gen), "status": 500}
-            elif jr is None:
-                results[i] = {
-                    "text": gen.text,
-                    "finish_reason": gen.finish_reason,
-                    "prompt_tokens": gen.prompt_tokens,
-                    "completion_tokens": gen.completion_tokens,
-                }
-            else:
-                last = attempt == 1 or req.sampling.greedy
-                try:
-                    j = judgement_of(
-                        jr.profile,
-                        gen,
-                        prompt_source=jr.prompt.source,
-                        model=judge.backend.info,
-                        load_s=judge.backend.load_s,
-                        unreadable="score" if last else "raise",
-                    )
-                    results[i] = {"judgement": j.model_dump(mode="json")}
-                except VermError:
-                    again.append(
-                        (
-                            i,
-                            Request(
-                                req.images,
-                                req.messages,
-                                req.sampling.with_(seed=req.sampling.seed + 1),
-                                req.grammar,
-                            ),
-                            jr,
-                        )
-                    )
-        if not again:
-            break
-        todo = again
+            return [VermError(f"internal error: {exc.__class__.__name__}: {exc}")] * len(requests)
+
+    out = judge_requests(generate, [r for _, r, _ in built], [read for _, _, read in built])
+    for (i, _, read), result in zip(built, out):
+        if isinstance(result, Exception):
+            results[i] = {"error": str(result), "status": 500}
+        elif read is None:
+            results[i] = {
+                "text": result.text,
+                "finish_reason": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+            }
+        else:
+            results[i] = {"judgement": result.model_dump(mode="json")}
     return [r or {"error": "no result", "status": 500} for r in results]
+
+
+def _reader(judge: Any, jr: Any, judgement_of: Any) -> Any:
+    """The Judgement of one of a judge job's answers: after its last try an unreadable
+    answer is scored with the task's failure values, as the authors' RL scores it."""
+
+    def read(gen: Any, last: bool) -> Any:
+        return judgement_of(
+            jr.profile,
+            gen,
+            prompt_source=jr.prompt.source,
+            model=judge.backend.info,
+            load_s=judge.backend.load_s,
+            unreadable="score" if last else "raise",
+        )
+
+    return read
 
 
 class Worker:
