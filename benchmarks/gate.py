@@ -106,32 +106,59 @@ def interval_of(
     )
 
 
+def median_interval(
+    logs: list[float], confidence: float = CONFIDENCE, level: float | None = None
+) -> Interval:
+    """The median pair ratio with its distribution-free interval (the sign test's order
+    statistics): no assumption on the noise, so a round slowed by another process on a
+    shared runner moves it by one rank, not by its size. Too few pairs for the level: no
+    interval (0 to infinity)."""
+    from scipy.stats import binom
+
+    level = level or confidence
+    x = sorted(logs)
+    n, alpha = len(x), 1 - level
+    center = math.exp(statistics.median(x))
+    d = 0
+    while binom.cdf(d, n, 0.5) <= alpha / 2:  # P(X <= d) for the next order statistic
+        d += 1
+    if d == 0:
+        return Interval(center, 0.0, math.inf, n, confidence, tuple(logs), level=level)
+    return Interval(
+        center, math.exp(x[d - 1]), math.exp(x[n - d]), n, confidence, tuple(logs), level=level
+    )
+
+
 def against_baseline(
     logs: list[float], base: Interval, confidence: float = CONFIDENCE, level: float | None = None
 ) -> Interval:
-    """The current ratio's interval as a comparison with a stored run's pairs (Welch's two
-    samples: the baseline's own noise counts), on the current ratio's scale: baseline x
-    exp(d ± half), d the difference of the mean log-ratios. With no pairs stored for the
-    baseline it is taken as exact (a one-sample interval)."""
+    """The current ratio's interval as a comparison with a stored run's pairs: the
+    Hodges-Lehmann shift between the two samples of log-ratios with its Mann-Whitney
+    interval (distribution-free; the baseline's own noise counts), on the current ratio's
+    scale: baseline x exp(shift). With no pairs stored for the baseline it is taken as
+    exact (`median_interval`)."""
     level = level or confidence
     if len(base.logs) < 2 or len(logs) < 2:
-        return interval_of(logs, confidence, level)
-    # The baseline's value is its pairs' geometric mean; the value stands where a file
-    # says otherwise (an edited baseline), its pairs give the noise.
-    ma, mb = statistics.fmean(logs), math.log(base.value)
-    va, vb = statistics.variance(logs) / len(logs), statistics.variance(base.logs) / len(base.logs)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        half = 0.0
-    else:
-        df = (va + vb) ** 2 / (va**2 / (len(logs) - 1) + vb**2 / (len(base.logs) - 1))
-        half = t_quantile(0.5 + level / 2, max(1, int(df))) * se
-    center = base.value * math.exp(ma - mb)
+        iv = median_interval(logs, confidence, level)
+        return iv
+    from statistics import NormalDist
+
+    m, n = len(logs), len(base.logs)
+    # The baseline's value is its pairs' centre; the value stands where a file says
+    # otherwise (an edited baseline), its pairs give the noise.
+    shift_base = math.log(base.value) - statistics.median(base.logs)
+    diffs = sorted(a - b - shift_base for a in logs for b in base.logs)
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    c = math.floor(m * n / 2 - z * math.sqrt(m * n * (m + n + 1) / 12))
+    center = base.value * math.exp(statistics.median(diffs))
+    if c < 1:
+        return Interval(center, 0.0, math.inf, m, confidence, tuple(logs), level=level)
+    low, high = diffs[c - 1], diffs[m * n - c]
     return Interval(
         center,
-        center * math.exp(-half),
-        center * math.exp(half),
-        len(logs),
+        base.value * math.exp(low),
+        base.value * math.exp(high),
+        m,
         confidence,
         tuple(logs),
         level=level,
@@ -400,7 +427,7 @@ class Sequential:
         target = self.plan.targets.get(key)
         base = Interval.from_dict(target["baseline"]) if target else None
         if base is None:
-            return interval_of(logs, self.plan.confidence, self.plan.level)
+            return median_interval(logs, self.plan.confidence, self.plan.level)
         return against_baseline(logs, base, self.plan.confidence, self.plan.level)
 
     def verdict(self, key: str, iv: Interval) -> str:
