@@ -83,17 +83,16 @@ def predicted_row(row: Row, result: Any) -> dict[str, Any]:
 def predict(
     data: str | Path,
     out: Path,
-    judge: Any,
+    stream: Callable[[], Any],
     *,
     strict: bool = False,
     limit: int | None = None,
-    max_errors: int | None = None,
-    chunk: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Judge every row of `data` not yet in `out` with `judge` (a loaded Judge, or a
-    function returning one: it is only called when there is work), writing `out` as it
-    goes; a summary of the run."""
+    """Judge every row of `data` not yet in `out`, writing `out` as it goes; a summary of
+    the run. `stream()` gives the judging stream (`judge.local_stream` of a Judge, or
+    `raydata.ray_stream`): it is only called when there is work, so a finished run loads
+    no model."""
     from verm_local.fileio import write_json_atomic
 
     rows = read_rows(data, limit=limit)
@@ -110,18 +109,14 @@ def predict(
         write_json_atomic(out, [written[r.key] for r in rows if r.key in written])
 
     if todo:
-        j = judge() if callable(judge) else judge
-        step = chunk or max(8, 4 * j.backend.parallel)
         t0 = time.perf_counter()
-        for start in range(0, len(todo), step):
-            part = todo[start : start + step]
-            results = j.judge_many(
-                [(r.gt, r.pred, r.task) for r in part], max_errors=max_errors, unreadable="score"
-            )
-            for row, result in zip(part, results):
-                written[row.key] = predicted_row(row, result)
+        pairs = [{"gt": r.gt, "pred": r.pred, "task": r.task} for r in todo]
+        n = 0
+        for batch in stream()(pairs):
+            for pos, result in batch:
+                written[todo[pos].key] = predicted_row(todo[pos], result)
             save()
-            n = start + len(part)
+            n += len(batch)
             log.info(
                 "predict: %d/%d rows judged, %.2f rows/s",
                 n,

@@ -214,8 +214,12 @@ def run_serve_bench(
     image_size: tuple[int, int] = (512, 384),
     llama_server: Path | None = None,
     repack: bool | None = None,
+    replicas: int = 1,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Both engines, one after the other, on each workload; the report."""
+    """Both engines, one after the other, on each workload; the report. With `replicas`
+    > 1 the two are `serve --replicas N` on Ray with ground-truth affinity and with Ray's
+    own routing (`--no-affinity`), the same load."""
 
     from verm_local.backends.llamacpp import repack_choice
     from verm_local.convert.llama_sources import llama_server as build_llama_server
@@ -232,7 +236,7 @@ def run_serve_bench(
     hw = probe(with_torch=False)
     threads = threads or hw.threads
     use_repack, _ = repack_choice(repack, resolved.quant)
-    binary = llama_server or build_llama_server()
+    binary = llama_server or (build_llama_server() if replicas == 1 else None)
     tokens = -(-image_size[0] // 32) * -(-image_size[1] // 32)
     n_ctx = context_size(tokens, answer_tokens)
     report: dict[str, Any] = {
@@ -249,7 +253,8 @@ def run_serve_bench(
             "threads": threads,
             "image_size": list(image_size),
             "repack": use_repack,
-            "llama_server": str(binary),
+            "llama_server": str(binary) if binary else None,
+            "replicas": replicas,
         },
         "machine": {
             "cpu": hw.cpu_model,
@@ -259,50 +264,57 @@ def run_serve_bench(
         "workloads": {},
     }
     loads = {w: build_load(w, clients, requests, answer_tokens, image_size) for w in workloads}
-    engines = {
-        "verm-local": [
-            sys.executable,
-            "-m",
-            "verm_local.cli",
-            "serve",
-            "-m",
-            str(resolved.path),
-            "--vision",
-            "gguf",
-            "--parallel",
-            str(parallel),
-            "--threads",
-            str(threads),
-            "--max-tokens",
-            str(answer_tokens),
-            "--image-tokens",
-            str(tokens),
-            "--repack" if use_repack else "--no-repack",
-            "--queue",
-            str(max(64, requests)),
-        ],
-        "llama-server": [
-            str(binary),
-            "-m",
-            str(resolved.path),
-            "--mmproj",
-            str(resolved.mmproj),
-            "-np",
-            str(parallel),
-            "-c",
-            str(n_ctx * parallel),
-            "-t",
-            str(threads),
-            "-tb",
-            str(threads),
-            "--host",
-            "127.0.0.1",
-            "--no-webui",
-            "--image-max-tokens",
-            str(tokens),
-            *([] if use_repack else ["--no-repack"]),
-        ],
-    }
+    verm = [
+        sys.executable,
+        "-m",
+        "verm_local.cli",
+        "serve",
+        "-m",
+        str(resolved.path),
+        "--vision",
+        "gguf",
+        "--parallel",
+        str(parallel),
+        "--threads",
+        str(threads if replicas == 1 else max(1, threads // replicas)),
+        "--max-tokens",
+        str(answer_tokens),
+        "--image-tokens",
+        str(tokens),
+        "--repack" if use_repack else "--no-repack",
+        "--queue",
+        str(max(64, requests)),
+    ]
+    if replicas > 1:
+        on_ray = [*verm, "--replicas", str(replicas), "--replica-cpus", "1"]
+        on_ray += ["--ray-address", ray_address] if ray_address else []
+        engines = {"affinity": on_ray, "ray-routing": [*on_ray, "--no-affinity"]}
+    else:
+        engines = {
+            "verm-local": verm,
+            "llama-server": [
+                str(binary),
+                "-m",
+                str(resolved.path),
+                "--mmproj",
+                str(resolved.mmproj),
+                "-np",
+                str(parallel),
+                "-c",
+                str(n_ctx * parallel),
+                "-t",
+                str(threads),
+                "-tb",
+                str(threads),
+                "--host",
+                "127.0.0.1",
+                "--no-webui",
+                "--image-max-tokens",
+                str(tokens),
+                *([] if use_repack else ["--no-repack"]),
+            ],
+        }
+    report["engines"] = list(engines)
     for name, cmd in engines.items():
         port = free_port()
         cmd = cmd + ["--port", str(port)]
@@ -322,8 +334,9 @@ def run_serve_bench(
                 report["workloads"].setdefault(w, {})[name] = result
         finally:
             server.stop()
+    first, second = report["engines"]
     for r in report["workloads"].values():
-        a, b = r.get("verm-local"), r.get("llama-server")
+        a, b = r.get(first), r.get(second)
         if a and b and b["wall_s"] > 0:
             r["ratio"] = a["wall_s"] / b["wall_s"]
     return report
@@ -331,9 +344,14 @@ def run_serve_bench(
 
 def markdown(report: dict[str, Any]) -> str:
     s, m = report["settings"], report["machine"]
+    first, second = report.get("engines", ["verm-local", "llama-server"])
+    title = (
+        f"serve --replicas {s['replicas']}: ground-truth affinity vs Ray's own routing"
+        if first == "affinity"
+        else "verm-local serve vs llama-server"
+    )
     lines = [
-        f"# verm-local serve vs llama-server ({m['cpu']}, {s['threads']} threads; "
-        f"{report['model']['quant']})",
+        f"# {title} ({m['cpu']}, {s['threads']} threads; {report['model']['quant']})",
         "",
         f"{s['clients']} clients x {s['requests']} requests, {s['parallel']} parallel, "
         f"images {s['image_size'][0]}x{s['image_size'][1]}, answers "
@@ -342,20 +360,20 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *table_head(
             "workload",
-            "verm-local s (tokens)",
-            "llama-server s (tokens)",
+            f"{first} s (tokens)",
+            f"{second} s (tokens)",
             "ratio",
-            "p50 s verm / llama",
-            "failed verm / llama",
+            f"p50 s {first} / {second}",
+            f"failed {first} / {second}",
         ),
     ]
     for w, r in report["workloads"].items():
-        a, b = r.get("verm-local", {}), r.get("llama-server", {})
+        a, b = r.get(first, {}), r.get(second, {})
         lines.append(
             f"| {w} | {a.get('wall_s', 0):.2f} ({a.get('completion_tokens', 0)}) | "
             f"{b.get('wall_s', 0):.2f} ({b.get('completion_tokens', 0)}) | "
             f"{r.get('ratio', float('nan')):.3f} | {a.get('p50_s', 0):.2f} / "
             f"{b.get('p50_s', 0):.2f} | {a.get('failed', 0)} / {b.get('failed', 0)} |"
         )
-    lines += ["", "ratio = verm-local / llama-server wall time (below 1: verm-local faster)."]
+    lines += ["", f"ratio = {first} / {second} wall time (below 1: {first} faster)."]
     return "\n".join(lines) + "\n"

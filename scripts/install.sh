@@ -67,7 +67,28 @@ if [ -z "$WHEEL" ]; then
     WHEEL=$(ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -n1)
 fi
 
+# Model-written code (chart code, SVG, HTML tables) renders only in a sandbox: bubblewrap
+# on Linux, and Chromium for the authors' table renderer. Installed where this script may
+# (root, or passwordless sudo, with apt-get); otherwise it says what is missing and
+# `verm-local doctor` shows the sandbox level verm-local falls back to.
+want=()
+command -v bwrap >/dev/null 2>&1 || want+=(bubblewrap)
+command -v chromium >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1 || want+=(chromium)
+if [ "${#want[@]}" -gt 0 ] && [ "$(uname -s)" = Linux ]; then
+    sudo=()
+    [ "$(id -u)" -ne 0 ] && sudo=(sudo -n)
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null; }; then
+        step "system packages for the render sandbox: ${want[*]}"
+        "${sudo[@]}" apt-get install -y -q "${want[@]}" >/dev/null 2>&1 || {
+            "${sudo[@]}" apt-get update -q >/dev/null 2>&1 &&
+                "${sudo[@]}" apt-get install -y -q "${want[@]}" >/dev/null 2>&1
+        } || echo "install.sh: could not install ${want[*]}; rendering falls back (verm-local doctor)" >&2
+    else
+        echo "install.sh: ${want[*]} not installed (needs root or sudo with apt-get): model-written code renders in a weaker sandbox (verm-local doctor says which), tables need Chromium" >&2
+    fi
+fi
+
 step "verm-local and its dependencies"
 "${PIP[@]}" install -q "$WHEEL"
-"${PIP[@]}" install -q -e ".[convert,gptq,onnx,bench,test]"
+"${PIP[@]}" install -q -e ".[convert,gptq,onnx,bench,test,ray]"
 "$VENV/bin/verm-local" version

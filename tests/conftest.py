@@ -15,15 +15,21 @@ CLI = Path(sys.executable).parent / "verm-local"
 
 
 def run_cli(
-    *args: str, timeout: float = 600, env: dict | None = None
+    *args: str, timeout: float = 600, env: dict | None = None, input_text: str | None = None
 ) -> subprocess.CompletedProcess:
-    """Run the installed `verm-local` console script in a subprocess."""
+    """Run the installed `verm-local` console script in a subprocess (`input_text` on its
+    stdin)."""
     cmd = [str(CLI)] if CLI.exists() else [sys.executable, "-m", "verm_local.cli"]
     full_env = dict(os.environ)
     full_env.pop("VERM_LOCAL_DEBUG", None)
     full_env.update(env or {})
     return subprocess.run(
-        cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=full_env
+        cmd + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        input=input_text,
     )
 
 

@@ -53,7 +53,17 @@ LAYERS = [
     {"hardware", "select", "crash", "runtime"},
     {"backends", "vision_onnx"},
     {"judge"},
-    {"client", "server", "benchmarks", "convert", "store", "doctor"},
+    {
+        "client",
+        "server",
+        "benchmarks",
+        "convert",
+        "store",
+        "doctor",
+        "refine",
+        "integrations",
+        "raydata",
+    },
     {"cli", "__init__"},
 ]
 

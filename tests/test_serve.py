@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -39,9 +40,12 @@ def _url(path: Path) -> str:
 
 
 class Served:
-    def __init__(self, model: Path, *args: str, env: dict | None = None):
+    def __init__(self, model: Path, *args: str, env: dict | None = None, startup: float = 120):
         self.port = _port()
         self.base = f"http://127.0.0.1:{self.port}"
+        # The server's output goes to a file: an undrained pipe blocks a chatty server
+        # (Ray's start-up logs fill it) before it ever listens.
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="verm-serve-", suffix=".log")
         self.proc = subprocess.Popen(
             [
                 str(CLI),
@@ -58,20 +62,24 @@ class Served:
                 "64",
                 *args,
             ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **(env or {})},
         )
-        deadline = time.time() + 120
+        deadline = time.time() + startup
         while time.time() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert self.proc.poll() is None, self.output()[-3000:]
             try:
                 self.health = self.get("/health")
                 return
-            except OSError:
+            except (OSError, AssertionError):  # not listening yet, or not ready (Ray)
                 time.sleep(0.5)
-        raise AssertionError("server did not come up")
+        raise AssertionError(f"server did not come up: {self.output()[-3000:]}")
+
+    def output(self) -> str:
+        """What the server printed so far."""
+        return Path(self.log.name).read_text(errors="replace")
 
     def request(
         self, method: str, path: str, body: bytes | None = None, key: str | None = "k"
@@ -116,7 +124,10 @@ class Served:
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        try:
+            return self.proc.wait(60)
+        finally:
+            self.log.close()
 
 
 @pytest.fixture(scope="module")

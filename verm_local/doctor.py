@@ -13,6 +13,7 @@ from .hardware import Hardware, probe
 from .memory import estimate_llamacpp
 from .paths import installed
 from .runtime import plan_here
+from .sandbox import level as sandbox_level
 from .select import Plan
 from .settings import describe, settings
 
@@ -68,5 +69,6 @@ def doctor(
         },
         "memory": memory_breakdown(plan),
         "store": {"variant": plan.variant, "path": str(path) if path else None},
+        "sandbox": sandbox_level().to_dict(),
         "settings": describe(),
     }

@@ -167,6 +167,9 @@ def judgement_of(
         prompt_tokens=gen.prompt_tokens,
         image_tokens=gen.image_tokens,
         completion_tokens=gen.completion_tokens,
+        forward_passes=gen.forward_passes,
+        drafted=gen.drafted,
+        accepted=gen.accepted,
     )
     fields = {"prompt_source": prompt_source, "timings": timings}
     if model is not None:
@@ -284,6 +287,7 @@ class Judge:
         kv_type: str | None = None,
         flash_attn: bool | None = None,
         n_ubatch: int | None = None,
+        speculate: bool = True,
         **renamed: Any,
     ):
         old = _renamed(
@@ -368,6 +372,7 @@ class Judge:
             kv_type=kv_type,
             flash_attn=flash_attn,
             n_ubatch=n_ubatch or pre.n_ubatch,
+            speculate=speculate,
         )
         self.backend.load_s += encoder_load_s  # the ONNX session is part of loading
 
@@ -564,36 +569,87 @@ def _profiles() -> list[TaskProfile]:
     return list(PROFILES.values())
 
 
+def pair_row(p: dict[str, Any], result: Any) -> dict[str, Any]:
+    """One line of `judge --pairs` output: the pair's id and line, and its judgement (or
+    the error)."""
+    head = {"id": p["id"], "line": p["line"]}
+    if isinstance(result, Exception):
+        return {**head, "task": p["task"].name, "error": str(result)}
+    return {**head, **result.model_dump(mode="json")}
+
+
+PairStream = Callable[[list[dict[str, Any]]], Any]
+
+
+def local_stream(j: Judge, **kwargs: Any) -> PairStream:
+    """Pairs judged by a loaded Judge, a chunk at a time (so the output is written as it
+    goes): yields lists of (position, result)."""
+
+    def stream(todo: list[dict[str, Any]]) -> Any:
+        step = max(8, 4 * j.backend.parallel)
+        for start in range(0, len(todo), step):
+            part = todo[start : start + step]
+            results = j.judge_many([(p["gt"], p["pred"], p["task"]) for p in part], **kwargs)
+            yield [(start + k, r) for k, r in enumerate(results)]
+
+    return stream
+
+
+def _pair_key(row: dict[str, Any]) -> str:
+    return json.dumps([row.get("id"), row.get("line")])
+
+
 def judge_file(
-    j: Judge,
+    stream: PairStream,
     pairs: list[dict[str, Any]],
     out: Path | None = None,
     *,
     progress: Callable[[int, int], None] | None = None,
-    **kwargs: Any,
 ) -> tuple[str, int, int]:
-    """Judge every pair of `read_pairs` (grouped by ground truth); the JSONL of the
-    results (written atomically to `out` when given), how many failed and how many came
-    back incomplete."""
+    """Judge every pair of `read_pairs` with `stream` (`local_stream`, or the Ray Data
+    pool of `raydata.py`), grouped by ground truth; the JSONL of the results in the
+    file's order, how many failed and how many came back incomplete. With `out`, the file
+    is rewritten (atomically) after each chunk, and pairs it already holds are kept and
+    not judged again: a stopped run resumes."""
     from .fileio import atomic_output
 
-    results = j.judge_many(
-        [(p["gt"], p["pred"], p["task"]) for p in pairs], progress=progress, **kwargs
-    )
-    lines, failed, incomplete = [], 0, 0
-    for p, r in zip(pairs, results):
-        if isinstance(r, Exception):
-            failed += 1
-            row = {"id": p["id"], "task": p["task"].name, "error": str(r)}
-        else:
-            incomplete += not r.complete
-            row = {"id": p["id"], **r.model_dump(mode="json")}
-        lines.append(json.dumps(row))
-    text = "\n".join(lines) + "\n"
-    if out is not None:
+    rows: dict[str, dict[str, Any]] = {}
+    if out is not None and out.is_file():
+        for line in out.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "line" in row and "error" not in row:
+                rows[_pair_key(row)] = row
+    wanted = {_pair_key(p) for p in pairs}
+    rows = {k: v for k, v in rows.items() if k in wanted}
+    todo = sorted(
+        (p for p in pairs if _pair_key(p) not in rows), key=lambda p: str(p["gt"])
+    )  # grouped by ground truth: a group's shared prefix is evaluated once
+
+    def text() -> str:
+        return "".join(json.dumps(rows[k]) + "\n" for k in map(_pair_key, pairs) if k in rows)
+
+    done = len(pairs) - len(todo)
+    if progress is not None and done:
+        progress(done, len(pairs))
+    for batch in stream(todo) if todo else ():
+        for pos, result in batch:
+            rows[_pair_key(todo[pos])] = pair_row(todo[pos], result)
+        done += len(batch)
+        if out is not None:
+            with atomic_output(out) as tmp:
+                tmp.write_text(text(), encoding="utf-8")
+        if progress is not None:
+            progress(done, len(pairs))
+    final = [rows[_pair_key(p)] for p in pairs]
+    failed = sum("error" in r for r in final)
+    incomplete = sum(not r.get("complete", True) for r in final if "error" not in r)
+    if out is not None and not todo:
         with atomic_output(out) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-    return text, failed, incomplete
+            tmp.write_text(text(), encoding="utf-8")
+    return text(), failed, incomplete
 
 
 def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, Any]]:
@@ -610,7 +666,9 @@ def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, 
                 check_image(p, prep)
             except InputError as exc:
                 raise InputError(f"{row.where}: {exc}") from None
-        out.append({"id": row.id, "gt": row.gt, "pred": row.pred, "task": row.task})
+        out.append(
+            {"id": row.id, "line": row.number, "gt": row.gt, "pred": row.pred, "task": row.task}
+        )
     return out
 
 

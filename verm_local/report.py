@@ -111,7 +111,12 @@ def _human(key: str, value: object) -> str:
 
 
 def print_doctor(
-    hw, plan, path, settings_rows: list[dict] | None = None, console: Console | None = None
+    hw,
+    plan,
+    path,
+    settings_rows: list[dict] | None = None,
+    console: Console | None = None,
+    sandbox: dict | None = None,
 ) -> None:
     """`verm-local doctor`: the hardware record, the plan and its reasons."""
     console = console or Console(highlight=False)
@@ -166,6 +171,9 @@ def print_doctor(
         console.print(f"  why      {reason}", markup=False)
     where = str(path) if path else f"not in the store: run `verm-local pull {plan.variant}`"
     console.print(f"  store    {where}", markup=False)
+    if sandbox is not None:
+        console.print("[bold]sandbox[/bold] (where model-written code renders)")
+        console.print(f"  level    {sandbox['name']}: {sandbox['reason']}", markup=False)
     if settings_rows:
         table = Table(title="settings (environment)", title_justify="left")
         for col in ("variable", "value", "description"):

@@ -46,14 +46,15 @@ NOBODY = 65534
 @dataclass(frozen=True)
 class Limits:
     """What a render may use. `memory_bytes` bounds private writable memory (RLIMIT_DATA,
-    which a browser's address-space reservations do not count against); `processes` is
-    the tasks (processes and threads) it may start; `disk_bytes` the size of its
+    which a browser's address-space reservations do not count against); `processes` the
+    tasks it may start beyond the user's (0: no new process at all, threads only, by a
+    seccomp filter: what a renderer of one chart needs); `disk_bytes` the size of its
     writable tmpfs (bwrap level)."""
 
     memory_bytes: int = 2 << 30
     cpu_s: int = 60
     file_bytes: int = 64 << 20
-    processes: int = 64
+    processes: int = 0  # new processes it may start (0: none, threads only)
     timeout_s: float = 30.0
     disk_bytes: int = 256 << 20
     output_bytes: int = 64 << 20
@@ -75,10 +76,15 @@ class Level:
 
 _cache: dict[str, Level] = {}
 
-# Set limits, drop root, then become the renderer. Run as `python -I -S -c`: the
-# standard library alone, nothing from the caller's environment.
+# The launcher: set the limits, drop root, then lock the process in before becoming the
+# renderer: a Landlock ruleset (the filesystem: read-only where the renderer reads,
+# read-write in its own work directory, nothing else) where the kernel has Landlock and
+# a seccomp filter (socket() for IPv4/IPv6 fails with EACCES, io_uring is refused, and
+# without `processes` no new process can start: clone without CLONE_THREAD, fork and
+# vfork fail), both under no_new_privs so nothing regains rights. Run as
+# `python -I -S -c`: the standard library alone, nothing from the caller's environment.
 _LAUNCHER = r"""
-import json, os, resource, sys
+import ctypes, json, os, platform, resource, struct, sys
 cfg = json.loads(sys.argv[1])
 for name, value in cfg["rlimits"].items():
     resource.setrlimit(getattr(resource, name), (value, value))
@@ -86,15 +92,79 @@ if cfg.get("uid") is not None:
     os.setgroups([])
     os.setgid(cfg["uid"])
     os.setuid(cfg["uid"])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+libc.syscall.restype = ctypes.c_long
+libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+linux = sys.platform.startswith("linux")
+if linux and cfg.get("landlock"):
+    abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(VERSION)
+    if abi >= 1:
+        every = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)
+        read = 1 | 4 | 8  # EXECUTE, READ_FILE, READ_DIR
+        attr = struct.pack("Q", every)
+        rs = libc.syscall(444, ctypes.c_char_p(attr), len(attr), 0)
+        if rs < 0:
+            sys.exit("verm-local sandbox: Landlock refused the ruleset")
+        for paths, access in ((cfg["landlock"]["read"], read), (cfg["landlock"]["write"], every)):
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                rule = struct.pack("=Qi", access if os.path.isdir(path) else access & 7, fd)
+                libc.syscall(445, rs, 1, ctypes.c_char_p(rule), 0)  # PATH_BENEATH
+                os.close(fd)
+        if libc.syscall(446, rs, 0) != 0:  # landlock_restrict_self
+            sys.exit("verm-local sandbox: Landlock could not be applied")
+arch = {"x86_64": (0xC000003E, 41, 425, 56, (57, 58), 435),
+        "aarch64": (0xC00000B7, 198, 425, 220, (), 435)}.get(platform.machine())
+if linux and arch is not None:
+    audit, nr_socket, nr_uring, nr_clone, nr_forks, nr_clone3 = arch
+    LD, JEQ, JSET, RET = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JSET|K, RET|K
+    ALLOW, EACCES, ENOSYS = 0x7FFF0000, 0x00050000 | 13, 0x00050000 | 38
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, audit), (RET, 0, 0, ALLOW), (LD, 0, 0, 0)]
+    prog += [(JEQ, 0, 1, nr_uring), (RET, 0, 0, EACCES)]
+    if cfg.get("no_network"):
+        prog += [(JEQ, 0, 5, nr_socket), (LD, 0, 0, 16), (JEQ, 1, 0, 2), (JEQ, 0, 1, 10),
+                 (RET, 0, 0, EACCES), (LD, 0, 0, 0)]
+    if not cfg.get("processes"):  # threads only: clone with CLONE_THREAD
+        for nr in nr_forks:
+            prog += [(JEQ, 0, 1, nr), (RET, 0, 0, EACCES)]
+        prog += [(JEQ, 0, 1, nr_clone3), (RET, 0, 0, ENOSYS)]  # glibc falls back to clone
+        prog += [(JEQ, 0, 3, nr_clone), (LD, 0, 0, 16), (JSET, 1, 0, 0x10000),
+                 (RET, 0, 0, EACCES)]
+    prog += [(RET, 0, 0, ALLOW)]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
+    fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(code)))
+    if libc.prctl(22, 2, ctypes.addressof(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+        sys.exit("verm-local sandbox: the seccomp filter could not be set")
 os.execvpe(sys.argv[2], sys.argv[2:], cfg["env"])
 """
 
 
 def level() -> Level:
-    """The strongest sandbox this machine offers (probed once per process)."""
-    if "level" not in _cache:
-        _cache["level"] = _probe()
-    return _cache["level"]
+    """The sandbox renders run in: the strongest this machine offers (probed once per
+    process), or a weaker one the `sandbox` setting asks for."""
+    from .settings import settings
+
+    want = settings().sandbox
+    key = f"level-{want}"
+    if key not in _cache:
+        best = _probe()
+        rank = {name: i for i, name in enumerate(LEVELS)}
+        if want != "auto" and rank[want] > rank[best.name]:
+            best = _weaker(want)
+        elif want == "bwrap" and best.name != "bwrap":
+            raise SandboxError(f"VERM_LOCAL_SANDBOX=bwrap, but {best.reason}")
+        _cache[key] = best
+    return _cache[key]
+
+
+def _weaker(name: str) -> Level:
+    if name == "none":
+        return Level("none", "VERM_LOCAL_SANDBOX=none")
+    return _limited("VERM_LOCAL_SANDBOX=limited")
 
 
 def _reachable(path: Path, uid: int) -> bool:
@@ -133,13 +203,7 @@ def _probe() -> Level:
             reason = f"bubblewrap cannot create its namespaces here ({why})"
         else:
             reason = "bubblewrap (bwrap) is not installed (apt-get install bubblewrap)"
-        user = NOBODY if root and _reachable(Path(sys.executable), NOBODY) else None
-        tail = "" if user is not None or not root else "; the renderer runs as root"
-        return Level(
-            "limited",
-            f"{reason}: resource limits only, the network and files stay reachable{tail}",
-            user,
-        )
+        return _limited(reason)
     if sys.platform == "darwin" and shutil.which("sandbox-exec"):
         return Level(
             "limited",
@@ -150,6 +214,35 @@ def _probe() -> Level:
     if os.name == "posix":
         return Level("limited", "resource limits only (no namespaces on this system)")
     return Level("none", "no sandbox on this platform")
+
+
+def _limited(reason: str) -> Level:
+    """The limited level on Linux: Landlock (where the kernel has it) for the files, a
+    seccomp filter for the network and processes, resource limits; as nobody when
+    started as root and nobody can reach the interpreter."""
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    user = NOBODY if root and _reachable(Path(sys.executable).resolve(), NOBODY) else None
+    parts = ["a seccomp filter (no network, no new processes)", "resource limits"]
+    if _landlock_abi() >= 1:
+        parts.insert(
+            0, "Landlock (only the renderer's files readable, writes only in its directory)"
+        )
+    else:
+        parts.append("the user's files stay readable (no Landlock in this kernel)")
+    if root and user is None:
+        parts.append("the renderer runs as root")
+    return Level("limited", f"{reason}: " + ", ".join(parts), user)
+
+
+def _landlock_abi() -> int:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        return int(libc.syscall(444, None, 0, 1))
+    except (OSError, AttributeError):
+        return -1
 
 
 def _system_dirs() -> list[Path]:
@@ -203,16 +296,37 @@ def _wrap(
     return [*cmd, "--chdir", HOME, "--"] + argv
 
 
-def _launcher(argv: list[str], limits: Limits, uid: int | None, env: dict[str, str]) -> list[str]:
+def _launcher(
+    argv: list[str],
+    limits: Limits,
+    uid: int | None,
+    env: dict[str, str],
+    landlock: dict[str, list[str]] | None = None,
+) -> list[str]:
     rlimits = {
         "RLIMIT_DATA": limits.memory_bytes,
         "RLIMIT_CPU": int(limits.cpu_s),
         "RLIMIT_FSIZE": limits.file_bytes,
-        "RLIMIT_NPROC": _nproc(limits.processes, uid),
         "RLIMIT_CORE": 0,
     }
-    cfg = {"rlimits": rlimits, "uid": uid, "env": env}
+    if limits.processes:
+        rlimits["RLIMIT_NPROC"] = _nproc(limits.processes, uid)
+    cfg = {
+        "rlimits": rlimits,
+        "uid": uid,
+        "env": env,
+        "no_network": True,
+        "processes": limits.processes,
+        "landlock": landlock,
+    }
     return [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(cfg), *argv]
+
+
+def _landlock_paths(workdir: Path, ro: list[Path]) -> dict[str, list[str]]:
+    """The limited level's filesystem: read where the renderer reads, write in its own
+    work directory (and the null device)."""
+    read = [*map(str, _system_dirs()), *map(str, ro), "/etc", "/dev", "/proc", "/sys"]
+    return {"read": read, "write": [str(workdir), "/dev/null"]}
 
 
 def _nproc(limit: int, uid: int | None) -> int:
@@ -288,9 +402,12 @@ def run(
             launch = _launcher(inner, limits, lvl.user, inside_env)
             cmd = _wrap(launch, workdir, limits, lvl.tools["bwrap"], lvl.user is not None, list(ro))
         else:
+            landlock = None
             if "sandbox-exec" in lvl.tools:
                 inner = [lvl.tools["sandbox-exec"], "-p", _darwin_profile(workdir), *inner]
-            cmd = _launcher(inner, limits, lvl.user, inside_env)
+            elif sys.platform.startswith("linux"):
+                landlock = _landlock_paths(workdir, list(ro))
+            cmd = _launcher(inner, limits, lvl.user, inside_env, landlock)
         proc = subprocess.Popen(
             cmd,
             cwd=workdir,

@@ -40,6 +40,11 @@ class Timings(BaseModel):
     prompt_tokens: int = 0  # image tokens included
     image_tokens: int = 0
     completion_tokens: int = 0
+    # Decode calls of the answer (fewer than completion_tokens when drafted text was kept),
+    # tokens drafted from the grammar, drafted tokens kept (speculative decoding).
+    forward_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
 
 class Judgement(BaseModel):

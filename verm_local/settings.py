@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     table_fail_reward: float | None = Field(
         None, description="table reward for an unreadable answer or any failure (default -4)."
     )
+    sandbox: Literal["auto", "bwrap", "limited", "none"] = Field(
+        "auto",
+        description="The sandbox model-written code renders in: auto (the strongest "
+        "this machine offers), or a weaker level on purpose (limited, none).",
+    )
     unsafe_render: bool = Field(
         False,
         description="Render model-written code even where no sandbox is available "
@@ -87,6 +92,14 @@ class Settings(BaseSettings):
         None,
         description="Testing only: raise this signal (SEGV, ABRT, ILL, BUS) at the "
         "first native step, to check crash reporting.",
+    )
+    reward_url: str | None = Field(
+        None,
+        description="RL integrations (verl, OpenRLHF, TRL): the reward server, one Ray Serve "
+        "URL or a comma-separated list of `verm-local serve` URLs.",
+    )
+    policy_api_key: str | None = Field(
+        None, description="refine: the policy endpoint's key (default: OPENAI_API_KEY)."
     )
     openai_api_key: str | None = Field(
         None,

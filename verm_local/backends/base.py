@@ -31,6 +31,10 @@ class Request:
     sampling: Sampling = field(default_factory=Sampling)
     grammar: str | None = None
     reuse_prefix: bool = True  # False: evaluate the whole prompt, leave the cache alone
+    # Teacher forcing: the answer is these tokens (then the end), whatever the logits, and
+    # goes through the decode loop as a generated one would (benchmarks replay known
+    # answers: `benchmarks/speculate.py`). It must be one the grammar allows.
+    forced: list[int] | None = None
 
 
 def user_turn(
@@ -67,6 +71,11 @@ class Generation:
     vision_s: float
     prefill_s: float  # vision encoding + all prompt decoding
     decode_s: float
+    # Decode calls the answer took (with drafts of grammar-dictated text, fewer than its
+    # tokens: `batch.BatchEngine`), tokens drafted, drafted tokens kept. 0: not counted.
+    forward_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
 
 class Backend(Protocol):

@@ -17,6 +17,23 @@ the end of it moves, with every other sequence's cells, into a context of the wh
 (prompt + cap) and carries on: the same answer, and the KV cache of the full cap is paid
 for only by the answers that need it.
 
+Much of an answer is text the grammar dictates (keys, quotes, the rest of a category
+name once its first letters are out). With `speculate`, each step drafts that text's
+tokens after a sequence's new token (`GrammarArgmax.forced`) and decodes them in the same
+call; each drafted token is then kept only while the sequence's own sampler, run on the
+logits before it, picks it (greedy or seeded draws alike: the sampler runs once per
+answer token either way, so the answer follows the model's distribution as decoding
+without drafts does); the first token it picks instead is the next step's token, and the cells
+of the drafts after it are removed. A decode of a few more rows costs about one step
+where decoding is bound by reading the weights; on a CPU of few cores a row costs more
+(see MIN_KEPT), so a sequence whose drafts are mostly refused pauses drafting.
+
+The answer is the one decoding without drafts gives up to rounding: llama.cpp's CPU
+kernels round a decode of several rows a little differently from a decode of one (up to
+0.2 on the logits of the 8B shape with random weights), exactly as they do when requests
+decode together in a batch, so a near-tie between two tokens can go the other way.
+`speculate=False` decodes one row per sequence per step.
+
 Prefixes stay in the cache (LRU over `prefix_cache` sequences), so a later batch with
 the same ground truth reuses it too. Trimming a sequence back and evaluating from the
 cached prefix gives the logits of a full evaluation (tests/test_serve.py checks the
@@ -37,7 +54,7 @@ from ..events import stage
 from ..memory import ANSWER_RESERVE, release_heap
 from . import native
 from .base import Generation, ImageEmbedding, Request
-from .sampling import TokenSampler
+from .sampling import ForcedSampler, TokenSampler
 
 
 @dataclass
@@ -68,6 +85,13 @@ class _Seq:
     prompt_text: list[int] = field(default_factory=list)
     error: Exception | None = None
     prefill_s: float = 0.0
+    pending: int | None = None  # sampled on a draft's logits, not yet decoded
+    drafts: list[int] = field(default_factory=list)  # decoded after this step's token
+    passes: int = 0  # decode calls this sequence's answer took part in
+    drafted: int = 0
+    accepted: int = 0
+    kept_share: float = 1.0  # moving average of the share of a draft kept
+    idle: int = 0  # tokens since drafting paused (kept_share too low)
 
 
 class PrefixCache:
@@ -116,9 +140,15 @@ class BatchEngine:
         flash_attn: bool | None = None,
         kv_type: str | None = None,
         n_ubatch: int = 512,
+        speculate: bool = True,
     ):
         self.b = backend
         self.parallel = parallel
+        self.speculate = speculate
+        # Totals since the engine started (reports, /metrics): decode calls of answers,
+        # tokens drafted, drafted tokens kept.
+        self.forward_passes = self.drafted = self.accepted = 0
+        self._draft_tokens: OrderedDict[bytes, list[int]] = OrderedDict()
         self.prefix_cache = prefix_cache
         # None: each batch gets a context of what its requests need (prompt + answer cap),
         # allocated after their images are encoded; it grows when a later batch needs more.
@@ -369,6 +399,11 @@ class BatchEngine:
         """The sequence's sampler, over the loaded model's vocabulary."""
         picker = self.b.picker
         picker.exhaustive = not self.b.fast_grammar
+        if s.request.forced is not None:
+            s.sampler = ForcedSampler(
+                picker, s.request.forced, s.request.grammar, max_tokens=s.max_tokens
+            )
+            return
         s.sampler = TokenSampler(
             picker, s.request.sampling, s.request.grammar, s.max_tokens, prompt_tokens=s.prompt_text
         )
@@ -449,17 +484,87 @@ class BatchEngine:
     # -- the batch ----------------------------------------------------------------------
 
     def _sample_all(self, active: list[_Seq]) -> list[int | None]:
-        """The next token of every active sequence; None for a sequence whose sampling
-        failed (its error is set). Serial: with the shortlists and byte-prefix candidates
-        this is 0.5-1 ms per token, and a thread pool measured no faster."""
+        """The next token of every active sequence (one sampled on a draft's logits and
+        not yet decoded, else sampled now); None for a sequence whose sampling failed (its
+        error is set). Serial: with the shortlists and byte-prefix candidates this is
+        0.5-1 ms per token, and a thread pool measured no faster."""
         out: list[int | None] = []
         for s in active:
+            if s.pending is not None:
+                out.append(s.pending)
+                s.pending = None
+                continue
             try:
                 out.append(s.sampler(s.logits))
             except VermError as exc:
                 s.error = exc
                 out.append(None)
         return out
+
+    # The longest draft, in tokens: the longest fixed runs of the answers (a key with its
+    # quotes, the rest of a category name) are under 10 tokens.
+    MAX_DRAFT = 16
+    # A row of a decode is not free on a CPU (on the 8B shape, 2 cores, each extra row
+    # cost ~70% of a one-row step), so a sequence whose drafts are mostly refused (a
+    # model that tokenizes the dictated text its own way) stops drafting while the moving
+    # average of the share kept is under MIN_KEPT, and tries again every RETRY tokens.
+    MIN_KEPT = 0.5
+    RETRY = 16
+
+    def _draft(self, s: _Seq, tok: int) -> list[int]:
+        """The tokens of the text the grammar dictates after `tok` (none without a grammar
+        or with speculation off), at most what the answer's cap leaves."""
+        room = min(self.MAX_DRAFT, s.max_tokens - len(s.out))
+        if not self.speculate or s.sampler.grammar is None or room <= 0:
+            return []
+        if s.kept_share < self.MIN_KEPT:
+            s.idle += 1
+            if s.idle < self.RETRY:
+                return []
+            s.idle = 0
+        text = self.b.picker.forced(s.sampler.grammar, self.b.piece(tok))
+        if not text:
+            return []
+        tokens = self._draft_tokens.get(text)
+        if tokens is None:
+            tokens = self._draft_tokens[text] = self.b.draft_tokens(text)
+            if len(self._draft_tokens) > 4096:
+                self._draft_tokens.popitem(last=False)
+        return tokens[:room]
+
+    def _verify(self, s: _Seq, base: int) -> None:
+        """After a decode of a sequence's token (row `base`) and its drafts (the rows after
+        it): keep each draft its sampler picks on the logits before it; the first pick
+        that differs waits as the next step's token and the cells of the drafts from there
+        on are removed. Leaves `s.logits` at the last kept row."""
+        s.n_past += 1
+        logits = self.ctx.logits(base, copy=False)
+        if not s.drafts:
+            s.logits = logits
+            return
+        before = s.accepted
+        self._check_drafts(s, base, logits)
+        s.kept_share = (s.kept_share + (s.accepted - before) / len(s.drafts)) / 2
+
+    def _check_drafts(self, s: _Seq, base: int, logits: np.ndarray) -> None:
+        for j, d in enumerate(s.drafts):
+            try:
+                t = s.sampler(logits)
+            except VermError as exc:
+                s.error = exc
+                return
+            if t != d:
+                s.pending = t
+                self.ctx.seq_rm(s.seq, s.n_past, -1)
+                return
+            s.accepted += 1
+            s.out.append(t)
+            s.n_past += 1
+            logits = self.ctx.logits(base + 1 + j, copy=False)
+            if len(s.out) >= s.max_tokens:
+                s.finish = "length"
+                return
+        s.logits = logits
 
     def run(self, requests: list[Request]) -> list[Generation | VermError]:
         """Generate for every request (at most `parallel` at once); errors per request."""
@@ -501,6 +606,7 @@ class BatchEngine:
                 if len(s.out) >= s.max_tokens:
                     s.finish = "length"
                     continue
+                s.drafts = self._draft(s, tok)
                 rows.append((s, tok))
             active = [s for s, _ in rows]
             if not active:
@@ -508,21 +614,31 @@ class BatchEngine:
             # KV cells, not positions (an image takes fewer positions than cells).
             if (
                 not self.fixed_ctx
-                and max(s.prompt_tokens + len(s.out) for s in active) > self.n_ctx
+                and max(s.prompt_tokens + len(s.out) + len(s.drafts) for s in active) > self.n_ctx
             ):
                 self._grow(max(s.prompt_tokens + s.max_tokens + 1 for s in active))
+            batch, bases = [], []
+            for s, tok in rows:
+                bases.append(len(batch))
+                batch.append((tok, s.n_past, s.seq, True))
+                batch.extend((d, s.n_past + 1 + j, s.seq, True) for j, d in enumerate(s.drafts))
+                s.passes += 1
+                s.drafted += len(s.drafts)
             try:
-                self.ctx.decode([(tok, s.n_past, s.seq, True) for s, tok in rows])
+                self.ctx.decode(batch)
             except VermError as exc:
                 for s in active:
                     s.error = exc
                 break
-            for i, s in enumerate(active):
-                s.n_past += 1
-                s.logits = self.ctx.logits(i, copy=False)
+            for s, base in zip(active, bases):
+                self._verify(s, base)
+            active = [s for s in active if s.error is None and not s.finish]
         decode_s = time.perf_counter() - t_decode
         self.last_tokens += sum(len(s.out) for s in seqs)
         self.last_decode_s += decode_s
+        self.forward_passes += sum(s.passes for s in seqs)
+        self.drafted += sum(s.drafted for s in seqs)
+        self.accepted += sum(s.accepted for s in seqs)
         out: list[Generation | VermError] = []
         for s in seqs:
             if s.sampler is not None:
@@ -542,6 +658,9 @@ class BatchEngine:
                     vision_s=s.vision_s,
                     prefill_s=s.prefill_s,
                     decode_s=decode_s,
+                    forward_passes=s.passes,
+                    drafted=s.drafted,
+                    accepted=s.accepted,
                 )
             )
         return out

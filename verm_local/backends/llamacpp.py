@@ -138,6 +138,7 @@ class LlamaCppBackend:
         kv_type: str | None = None,
         n_ubatch: int = 512,
         one_shot: bool = False,
+        speculate: bool = True,
     ):
         from .batch import BatchEngine
 
@@ -189,6 +190,7 @@ class LlamaCppBackend:
                 flash_attn=flash_attn,
                 kv_type=kv_type,
                 n_ubatch=n_ubatch,
+                speculate=speculate,
             )
         except BaseException:
             self.close()
@@ -416,6 +418,9 @@ class LlamaCppBackend:
             "prefix_misses": b.cache.misses,
             "context_tokens": b.n_ctx,
             "context_grows": b.grown,
+            "forward_passes": b.forward_passes,
+            "drafted": b.drafted,
+            "accepted": b.accepted,
         }
 
     def detokenize(self, tokens: list[int]) -> str:
@@ -423,6 +428,15 @@ class LlamaCppBackend:
 
     def is_eog(self, token: int) -> bool:
         return self.model.is_eog(token)
+
+    def piece(self, token: int) -> bytes:
+        """A token's bytes as generated text."""
+        return self.model.piece(token)
+
+    def draft_tokens(self, text: bytes) -> list[int]:
+        """The tokens a text tokenizes to on its own (the answers' usual tokenization of
+        grammar-dictated text: a draft)."""
+        return self.model.tokenize(text.decode("utf-8", errors="replace"))
 
     # -- generation -------------------------------------------------------------------
 

@@ -95,6 +95,52 @@ class GrammarArgmax:
             [ix.order[ix.start[g] : ix.start[g + 1]] for g in groups.tolist()] + [ix.eog]
         )
 
+    def forced(self, grammar: Any, after: bytes = b"", limit: int = 64) -> bytes:
+        """The text the grammar dictates next, for drafting (`batch.BatchEngine`
+        speculates on it): one byte at a time while exactly one byte may come next and the
+        answer may not end, asked of a copy of the grammar through the one-byte tokens
+        (`after`: the text just generated, whose last byte the layout rule looks at).
+        Where the grammar leaves only whitespace open (JSON's optional spaces), the draft
+        follows the trained answers' layout (`json.dumps` separators: a space after `:` and
+        `,`, none elsewhere). A draft is a guess: every drafted token is kept only if the
+        sequence's own sampler picks it, so a wrong one costs a row of a batch, never an
+        answer. ASCII only (a multi-byte character ends the draft)."""
+        ix = self.index
+        probe, zeros = ix.probe
+        out = bytearray()
+        copy = None
+        g = grammar
+        try:
+            while len(out) < limit:
+                ok = self.allowed(g, probe, zeros)
+                if len(ok) == 0 or ok[-1] in ix.eog_set:  # the answer may end here
+                    break
+                pick = self._canonical(ix.first[ok], bytes(out[-1:]) or after[-1:])
+                if pick is None:
+                    break
+                if copy is None:
+                    copy = g = self.lc.llama_sampler_clone(grammar)
+                self.lc.llama_sampler_accept(g, int(ok[pick]))
+                out.append(int(ix.first[ok[pick]]))
+        finally:
+            if copy is not None:
+                self.lc.llama_sampler_free(copy)
+        return bytes(out)
+
+    @staticmethod
+    def _canonical(allowed: np.ndarray, before: bytes) -> int | None:
+        """Which of the allowed next bytes a draft takes: the only one, or where the rest
+        is optional whitespace, the trained layout's choice; None: no guess."""
+        if len(allowed) == 1:
+            return 0 if allowed[0] < 0x80 else None
+        space = np.flatnonzero(allowed == 0x20)
+        if before in (b":", b",") and len(space):
+            return int(space[0])
+        other = np.flatnonzero(~np.isin(allowed, (0x20, 0x0A, 0x09)))
+        if before not in (b":", b",") and len(other) == 1 and allowed[other[0]] < 0x80:
+            return int(other[0])
+        return None
+
     def __call__(self, grammar: Any, logits: np.ndarray) -> int:
         if self.exhaustive:
             ok = self.allowed(grammar, np.arange(self.n_vocab, dtype=np.int32), logits)
@@ -235,6 +281,25 @@ class TokenSampler:
         return pick.select(self.chain, logits, np.union1d(ok_top[:k], ok_seen).astype(np.int32))
 
 
+class ForcedSampler(TokenSampler):
+    """A `TokenSampler` that picks the given tokens in order, then an end-of-generation
+    token (teacher forcing: `Request.forced`), its grammar following them."""
+
+    def __init__(self, pick: GrammarArgmax, forced: list[int], grammar: str | None, **kw: Any):
+        super().__init__(pick, Sampling(), grammar, **kw)
+        self.forced = list(forced)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        i = len(self.out)
+        tok = self.forced[i] if i < len(self.forced) else int(self.pick.index.eog[0])
+        if self.grammar is not None:
+            if not self.pick.allows(self.grammar, tok, logits):
+                raise VermError(f"the forced answer leaves the grammar at token {i}")
+            self.lc.llama_sampler_accept(self.grammar, tok)
+        self.out.append(tok)
+        return tok
+
+
 class _TokenPrefixes:
     """A vocabulary's tokens grouped by how the grammar can be asked about them: by their
     first two bytes where a token is exactly those two bytes (group = the two-byte code),
@@ -271,6 +336,12 @@ class _TokenPrefixes:
         self.pair_first = np.array([c >> 8 for c in double], dtype=np.int16)
         self.eog = np.array(
             [t for t in range(n_vocab) if lc.llama_vocab_is_eog(vocab, t)], dtype=np.int32
+        )
+        self.eog_set = frozenset(self.eog.tolist())
+        # What `GrammarArgmax.forced` asks the grammar about: every byte, and the end.
+        self.probe = (
+            np.concatenate([self.single, self.eog]),
+            np.zeros(len(self.single) + len(self.eog), np.float32),
         )
         has_pair = np.zeros(self.PAIRS, dtype=bool)
         has_pair[list(double)] = True

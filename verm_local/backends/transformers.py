@@ -240,6 +240,9 @@ class TransformersBackend:
             vision_s=vision.total,
             prefill_s=t_first - t0,
             decode_s=end - t_first,
+            # One decode step per answer token fed back (no drafting here); a cut answer's
+            # last token is not.
+            forward_passes=len(new) if stopped else max(len(new) - 1, 0),
         )
 
     def _vision_module(self):

@@ -116,6 +116,16 @@ RepackOpt = Annotated[
         "VERM_LOCAL_REPACK).",
     ),
 ]
+SpeculateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--speculate/--no-speculate",
+        rich_help_panel=MACHINE,
+        help="Decode the text the answer grammar dictates (keys, quotes, the rest of a "
+        "category name) in one step with the token before it, keeping only what the "
+        "sampler would pick: the same answers in fewer decode steps (llama.cpp models).",
+    ),
+]
 KvTypeOpt = Annotated[
     Optional[str],
     typer.Option(

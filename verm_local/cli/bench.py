@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import ExitCode
 from ..stdio import stdout_to_stderr
 from .app import (
     ImageTokensOpt,
@@ -21,6 +22,7 @@ from .app import (
     VisionOpt,
     bench_app,
     bench_data_app,
+    fail,
     show_progress,
     split_list,
 )
@@ -118,28 +120,53 @@ def bench_predict_cmd(
     strict: Annotated[
         bool, typer.Option("--strict", help="A missing or unreadable image stops the run.")
     ] = False,
+    ray: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray",
+            is_flag=False,
+            flag_value="local",
+            help="Judge on Ray Data: an actor pool of judges (a local Ray instance, or the "
+            "cluster at ADDR: --ray ADDR).",
+        ),
+    ] = None,
+    ray_actors: Annotated[int, typer.Option("--ray-actors", min=1)] = 1,
 ) -> None:
     """Judge a VC-RewardBench-layout dataset; write the authors' evaluation input."""
     show_progress()
+    from contextlib import ExitStack
+
     from ..benchmarks.predict import predict
-    from ..judge import Judge
+    from ..judge import Judge, local_stream
 
-    def load() -> Judge:
-        return Judge(
-            model,
-            variant=variant,
-            quant=quant,
-            vision=vision,
-            image_tokens=image_tokens,
-            max_tokens=max_tokens,
-            parallel=parallel,
-            prefix_cache=2,
-            threads=threads,
-            repack=repack,
-        )
+    options = dict(
+        variant=variant,
+        quant=quant,
+        vision=vision,
+        image_tokens=image_tokens,
+        max_tokens=max_tokens,
+        parallel=parallel,
+        prefix_cache=2,
+        threads=threads,
+        repack=repack,
+    )
+    with ExitStack() as stack:
 
-    with stdout_to_stderr():
-        summary = predict(data, out, load, strict=strict, limit=limit, max_errors=max_errors)
+        def stream():
+            """The judging stream, made when there is work: a local Judge, or Ray's pool."""
+            if ray is not None:
+                from ..raydata import ray_stream
+
+                call = {"max_errors": max_errors, "unreadable": "score"}
+                return ray_stream(
+                    {"model": model, **options}, call, address=ray, actors=ray_actors,
+                    batch_size=max(4, 2 * parallel),
+                )  # fmt: skip
+            j = stack.enter_context(Judge(model, **options))
+            return local_stream(j, max_errors=max_errors, unreadable="score")
+
+        with stdout_to_stderr():
+            summary = predict(data, out, stream, strict=strict, limit=limit)
     skipped = summary["skipped"]
     typer.echo(
         f"{summary['judged']} judged ({summary['unreadable']} without a readable answer), "
@@ -281,8 +308,19 @@ def bench_serve_cmd(
     threads: ThreadsOpt = None,
     repack: RepackOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="FILE.json.")] = None,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            "--replicas",
+            min=1,
+            help="N > 1: serve --replicas N with ground-truth affinity against Ray's own "
+            "routing (instead of llama-server).",
+        ),
+    ] = 1,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address")] = None,
 ) -> None:
-    """verm-local's serving engine against llama.cpp's llama-server: same model, same load."""
+    """verm-local's serving engine against llama.cpp's llama-server: same model, same load
+    (or, with --replicas, ground-truth affinity against Ray's own routing)."""
     show_progress()
     from ..benchmarks.serve import markdown, run_serve_bench
     from ..fileio import write_json_atomic
@@ -298,9 +336,68 @@ def bench_serve_cmd(
         image_size=image_size,
         llama_server=llama_server,
         repack=repack,
+        replicas=replicas,
+        ray_address=ray_address,
     )
     typer.echo(markdown(report))
     if out is not None:
         write_json_atomic(out, report)
         out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
         typer.echo(f"report: {out}")
+
+
+@bench_app.command("speculate")
+def bench_speculate_cmd(
+    model: ModelOpt = None,
+    items: Annotated[int, typer.Option("--items", min=1, help="Labelled pairs.")] = 6,
+    tasks: Annotated[
+        str, typer.Option("--tasks", help="Comma-separated: chart, table, svg.")
+    ] = "chart",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    free: Annotated[
+        bool,
+        typer.Option(
+            "--free/--replay-only",
+            help="Also judge each pair as the model judges it (identical judgements?).",
+        ),
+    ] = True,
+    max_errors: Annotated[
+        int, typer.Option("--max-errors", min=1, help="Errors a free judgement may list.")
+    ] = 3,
+    image_tokens: ImageTokensOpt = None,
+    threads: ThreadsOpt = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="FILE.json (.md, .png beside).")
+    ] = None,
+) -> None:
+    """Decoding with drafts of the grammar-dictated text against without, side by side:
+    trained-format answers replayed (the ceiling) and the model's own judgements."""
+    show_progress()
+    from ..benchmarks.speculate import markdown, plot, run_speculate
+    from ..constants import TASKS
+    from ..fileio import write_json_atomic
+
+    chosen = tuple(split_list(tasks))
+    bad = [t for t in chosen if t not in TASKS]
+    if bad or not chosen:
+        fail(
+            f"--tasks: unknown task {', '.join(bad) or '(none)'}; choose from {', '.join(TASKS)}",
+            ExitCode.INPUT,
+        )
+    with stdout_to_stderr():
+        report = run_speculate(
+            model or "",
+            items=items,
+            tasks=chosen,
+            seed=seed,
+            free=free,
+            max_errors=max_errors,
+            image_tokens=image_tokens,
+            threads=threads,
+        )
+    typer.echo(markdown(report))
+    if out is not None:
+        write_json_atomic(out, report)
+        out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
+        plot(report, out.with_suffix(".png"))
+        typer.echo(f"report: {out} (.md, .png)")

@@ -43,6 +43,7 @@ def doctor_cmd(
         Plan.from_dict(report["plan"]),
         Path(path) if path else None,
         report["settings"],
+        sandbox=report["sandbox"],
     )
 
 

@@ -24,6 +24,7 @@ from .app import (
     ModelOpt,
     QuantOpt,
     RepackOpt,
+    SpeculateOpt,
     TaskOpt,
     ThreadsOpt,
     VariantOpt,
@@ -55,8 +56,27 @@ def judge_cmd(
     ] = None,
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", rich_help_panel=OUTPUT, help="--pairs: write the judgements here."),
+        typer.Option(
+            "--out",
+            rich_help_panel=OUTPUT,
+            help="--pairs: write the judgements here (written as they come; resumed).",
+        ),
     ] = None,
+    ray: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray",
+            is_flag=False,
+            flag_value="local",
+            rich_help_panel=REQUEST,
+            help="--pairs on Ray Data: an actor pool of judges (a local Ray instance, or the "
+            "cluster at ADDR: --ray ADDR).",
+        ),
+    ] = None,
+    ray_actors: Annotated[
+        int,
+        typer.Option("--ray-actors", min=1, rich_help_panel=REQUEST, help="Judges in the pool."),
+    ] = 1,
     parallel: Annotated[
         int,
         typer.Option(
@@ -166,6 +186,7 @@ def judge_cmd(
     gpu_layers: GpuLayersOpt = None,
     repack: RepackOpt = None,
     kv_type: KvTypeOpt = None,
+    speculate: SpeculateOpt = True,
     reward_scale: Annotated[
         Optional[float],
         typer.Option(
@@ -202,7 +223,7 @@ def judge_cmd(
     from ..tasks import TaskProfile, decoding, profile
 
     p = profile(task)
-    _check_inputs(gt, pred, pairs, out, prompt_file, dry_run, backend)
+    _check_inputs(gt, pred, pairs, out, prompt_file, dry_run, backend, ray)
     if verbose:
         logging.getLogger("verm_local.llama_cpp").setLevel(logging.DEBUG)
     mode = "rl" if rl_sampling else sampling_mode
@@ -243,35 +264,60 @@ def judge_cmd(
         if progress is not None
         else (verbosity() >= 0 and sys.stderr.isatty() and (not as_json or sys.stdout.isatty()))
     )
+    options = dict(
+        mmproj=mmproj,
+        quant=quant,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        variant=variant,
+        backend_name=backend,
+        device=device,
+        dtype=dtype,
+        vision=vision,
+        vision_model=vision_model,
+        vision_precision=vision_precision,
+        image_tokens=image_tokens,
+        max_tokens=max_tokens,
+        reward_scale=reward_scale,
+        verbose=verbose,
+        parallel=parallel if pairs is not None else 1,
+        prefix_cache=2 if pairs is not None else 0,
+        repack=repack,
+        one_shot=pairs is None,
+        kv_type=kv_type_choice(kv_type),
+        speculate=speculate,
+    )
+    if pairs is not None and ray is not None:
+        from ..raydata import ray_stream
+
+        picklable = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+        call = dict(
+            free=free,
+            max_errors=max_errors,
+            sampling_mode=mode,
+            max_tokens=max_tokens,
+            overrides=overrides,
+        )
+        stream = ray_stream(
+            {"model": str(model) if model else None, **picklable},
+            call,
+            address=ray,
+            actors=ray_actors,
+            batch_size=max(4, 2 * parallel),
+        )
+        with stdout_to_stderr():
+            _judge_pairs(stream, batch, out)
+        return
     with (
         _Progress(show, live=progress is None),
         stdout_to_stderr(),
-        Judge(
-            model,
-            mmproj=mmproj,
-            quant=quant,
-            threads=threads,
-            gpu_layers=gpu_layers,
-            variant=variant,
-            backend_name=backend,
-            device=device,
-            dtype=dtype,
-            vision=vision,
-            vision_model=vision_model,
-            vision_precision=vision_precision,
-            image_tokens=image_tokens,
-            max_tokens=max_tokens,
-            reward_scale=reward_scale,
-            verbose=verbose,
-            parallel=parallel if pairs is not None else 1,
-            prefix_cache=2 if pairs is not None else 0,
-            repack=repack,
-            one_shot=pairs is None,
-            kv_type=kv_type_choice(kv_type),
-        ) as j,
+        Judge(model, **options) as j,
     ):
         if pairs is not None:
-            _judge_pairs(j, batch, out, free=free, max_errors=max_errors, sampling=sampling_for)
+            from ..judge import local_stream
+
+            stream = local_stream(j, free=free, max_errors=max_errors, sampling=sampling_for)
+            _judge_pairs(stream, batch, out)
             return
         images = request.request.images
         result = j.judge(
@@ -304,6 +350,7 @@ def _check_inputs(
     prompt_file: Optional[Path],
     dry_run: bool,
     backend: str,
+    ray: Optional[str],
 ) -> None:
     """Arguments that go together (one pair or a file of pairs), checked before anything
     loads."""
@@ -313,6 +360,8 @@ def _check_inputs(
         fail("give GT and PRED images (or --pairs FILE.jsonl)", ExitCode.INPUT)
     if pairs is None and out is not None:
         fail("--out goes with --pairs", ExitCode.INPUT)
+    if pairs is None and ray is not None:
+        fail("--ray goes with --pairs", ExitCode.INPUT)
     if pairs is not None and (prompt_file is not None or dry_run):
         fail("--prompt-file and --dry-run go with one pair, not --pairs", ExitCode.INPUT)
     if backend not in ("auto", "llamacpp", "transformers"):
@@ -357,7 +406,7 @@ class _Progress:
             self.status.stop()
 
 
-def _judge_pairs(j, batch, out: Optional[Path], **kwargs) -> None:
+def _judge_pairs(stream, batch, out: Optional[Path]) -> None:
     """Judge every pair (grouped by ground truth) with a progress line; JSONL out."""
     import time
 
@@ -377,7 +426,7 @@ def _judge_pairs(j, batch, out: Optional[Path], **kwargs) -> None:
             flush=True,
         )
 
-    text, failed, incomplete = judge_file(j, batch, out, progress=progress, **kwargs)
+    text, failed, incomplete = judge_file(stream, batch, out, progress=progress)
     if not quiet:
         print(file=sys.stderr)
     if out is not None and (not quiet or failed):

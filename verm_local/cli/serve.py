@@ -13,6 +13,7 @@ from .app import (
     ImageTokensOpt,
     ModelOpt,
     RepackOpt,
+    SpeculateOpt,
     ThreadsOpt,
     VariantOpt,
     VisionOpt,
@@ -60,9 +61,17 @@ def serve_cmd(
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
     repack: RepackOpt = None,
+    speculate: SpeculateOpt = True,
     vision: VisionOpt = "auto",
     allow_remote_images: Annotated[bool, typer.Option("--allow-remote-images")] = False,
     allow_local_images: Annotated[bool, typer.Option("--allow-local-images")] = False,
+    unsafe_render: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--unsafe-render",
+            help="/v1/critique: render code even where no sandbox is available.",
+        ),
+    ] = None,
     served_name: Annotated[Optional[str], typer.Option("--served-model-name")] = None,
     engine: Annotated[
         str,
@@ -71,6 +80,43 @@ def serve_cmd(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="--engine vllm: print the command.")
     ] = False,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            "--replicas",
+            min=1,
+            rich_help_panel="Ray",
+            help="Serve N replicas behind this one URL on Ray Serve (requests sharing a "
+            "ground truth go to one replica).",
+        ),
+    ] = 1,
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray-address",
+            rich_help_panel="Ray",
+            help="Join this Ray cluster (default: a local Ray instance on this machine).",
+        ),
+    ] = None,
+    min_replicas: Annotated[
+        Optional[int], typer.Option("--min-replicas", min=0, rich_help_panel="Ray")
+    ] = None,
+    max_replicas: Annotated[
+        Optional[int],
+        typer.Option("--max-replicas", min=1, rich_help_panel="Ray", help="Autoscale between."),
+    ] = None,
+    affinity: Annotated[
+        bool,
+        typer.Option(
+            "--affinity/--no-affinity",
+            rich_help_panel="Ray",
+            help="Requests sharing a ground truth go to one replica (else Ray's own routing).",
+        ),
+    ] = True,
+    replica_cpus: Annotated[
+        float,
+        typer.Option("--replica-cpus", min=0.1, rich_help_panel="Ray", help="CPUs per replica."),
+    ] = 1.0,
 ) -> None:
     """OpenAI-compatible reward endpoint: /v1/chat/completions, /v1/judge, /health, /metrics."""
     from ..server import ServeConfig, serve
@@ -95,15 +141,35 @@ def serve_cmd(
         gpu_layers=gpu_layers,
         vision=vision,
         repack=repack,
+        speculate=speculate,
         allow_remote_images=allow_remote_images,
         allow_local_images=allow_local_images,
+        unsafe_render=unsafe_render,
+        affinity=affinity,
         served_name=served_name,
     )
+    if (min_replicas is None) != (max_replicas is None):
+        fail("--min-replicas and --max-replicas go together", ExitCode.INPUT)
+    autoscale = (min_replicas, max_replicas) if min_replicas is not None else None
+    if autoscale and autoscale[0] > autoscale[1]:
+        fail("--min-replicas is above --max-replicas", ExitCode.INPUT)
+    on_ray = replicas > 1 or autoscale is not None or ray_address is not None
     if engine == "vllm":
+        import json
         import shlex
         import shutil
 
         cmd = vllm_for(model, variant, cfg)
+        if on_ray:
+            from ..server.vllm import ray_llm_config, serve_vllm_on_ray
+
+            config = ray_llm_config(cmd, replicas, autoscale)
+            if dry_run:
+                typer.echo(json.dumps(config, indent=2))
+                return
+            show_progress()
+            serve_vllm_on_ray(config, host, port, ray_address)
+            return
         if dry_run:
             typer.echo(shlex.join(cmd))
             return
@@ -119,4 +185,9 @@ def serve_cmd(
     if dry_run:
         fail("--dry-run goes with --engine vllm", ExitCode.INPUT)
     show_progress()
+    if on_ray:
+        from ..server.ray_serve import serve_replicas
+
+        serve_replicas(cfg, replicas, address=ray_address, autoscale=autoscale, cpus=replica_cpus)
+        return
     serve(cfg)

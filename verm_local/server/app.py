@@ -20,7 +20,7 @@ from ..errors import VermError
 from .config import ServeConfig
 from .errors import APIError, error_body, install
 from .metrics import Metrics
-from .requests import chat_job, judge_job
+from .requests import chat_job, critique_job, judge_job
 from .scheduler import Scheduler, Worker
 from .types import (
     ChatChoice,
@@ -30,6 +30,7 @@ from .types import (
     ChatCompletionResponse,
     ChunkChoice,
     ChunkDelta,
+    CritiqueRequest,
     JudgeRequest,
     ModelCard,
     ModelList,
@@ -65,6 +66,14 @@ class Server:
             self.scheduler.thread.join(self.cfg.timeout + 5)
         self.worker.stop()
 
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "worker_pid": self.worker.info.get("pid"),
+            "parallel": self.cfg.parallel,
+        }
+
     async def wait(self, payload: dict[str, Any]) -> dict[str, Any]:
         import asyncio
 
@@ -79,8 +88,10 @@ class Server:
         return res
 
 
-def create_app(server: Server) -> FastAPI:
-    """The FastAPI app of a started (or starting) `Server`."""
+def create_app(server: Any) -> FastAPI:
+    """The FastAPI app of a started (or starting) `Server`, or of anything with its face:
+    `cfg`, `metrics`, `model_name`, `health()`, `wait(job)`, `stop()` (the Ray Serve
+    ingress, `ray_serve.py`)."""
     cfg = server.cfg
 
     @contextlib.asynccontextmanager
@@ -120,12 +131,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": server.model_name,
-            "worker_pid": server.worker.info.get("pid"),
-            "parallel": cfg.parallel,
-        }
+        return await run_in_threadpool(server.health)
 
     @app.get("/metrics", dependencies=[Depends(authorised)])
     async def metrics() -> Response:
@@ -172,6 +178,29 @@ def create_app(server: Server) -> FastAPI:
     async def judge(body: JudgeRequest) -> dict[str, Any]:
         """The Judgement of (gt, pred) with the task's reward recipe."""
         return (await server.wait(await run_in_threadpool(judge_job, body, cfg)))["judgement"]
+
+    @app.post("/v1/critique", dependencies=[Depends(authorised)])
+    async def critique(body: CritiqueRequest) -> dict[str, Any]:
+        """For agents running their own loop: the code rendered in the sandbox (or the
+        image given) judged against the ground truth, the reward, and the revision
+        message `refine` would send the policy."""
+        from ..refine import revision_message
+        from ..reward import with_settings
+        from ..schema import Judgement
+        from ..tasks import profile
+
+        job, render_error = await run_in_threadpool(critique_job, body, cfg)
+        p = profile(body.task)
+        judgement = None
+        if job is not None:
+            found = (await server.wait(job))["judgement"]
+            judgement = Judgement.model_validate(found)
+        return {
+            "judgement": judgement.model_dump(mode="json") if judgement else None,
+            "reward": judgement.reward if judgement else with_settings(p.reward).unrendered(),
+            "render_error": render_error,
+            "revision_message": revision_message(p, body.code, judgement, render_error),
+        }
 
     return app
 

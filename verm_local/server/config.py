@@ -13,6 +13,12 @@ class ServeConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     parallel: int = Field(4, ge=1, le=64, description="Requests run at once in the model.")
     api_key: str | None = Field(None, description="Bearer key required on /v1 and /metrics.")
+    affinity: bool = Field(
+        True, description="--replicas: send requests sharing a ground truth to one replica."
+    )
+    unsafe_render: bool | None = Field(
+        None, description="/v1/critique: render code even with no sandbox (default: setting)."
+    )
     max_image_bytes: int = Field(20 << 20, ge=1)
     max_request_bytes: int = Field(64 << 20, ge=1)
     timeout: float = Field(300.0, gt=0, description="Seconds a request may take.")
@@ -32,6 +38,9 @@ class ServeConfig(BaseModel):
     gpu_layers: int | None = None
     vision: str = "auto"
     repack: bool | None = None
+    speculate: bool = Field(
+        True, description="Draft grammar-dictated text and keep what the sampler picks."
+    )
     allow_remote_images: bool = False
     allow_local_images: bool = False
     served_name: str | None = None

@@ -5,7 +5,14 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-ENDPOINTS = ("/v1/chat/completions", "/v1/judge", "/v1/models", "/health", "/metrics")
+ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/judge",
+    "/v1/critique",
+    "/v1/models",
+    "/health",
+    "/metrics",
+)
 
 
 class Metrics:
@@ -58,7 +65,28 @@ class Metrics:
             "Times the context grew during a decode because an answer needed more.",
             registry=r,
         )
-        self._seen = {"prefix_hits": 0, "prefix_misses": 0, "context_grows": 0}
+        self.forward_passes = Counter(
+            "verm_forward_passes",
+            "Decode steps of answers (one per sequence per decode call; drafted text kept "
+            "makes them fewer than the answer tokens).",
+            registry=r,
+        )
+        self.drafted = Counter(
+            "verm_drafted_tokens", "Grammar-dictated tokens drafted (speculation).", registry=r
+        )
+        self.accepted = Counter(
+            "verm_accepted_tokens", "Drafted tokens the sampler kept.", registry=r
+        )
+        self._seen = {k: 0 for k in self._COUNTED}
+
+    _COUNTED = (
+        "prefix_hits",
+        "prefix_misses",
+        "context_grows",
+        "forward_passes",
+        "drafted",
+        "accepted",
+    )
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         known = endpoint if endpoint in ENDPOINTS else "other"
@@ -68,11 +96,8 @@ class Metrics:
     def worker_stats(self, stats: dict[str, int]) -> None:
         """The worker's cumulative counts since it started, as counter increments, and
         its context size."""
-        for key, counter in (
-            ("prefix_hits", self.prefix_hits),
-            ("prefix_misses", self.prefix_misses),
-            ("context_grows", self.context_grows),
-        ):
+        for key in self._COUNTED:
+            counter = getattr(self, key)
             if key in stats:
                 counter.inc(max(0, stats[key] - self._seen[key]))
                 self._seen[key] = stats[key]

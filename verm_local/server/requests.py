@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..tasks import decoding, profile
 from .config import ServeConfig
 from .errors import APIError
-from .types import ChatCompletionRequest, ImageURL, JudgeRequest, SamplingFields
+from .types import ChatCompletionRequest, CritiqueRequest, ImageURL, JudgeRequest, SamplingFields
 
 
 def decode_image(url: Any, cfg: ServeConfig) -> bytes:
@@ -154,6 +154,37 @@ def _grammar(body: ChatCompletionRequest) -> str | None:
         return json_schema_grammar(schema)
     except InputError as exc:
         raise APIError(400, str(exc), param="response_format") from None
+
+
+def critique_job(body: CritiqueRequest, cfg: ServeConfig) -> tuple[dict[str, Any] | None, Any]:
+    """A /v1/critique request: its code rendered in the sandbox (or its image decoded),
+    then a judge job; (the job, None), or (None, the render error's message) when the
+    code does not render."""
+    from ..errors import RenderError
+    from ..render import render_code
+
+    try:
+        p = profile(body.task)
+    except InputError as exc:
+        raise APIError(400, str(exc), param="task") from None
+    if (body.code is None) == (body.pred is None):
+        raise APIError(400, "give either code (rendered here) or pred (its rendered image)")
+    if body.code is not None:
+        try:
+            pred = render_code(body.code, p.name, unsafe=cfg.unsafe_render)
+        except RenderError as exc:
+            return None, str(exc)
+        job = judge_job(
+            JudgeRequest(**{**body.model_dump(exclude={"code", "pred"}), "pred": _data(pred)}),
+            cfg,
+        )
+    else:
+        job = judge_job(JudgeRequest(**body.model_dump(exclude={"code"})), cfg)
+    return job, None
+
+
+def _data(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def judge_job(body: JudgeRequest, cfg: ServeConfig) -> dict[str, Any]:

@@ -57,6 +57,7 @@ def _worker_main(cfg: ServeConfig, conn: Any) -> None:
             parallel=cfg.parallel,
             prefix_cache=cfg.prefix_cache,
             repack=cfg.repack,
+            speculate=cfg.speculate,
             # No fixed context: each batch gets streams of what its requests need (prompts
             # and the answer reserve), grown when an answer needs more. A context fixed
             # at the full caps of every task (10,496 cells per stream) made --parallel 8

@@ -130,6 +130,19 @@ class JudgeRequest(SamplingFields):
     free: bool = False
 
 
+class CritiqueRequest(SamplingFields):
+    """POST /v1/critique: the ground truth and either the code (rendered here, in the
+    sandbox, as the authors render the task) or its rendered image; the judgement and the
+    revision message `refine` would send back to a policy."""
+
+    gt: str | ImageURL
+    task: str = "chart"
+    code: str | None = None
+    pred: str | ImageURL | None = None
+    sampling: Literal["default", "greedy", "rl"] = "default"
+    max_errors: int | None = Field(None, ge=0)
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
