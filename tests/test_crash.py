@@ -158,6 +158,6 @@ def test_server_logs_a_crashed_worker_and_replaces_it(tiny_gguf, tmp_path, pair)
         assert code == 200, res
     finally:
         assert s.stop() == 0
-    err = s.proc.stderr.read()
+    err = s.output()
     crash = [ln for ln in err.splitlines() if "SIGSEGV" in ln]
     assert len(crash) == 1 and "native stack:" in crash[0] and "restarting" in crash[0]

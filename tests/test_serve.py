@@ -78,7 +78,9 @@ class Served:
         raise AssertionError(f"server did not come up: {self.output()[-3000:]}")
 
     def output(self) -> str:
-        """What the server printed so far."""
+        """What the server printed so far (all of it, once stopped)."""
+        if self.log.closed:
+            return self.printed
         return Path(self.log.name).read_text(errors="replace")
 
     def request(
@@ -127,7 +129,9 @@ class Served:
         try:
             return self.proc.wait(60)
         finally:
-            self.log.close()
+            if not self.log.closed:
+                self.printed = self.output()
+                self.log.close()
 
 
 @pytest.fixture(scope="module")
