@@ -184,8 +184,10 @@ def test_doctor_prints_plan_and_reads_recorded_machines(tmp_path):
     assert "plan" in proc.stdout and "why" in proc.stdout
     proc = run_cli("doctor", "--json")
     out = json.loads(proc.stdout)
-    assert set(out) == {"hardware", "plan", "store", "decisions", "memory", "settings"}
+    assert set(out) == {"hardware", "plan", "store", "decisions", "memory", "settings", "sandbox"}
     assert out["plan"]["reasons"]
+    # The renders' isolation on this machine (issue 25), with why.
+    assert out["sandbox"]["name"] in ("bwrap", "limited", "none") and out["sandbox"]["reason"]
     recorded = tmp_path / "m2.json"
     recorded.write_text(json.dumps(M2_16GB.to_dict()))
     out = json.loads(run_cli("doctor", "--json", "--hardware", recorded).stdout)
