@@ -210,3 +210,54 @@ def test_critique_endpoint(tiny_gguf, gt, tmp_path):
         assert code == 400
     finally:
         assert s.stop() == 0
+
+
+def test_report_wraps_long_answers_in_chromium(gt, tmp_path):
+    """A round whose answer is long (a description and a location without spaces, a code
+    line of 3,000 characters) stays inside a 1400 px window: nothing runs off the page."""
+    from verm_local.refine import write_report
+
+    out = tmp_path / "long"
+    (out / "round-01").mkdir(parents=True)
+    (out / "round-01" / "code.py").write_text("x = '" + "y" * 3000 + "'\n")
+    gt_bytes = Path(gt).read_bytes()
+    (out / "round-01" / "render.png").write_bytes(gt_bytes)
+    long_word = "bar_" * 600
+    rounds = [
+        {
+            "round": 1,
+            "reward": 1.2,
+            "code_file": "round-01/code.py",
+            "errors": [
+                {"category": "data_error", "severity": 2, "location": long_word,
+                 "description": "the third bar " + long_word + " is wrong " * 80},
+            ],
+        },
+        {"round": 2, "reward": 0.0, "errors": [], "render_error": "Traceback: " + "z" * 2500},
+    ]  # fmt: skip
+    page = write_report(out, profile("chart"), gt_bytes, rounds, best=1)
+    chromium = shutil.which("chromium") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no Chromium here (scripts/install.sh installs it)")
+    # The page measures itself once laid out: its scroll width against the window's.
+    probe = page.with_name("probe.html")
+    probe.write_text(
+        page.read_text().replace(
+            "</body>",
+            "<script>document.querySelectorAll('details').forEach(d => d.open = true);"
+            "document.body.setAttribute('data-width', document.documentElement.scrollWidth + "
+            "' ' + window.innerWidth)</script></body>",
+        )
+    )
+    proc = subprocess.run(
+        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", f"--user-data-dir={tmp_path / 'prof'}",
+         "--window-size=1400,900", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    import re
+
+    found = re.search(r'data-width="(\d+) (\d+)"', proc.stdout)
+    assert found, proc.stderr[-2000:]
+    scroll, window = int(found.group(1)), int(found.group(2))
+    assert window > 1000 and scroll <= window, (scroll, window)

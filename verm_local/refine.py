@@ -380,10 +380,18 @@ def write_report(
         )
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>verm-local refine</title>"
-        "<style>body{font-family:sans-serif;margin:24px}.pair{display:flex;gap:16px}"
-        "figure{margin:0}img{max-width:480px;border:1px solid #ccc}"
-        "table.errs{border-collapse:collapse}.errs td,.errs th{border:1px solid #999;"
-        "padding:4px 8px;text-align:left}</style></head><body>"
+        # A round's answer can be long (descriptions, locations, code without spaces):
+        # everything wraps inside the page's width instead of running off it.
+        "<style>body{font-family:sans-serif;margin:24px;max-width:1200px;"
+        "overflow-wrap:anywhere}h1,h2,p{overflow-wrap:anywhere}"
+        ".pair{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0;max-width:100%}"
+        "img{max-width:min(480px,100%);height:auto;border:1px solid #ccc}"
+        "table.errs{border-collapse:collapse;table-layout:fixed;width:100%}"
+        ".errs td,.errs th{border:1px solid #999;padding:4px 8px;text-align:left;"
+        "vertical-align:top;overflow-wrap:anywhere;word-break:break-word;white-space:normal}"
+        ".errs th:nth-child(1){width:9em}.errs th:nth-child(2){width:5em}"
+        ".errs th:nth-child(3){width:25%}"
+        "pre{white-space:pre-wrap;overflow-wrap:anywhere;max-width:100%}</style></head><body>"
         f"<h1>verm-local refine: {p.name}, {len(done)} rounds, best round {best}</h1>"
         + "".join(rows)
         + "</body></html>"
