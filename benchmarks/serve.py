@@ -337,7 +337,14 @@ def run_serve_bench(
     first, second = report["engines"]
     for r in report["workloads"].values():
         a, b = r.get(first), r.get(second)
-        if a and b and b["wall_s"] > 0:
+        if not (a and b):
+            continue
+        bad = [f"{name}: {x['failed']} of {x['requests']} failed ({x['first_failure']})"
+               for name, x in ((first, a), (second, b)) if x.get("failed")]  # fmt: skip
+        if bad:  # a side that did not answer everything has no comparable wall time
+            r["ratio"] = None
+            r["not_compared"] = "; ".join(bad)
+        elif b["wall_s"] > 0:
             r["ratio"] = a["wall_s"] / b["wall_s"]
     return report
 
@@ -367,13 +374,20 @@ def markdown(report: dict[str, Any]) -> str:
             f"failed {first} / {second}",
         ),
     ]
+    failures = []
     for w, r in report["workloads"].items():
         a, b = r.get(first, {}), r.get(second, {})
+        ratio = r.get("ratio")
         lines.append(
             f"| {w} | {a.get('wall_s', 0):.2f} ({a.get('completion_tokens', 0)}) | "
             f"{b.get('wall_s', 0):.2f} ({b.get('completion_tokens', 0)}) | "
-            f"{r.get('ratio', float('nan')):.3f} | {a.get('p50_s', 0):.2f} / "
-            f"{b.get('p50_s', 0):.2f} | {a.get('failed', 0)} / {b.get('failed', 0)} |"
+            f"{'not compared' if ratio is None else f'{ratio:.3f}'} | "
+            f"{a.get('p50_s', 0):.2f} / {b.get('p50_s', 0):.2f} | "
+            f"{a.get('failed', 0)} / {b.get('failed', 0)} |"
         )
+        if r.get("not_compared"):
+            failures.append(f"- {w}: {r['not_compared']}")
     lines += ["", f"ratio = {first} / {second} wall time (below 1: {first} faster)."]
+    if failures:
+        lines += ["", "No ratio where a side failed requests:", *failures]
     return "\n".join(lines) + "\n"

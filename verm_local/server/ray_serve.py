@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import signal
 import threading
 from typing import Any
@@ -38,6 +39,23 @@ def affinity_key(job: dict[str, Any]) -> str:
     `gt`, a chat job's first image), hashed; "" for a request with no image."""
     data = job.get("gt") or (job.get("images") or [b""])[0]
     return hashlib.sha1(data).hexdigest()[:16] if data else ""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(exc: BaseException) -> str:
+    """A Ray error as one clear line: the exception the replica raised (its type and first
+    line), not Ray's traceback with its terminal colours and actor repr."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        exc = cause
+    text = _ANSI.sub("", str(exc)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if type(exc).__name__ in ("RayActorError", "ActorDiedError", "ActorUnavailableError"):
+        return "a replica died while answering"
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _ray() -> Any:
@@ -100,7 +118,9 @@ def build(cfg: ServeConfig, replicas: int, autoscale: tuple[int, int] | None, cp
             return key
 
         async def run(self, job: dict[str, Any]) -> dict[str, Any]:
-            await self.ground_truth(serve.get_multiplexed_model_id())
+            key = serve.get_multiplexed_model_id()
+            if key:  # affinity on and a ground truth to route by (else Ray's own routing)
+                await self.ground_truth(key)
             return await self.server.wait(job)
 
         async def health(self) -> dict[str, Any]:
@@ -142,19 +162,24 @@ class _Front:
     async def wait(self, job: dict[str, Any]) -> dict[str, Any]:
         """The job's result from a replica; a replica that died (or whose model worker
         crashed) is left and the job asked of another."""
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         key = affinity_key(job) if self.cfg.affinity else ""
-        last: Exception | None = None
+        # Without a key Ray routes by its own rule (power of two choices); a multiplexed
+        # id must not be empty.
+        engine = self.engine.options(multiplexed_model_id=key) if key else self.engine
+        last = ""
         for _ in range(RETRIES):
             try:
-                return await self.engine.options(multiplexed_model_id=key).run.remote(job)
+                return await engine.run.remote(job)
             except RayActorError as exc:
-                last = exc
-            except APIError as exc:
+                last = one_line(exc)
+            except APIError as exc:  # raised in the replica: its status and message only
                 if exc.status < 500 or exc.status == 504:
-                    raise
-                last = exc  # the worker crashed under this job: another replica
+                    raise APIError(exc.status, exc.message, exc.kind, exc.param) from None
+                last = exc.message  # the worker crashed under this job: another replica
+            except RayTaskError as exc:  # anything else the replica raised
+                raise APIError(500, one_line(exc)) from None
         raise APIError(503, f"no replica could answer ({last})")
 
     def health(self) -> dict[str, Any]:
