@@ -177,13 +177,16 @@ def _handler(hub: Hub):
             data = repo.files[name]
             sib = repo.sibling(name)
             etag = sib["lfs"]["sha256"] if "lfs" in sib else sib["blobId"]
-            if name in hub.corrupt:
-                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            if name in hub.corrupt:  # a byte past the header flipped: only the sha256 tells
+                mid = len(data) // 2
+                data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
             headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
-            start = 0
+            start, end = 0, None
             rng = self.headers.get("Range", "")
             if rng.startswith("bytes=") and self.command == "GET":
-                start = int(rng[6:].split("-")[0] or 0)
+                first, _, last = rng[6:].partition("-")
+                start = int(first or 0)
+                end = int(last) if last else None  # bytes=0-N: exactly that range
             if self.command == "HEAD":
                 self.send_response(200)
                 for k, v in headers.items():
@@ -191,11 +194,12 @@ def _handler(hub: Hub):
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 return
-            body = data[start:]
-            code = 206 if start else 200
-            if start:
-                headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-            cut = hub.drop_once.pop(name, None)
+            body = data[start : None if end is None else end + 1]
+            code = 206 if start or end is not None else 200
+            if code == 206:
+                headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(data)}"
+            # A download dropped halfway (a bounded range, a header's read, is not dropped).
+            cut = hub.drop_once.pop(name, None) if end is None else None
             if cut is not None:
                 self.send_response(code)
                 for k, v in headers.items():

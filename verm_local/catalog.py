@@ -130,10 +130,39 @@ CATALOG: dict[str, Variant] = {
 GGUF_LADDER: tuple[str, ...] = ("gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m")
 
 
+# Bits per weight of llama.cpp's quant mixes (its quantize tool's table, rounded up): the
+# size of a community GGUF outside the catalog (`pull hf.co/USER/REPO:QUANT`), from F16's.
+BITS_PER_WEIGHT = {
+    "F32": 32.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_1": 6.0, "Q5_K_M": 5.7,
+    "Q5_K_S": 5.6, "Q5_0": 5.5, "Q4_1": 5.0, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5,
+    "IQ4_NL": 4.5, "IQ4_XS": 4.3, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "IQ3_M": 3.7, "Q3_K_S": 3.5,
+    "IQ3_S": 3.5, "IQ3_XS": 3.3, "IQ3_XXS": 3.1, "Q2_K": 3.4, "Q2_K_S": 3.0, "IQ2_M": 2.7,
+    "IQ2_S": 2.5, "IQ2_XS": 2.3, "IQ2_XXS": 2.1, "IQ1_M": 1.8, "IQ1_S": 1.6,
+}  # fmt: skip
+
+
+def gguf_variant(quant: str) -> Variant:
+    """The catalog's GGUF variant of `quant`, or one for a quant the catalog does not build
+    (a community GGUF: IQ4_XS, Q3_K_M, ...), sized by its bits per weight."""
+    quant = quant.upper()
+    name = f"gguf-{quant.lower()}"
+    if name in CATALOG:
+        return CATALOG[name]
+    f16 = CATALOG["gguf-f16"]
+    bpw = BITS_PER_WEIGHT.get(quant, 8.5)  # unknown: sized as Q8_0, never too small
+    return _gguf(quant, f16.text_bytes / GB * bpw / 16, bpw / 16)
+
+
 def get_variant(name: str) -> Variant:
     key = name.strip().lower()
     if key not in CATALOG:
-        raise InputError(f"unknown variant {name!r}; choose from {', '.join(CATALOG)}")
+        quant = key.removeprefix("gguf-").upper()
+        if key.startswith("gguf-") and quant in BITS_PER_WEIGHT:
+            return gguf_variant(quant)
+        raise InputError(
+            f"unknown variant {name!r}; choose from {', '.join(CATALOG)} (or gguf-<quant> "
+            "for a GGUF pulled from the hub)"
+        )
     return CATALOG[key]
 
 

@@ -76,20 +76,36 @@ def read_metadata(path: str | Path, stop_at: str = "tokenizer.ggml.tokens") -> d
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ModelError(f"{path}: not a GGUF file (corrupt or wrong file)")
-            _read(f, "<I")  # version
-            _read(f, "<Q")  # tensor count
-            n_kv = _read(f, "<Q")
-            meta: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = _string(f)
-                if key == stop_at:
-                    break
-                meta[key] = _value(f, _read(f, "<I"))
-            return meta
-    except (EOFError, ValueError, struct.error, UnicodeDecodeError):
-        raise ModelError(f"{path}: GGUF header is truncated or corrupt") from None
+            return parse_metadata(f, path, stop_at=stop_at)  # type: ignore[return-value]
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def parse_metadata(
+    f: BinaryIO, where: str | Path, stop_at: str = "tokenizer.ggml.tokens", partial: bool = False
+) -> dict[str, Any] | None:
+    """The key/values of a GGUF header read from `f` (a file, or the first bytes of one
+    fetched from the hub: `partial`, where running out of bytes before `stop_at` gives None
+    instead of an error)."""
+    try:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{where}: not a GGUF file (corrupt or wrong file)")
+        _read(f, "<I")  # version
+        _read(f, "<Q")  # tensor count
+        n_kv = _read(f, "<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = _string(f)
+            if key == stop_at:
+                break
+            meta[key] = _value(f, _read(f, "<I"))
+        return meta
+    except EOFError:
+        if partial:
+            return None
+        raise ModelError(f"{where}: GGUF header is truncated or corrupt") from None
+    except (ValueError, struct.error, UnicodeDecodeError):
+        raise ModelError(f"{where}: GGUF header is truncated or corrupt") from None
 
 
 def check_depth(what: str | Path, depth: int, n_deepstack: int) -> None:

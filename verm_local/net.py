@@ -190,6 +190,39 @@ def get_bytes(
         attempt += 1
 
 
+def get_head(
+    url: str,
+    nbytes: int,
+    *,
+    headers: dict[str, str] | None = None,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> bytes:
+    """At most the first `nbytes` of a URL (ask with a Range header; a server that sends
+    the whole body is read no further): FetchError for any failure, naming the URL."""
+    attempt = 0
+    while True:
+        try:
+            with client().stream("GET", url, headers=headers) as r:
+                if retryable_status(r.status_code) and attempt < policy.retries:
+                    wait = policy.delay(attempt, retry_after(r))
+                else:
+                    if r.status_code >= 400:
+                        raise FetchError(f"{url}: HTTP {r.status_code}")
+                    chunks, size = [], 0
+                    for chunk in r.iter_bytes():
+                        chunks.append(chunk)
+                        size += len(chunk)
+                        if size >= nbytes:
+                            break
+                    return b"".join(chunks)[:nbytes]
+        except httpx.TransportError as exc:
+            if attempt >= policy.retries:
+                raise FetchError(f"{url}: cannot fetch ({exc.__class__.__name__}: {exc})") from None
+            wait = policy.delay(attempt)
+        sleep(wait)
+        attempt += 1
+
+
 def error_message(exc: httpx.HTTPStatusError) -> str:
     """The status and the server's own message (an OpenAI-shaped error body, or text)."""
     r = exc.response

@@ -25,8 +25,15 @@ from typing import Any, Iterator
 
 from .catalog import BF16_REPO, GB, Variant, get_variant, quantized_repo
 from .constants import MANIFEST_NAME
-from .errors import FetchError, InputError, ModelError, VermError
+from .errors import FetchError, InputError, ModelError
 from .fileio import atomic_directory, read_manifest, sha256_file, write_json_atomic
+from .hub import (
+    download_json,
+    glob_escape,
+    hub_call,
+    repo_files,
+    verify_download,
+)
 from .paths import home_dir, installed, variant_dir
 
 # bf16 checkpoint files worth fetching (weights, configs, tokenizer, chat template).
@@ -62,16 +69,6 @@ def variant_lock(name: str, home: Path | None = None) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- verification
-
-
-def git_blob_sha1(path: Path) -> str:
-    """The git object id of a file: what the hub reports for files not stored in LFS."""
-    h = hashlib.sha1()
-    h.update(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_files(directory: Path, manifest: dict[str, Any], full: bool) -> dict[str, str]:
@@ -247,12 +244,12 @@ def pull(
                 "pull it online, or import files with --from DIR"
             )
         if variant.format == "hf":
-            commit, siblings = _repo_files(BF16_REPO, revision, endpoint)
+            commit, siblings = repo_files(BF16_REPO, revision, endpoint)
             files = _fetch(BF16_REPO, commit, siblings, variant, staging, endpoint)
             return _finish(variant, staging, final, files, f"hf://{BF16_REPO}")
         qrepo = quantized_repo(repo)
         if qrepo:
-            commit, siblings = _repo_files(qrepo, revision, endpoint)
+            commit, siblings = repo_files(qrepo, revision, endpoint)
             published = _published(qrepo, commit, siblings, variant, endpoint)
             if published is not None:
                 files = _fetch(
@@ -292,16 +289,16 @@ def cache_key(
         qrepo = quantized_repo(repo) if variant.format != "hf" else None
         source = ""
         if qrepo:
-            commit, siblings = _repo_files(qrepo, revision, endpoint)
+            commit, siblings = repo_files(qrepo, revision, endpoint)
             if _published(qrepo, commit, siblings, variant, endpoint) is not None:
                 manifest = (
-                    _download_json(qrepo, commit, MANIFEST_NAME, endpoint)
+                    download_json(qrepo, commit, MANIFEST_NAME, endpoint)
                     if MANIFEST_NAME in siblings
                     else {}
                 )
                 source = json.dumps(manifest, sort_keys=True) if manifest else f"{qrepo}@{commit}"
         if not source:
-            commit, _ = _repo_files(BF16_REPO, revision, endpoint)
+            commit, _ = repo_files(BF16_REPO, revision, endpoint)
             source = f"{BF16_REPO}@{commit}"
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     return f"{variant.name}-{digest}"
@@ -318,103 +315,10 @@ def _reclaim(final: Path, staging: Path, bad: set[str]) -> None:
         (staging / name).unlink(missing_ok=True)
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The HTTP or connection error behind a huggingface_hub error: hf_hub_download
-    reports a server error or a lost connection as LocalEntryNotFoundError (nothing in
-    the cache to fall back on), with the real failure as its cause."""
-    import httpx
-    from huggingface_hub import errors as hub
-
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, (hub.HfHubHTTPError, httpx.TransportError)) and seen is not exc:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return exc
-
-
-def _hub_error(exc: Exception, repo: str) -> VermError:
-    """One line for a huggingface_hub failure, told apart by its type."""
-    from huggingface_hub import errors as hub
-
-    if isinstance(exc, hub.LocalEntryNotFoundError):
-        cause = _root_cause(exc)
-        if cause is not exc:
-            return _hub_error(cause, repo)  # type: ignore[arg-type]
-    if isinstance(exc, hub.GatedRepoError):  # a subclass of RepositoryNotFoundError
-        return FetchError(f"{repo} is gated: accept its terms on the hub and set HF_TOKEN")
-    if isinstance(exc, hub.RepositoryNotFoundError):
-        return FetchError(f"repository {repo} not found on the hub (or it needs HF_TOKEN)")
-    if isinstance(exc, hub.RevisionNotFoundError):
-        return FetchError(f"{repo}: revision not found")
-    if isinstance(exc, hub.EntryNotFoundError):
-        return FetchError(f"{repo}: a file it lists is not there ({_first_line(exc)})")
-    if isinstance(exc, (hub.OfflineModeIsEnabled, hub.LocalEntryNotFoundError)):
-        return FetchError("HF_HUB_OFFLINE is set (or the hub is unreachable); nothing was fetched")
-    if isinstance(exc, hub.HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else "?"
-        return FetchError(f"cannot download from {repo}: HTTP {status} ({_first_line(exc)})")
-    return FetchError(f"cannot download from {repo}: {_first_line(exc)}")
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
-
-
-def _hub_call(repo: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """A huggingface_hub call, tried again with the package's backoff (a Retry-After
-    honoured) when the hub answers 429 or 5xx or the connection fails; any failure left
-    is one FetchError line (exit 6), and the caller stores nothing."""
-    import httpx
-    from huggingface_hub import errors as hub
-    from huggingface_hub.constants import is_offline_mode
-
-    from . import net
-
-    policy = net.DEFAULT_POLICY
-    for attempt in range(policy.retries + 1):
-        try:
-            try:
-                return fn(*args, **kwargs)
-            except hub.LocalEntryNotFoundError as exc:
-                cause = _root_cause(exc)
-                if cause is exc or is_offline_mode():
-                    raise
-                raise cause from None
-        except hub.HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else 0
-            final = attempt == policy.retries or not net.retryable_status(status)
-            if final or isinstance(exc, (hub.RepositoryNotFoundError, hub.EntryNotFoundError)):
-                raise _hub_error(exc, repo) from None
-            wait = net.retry_after(exc.response) if exc.response is not None else None
-        except (httpx.TransportError, ConnectionError, TimeoutError) as exc:
-            if attempt == policy.retries:
-                raise _hub_error(exc, repo) from None
-            wait = None
-        except Exception as exc:  # noqa: BLE001 - every other hub failure is one line
-            raise _hub_error(exc, repo) from None
-        log(f"{repo}: the hub did not answer; trying again ({attempt + 1}/{policy.retries})")
-        net.sleep(policy.delay(attempt, wait))
-    raise AssertionError("unreachable")
-
-
-def _repo_files(
-    repo: str, revision: str | None, endpoint: str | None
-) -> tuple[str, dict[str, Any]]:
-    """(commit, {path: sibling}) with sizes, git blob ids and LFS sha256 from the hub."""
-    from huggingface_hub import HfApi
-
-    info = _hub_call(
-        repo, HfApi(endpoint=endpoint).model_info, repo, revision=revision, files_metadata=True
-    )
-    return info.sha, {s.rfilename: s for s in info.siblings or []}
-
-
 def _published(
     repo: str, commit: str, files: dict[str, Any], variant: Variant, endpoint: str | None
 ) -> dict[str, str | None] | None:
-    """The files of `variant` that `repo` publishes at `commit` (`files` as `_repo_files`
+    """The files of `variant` that `repo` publishes at `commit` (`files` as `repo_files`
     lists them), with the sha256 its manifest states (None where it states none), or
     None when it does not publish them all."""
     if variant.subfolder:
@@ -427,31 +331,11 @@ def _published(
         return None
     wanted: dict[str, str | None] = {f: variant.sha256.get(f) for f in variant.files}
     if MANIFEST_NAME in files:
-        manifest = _download_json(repo, commit, MANIFEST_NAME, endpoint)
+        manifest = download_json(repo, commit, MANIFEST_NAME, endpoint)
         for entry in manifest.get("files", []):
             if entry.get("file") in wanted and entry.get("sha256") and not wanted[entry["file"]]:
                 wanted[entry["file"]] = entry["sha256"]
     return wanted
-
-
-def _download_json(repo: str, commit: str, name: str, endpoint: str | None) -> dict[str, Any]:
-    """A JSON file the repository lists (its manifest): a hub failure or a file that is
-    not a JSON object is an error, never an empty manifest that would skip its checks."""
-    import tempfile
-
-    from huggingface_hub import hf_hub_download
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = _hub_call(
-            repo, hf_hub_download, repo, name, revision=commit, local_dir=tmp, endpoint=endpoint
-        )
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise FetchError(f"{repo}: {name} is not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise FetchError(f"{repo}: {name} is not a JSON object")
-    return data
 
 
 def _fetch(
@@ -480,43 +364,20 @@ def _fetch(
         f"pulling {variant.name} from {repo}@{commit[:12]}: {len(wanted)} files, "
         f"{need / GB:.2f} GB to download"
     )
-    _hub_call(
+    hub_call(
         repo,
         snapshot_download,
         repo,
         revision=commit,
         local_dir=staging,
         endpoint=endpoint,
-        allow_patterns=sorted(_glob_escape(n) for n in wanted),
+        allow_patterns=sorted(glob_escape(n) for n in wanted),
         max_workers=4,
     )
     return {
-        name: _verify_download(staging / name, name, siblings.get(name), wanted[name])
+        name: verify_download(staging / name, name, siblings.get(name), wanted[name])
         for name in sorted(wanted)
     }
-
-
-def _glob_escape(name: str) -> str:
-    """A file name as an fnmatch pattern that matches it alone."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
-def _verify_download(path: Path, name: str, sibling: Any, stated: str | None) -> str:
-    """sha256 against what the catalog or the repo's manifest states and the hub's LFS
-    metadata (git blob id for small non-LFS files). A mismatch removes the file."""
-    digest = sha256_file(path)
-    expected = [s for s in (stated, getattr(getattr(sibling, "lfs", None), "sha256", None)) if s]
-    bad = next((e for e in expected if e != digest), None)
-    if bad is None and not expected and sibling is not None and sibling.blob_id:
-        if git_blob_sha1(path) != sibling.blob_id:
-            bad = f"git blob {sibling.blob_id}"
-    if bad is not None:
-        path.unlink()
-        raise FetchError(
-            f"{name}: integrity check failed (expected {bad[:16]}..., got "
-            f"{digest[:16]}...); the file was removed and nothing was stored"
-        )
-    return digest
 
 
 def _finish(

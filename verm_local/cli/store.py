@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import ExitCode
 from ..stdio import stdout_to_stderr
-from .app import DeviceOpt, JsonOpt, RepackOpt, app, show_progress
+from .app import DeviceOpt, JsonOpt, RepackOpt, app, fail, show_progress
 
 
 @app.command("pull")
@@ -17,7 +18,9 @@ def pull_cmd(
     variant: Annotated[
         str,
         typer.Argument(
-            help="A catalog variant (see `verm-local models --catalog`), or auto: the plan's."
+            help="A catalog variant (see `verm-local models --catalog`), auto: the plan's, or "
+            "a GGUF repository of the hub: hf.co/USER/REPO[:QUANT] (QUANT: a file's tag, "
+            "e.g. Q4_K_M; default: the plan's quant).",
         ),
     ] = "auto",
     repo: Annotated[
@@ -41,6 +44,20 @@ def pull_cmd(
         typer.Option("--check/--no-check", help="Load a pulled GGUF variant and run a few tokens."),
     ] = True,
     repack: RepackOpt = None,
+    mmproj_quant: Annotated[
+        Optional[str],
+        typer.Option(
+            "--mmproj-quant",
+            help="hf.co/...: the projector's quant (default: f16, else bf16, else q8_0).",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="hf.co/...: replace a variant of that name that came from another source.",
+        ),
+    ] = False,
     print_cache_key: Annotated[
         bool,
         typer.Option(
@@ -59,6 +76,32 @@ def pull_cmd(
     if prompts_only:
         typer.echo(str(pull_prompts(required=True)))
         return
+    from ..hub_gguf import parse_ref
+
+    ref = parse_ref(variant)
+    if ref is not None:
+        if from_dir is not None or repo is not None or print_cache_key:
+            fail(
+                "--from, --repo and --cache-key go with catalog variants, not hf.co/...",
+                ExitCode.INPUT,
+            )
+        _, plan = plan_here(device=device)
+        from ..catalog import get_variant
+        from ..hub_gguf import pull_gguf
+
+        plan_quant = get_variant(plan.variant).quant
+        with stdout_to_stderr():
+            path = pull_gguf(
+                ref, plan_quant=plan_quant, revision=revision, mmproj_quant=mmproj_quant,
+                force=force,
+            )  # fmt: skip
+            pull_prompts(required=False)
+            if check:
+                check_variant(path.name, path, repack)
+        typer.echo(str(path))
+        return
+    if mmproj_quant is not None or force:
+        fail("--mmproj-quant and --force go with hf.co/USER/REPO[:QUANT]", ExitCode.INPUT)
     if variant == "auto":
         _, plan = plan_here(device=device)
         variant = plan.variant
