@@ -250,6 +250,8 @@ def candidate_pass(
             _progress(label, i + 1, len(items), t0)
         info = judge.backend.info.model_dump()
         info["vision"] = _vision_label(judge)
+        # Judged on the path `judge` takes: deterministic where the build allows it.
+        info["deterministic"] = judge.backend.deterministic.on
         size = model_size(judge)
     kl = np.concatenate(kls)
     # How much of the reference's mass the cached top-k holds: the KL is exact on it and

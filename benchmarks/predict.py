@@ -90,7 +90,7 @@ def predict(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Judge every row of `data` not yet in `out`, writing `out` as it goes; a summary of
-    the run. `stream()` gives the judging stream (`judge.local_stream` of a Judge, or
+    the run. `stream()` gives the judging stream (`pairs.local_stream` of a Judge, or
     `raydata.ray_stream`): it is only called when there is work, so a finished run loads
     no model."""
     from verm_local.fileio import write_json_atomic

@@ -75,7 +75,7 @@ def run_speculate(
                 text = json.dumps(trained_answer(p, errors), ensure_ascii=False)
                 request = dataclasses.replace(
                     j.request(gt, pred, p).request,
-                    forced=j.backend.draft_tokens(text.encode()),
+                    forced=j.backend.answer_tokens(text),  # the answer and its end
                     reuse_prefix=False,
                 )
                 row: dict[str, Any] = {"task": task, "errors": len(errors)}

@@ -58,12 +58,27 @@ if [ ! -f "$SDIST" ]; then
     "${PIP[@]}" download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION" -d "$SDIST_DIR"
 fi
 
+# The wheel is built from the sdist with verm-local's patches to its llama.cpp applied
+# (scripts/patches/: batch-invariant CPU kernels, so one request gets one answer on every
+# path); the cache key (FLAVOUR) includes their digest, so a wheel built before a patch
+# changed is never taken.
 WHEEL=$(ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n1 || true)
 if [ -z "$WHEEL" ]; then
-    step "building llama-cpp-python $LLAMA_VERSION from its sdist (CMAKE_ARGS='${CMAKE_ARGS:-}'), once"
+    step "building llama-cpp-python $LLAMA_VERSION from its sdist with scripts/patches/ (CMAKE_ARGS='${CMAKE_ARGS:-}'), once"
     mkdir -p "$WHEEL_DIR"
+    BUILD=$(mktemp -d "${TMPDIR:-/tmp}/verm-llama-build.XXXXXX")
+    trap 'rm -rf "$BUILD"' EXIT
+    tar -xzf "$SDIST" -C "$BUILD"
+    SRC=$BUILD/llama_cpp_python-$LLAMA_VERSION
+    for p in scripts/patches/*.patch; do
+        [ -f "$p" ] || continue
+        patch -p1 -s --forward -d "$SRC/vendor/llama.cpp" < "$p" || {
+            echo "install.sh: $p does not apply to llama-cpp-python $LLAMA_VERSION's llama.cpp" >&2
+            exit 1
+        }
+    done
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-        "${PIP[@]}" wheel --no-deps -w "$WHEEL_DIR" "$SDIST"
+        "${PIP[@]}" wheel --no-deps -w "$WHEEL_DIR" "$SRC"
     WHEEL=$(ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -n1)
 fi
 
@@ -89,6 +104,8 @@ if [ "${#want[@]}" -gt 0 ] && [ "$(uname -s)" = Linux ]; then
 fi
 
 step "verm-local and its dependencies"
-"${PIP[@]}" install -q "$WHEEL"
+# --force-reinstall: a venv that holds another build of the same version (an unpatched
+# wheel) gets this one.
+"${PIP[@]}" install -q --no-deps --force-reinstall "$WHEEL"
 "${PIP[@]}" install -q -e ".[convert,gptq,onnx,bench,test,ray]"
 "$VENV/bin/verm-local" version

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Print the cache key of a llama-cpp-python wheel built on this machine: version, build
-flags (CMAKE_ARGS), CPU architecture and instruction-set extensions. A wheel built with
+flags (CMAKE_ARGS), CPU architecture and instruction-set extensions, and the patches
+scripts/install.sh applies to llama.cpp (scripts/patches/). A wheel built with
 llama.cpp's default GGML_NATIVE uses every extension of the build machine, so a cache
 shared between machines (CI caches, network homes) must never hand it to a CPU without
 them (SIGILL). Used by scripts/install.sh and the CI examples; stdlib only, so it runs
@@ -24,6 +25,7 @@ from pathlib import Path
 
 HARDWARE = Path(__file__).resolve().parent.parent / "verm_local" / "hardware.py"
 INSTALL = Path(__file__).resolve().parent / "install.sh"
+PATCHES = Path(__file__).resolve().parent / "patches"  # applied to llama.cpp before the build
 
 
 def _pinned_version() -> str:
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if not flags and sys.platform == "darwin":
         flags = tuple(sorted(set(text.split()) - {"flags:"}))
     arch = hw.arch_name(a.arch)
-    print(hw.wheel_key(a.version, a.cmake_args, arch, flags))
+    print(hw.wheel_key(a.version, a.cmake_args, arch, flags, hw.patches_digest(PATCHES)))
     return 0
 
 

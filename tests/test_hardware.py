@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from verm_local.errors import InputError
-from verm_local.hardware import AMX_FLAGS, Hardware, has_amx, isa_flags, parse_cpuinfo, wheel_key
+from verm_local.hardware import (
+    AMX_FLAGS,
+    Hardware,
+    has_amx,
+    isa_flags,
+    parse_cpuinfo,
+    patches_digest,
+    wheel_key,
+)
 from verm_local.select import repack_decision, select_plan
 
 from .conftest import run_cli
@@ -187,5 +195,9 @@ def test_install_script_key_is_the_package_key():
             text=True,
             check=True,
         ).stdout.strip()
-        assert out == wheel_key("0.3.36", "-DGGML_CUDA=on", "x86_64", isa_flags(cpuinfo(name)))
+        patches = patches_digest(ROOT / "scripts" / "patches")
+        assert patches  # the batch-invariant kernels are part of every build
+        assert out == wheel_key(
+            "0.3.36", "-DGGML_CUDA=on", "x86_64", isa_flags(cpuinfo(name)), patches
+        )
     assert "wheel_key.py" in (ROOT / "scripts" / "install.sh").read_text()

@@ -64,7 +64,7 @@ def test_judge_pairs_on_ray_data_equals_the_local_run(tiny_gguf, pairs_file, clu
     proc = _judge_pairs(tiny_gguf, pairs_file, local)
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = _judge_pairs(
-        tiny_gguf, pairs_file, on_ray, "--ray", cluster.address, "--ray-actors", "2"
+        tiny_gguf, pairs_file, on_ray, "--ray-address", cluster.address, "--ray-actors", "2"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -76,7 +76,7 @@ def test_judge_pairs_on_ray_data_equals_the_local_run(tiny_gguf, pairs_file, clu
     # Resumable: a lost line is judged again, the others are kept.
     lines = on_ray.read_text().splitlines()
     on_ray.write_text("\n".join(lines[:4]) + "\n")
-    proc = _judge_pairs(tiny_gguf, pairs_file, on_ray, "--ray", cluster.address)
+    proc = _judge_pairs(tiny_gguf, pairs_file, on_ray, "--ray-address", cluster.address, "--ray")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert judged(on_ray) == judged(local)
 

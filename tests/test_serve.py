@@ -546,9 +546,19 @@ def test_judge_pairs_batch_mode(tiny_gguf, images, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "judged 4/4 pairs" in proc.stderr
+    assert proc.stdout == ""  # with --out the judgements go to the file only
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["id"] for g in got] == ["a", "b", "c", "d"]
     assert all(0 <= g["rm_reward"] <= 1 and g["reward"] == 1 + g["rm_reward"] for g in got)
+    # -q: nothing but errors (the pairs are in the file already: resumed, none judged again)
+    flags = ["-m", tiny_gguf / "model-Q8_0.gguf", "--vision", "gguf", "--image-tokens", "64",
+             "--max-errors", "2", "--max-tokens", "400", "--parallel", "4"]  # fmt: skip
+    proc = run_cli("judge", "--pairs", src, "--out", out, *flags, "-q")
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+    # Without --out the judgements are the result, on stdout (with -q too), in file order.
+    proc = run_cli("judge", "--pairs", src, *flags, "-q")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert [json.loads(ln)["id"] for ln in proc.stdout.splitlines()] == ["a", "b", "c", "d"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"gt": "missing.png", "pred": "x.png"}\n')
     proc = run_cli("judge", "--pairs", bad, "-m", tiny_gguf / "model-Q8_0.gguf")

@@ -9,6 +9,7 @@ from typing import Any
 
 from .catalog import CATALOG
 from .errors import InputError
+from .fileio import read_manifest
 from .hardware import Hardware, probe
 from .memory import estimate_llamacpp
 from .paths import installed
@@ -45,11 +46,35 @@ def memory_breakdown(plan: Plan) -> dict[str, Any]:
     return {**est.to_dict(), "n_ctx": plan.n_ctx, "full_cap_peak": plan.memory_full_cap_bytes}
 
 
+def build_guarantees(hw: Hardware) -> str:
+    """What the installed llama.cpp build promises about one request getting one answer."""
+    if not hw.llama_cpp_version:
+        return "llama-cpp-python is not installed"
+    if hw.llama_batch_invariant <= 0:
+        return (
+            "no batch-invariant kernels: a wheel built before verm-local 0.3 or without "
+            "scripts/patches/ (a user's own CUDA or Metal build): a greedy answer can "
+            "depend on the batch, drafts and prompt chunks; scripts/install.sh rebuilds it"
+        )
+    gpu = (
+        "; its GPU backend makes no such promise (llama.cpp's CUDA and Metal kernels "
+        "pick their path by batch size): deterministic on the CPU only"
+        if hw.llama_gpu_offload
+        else ""
+    )
+    return (
+        f"batch-invariant CPU kernels, revision {hw.llama_batch_invariant}: K-quant "
+        "matmuls sum as the tiled kernel does for every row count, tinyBLAS, repacked "
+        "weights and flash attention's split/tiled paths are left out on request" + gpu
+    )
+
+
 def doctor(
     device: str | None = None,
     variant: str | None = None,
     hardware: Path | Hardware | None = None,
     repack: bool | None = None,
+    deterministic: bool | None = None,
 ) -> dict[str, Any]:
     """The report `doctor --json` prints: hardware, plan, decisions, store, settings."""
     if isinstance(hardware, Path):
@@ -57,7 +82,11 @@ def doctor(
     else:
         hw = hardware or probe(with_torch=True)
     _, plan = plan_here(
-        device, variant, hardware=hw, repack=repack if repack is not None else settings().repack
+        device,
+        variant,
+        hardware=hw,
+        repack=repack if repack is not None else settings().repack,
+        deterministic=deterministic,
     )
     path = installed(plan.variant)
     return {
@@ -65,10 +94,22 @@ def doctor(
         "plan": plan.to_dict(),
         "decisions": {
             "repack": {"enabled": plan.repack, "reason": plan.repack_reason},
+            "deterministic": {
+                "enabled": plan.deterministic.on,
+                "reason": plan.deterministic.reason,
+                "build": build_guarantees(hw),
+            },
             "prefill": plan.prefill.to_dict(),
         },
         "memory": memory_breakdown(plan),
-        "store": {"variant": plan.variant, "path": str(path) if path else None},
+        "store": {
+            "variant": plan.variant,
+            "path": str(path) if path else None,
+            # Where the stored variant came from (a repository and commit, a build, an import).
+            "source": (
+                (read_manifest(path) or {}).get("store", {}).get("source") if path else None
+            ),
+        },
         "sandbox": sandbox_level().to_dict(),
         "settings": describe(),
     }

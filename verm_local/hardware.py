@@ -11,7 +11,9 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 # The CPU features llama.cpp's kernels are built for (and a wheel built with GGML_NATIVE
@@ -123,6 +125,9 @@ class Hardware:
     metal_working_set: int | None = None  # what Metal lets one process keep resident
     llama_cpp_version: str | None = None
     llama_gpu_offload: bool = False  # this llama-cpp-python build can offload layers
+    # Revision of the batch-invariant CPU kernels in the llama.cpp build (verm-local's
+    # patch, scripts/patches/); 0: none (a stock or older wheel, a build of one's own).
+    llama_batch_invariant: int = 0
     torch_version: str | None = None
     torch_cuda: bool | None = None  # None: not probed (torch not imported)
     gptqmodel: bool = False
@@ -205,16 +210,35 @@ def isa_flags(cpuinfo: str) -> tuple[str, ...]:
     return tuple(sorted(f for f in found if f in ISA_FLAGS))
 
 
-def wheel_key(version: str, cmake_args: str, arch: str, flags: tuple[str, ...] | list[str]) -> str:
+def wheel_key(
+    version: str,
+    cmake_args: str,
+    arch: str,
+    flags: tuple[str, ...] | list[str],
+    patches: str = "",
+) -> str:
     """The cache key of a llama-cpp-python wheel built here: its version, its build flags,
     the CPU architecture and instruction-set extensions (a natively built wheel runs only
-    where they all are). 16 hex digits."""
+    where they all are), and the digest of the patches applied to its llama.cpp
+    (`patches_digest`: a wheel built before a patch changed is not taken). 16 hex digits."""
     import hashlib
 
-    text = "\n".join(
-        [version, " ".join((cmake_args or "cpu").split()), arch, " ".join(sorted(set(flags)))]
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    parts = [version, " ".join((cmake_args or "cpu").split()), arch, " ".join(sorted(set(flags)))]
+    if patches:
+        parts.append(patches)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def patches_digest(folder: Path) -> str:
+    """The sha256 of the patches (`*.patch`, by name) that scripts/install.sh applies to
+    llama.cpp before building the wheel; "" when there are none."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(folder.glob("*.patch")) if folder.is_dir() else []
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest() if files else ""
 
 
 def metal_working_set(ram_total: int) -> int:
@@ -282,6 +306,44 @@ def probe_llama_cpp() -> tuple[str | None, bool]:
     return llama_cpp.__version__, bool(llama_cpp.llama_supports_gpu_offload())
 
 
+def llama_library(name: str) -> Any:
+    """A library of the llama.cpp build llama-cpp-python loads (name: "llama", "ggml-base",
+    "mtmd"), for the functions its bindings leave out; None when it is not there. Found
+    where llama-cpp-python looks: LLAMA_CPP_LIB_PATH / MTMD_CPP_LIB, else its own lib/
+    (loading a library again returns the one already in the process)."""
+    import ctypes
+
+    from .settings import settings
+
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    s = settings()
+    override = s.mtmd_cpp_lib if name == "mtmd" else s.llama_cpp_lib_path
+    libdir = Path(override) if override else Path(llama_cpp.__file__).parent / "lib"
+    file = {"darwin": f"lib{name}.dylib", "win32": f"{name}.dll"}.get(sys.platform, f"lib{name}.so")
+    path = libdir / file
+    if not path.exists():
+        return None
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        return None
+
+
+def probe_batch_invariant() -> int:
+    """The revision of the batch-invariant kernels of the llama.cpp build (0: none)."""
+    import ctypes
+
+    lib = llama_library("llama")
+    fn = getattr(lib, "llama_batch_invariant_revision", None) if lib is not None else None
+    if fn is None:
+        return 0
+    fn.argtypes, fn.restype = [], ctypes.c_int32
+    return int(fn())
+
+
 def probe_torch() -> tuple[str | None, bool | None]:
     """Imports torch (a second or two), so only when asked."""
     if importlib.util.find_spec("torch") is None:
@@ -327,6 +389,7 @@ def probe(with_torch: bool = True) -> Hardware:
         metal_working_set=metal_working_set(total) if metal else None,
         llama_cpp_version=llama_version,
         llama_gpu_offload=offload,
+        llama_batch_invariant=probe_batch_invariant() if llama_version else 0,
         torch_version=torch_version,
         torch_cuda=torch_cuda,
         gptqmodel=importlib.util.find_spec("gptqmodel") is not None,

@@ -6,7 +6,6 @@ grammar, decoding), run it on a backend, read the answer into a `Judgement`."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from .answer import AnswerBounds, answer_grammar, answer_schema, bounds
 from .backends.base import Backend, Generation, Request
 from .decoding import Sampling
 from .errors import AnswerError, InputError, ModelError, VermError
-from .images import PreparedImage, check_image, prepare_image
+from .images import PreparedImage, prepare_image
 from .modelref import ResolvedModel, resolve_model
 from .prompts import Prompt, resolve_prompt
 from .schema import Judgement, Timings, extract_json
@@ -98,10 +97,13 @@ def _describe_image(img: PreparedImage) -> dict[str, Any]:
     }
 
 
-def prepare(image: ImageLike, prep: ImagePrep, image_tokens: int | None = None) -> PreparedImage:
+def prepare(
+    image: ImageLike, prep: ImagePrep, image_tokens: int | None = None, name: str | None = None
+) -> PreparedImage:
+    """An image as the task's pipeline prepares it (`name`: how errors call it)."""
     if isinstance(image, PreparedImage):
         return image
-    return prepare_image(image, prep, image_tokens=image_tokens)
+    return prepare_image(image, prep, image_tokens=image_tokens, name=name)
 
 
 def build_request(
@@ -171,7 +173,11 @@ def judgement_of(
         drafted=gen.drafted,
         accepted=gen.accepted,
     )
-    fields = {"prompt_source": prompt_source, "timings": timings}
+    fields = {
+        "prompt_source": prompt_source,
+        "timings": timings,
+        "deterministic": gen.deterministic,
+    }
     if model is not None:
         fields["model"] = model
     if gen.finish_reason == "length":
@@ -287,7 +293,8 @@ class Judge:
         kv_type: str | None = None,
         flash_attn: bool | None = None,
         n_ubatch: int | None = None,
-        speculate: bool = True,
+        speculate: bool | None = None,
+        deterministic: bool | None = None,
         **renamed: Any,
     ):
         old = _renamed(
@@ -344,7 +351,7 @@ class Judge:
                 resolved, device=device, dtype=dtype, threads=threads, verbose=verbose
             )
             return
-        from .backends.llamacpp import LlamaCppBackend
+        from .backends.llamacpp import LlamaCppBackend, path_choice
 
         t0 = time.perf_counter()
         encoder = _vision_encoder(
@@ -352,8 +359,10 @@ class Judge:
         )
         encoder_load_s = time.perf_counter() - t0
         max_image = max(p.max_image_tokens for p in _profiles())
-        # Prefill settings measured for the device (select.prefill_settings) unless given.
-        pre = prefill_settings("cpu" if gpu_layers == 0 else "gpu", parallel)
+        # Prefill settings measured for the device (select.prefill_settings) unless given;
+        # the same for one request and many where the kernels are batch-invariant.
+        det, _, _ = path_choice(repack, resolved.quant, deterministic, gpu_layers)
+        pre = prefill_settings("cpu" if gpu_layers == 0 else "gpu", parallel, det.on)
         kv_type = kv_type or pre.kv_type
         if flash_attn is None:  # a quantized V cache needs flash attention in llama.cpp
             flash_attn = pre.flash_attn or kv_type != "f16"
@@ -373,6 +382,7 @@ class Judge:
             flash_attn=flash_attn,
             n_ubatch=n_ubatch or pre.n_ubatch,
             speculate=speculate,
+            deterministic=deterministic,
         )
         self.backend.load_s += encoder_load_s  # the ONNX session is part of loading
 
@@ -385,11 +395,16 @@ class Judge:
         return decoding(profile(task), mode, self.max_tokens, seed)
 
     def prepare(
-        self, image: ImageLike, task: str | TaskProfile = "chart", role: str = "gt"
+        self,
+        image: ImageLike,
+        task: str | TaskProfile = "chart",
+        role: str = "gt",
+        name: str | None = None,
     ) -> PreparedImage:
-        """An image prepared as the task prepares its ground truth (or `role="pred"`)."""
+        """An image prepared as the task prepares its ground truth (or `role="pred"`);
+        `name`: how an error calls it."""
         p = profile(task)
-        return prepare(image, p.gt if role == "gt" else p.pred, self.image_tokens)
+        return prepare(image, p.gt if role == "gt" else p.pred, self.image_tokens, name)
 
     def request(
         self,
@@ -567,109 +582,6 @@ def _profiles() -> list[TaskProfile]:
     from .tasks import PROFILES
 
     return list(PROFILES.values())
-
-
-def pair_row(p: dict[str, Any], result: Any) -> dict[str, Any]:
-    """One line of `judge --pairs` output: the pair's id and line, and its judgement (or
-    the error)."""
-    head = {"id": p["id"], "line": p["line"]}
-    if isinstance(result, Exception):
-        return {**head, "task": p["task"].name, "error": str(result)}
-    return {**head, **result.model_dump(mode="json")}
-
-
-PairStream = Callable[[list[dict[str, Any]]], Any]
-
-
-def local_stream(j: Judge, **kwargs: Any) -> PairStream:
-    """Pairs judged by a loaded Judge, a chunk at a time (so the output is written as it
-    goes): yields lists of (position, result)."""
-
-    def stream(todo: list[dict[str, Any]]) -> Any:
-        step = max(8, 4 * j.backend.parallel)
-        for start in range(0, len(todo), step):
-            part = todo[start : start + step]
-            results = j.judge_many([(p["gt"], p["pred"], p["task"]) for p in part], **kwargs)
-            yield [(start + k, r) for k, r in enumerate(results)]
-
-    return stream
-
-
-def _pair_key(row: dict[str, Any]) -> str:
-    return json.dumps([row.get("id"), row.get("line")])
-
-
-def judge_file(
-    stream: PairStream,
-    pairs: list[dict[str, Any]],
-    out: Path | None = None,
-    *,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[str, int, int]:
-    """Judge every pair of `read_pairs` with `stream` (`local_stream`, or the Ray Data
-    pool of `raydata.py`), grouped by ground truth; the JSONL of the results in the
-    file's order, how many failed and how many came back incomplete. With `out`, the file
-    is rewritten (atomically) after each chunk, and pairs it already holds are kept and
-    not judged again: a stopped run resumes."""
-    from .fileio import atomic_output
-
-    rows: dict[str, dict[str, Any]] = {}
-    if out is not None and out.is_file():
-        for line in out.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and "line" in row and "error" not in row:
-                rows[_pair_key(row)] = row
-    wanted = {_pair_key(p) for p in pairs}
-    rows = {k: v for k, v in rows.items() if k in wanted}
-    todo = sorted(
-        (p for p in pairs if _pair_key(p) not in rows), key=lambda p: str(p["gt"])
-    )  # grouped by ground truth: a group's shared prefix is evaluated once
-
-    def text() -> str:
-        return "".join(json.dumps(rows[k]) + "\n" for k in map(_pair_key, pairs) if k in rows)
-
-    done = len(pairs) - len(todo)
-    if progress is not None and done:
-        progress(done, len(pairs))
-    for batch in stream(todo) if todo else ():
-        for pos, result in batch:
-            rows[_pair_key(todo[pos])] = pair_row(todo[pos], result)
-        done += len(batch)
-        if out is not None:
-            with atomic_output(out) as tmp:
-                tmp.write_text(text(), encoding="utf-8")
-        if progress is not None:
-            progress(done, len(pairs))
-    final = [rows[_pair_key(p)] for p in pairs]
-    failed = sum("error" in r for r in final)
-    incomplete = sum(not r.get("complete", True) for r in final if "error" not in r)
-    if out is not None and not todo:
-        with atomic_output(out) as tmp:
-            tmp.write_text(text(), encoding="utf-8")
-    return text(), failed, incomplete
-
-
-def read_pairs(path: str | Path, default_task: str = "chart") -> list[dict[str, Any]]:
-    """Pairs to judge from a file the one row reader reads (`rows.read_rows`: JSONL of
-    {gt, pred, task, id}, VC-RewardBench's rows, or a JSON list of either). Every image
-    is checked here with its task's preparation, so a bad row fails before any model
-    loads, naming the row."""
-    from .rows import read_rows
-
-    out = []
-    for row in read_rows(path, default_task):
-        for p, prep in ((row.gt, row.task.gt), (row.pred, row.task.pred)):
-            try:
-                check_image(p, prep)
-            except InputError as exc:
-                raise InputError(f"{row.where}: {exc}") from None
-        out.append(
-            {"id": row.id, "line": row.number, "gt": row.gt, "pred": row.pred, "task": row.task}
-        )
-    return out
 
 
 def _vision_encoder(

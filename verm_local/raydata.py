@@ -72,7 +72,7 @@ def ray_stream(
     batch_size: int = 8,
     cpus_per_actor: float = 1.0,
 ) -> Any:
-    """A stream for `judge.judge_file` (and `bench predict`): the pairs on Ray Data's
+    """A stream for `pairs.judge_file` (and `bench predict`): the pairs on Ray Data's
     actor pool, results yielded as lists of (position, Judgement or VermError)."""
 
     def stream(todo: list[dict[str, Any]]) -> Iterator[list[tuple[int, Any]]]:

@@ -28,7 +28,7 @@ from .fileio import write_json_atomic
 from .images import data_url
 from .render import extract_code, render_code
 from .reward import with_settings
-from .schema import Judgement
+from .schema import Critique, Judgement
 from .tasks import TaskProfile, profile
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,35 @@ def revision_message(
         f"Revise the code to remove them; answer with the complete code in one ```{fence} block.",
     ]
     return "\n".join(lines)
+
+
+def critique(
+    judge: Any,
+    gt: Any,
+    p: TaskProfile,
+    *,
+    code: str | None = None,
+    pred: Any = None,
+    unsafe: bool | None = None,
+) -> Critique:
+    """One critique: `code` rendered in the sandbox as the authors render the task (or the
+    rendered image `pred`), judged against `gt`, with the task's reward and the revision
+    message. Code that does not render gives its reason and the unrendered reward; no
+    sandbox on this machine raises SandboxError."""
+    judgement, render_error = None, None
+    if code is not None:
+        try:
+            pred = render_code(code, p.name, unsafe=unsafe)
+        except RenderError as exc:
+            render_error = str(exc)
+    if pred is not None and render_error is None:
+        judgement = judge.judge(gt, pred, p, unreadable="score")
+    return Critique(
+        judgement=judgement,
+        reward=judgement.reward if judgement else with_settings(p.reward).unrendered(),
+        render_error=render_error,
+        revision_message=revision_message(p, code, judgement, render_error),
+    )
 
 
 def code_of(p: TaskProfile, reply: str) -> str | None:

@@ -117,6 +117,7 @@ def print_doctor(
     settings_rows: list[dict] | None = None,
     console: Console | None = None,
     sandbox: dict | None = None,
+    build: str = "",
 ) -> None:
     """`verm-local doctor`: the hardware record, the plan and its reasons."""
     console = console or Console(highlight=False)
@@ -161,6 +162,9 @@ def print_doctor(
     )
     console.print(f"  vision   {plan.vision}", markup=False)
     console.print(f"  repack   {plan.repack_reason}", markup=False)
+    console.print(f"  determinism {plan.deterministic.reason}", markup=False)
+    if build:
+        console.print(f"  build    {build}", markup=False)
     pre = plan.prefill
     console.print(
         f"  prefill  n_ubatch {pre.n_ubatch}, flash attention "

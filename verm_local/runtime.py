@@ -17,6 +17,7 @@ def plan_here(
     n_ctx: int | None = None,
     hardware: Hardware | None = None,
     repack: str | bool | None = None,
+    deterministic: str | bool | None = None,
 ) -> tuple[Hardware, Plan]:
     """Probe (torch only when a transformers variant is asked for) and plan."""
     from .settings import settings
@@ -30,6 +31,7 @@ def plan_here(
         variant=variant,
         n_ctx=n_ctx,
         repack=repack if repack is not None else settings().repack,
+        deterministic=deterministic if deterministic is not None else settings().deterministic,
     )
 
 

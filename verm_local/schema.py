@@ -61,6 +61,9 @@ class Judgement(BaseModel):
     complete: bool = True
     problem: str = ""
     prompt_source: str = ""  # trained | file:PATH | built-in
+    # True where the logits behind this answer do not depend on the path it took (alone,
+    # batched with other requests, drafted, prefix-cached): `verm-local doctor` says why.
+    deterministic: bool = False
     model: ModelInfo = Field(default_factory=ModelInfo)
     timings: Timings = Field(default_factory=Timings)
 
@@ -190,3 +193,15 @@ def normalise_errors(p: TaskProfile, answer: dict[str, Any]) -> list[JudgedError
             )
         )
     return out
+
+
+class Critique(BaseModel):
+    """What the visual critic says of one prediction (`/v1/critique`, the MCP `critique`
+    tool): the judgement of its render against the ground truth (None when the code did
+    not render), the task's reward, why it did not render, and the revision message
+    `refine` would send the policy."""
+
+    judgement: Judgement | None = None
+    reward: float
+    render_error: str | None = None
+    revision_message: str

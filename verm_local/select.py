@@ -114,12 +114,16 @@ GPU_PREFILL = PrefillSettings(
 )
 
 
-def prefill_settings(device: str, parallel: int = 1) -> PrefillSettings:
-    """The prefill settings for `device`. Flash attention only for one request at a time:
-    with it, a batched row and a lone one round apart, and a served answer must not
-    depend on its neighbours in the batch."""
+def prefill_settings(
+    device: str, parallel: int = 1, batch_invariant: bool = False
+) -> PrefillSettings:
+    """The prefill settings for `device`, the same for one request and for many when the
+    kernels are batch-invariant (then flash attention takes its one-row path for every
+    row: a batched answer is the answer alone). Without them, flash attention only for
+    one request at a time: its batched rows and a lone one round apart, and a served
+    answer must not depend on its neighbours in the batch."""
     base = CPU_PREFILL if device == "cpu" else GPU_PREFILL
-    if parallel > 1 and base.flash_attn:
+    if parallel > 1 and base.flash_attn and not batch_invariant:
         return replace(
             base,
             flash_attn=False,
@@ -141,10 +145,73 @@ def prefill_settings(device: str, parallel: int = 1) -> PrefillSettings:
 _PLAIN_ON_AVX512 = ("Q4_K", "Q4_0")  # quant families measured faster plain with AVX-512
 
 
+@dataclass(frozen=True)
+class Determinism:
+    """Whether a greedy judgement's logits are the same bits on every path (alone, batched
+    with other requests, with drafted tokens, with a cached prefix, in other prompt
+    chunks), and why (`verm-local doctor` prints it; `--json` carries `deterministic`)."""
+
+    on: bool
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def determinism_decision(
+    revision: int,
+    backend: str = "llamacpp",
+    device: str = "cpu",
+    gpu_layers: int = 0,
+    override: str | bool | None = None,
+) -> Determinism:
+    """Path-invariant decoding, from the llama.cpp build's batch-invariant kernels
+    (`revision`, 0: none), the backend and the device. Repacked weights are not
+    batch-invariant either: where this says on, weights load plain unless --repack is
+    forced (`repack_decision`), which turns it off. `override` (--deterministic /
+    --no-deterministic, VERM_LOCAL_DETERMINISTIC) "on" refuses, with the reason, where it
+    cannot hold."""
+    if override in (False, "off"):
+        return Determinism(
+            False, "off: asked for (--no-deterministic or VERM_LOCAL_DETERMINISTIC=off)"
+        )
+    if override not in (None, "auto", True, "on"):
+        raise InputError(f"deterministic must be auto, on or off, not {override!r}")
+    why = ""
+    if backend != "llamacpp":
+        why = (
+            "transformers: torch's kernels are not batch-invariant (a judgement runs alone "
+            "there; its logits are not promised equal across batch sizes or devices)"
+        )
+    elif device != "cpu" or gpu_layers != 0:
+        why = (
+            f"{device}: llama.cpp's GPU kernels pick a matrix-vector or a matrix-matrix "
+            "path by the batch's rows, so a row's logits can depend on its batch (not "
+            "checked on a GPU here); the batch-invariant kernels are CPU-only"
+        )
+    elif revision <= 0:
+        why = (
+            "this llama.cpp build has no batch-invariant kernels (a wheel built before "
+            "verm-local 0.3, or one built without scripts/patches/): run scripts/install.sh "
+            "to rebuild it"
+        )
+    if why:
+        if override in (True, "on"):
+            raise PlanError(f"--deterministic cannot hold: {why}")
+        return Determinism(False, f"off: {why}")
+    return Determinism(
+        True,
+        f"on: batch-invariant CPU kernels (revision {revision}): a row's logits do not "
+        "depend on the rows beside it, the prompt's chunking or the thread count; "
+        "weights load plain (repacked ones are not batch-invariant)",
+    )
+
+
 def repack_decision(
     cpu_flags: tuple[str, ...] | list[str],
     override: str | bool | None = None,
     quant: str | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[bool, str]:
     """Whether llama.cpp loads weights with its extra buffer types (AMX tiles, repacked
     Q4_0/Q4_K layouts), and why. llama.cpp 0.3.36's AMX kernel segfaults for Q8_0 and
@@ -158,6 +225,12 @@ def repack_decision(
         return False, "off: asked for (--no-repack or VERM_LOCAL_REPACK=off)"
     if override not in (None, "auto"):
         raise InputError(f"repack must be auto, on or off, not {override!r}")
+    if batch_invariant:
+        return False, (
+            "off: deterministic decoding; repacked weights take a GEMM for blocks of rows "
+            "and a GEMV for the rest, which round apart (--repack forces them in and "
+            "turns determinism off)"
+        )
     if has_amx(cpu_flags):
         found = " ".join(f for f in AMX_FLAGS if f in cpu_flags)
         return False, (
@@ -180,6 +253,32 @@ def repack_decision(
     return True, "on: llama.cpp's default for this CPU (repacked layouts for AVX2/ARM)"
 
 
+def decode_path(
+    revision: int,
+    cpu_flags: tuple[str, ...] | list[str],
+    *,
+    backend: str = "llamacpp",
+    device: str = "cpu",
+    gpu_layers: int = 0,
+    quant: str | None = None,
+    repack: str | bool | None = None,
+    deterministic: str | bool | None = None,
+) -> tuple[Determinism, bool, str]:
+    """Determinism and weight repacking decided together (repacked weights are not
+    batch-invariant): (determinism, repack, why repack). A forced --repack turns auto
+    determinism off; with --deterministic it is refused."""
+    det = determinism_decision(revision, backend, device, gpu_layers, deterministic)
+    use_repack, why = repack_decision(cpu_flags, repack, quant, batch_invariant=det.on)
+    if det.on and use_repack and device == "cpu":
+        if deterministic in (True, "on"):
+            raise PlanError(
+                "--deterministic and --repack do not go together: repacked weights are "
+                "not batch-invariant"
+            )
+        det = Determinism(False, "off: --repack forces repacked weights in (not batch-invariant)")
+    return det, use_repack, why
+
+
 @dataclass(frozen=True)
 class Plan:
     variant: str
@@ -197,6 +296,7 @@ class Plan:
     prefill: PrefillSettings = GPU_PREFILL
     # The peak when an answer runs to the trained cap and the context grows to hold it.
     memory_full_cap_bytes: int = 0
+    deterministic: Determinism = Determinism(False, "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +306,8 @@ class Plan:
         fields = dict(data)
         if isinstance(fields.get("prefill"), dict):
             fields["prefill"] = PrefillSettings(**fields["prefill"])
+        if isinstance(fields.get("deterministic"), dict):
+            fields["deterministic"] = Determinism(**fields["deterministic"])
         fields["reasons"] = tuple(fields.get("reasons", ()))
         return cls(**fields)
 
@@ -226,9 +328,11 @@ def select_plan(
     n_ctx: int | None = None,
     catalog: dict[str, Variant] = CATALOG,
     repack: str | bool | None = None,
+    deterministic: str | bool | None = None,
 ) -> Plan:
     """The plan for this machine; `device` and `variant` override the choice, `repack`
-    the CPU decision. Raises PlanError with the reason when the request cannot run here."""
+    and `deterministic` the CPU decisions. Raises PlanError with the reason when the
+    request cannot run here."""
     n_ctx = n_ctx or default_n_ctx()
     want = get_variant(variant) if variant else None
     if want is not None and want.name not in catalog:
@@ -252,9 +356,23 @@ def select_plan(
                 raise PlanError(str(exc)) from None
             skipped.append(f"not {dev}: {exc}")
             continue
-        use_repack, why_repack = repack_decision(hw.cpu_flags, repack, catalog[plan.variant].quant)
+        det, use_repack, why_repack = decode_path(
+            hw.llama_batch_invariant,
+            hw.cpu_flags,
+            backend=plan.backend,
+            device=plan.device,
+            gpu_layers=plan.gpu_layers,
+            quant=catalog[plan.variant].quant,
+            repack=repack,
+            deterministic=deterministic,
+        )
         return replace(
-            plan, reasons=tuple(skipped) + plan.reasons, repack=use_repack, repack_reason=why_repack
+            plan,
+            reasons=tuple(skipped) + plan.reasons,
+            repack=use_repack,
+            repack_reason=why_repack,
+            deterministic=det,
+            prefill=prefill_settings(plan.device, batch_invariant=det.on),
         )
     raise PlanError("; ".join(skipped))
 

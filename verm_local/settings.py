@@ -50,6 +50,25 @@ class Settings(BaseSettings):
         description="llama.cpp weight repacking / extra buffer types (AMX): auto "
         "(off on CPUs with AMX), on or off; --repack/--no-repack win.",
     )
+    deterministic: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Greedy judgements that do not depend on the path (alone, batched, "
+        "drafted, prefix-cached): auto (wherever the llama.cpp build and device allow), on "
+        "(refuse where they cannot), off (llama.cpp's faster multi-row kernels); "
+        "--deterministic/--no-deterministic win.",
+    )
+    llama_cpp_lib_path: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("LLAMA_CPP_LIB_PATH"),
+        description="LLAMA_CPP_LIB_PATH: llama-cpp-python loads llama.cpp from this folder "
+        "instead of its own lib/ (another build); verm-local looks there too.",
+    )
+    mtmd_cpp_lib: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("MTMD_CPP_LIB"),
+        description="MTMD_CPP_LIB: the folder llama-cpp-python loads libmtmd (the vision "
+        "projector) from instead of its own lib/.",
+    )
     api_key: str | None = Field(
         None, description="serve: require `Authorization: Bearer KEY` on /v1 and /metrics."
     )

@@ -17,6 +17,7 @@ from ..decoding import Sampling
 from ..errors import VermError
 from ..images import PreparedImage
 from ..schema import ModelInfo
+from ..select import Determinism
 
 __all__ = ["Backend", "Generation", "Request", "Sampling", "user_turn"]
 
@@ -35,6 +36,9 @@ class Request:
     # goes through the decode loop as a generated one would (benchmarks replay known
     # answers: `benchmarks/speculate.py`). It must be one the grammar allows.
     forced: list[int] | None = None
+    # Keep the logits each answer token is chosen from (`Generation.trace`): tests and
+    # `bench determinism` compare them bitwise across paths.
+    trace: bool = False
 
 
 def user_turn(
@@ -76,6 +80,12 @@ class Generation:
     forward_passes: int = 0
     drafted: int = 0
     accepted: int = 0
+    # The logits behind this answer are the same bits on every path it could have taken
+    # (alone, batched, drafted, prefix-cached, other prompt chunks): `select.Determinism`.
+    deterministic: bool = False
+    # With `Request.trace`: the logits each answer token was chosen from, in order (one
+    # row per sampler call: the answer's tokens and the end), float32 [n, vocab].
+    trace: np.ndarray | None = None
 
 
 class Backend(Protocol):
@@ -84,6 +94,8 @@ class Backend(Protocol):
     info: ModelInfo
     load_s: float
     parallel: int
+    # Whether a greedy answer's logits are the same on every path, and why (`select`).
+    deterministic: Determinism
 
     def generate_all(self, requests: list[Request]) -> list[Generation | VermError]:
         """A generation (or the error) per request, in order."""

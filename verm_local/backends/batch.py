@@ -28,16 +28,18 @@ of the drafts after it are removed. A decode of a few more rows costs about one 
 where decoding is bound by reading the weights; on a CPU of few cores a row costs more
 (see MIN_KEPT), so a sequence whose drafts are mostly refused pauses drafting.
 
-The answer is the one decoding without drafts gives up to rounding: llama.cpp's CPU
-kernels round a decode of several rows a little differently from a decode of one (up to
-0.2 on the logits of the 8B shape with random weights), exactly as they do when requests
-decode together in a batch, so a near-tie between two tokens can go the other way.
-`speculate=False` decodes one row per sequence per step.
+With the batch-invariant kernels (`select.determinism_decision`: verm-local's llama.cpp
+patch, the context's CPU backend set batch-invariant, weights plain) a row's logits are
+the same bits whatever rows share its decode call, whatever chunks its prompt came in and
+whatever prefix came from the cache, so drafts, batching and the prefix cache change no
+answer (tests/test_determinism.py compares the logits bitwise). Without them llama.cpp's
+CPU kernels round a decode of several rows a little differently from a decode of one (up
+to 0.2 on the logits of the 8B shape with random weights), so a near-tie can go the other
+way: drafting is then off unless asked for. `speculate=False` decodes one row per
+sequence per step.
 
 Prefixes stay in the cache (LRU over `prefix_cache` sequences), so a later batch with
-the same ground truth reuses it too. Trimming a sequence back and evaluating from the
-cached prefix gives the logits of a full evaluation (tests/test_serve.py checks the
-answers match the single path's)."""
+the same ground truth reuses it too."""
 
 from __future__ import annotations
 
@@ -92,6 +94,13 @@ class _Seq:
     accepted: int = 0
     kept_share: float = 1.0  # moving average of the share of a draft kept
     idle: int = 0  # tokens since drafting paused (kept_share too low)
+    trace: list[np.ndarray] | None = None  # Request.trace: the logits of each sampler call
+
+    def sample(self, logits: np.ndarray) -> int:
+        """The sampler's next token on `logits` (kept in the trace when one is asked for)."""
+        if self.trace is not None:
+            self.trace.append(np.array(logits, dtype=np.float32, copy=True))
+        return self.sampler(logits)
 
 
 class PrefixCache:
@@ -141,6 +150,7 @@ class BatchEngine:
         kv_type: str | None = None,
         n_ubatch: int = 512,
         speculate: bool = True,
+        batch_invariant: bool = False,
     ):
         self.b = backend
         self.parallel = parallel
@@ -156,7 +166,11 @@ class BatchEngine:
         self.n_ctx = n_ctx or 0
         self.ctx: native.Context | None = None
         self._ctx_args = dict(
-            threads=threads, flash_attn=flash_attn, kv_type=kv_type, n_ubatch=n_ubatch
+            threads=threads,
+            flash_attn=flash_attn,
+            kv_type=kv_type,
+            n_ubatch=n_ubatch,
+            batch_invariant=batch_invariant,
         )
         self.cache = PrefixCache(list(range(parallel, parallel + prefix_cache)))
         # Answer tokens a context sized here holds before it grows (see the module notes).
@@ -177,6 +191,7 @@ class BatchEngine:
             "n_ubatch": a["n_ubatch"],
             "flash_attn": bool(a["flash_attn"]),
             "kv_type": a["kv_type"] or "f16",
+            "batch_invariant": bool(a["batch_invariant"]),
         }
 
     def _ensure_ctx(self, needed: int) -> None:
@@ -495,7 +510,7 @@ class BatchEngine:
                 s.pending = None
                 continue
             try:
-                out.append(s.sampler(s.logits))
+                out.append(s.sample(s.logits))
             except VermError as exc:
                 s.error = exc
                 out.append(None)
@@ -549,7 +564,7 @@ class BatchEngine:
     def _check_drafts(self, s: _Seq, base: int, logits: np.ndarray) -> None:
         for j, d in enumerate(s.drafts):
             try:
-                t = s.sampler(logits)
+                t = s.sample(logits)
             except VermError as exc:
                 s.error = exc
                 return
@@ -577,7 +592,9 @@ class BatchEngine:
     def _run(self, requests: list[Request]) -> list[Generation | VermError]:
         # Requests sharing a ground truth run next to each other, so the prefix is
         # evaluated by the first of them and stays cached for the rest.
-        seqs = [_Seq(seq=i, request=r) for i, r in enumerate(requests)]
+        seqs = [
+            _Seq(seq=i, request=r, trace=[] if r.trace else None) for i, r in enumerate(requests)
+        ]
         t0 = time.perf_counter()
         work = self._prompts(seqs)
         try:
@@ -639,6 +656,7 @@ class BatchEngine:
         self.forward_passes += sum(s.passes for s in seqs)
         self.drafted += sum(s.drafted for s in seqs)
         self.accepted += sum(s.accepted for s in seqs)
+        deterministic = self.b.deterministic.on
         out: list[Generation | VermError] = []
         for s in seqs:
             if s.sampler is not None:
@@ -661,6 +679,8 @@ class BatchEngine:
                     forward_passes=s.passes,
                     drafted=s.drafted,
                     accepted=s.accepted,
+                    deterministic=deterministic,
+                    trace=np.stack(s.trace) if s.trace else None,
                 )
             )
         return out

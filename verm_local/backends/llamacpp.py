@@ -25,6 +25,7 @@ from ..images import PreparedImage
 from ..memory import release_heap
 from ..modelref import ResolvedModel
 from ..schema import ModelInfo
+from ..select import Determinism
 from . import native
 from .base import Generation, ImageEmbedding, Request, user_turn
 from .grammar import grammar_for
@@ -95,16 +96,37 @@ def _text_tokens(mtmd: Any, chunk: Any) -> list[int]:
     return [ptr[j] for j in range(n.value)]
 
 
-def repack_choice(repack: bool | None, quant: str | None = None) -> tuple[bool, str]:
-    """Whether to load a model of `quant` with llama.cpp's extra buffer types, and why (the
-    CPU's record and the override: `select.repack_decision`)."""
-    from ..hardware import probe_cpu
-    from ..select import repack_decision
+def path_choice(
+    repack: bool | None,
+    quant: str | None = None,
+    deterministic: bool | None = None,
+    gpu_layers: int = 0,
+) -> tuple[Determinism, bool, str]:
+    """Deterministic decoding and weight repacking for a model of `quant` here, and why:
+    the llama.cpp build's batch-invariant kernels, the CPU's record and the overrides
+    (flags, else VERM_LOCAL_DETERMINISTIC / VERM_LOCAL_REPACK): `select.decode_path`."""
+    from ..hardware import probe_batch_invariant, probe_cpu
+    from ..select import decode_path
     from ..settings import settings
 
     _, flags, _ = probe_cpu()
-    override = repack if repack is not None else settings().repack
-    return repack_decision(flags, override, quant)
+    s = settings()
+    return decode_path(
+        probe_batch_invariant(),
+        flags,
+        device="cpu" if gpu_layers == 0 else "gpu",
+        gpu_layers=gpu_layers,
+        quant=quant,
+        repack=repack if repack is not None else s.repack,
+        deterministic=deterministic if deterministic is not None else s.deterministic,
+    )
+
+
+def repack_choice(repack: bool | None, quant: str | None = None) -> tuple[bool, str]:
+    """Whether to load a model of `quant` with llama.cpp's extra buffer types, and why
+    (`path_choice`: plain where decoding is deterministic)."""
+    _, use, why = path_choice(repack, quant)
+    return use, why
 
 
 class LlamaCppBackend:
@@ -138,14 +160,20 @@ class LlamaCppBackend:
         kv_type: str | None = None,
         n_ubatch: int = 512,
         one_shot: bool = False,
-        speculate: bool = True,
+        speculate: bool | None = None,
+        deterministic: bool | None = None,
     ):
         from .batch import BatchEngine
 
         lc, mtmd = native.init()
         self.lc, self.mtmd, self.verbose = lc, mtmd, verbose
         self.vision = vision  # an external encoder (vision_onnx.OnnxVision) or None: mmproj
-        self.repack, self.repack_reason = repack_choice(repack, model.quant)
+        self.determinism, self.repack, self.repack_reason = path_choice(
+            repack, model.quant, deterministic, gpu_layers
+        )
+        # Drafting is exact only where a row's logits do not depend on the rows beside it:
+        # on by default there, off elsewhere unless asked for.
+        speculate = self.determinism.on if speculate is None else speculate
         self.n_ctx = n_ctx
         self.parallel = parallel
         self.one_shot = one_shot
@@ -191,11 +219,26 @@ class LlamaCppBackend:
                 kv_type=kv_type,
                 n_ubatch=n_ubatch,
                 speculate=speculate,
+                batch_invariant=self.determinism.on,
             )
         except BaseException:
             self.close()
             raise
         self.load_s = time.perf_counter() - t0
+
+    @property
+    def deterministic(self) -> Determinism:
+        """Whether this backend's greedy logits are the same on every path, and why: the
+        plan's decision, checked against the context llama.cpp made (a GPU build puts a
+        non-CPU backend in it, and no promise holds there)."""
+        ctx = self.batch.ctx if self.batch is not None else None
+        if self.determinism.on and ctx is not None and not ctx.batch_invariant:
+            return Determinism(
+                False,
+                "off: the llama.cpp context has a backend other than the CPU's (a GPU or "
+                "BLAS build), which makes no batch-invariance promise",
+            )
+        return self.determinism
 
     def _load_model(self, vocab_only: bool = False) -> native.Model:
         path, gpu_layers, repack, quant = self._model_args

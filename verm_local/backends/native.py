@@ -18,6 +18,7 @@ import numpy as np
 
 from ..crash import ABORT_PREFIX, native_line, note_state
 from ..errors import ModelError, VermError
+from ..hardware import llama_library
 
 log = logging.getLogger("verm_local.llama_cpp")
 
@@ -91,14 +92,9 @@ def _set_abort_callback(lc: Any) -> None:
     log before the abort, so the one-line report quotes it (on stderr, as ggml prints it,
     where no crash log is written). ggml_set_abort_callback is in libggml-base, not in
     the bindings."""
-    libdir = Path(lc.__file__).parent / "lib"
-    names = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
-    path = libdir / names.get(sys.platform, "libggml-base.so")
-    if not path.exists():
-        return
-    try:
-        fn = ctypes.CDLL(str(path)).ggml_set_abort_callback
-    except (OSError, AttributeError):
+    lib = llama_library("ggml-base")
+    fn = getattr(lib, "ggml_set_abort_callback", None) if lib is not None else None
+    if fn is None:
         return
     fn.argtypes = [_ABORT]
     fn.restype = _ABORT
@@ -116,14 +112,9 @@ def _set_abort_callback(lc: Any) -> None:
 
 def _mtmd_log_set(lc: Any) -> Any:
     """mtmd's `mtmd_helper_log_set` (in the library, not in the Python bindings)."""
-    libdir = Path(lc.__file__).parent / "lib"
-    names = {"linux": "libmtmd.so", "darwin": "libmtmd.dylib", "win32": "mtmd.dll"}
-    path = libdir / names.get(sys.platform, "libmtmd.so")
-    if not path.exists():
-        return None
-    try:
-        fn = ctypes.CDLL(str(path)).mtmd_helper_log_set
-    except (OSError, AttributeError):
+    lib = llama_library("mtmd")
+    fn = getattr(lib, "mtmd_helper_log_set", None) if lib is not None else None
+    if fn is None:
         return None
     fn.argtypes = [lc.llama_log_callback, ctypes.c_void_p]
     fn.restype = None
@@ -233,6 +224,7 @@ class Context:
         n_seq: int = 1,
         flash_attn: bool | None = None,
         kv_type: str | None = None,
+        batch_invariant: bool = False,
     ):
         lc = model.lc
         self.lc, self.model = lc, model
@@ -262,6 +254,17 @@ class Context:
         self.mem = lc.llama_get_memory(self.ptr)
         self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self.n_vocab = model.n_vocab
+        # Whether a row's logits here do not depend on the rows beside it (the CPU
+        # backend's batch-invariant kernels took the setting, and no GPU backend is in).
+        self.batch_invariant = batch_invariant and self._set_batch_invariant()
+
+    def _set_batch_invariant(self) -> bool:
+        lib = llama_library("llama")
+        fn = getattr(lib, "llama_set_batch_invariant", None) if lib is not None else None
+        if fn is None:
+            return False
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_bool], ctypes.c_bool
+        return bool(fn(self.ptr, True))
 
     # -- decoding ----------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from ..errors import ModelError, VermError
 from ..images import PreparedImage
 from ..modelref import ResolvedModel
 from ..schema import ModelInfo
+from ..select import determinism_decision
 from ..settings import export_default
 from .base import Generation, Request, user_turn
 from .grammar import grammar_for
@@ -61,6 +62,7 @@ class TransformersBackend:
     """A loaded HF (or GPTQ) Qwen3-VL checkpoint; reusable across judgements."""
 
     parallel = 1  # requests run one after another
+    deterministic = determinism_decision(0, backend="transformers")
 
     def __init__(
         self,

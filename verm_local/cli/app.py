@@ -117,13 +117,26 @@ RepackOpt = Annotated[
     ),
 ]
 SpeculateOpt = Annotated[
-    bool,
+    Optional[bool],
     typer.Option(
         "--speculate/--no-speculate",
         rich_help_panel=MACHINE,
         help="Decode the text the answer grammar dictates (keys, quotes, the rest of a "
         "category name) in one step with the token before it, keeping only what the "
-        "sampler would pick: the same answers in fewer decode steps (llama.cpp models).",
+        "sampler would pick: the same answers in fewer decode steps (llama.cpp models; "
+        "default: on where decoding is deterministic, where it is exact).",
+    ),
+]
+DeterministicOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--deterministic/--no-deterministic",
+        rich_help_panel=MACHINE,
+        help="Greedy judgements whose logits do not depend on the path (alone, batched, "
+        "drafted, prefix-cached): llama.cpp's batch-invariant CPU kernels, weights plain "
+        "(default: wherever the build and device allow; VERM_LOCAL_DETERMINISTIC). "
+        "--deterministic refuses where it cannot hold; --no-deterministic takes the faster "
+        "multi-row kernels.",
     ),
 ]
 KvTypeOpt = Annotated[
@@ -136,6 +149,36 @@ KvTypeOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print JSON.")]
+RayOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        rich_help_panel="Ray",
+        help="Judge on Ray Data: an actor pool of judges (a local Ray instance, or the "
+        "cluster of --ray-address).",
+    ),
+]
+RayAddressOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray-address",
+        rich_help_panel="Ray",
+        help="The Ray cluster to join, e.g. ray://head:10001 (implies --ray; default: a "
+        "local Ray instance on this machine).",
+    ),
+]
+RayActorsOpt = Annotated[
+    int, typer.Option("--ray-actors", min=1, rich_help_panel="Ray", help="Judges in the pool.")
+]
+
+
+def ray_target(ray: bool, address: Optional[str]) -> Optional[str]:
+    """Where `--ray` / `--ray-address` send the work: None (here, no Ray), "local" (a
+    local Ray instance) or the cluster's address."""
+    if address is not None:
+        return address
+    return "local" if ray else None
+
 
 # ---------------------------------------------------------------- verbosity
 

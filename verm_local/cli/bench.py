@@ -16,6 +16,9 @@ from .app import (
     MaxTokensOpt,
     ModelOpt,
     QuantOpt,
+    RayActorsOpt,
+    RayAddressOpt,
+    RayOpt,
     RepackOpt,
     ThreadsOpt,
     VariantOpt,
@@ -23,6 +26,7 @@ from .app import (
     bench_app,
     bench_data_app,
     fail,
+    ray_target,
     show_progress,
     split_list,
 )
@@ -120,24 +124,19 @@ def bench_predict_cmd(
     strict: Annotated[
         bool, typer.Option("--strict", help="A missing or unreadable image stops the run.")
     ] = False,
-    ray: Annotated[
-        Optional[str],
-        typer.Option(
-            "--ray",
-            is_flag=False,
-            flag_value="local",
-            help="Judge on Ray Data: an actor pool of judges (a local Ray instance, or the "
-            "cluster at ADDR: --ray ADDR).",
-        ),
-    ] = None,
-    ray_actors: Annotated[int, typer.Option("--ray-actors", min=1)] = 1,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = 1,
 ) -> None:
     """Judge a VC-RewardBench-layout dataset; write the authors' evaluation input."""
     show_progress()
     from contextlib import ExitStack
 
+    on_ray = ray_target(ray, ray_address)
+
     from ..benchmarks.predict import predict
-    from ..judge import Judge, local_stream
+    from ..judge import Judge
+    from ..pairs import local_stream
 
     options = dict(
         variant=variant,
@@ -154,12 +153,12 @@ def bench_predict_cmd(
 
         def stream():
             """The judging stream, made when there is work: a local Judge, or Ray's pool."""
-            if ray is not None:
+            if on_ray is not None:
                 from ..raydata import ray_stream
 
                 call = {"max_errors": max_errors, "unreadable": "score"}
                 return ray_stream(
-                    {"model": model, **options}, call, address=ray, actors=ray_actors,
+                    {"model": model, **options}, call, address=on_ray, actors=ray_actors,
                     batch_size=max(4, 2 * parallel),
                 )  # fmt: skip
             j = stack.enter_context(Judge(model, **options))
@@ -323,7 +322,6 @@ def bench_serve_cmd(
     (or, with --replicas, ground-truth affinity against Ray's own routing)."""
     show_progress()
     from ..benchmarks.serve import markdown, run_serve_bench
-    from ..fileio import write_json_atomic
 
     report = run_serve_bench(
         model,
@@ -339,11 +337,22 @@ def bench_serve_cmd(
         replicas=replicas,
         ray_address=ray_address,
     )
+    _report(report, out, markdown)
+
+
+def _report(report: dict, out: Optional[Path], markdown, plot=None) -> None:
+    """A bench's Markdown on stdout; with --out the JSON (the source), the Markdown and
+    the plot (when there is one) beside it."""
+    from ..fileio import write_json_atomic
+
     typer.echo(markdown(report))
-    if out is not None:
-        write_json_atomic(out, report)
-        out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
-        typer.echo(f"report: {out}")
+    if out is None:
+        return
+    write_json_atomic(out, report)
+    out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
+    if plot is not None:
+        plot(report, out.with_suffix(".png"))
+    typer.echo(f"report: {out}" + (" (.md, .png)" if plot is not None else ""))
 
 
 @bench_app.command("speculate")
@@ -374,16 +383,11 @@ def bench_speculate_cmd(
     trained-format answers replayed (the ceiling) and the model's own judgements."""
     show_progress()
     from ..benchmarks.speculate import markdown, plot, run_speculate
-    from ..constants import TASKS
-    from ..fileio import write_json_atomic
+    from ..tasks import profile
 
-    chosen = tuple(split_list(tasks))
-    bad = [t for t in chosen if t not in TASKS]
-    if bad or not chosen:
-        fail(
-            f"--tasks: unknown task {', '.join(bad) or '(none)'}; choose from {', '.join(TASKS)}",
-            ExitCode.INPUT,
-        )
+    chosen = tuple(profile(t).name for t in split_list(tasks))  # an unknown one: exit 2
+    if not chosen:
+        fail("--tasks: name at least one task", ExitCode.INPUT)
     with stdout_to_stderr():
         report = run_speculate(
             model or "",
@@ -395,9 +399,52 @@ def bench_speculate_cmd(
             image_tokens=image_tokens,
             threads=threads,
         )
-    typer.echo(markdown(report))
-    if out is not None:
-        write_json_atomic(out, report)
-        out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
-        plot(report, out.with_suffix(".png"))
-        typer.echo(f"report: {out} (.md, .png)")
+    _report(report, out, markdown, plot)
+
+
+@bench_app.command("determinism")
+def bench_determinism_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="A GGUF text model (mmproj beside).")],
+    task: Annotated[str, typer.Option("--task", "-t", help="chart | table | svg")] = "chart",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    repeats: Annotated[
+        int, typer.Option("--repeats", min=1, help="Cost runs per side (the median).")
+    ] = 3,
+    cost: Annotated[
+        bool, typer.Option("--cost/--no-cost", help="Also time judgements on each side.")
+    ] = True,
+    compare_lib: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--compare-lib",
+            help="Another llama.cpp build's library folder (e.g. an unpatched wheel's "
+            "llama_cpp/lib) to time as well, in a child process.",
+        ),
+    ] = None,
+    image_tokens: ImageTokensOpt = None,
+    threads: ThreadsOpt = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="FILE.json (.md, .png beside).")
+    ] = None,
+) -> None:
+    """One pair, one answer: the largest |difference| of logits on each path a judgement
+    can take (drafted, batched, prefix-cached, other prompt chunks), deterministic on and
+    off, and what it costs, side by side in one run."""
+    show_progress()
+    from ..benchmarks.determinism import markdown, plot, run_determinism
+    from ..tasks import profile
+
+    if compare_lib is not None and not compare_lib.is_dir():
+        fail(f"--compare-lib {compare_lib}: not a folder of llama.cpp libraries", ExitCode.INPUT)
+    with stdout_to_stderr():
+        report = run_determinism(
+            model,
+            task=profile(task).name,
+            seed=seed,
+            repeats=repeats,
+            threads=threads,
+            image_tokens=image_tokens,
+            compare_lib=compare_lib,
+            measure_cost=cost,
+        )
+    _report(report, out, markdown, plot)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import DeviceOpt, JsonOpt, RepackOpt, VariantOpt, app
+from .app import DeterministicOpt, DeviceOpt, JsonOpt, RepackOpt, VariantOpt, app
 
 
 @app.command("doctor")
@@ -23,6 +23,7 @@ def doctor_cmd(
         ),
     ] = None,
     repack: RepackOpt = None,
+    deterministic: DeterministicOpt = None,
 ) -> None:
     """What this machine has, the plan for it and why, and verm-local's settings."""
     import json
@@ -30,7 +31,7 @@ def doctor_cmd(
     from ..doctor import doctor
     from ..hardware import Hardware
 
-    report = doctor(device, variant, hardware, repack)
+    report = doctor(device, variant, hardware, repack, deterministic)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -44,6 +45,7 @@ def doctor_cmd(
         Path(path) if path else None,
         report["settings"],
         sandbox=report["sandbox"],
+        build=report["decisions"]["deterministic"]["build"],
     )
 
 

@@ -16,6 +16,7 @@ from .app import (
     MODEL,
     OUTPUT,
     REQUEST,
+    DeterministicOpt,
     DeviceOpt,
     GpuLayersOpt,
     ImageTokensOpt,
@@ -23,6 +24,9 @@ from .app import (
     MaxTokensOpt,
     ModelOpt,
     QuantOpt,
+    RayActorsOpt,
+    RayAddressOpt,
+    RayOpt,
     RepackOpt,
     SpeculateOpt,
     TaskOpt,
@@ -32,6 +36,7 @@ from .app import (
     app,
     fail,
     kv_type_choice,
+    ray_target,
     verbosity,
 )
 
@@ -62,21 +67,9 @@ def judge_cmd(
             help="--pairs: write the judgements here (written as they come; resumed).",
         ),
     ] = None,
-    ray: Annotated[
-        Optional[str],
-        typer.Option(
-            "--ray",
-            is_flag=False,
-            flag_value="local",
-            rich_help_panel=REQUEST,
-            help="--pairs on Ray Data: an actor pool of judges (a local Ray instance, or the "
-            "cluster at ADDR: --ray ADDR).",
-        ),
-    ] = None,
-    ray_actors: Annotated[
-        int,
-        typer.Option("--ray-actors", min=1, rich_help_panel=REQUEST, help="Judges in the pool."),
-    ] = 1,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = 1,
     parallel: Annotated[
         int,
         typer.Option(
@@ -186,7 +179,8 @@ def judge_cmd(
     gpu_layers: GpuLayersOpt = None,
     repack: RepackOpt = None,
     kv_type: KvTypeOpt = None,
-    speculate: SpeculateOpt = True,
+    speculate: SpeculateOpt = None,
+    deterministic: DeterministicOpt = None,
     reward_scale: Annotated[
         Optional[float],
         typer.Option(
@@ -219,11 +213,13 @@ def judge_cmd(
     ] = None,
 ) -> None:
     """Judge PRED against GT: structured discrepancies and the task's reward."""
-    from ..judge import Judge, build_request, read_pairs
+    from ..judge import Judge, build_request
+    from ..pairs import read_pairs
     from ..tasks import TaskProfile, decoding, profile
 
     p = profile(task)
-    _check_inputs(gt, pred, pairs, out, prompt_file, dry_run, backend, ray)
+    on_ray = ray_target(ray, ray_address)
+    _check_inputs(gt, pred, pairs, out, prompt_file, dry_run, backend, on_ray)
     if verbose:
         logging.getLogger("verm_local.llama_cpp").setLevel(logging.DEBUG)
     mode = "rl" if rl_sampling else sampling_mode
@@ -286,8 +282,9 @@ def judge_cmd(
         one_shot=pairs is None,
         kv_type=kv_type_choice(kv_type),
         speculate=speculate,
+        deterministic=deterministic,
     )
-    if pairs is not None and ray is not None:
+    if pairs is not None and on_ray is not None:
         from ..raydata import ray_stream
 
         picklable = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
@@ -301,12 +298,13 @@ def judge_cmd(
         stream = ray_stream(
             {"model": str(model) if model else None, **picklable},
             call,
-            address=ray,
+            address=on_ray,
             actors=ray_actors,
             batch_size=max(4, 2 * parallel),
         )
         with stdout_to_stderr():
-            _judge_pairs(stream, batch, out)
+            done = _judge_pairs(stream, batch, out)
+        _report_pairs(done, batch, out)  # stdout is the terminal's again
         return
     with (
         _Progress(show, live=progress is None),
@@ -314,21 +312,24 @@ def judge_cmd(
         Judge(model, **options) as j,
     ):
         if pairs is not None:
-            from ..judge import local_stream
+            from ..pairs import local_stream
 
             stream = local_stream(j, free=free, max_errors=max_errors, sampling=sampling_for)
-            _judge_pairs(stream, batch, out)
-            return
-        images = request.request.images
-        result = j.judge(
-            images[0],
-            images[1],
-            p,
-            free=free,
-            sampling=request.request.sampling,
-            prompt_file=prompt_file,
-            max_errors=max_errors,
-        )
+            done = _judge_pairs(stream, batch, out)
+        else:
+            images = request.request.images
+            result = j.judge(
+                images[0],
+                images[1],
+                p,
+                free=free,
+                sampling=request.request.sampling,
+                prompt_file=prompt_file,
+                max_errors=max_errors,
+            )
+    if pairs is not None:
+        _report_pairs(done, batch, out)  # stdout is the terminal's again
+        return
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
     else:
@@ -361,7 +362,7 @@ def _check_inputs(
     if pairs is None and out is not None:
         fail("--out goes with --pairs", ExitCode.INPUT)
     if pairs is None and ray is not None:
-        fail("--ray goes with --pairs", ExitCode.INPUT)
+        fail("--ray and --ray-address go with --pairs", ExitCode.INPUT)
     if pairs is not None and (prompt_file is not None or dry_run):
         fail("--prompt-file and --dry-run go with one pair, not --pairs", ExitCode.INPUT)
     if backend not in ("auto", "llamacpp", "transformers"):
@@ -406,11 +407,12 @@ class _Progress:
             self.status.stop()
 
 
-def _judge_pairs(stream, batch, out: Optional[Path]) -> None:
-    """Judge every pair (grouped by ground truth) with a progress line; JSONL out."""
+def _judge_pairs(stream, batch, out: Optional[Path]) -> tuple[str, int, int]:
+    """Judge every pair (grouped by ground truth) with a progress line on stderr; the
+    JSONL, and how many failed and came back incomplete."""
     import time
 
-    from ..judge import judge_file
+    from ..pairs import judge_file
 
     t0 = time.perf_counter()
     quiet = verbosity() < 0
@@ -429,13 +431,22 @@ def _judge_pairs(stream, batch, out: Optional[Path]) -> None:
     text, failed, incomplete = judge_file(stream, batch, out, progress=progress)
     if not quiet:
         print(file=sys.stderr)
-    if out is not None and (not quiet or failed):
+    return text, failed, incomplete
+
+
+def _report_pairs(done: tuple[str, int, int], batch, out: Optional[Path]) -> None:
+    """Without --out the judgements are the result, on stdout (with -q too); with --out
+    they are in the file only, and stderr gets one summary line (with -q: only when some
+    failed). The exit code says whether any failed or came back incomplete."""
+    text, failed, incomplete = done
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    elif verbosity() >= 0 or failed:
         typer.echo(
             f"{len(batch) - failed} judged ({incomplete} incomplete), {failed} failed -> {out}",
             err=True,
         )
-    else:
-        sys.stdout.write(text)
     if failed:
         raise typer.Exit(ExitCode.ANSWER)
     if incomplete:

@@ -9,6 +9,7 @@ import typer
 
 from ..errors import ExitCode
 from .app import (
+    DeterministicOpt,
     GpuLayersOpt,
     ImageTokensOpt,
     ModelOpt,
@@ -61,7 +62,8 @@ def serve_cmd(
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
     repack: RepackOpt = None,
-    speculate: SpeculateOpt = True,
+    speculate: SpeculateOpt = None,
+    deterministic: DeterministicOpt = None,
     vision: VisionOpt = "auto",
     allow_remote_images: Annotated[bool, typer.Option("--allow-remote-images")] = False,
     allow_local_images: Annotated[bool, typer.Option("--allow-local-images")] = False,
@@ -142,6 +144,7 @@ def serve_cmd(
         vision=vision,
         repack=repack,
         speculate=speculate,
+        deterministic=deterministic,
         allow_remote_images=allow_remote_images,
         allow_local_images=allow_local_images,
         unsafe_render=unsafe_render,

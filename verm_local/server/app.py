@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import VermError
+from ..schema import Critique
 from .config import ServeConfig
 from .errors import APIError, error_body, install
 from .metrics import Metrics
@@ -72,6 +73,7 @@ class Server:
             "model": self.model_name,
             "worker_pid": self.worker.info.get("pid"),
             "parallel": self.cfg.parallel,
+            "deterministic": self.worker.info.get("deterministic"),
         }
 
     async def wait(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +88,12 @@ class Server:
         if "error" in res:
             raise APIError(res.get("status", 500), res["error"])
         return res
+
+
+def fingerprint(deterministic: bool) -> str:
+    """OpenAI's `system_fingerprint` of an answer: whether the same request gets the same
+    greedy answer whatever else the server runs beside it."""
+    return "verm-local-batch-invariant" if deterministic else "verm-local-batch-dependent"
 
 
 def create_app(server: Any) -> FastAPI:
@@ -172,6 +180,8 @@ def create_app(server: Any) -> FastAPI:
                 ChatChoice(message=ChatChoiceMessage(content=res["text"]), finish_reason=finish)
             ],
             usage=usage,
+            system_fingerprint=fingerprint(res.get("deterministic", False)),
+            deterministic=bool(res.get("deterministic", False)),
         )
 
     @app.post("/v1/judge", dependencies=[Depends(authorised)])
@@ -179,8 +189,8 @@ def create_app(server: Any) -> FastAPI:
         """The Judgement of (gt, pred) with the task's reward recipe."""
         return (await server.wait(await run_in_threadpool(judge_job, body, cfg)))["judgement"]
 
-    @app.post("/v1/critique", dependencies=[Depends(authorised)])
-    async def critique(body: CritiqueRequest) -> dict[str, Any]:
+    @app.post("/v1/critique", dependencies=[Depends(authorised)], response_model=Critique)
+    async def critique(body: CritiqueRequest) -> Critique:
         """For agents running their own loop: the code rendered in the sandbox (or the
         image given) judged against the ground truth, the reward, and the revision
         message `refine` would send the policy."""
@@ -195,12 +205,12 @@ def create_app(server: Any) -> FastAPI:
         if job is not None:
             found = (await server.wait(job))["judgement"]
             judgement = Judgement.model_validate(found)
-        return {
-            "judgement": judgement.model_dump(mode="json") if judgement else None,
-            "reward": judgement.reward if judgement else with_settings(p.reward).unrendered(),
-            "render_error": render_error,
-            "revision_message": revision_message(p, body.code, judgement, render_error),
-        }
+        return Critique(
+            judgement=judgement,
+            reward=judgement.reward if judgement else with_settings(p.reward).unrendered(),
+            render_error=render_error,
+            revision_message=revision_message(p, body.code, judgement, render_error),
+        )
 
     return app
 

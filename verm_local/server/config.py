@@ -38,8 +38,15 @@ class ServeConfig(BaseModel):
     gpu_layers: int | None = None
     vision: str = "auto"
     repack: bool | None = None
-    speculate: bool = Field(
-        True, description="Draft grammar-dictated text and keep what the sampler picks."
+    speculate: bool | None = Field(
+        None,
+        description="Draft grammar-dictated text and keep what the sampler picks (default: "
+        "where decoding is deterministic).",
+    )
+    deterministic: bool | None = Field(
+        None,
+        description="Batch-invariant decoding: a request's answer does not depend on the "
+        "requests batched beside it (default: wherever the build and device allow).",
     )
     allow_remote_images: bool = False
     allow_local_images: bool = False

@@ -58,6 +58,7 @@ def _worker_main(cfg: ServeConfig, conn: Any) -> None:
             prefix_cache=cfg.prefix_cache,
             repack=cfg.repack,
             speculate=cfg.speculate,
+            deterministic=cfg.deterministic,
             # No fixed context: each batch gets streams of what its requests need (prompts
             # and the answer reserve), grown when an answer needs more. A context fixed
             # at the full caps of every task (10,496 cells per stream) made --parallel 8
@@ -76,6 +77,7 @@ def _worker_main(cfg: ServeConfig, conn: Any) -> None:
                 "model": judge.backend.info.model_dump(),
                 "pid": os.getpid(),
                 "parallel": judge.backend.parallel,
+                "deterministic": judge.backend.deterministic.to_dict(),
             },
         )
     )
@@ -142,6 +144,7 @@ def run_jobs(judge: Any, cfg: ServeConfig, jobs: list[dict[str, Any]]) -> list[d
                 "finish_reason": result.finish_reason,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
+                "deterministic": result.deterministic,
             }
         else:
             results[i] = {"judgement": result.model_dump(mode="json")}

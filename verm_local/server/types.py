@@ -93,6 +93,11 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    # OpenAI's field for "the backend configuration that may change a seeded answer":
+    # verm-local-bi<revision> where a greedy answer does not depend on the batch it ran in,
+    # verm-local-batch-dependent where it can.
+    system_fingerprint: str | None = None
+    deterministic: bool = False  # verm-local's extension: the same, as a flag
 
 
 class ChunkDelta(BaseModel):
