@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 VOCAB_PROBE = (
     '{"errors": [{"category": "data_error", "severity": 2}]} 0123456789 Ünïcödé 中文 表格 end.'
 )
-CACHE_VERSION = 2  # 2: the task profiles' requests
+CACHE_VERSION = 3  # 2: the task profiles' requests; 3: int32 ids, the whole vocabulary in id order
 
 
 def model_path(name: str) -> str:
@@ -213,7 +213,9 @@ def reference_pass(
         info = judge.backend.info.model_dump()
         size = model_size(judge)
     cache.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(cache / "topk.npz", **arrays)
+    # Uncompressed: a whole-vocabulary cache (--top-k 0) took longer to compress than to
+    # compute; a local cache's size matters less than its time.
+    np.savez(cache / "topk.npz", **arrays)
     result = {"key": key, "model": info, "size_bytes": size, "vocab_probe": vocab, "items": rows}
     write_json_atomic(manifest_path, result)
     for i, row in enumerate(rows):

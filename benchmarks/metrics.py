@@ -84,14 +84,19 @@ def count_agreement(
 
 
 def topk_cache(logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids [T,k], log-probs [T,k], tail mass [T]) of a [T, vocab] log-prob array; k <= 0
-    keeps the whole vocabulary (exact KL, large cache)."""
+    """(ids [T,k], log-probs [T,k], tail mass [T]) of a [T, vocab] log-prob array, the most
+    likely first; k <= 0 keeps the whole vocabulary in id order (ids [T,1]: the most
+    likely one; exact KL, large cache)."""
     lp = np.asarray(logprobs, dtype=np.float64)
-    k = lp.shape[1] if k <= 0 else k
-    ids = np.argsort(-lp, axis=1)[:, :k]
+    if k <= 0 or k >= lp.shape[1]:
+        top = lp.astype(np.float32)
+        return lp.argmax(axis=1)[:, None].astype(np.int32), top, np.zeros(len(lp))
+    part = np.argpartition(-lp, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(lp, part, axis=1), axis=1)
+    ids = np.take_along_axis(part, order, axis=1)
     top = np.take_along_axis(lp, ids, axis=1)
     tail = np.clip(1.0 - np.exp(top).sum(axis=1), 0.0, 1.0)
-    return ids.astype(np.int64), top.astype(np.float32), tail.astype(np.float64)
+    return ids.astype(np.int32), top.astype(np.float32), tail.astype(np.float64)
 
 
 def kl_from_topk(
@@ -101,8 +106,9 @@ def kl_from_topk(
     rest: exact for the coarsened distributions, a lower bound of the full KL (equal when
     k covers the vocabulary)."""
     cand = np.asarray(cand_logprobs, dtype=np.float64)
-    q_top = np.take_along_axis(cand, ids, axis=1)
     p_top = np.asarray(ref_top, dtype=np.float64)
+    # The whole vocabulary kept (`topk_cache` with k <= 0): the ids are the columns.
+    q_top = cand if p_top.shape == cand.shape else np.take_along_axis(cand, ids, axis=1)
     terms = np.exp(p_top) * (p_top - q_top)
     q_tail = np.clip(1.0 - np.exp(q_top).sum(axis=1), 1e-12, 1.0)
     p_tail = np.asarray(ref_tail, dtype=np.float64)

@@ -216,12 +216,14 @@ def run_serve_bench(
     repack: bool | None = None,
     replicas: int = 1,
     ray_address: str | None = None,
+    deterministic: bool | None = None,
 ) -> dict[str, Any]:
-    """Both engines, one after the other, on each workload; the report. With `replicas`
+    """Both engines, one after the other, on each workload; the report (`deterministic`:
+    verm-local's batch-invariant decoding, default where it holds). With `replicas`
     > 1 the two are `serve --replicas N` on Ray with ground-truth affinity and with Ray's
     own routing (`--no-affinity`), the same load."""
 
-    from verm_local.backends.llamacpp import repack_choice
+    from verm_local.backends.llamacpp import path_choice
     from verm_local.convert.llama_sources import llama_server as build_llama_server
     from verm_local.hardware import probe
     from verm_local.modelref import resolve_model
@@ -235,7 +237,7 @@ def run_serve_bench(
         raise InputError(f"{model}: bench serve compares GGUF models on llama.cpp engines")
     hw = probe(with_torch=False)
     threads = threads or hw.threads
-    use_repack, _ = repack_choice(repack, resolved.quant)
+    det, use_repack, _ = path_choice(repack, resolved.quant, deterministic)
     binary = llama_server or (build_llama_server() if replicas == 1 else None)
     tokens = -(-image_size[0] // 32) * -(-image_size[1] // 32)
     n_ctx = context_size(tokens, answer_tokens)
@@ -253,6 +255,7 @@ def run_serve_bench(
             "threads": threads,
             "image_size": list(image_size),
             "repack": use_repack,
+            "deterministic": det.on,
             "llama_server": str(binary) if binary else None,
             "replicas": replicas,
         },
@@ -282,6 +285,7 @@ def run_serve_bench(
         "--image-tokens",
         str(tokens),
         "--repack" if use_repack else "--no-repack",
+        "--deterministic" if det.on else "--no-deterministic",
         "--queue",
         str(max(64, requests)),
     ]
@@ -363,7 +367,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['clients']} clients x {s['requests']} requests, {s['parallel']} parallel, "
         f"images {s['image_size'][0]}x{s['image_size'][1]}, answers "
         f"{s['answer_tokens']} tokens (forced, except `schema`), repack "
-        f"{'on' if s['repack'] else 'off'} for both.",
+        f"{'on' if s['repack'] else 'off'} for both; verm-local deterministic "
+        f"{'on' if s.get('deterministic') else 'off'}.",
         "",
         *table_head(
             "workload",

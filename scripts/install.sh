@@ -109,3 +109,11 @@ step "verm-local and its dependencies"
 "${PIP[@]}" install -q --no-deps --force-reinstall "$WHEEL"
 "${PIP[@]}" install -q -e ".[convert,gptq,onnx,bench,test,ray]"
 "$VENV/bin/verm-local" version
+
+# llama.cpp's own llama-server, the baseline `bench serve` measures verm-local's engine
+# against (and its test): built once from the same sdist, unpatched, and cached by version,
+# flags and CPU. VERM_LOCAL_LLAMA_SERVER=0 skips it (bench serve then builds it on first use).
+if [ "${VERM_LOCAL_LLAMA_SERVER:-1}" != 0 ]; then
+    step "llama.cpp's llama-server for bench serve (once; minutes on 2 cores)"
+    "$VENV/bin/verm-local" -q bench llama-server --cmake-args="${CMAKE_ARGS:-}" >/dev/null
+fi

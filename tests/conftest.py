@@ -33,6 +33,61 @@ def run_cli(
     )
 
 
+def run_here(
+    *args: object, env: dict | None = None, input_text: str | None = None
+) -> subprocess.CompletedProcess:
+    """`verm-local ARGS` in this process, as the console script runs it (`cli.main.run`:
+    one-line errors, exit codes) but without an interpreter's start-up or the crash
+    supervisor's fork: for commands whose subprocess adds nothing to what a test checks.
+    stdout and stderr are caught at the file-descriptor level too (native libraries
+    write there); `env` is set for the call (read through the settings module, not at
+    import: huggingface_hub's endpoint is not, so pulls stay in `run_cli`)."""
+    import io
+    import logging
+    import tempfile
+
+    from verm_local.cli.main import run
+
+    argv = [str(a) for a in args]
+    saved_env = dict(os.environ)
+    os.environ.pop("VERM_LOCAL_DEBUG", None)
+    os.environ.update(env or {})
+    root = logging.getLogger("verm_local")
+    native = logging.getLogger("verm_local.llama_cpp")
+    saved_log = (root.handlers[:], root.propagate, root.level, native.level)
+    saved_std = (sys.stdout, sys.stderr, sys.argv, sys.stdin)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fds = (os.dup(1), os.dup(2))
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=True)
+        sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True)
+        sys.argv = ["verm-local", *argv]
+        sys.stdin = io.StringIO(input_text or "")
+        try:
+            code = run()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(fds[0], 1)
+            os.dup2(fds[1], 2)
+            for fd in fds:
+                os.close(fd)
+            sys.stdout, sys.stderr, sys.argv, sys.stdin = saved_std
+            root.handlers[:], root.propagate = saved_log[0], saved_log[1]
+            root.setLevel(saved_log[2])
+            native.setLevel(saved_log[3])
+            os.environ.clear()
+            os.environ.update(saved_env)
+        out.seek(0)
+        err.seek(0)
+        text_out = out.read().decode("utf-8", errors="replace")
+        text_err = err.read().decode("utf-8", errors="replace")
+    return subprocess.CompletedProcess(["verm-local", *argv], code, text_out, text_err)
+
+
 def draw_chart(
     path: Path,
     values: list[int],
@@ -118,3 +173,14 @@ def tiny_gguf_f32_mmproj(tmp_path_factory, tiny_hf) -> Path:
     proc = run_cli("convert", "gguf", tiny_hf, out, "--quant", "", "--mmproj-type", "f32")
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def served(tiny_gguf):
+    """One `verm-local serve --parallel 8` of the tiny Q8_0 model for the session (the
+    serve, determinism and critique tests share it): API key "k", images up to 200 kB."""
+    from .test_serve import Served
+
+    s = Served(tiny_gguf, "--parallel", "8", "--api-key", "k", "--max-image-bytes", "200000")
+    yield s
+    assert s.stop() == 0

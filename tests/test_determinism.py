@@ -19,7 +19,7 @@ import pytest
 
 from verm_local.select import decode_path, determinism_decision
 
-from .conftest import draw_chart, run_cli
+from .conftest import draw_chart, run_here
 
 TASKS = ("chart", "table", "svg")
 QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
@@ -197,26 +197,15 @@ def _comparable(judgement: dict) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def servers(tiny_gguf):
-    from .test_serve import Served
-
-    on = Served(tiny_gguf, "--parallel", "8")
-    off = Served(tiny_gguf, "--parallel", "8", "--no-speculate")
-    yield on, off
-    for s in (on, off):
-        assert s.stop() == 0
-
-
 def _post(server, path: str, body: dict) -> dict:
-    code, out = server.request("POST", path, json.dumps(body).encode(), key=None)
+    code, out = server.request("POST", path, json.dumps(body).encode())
     assert code == 200, out
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
-def test_one_answer_per_request_on_every_path(tiny_gguf, servers, pairs, tmp_path, task):
+def test_one_answer_per_request_on_every_path(tiny_gguf, served, pairs, tmp_path, task):
     from verm_local.answer import answer_schema
     from verm_local.judge import build_request
     from verm_local.schema import Judgement, extract_json
@@ -229,7 +218,7 @@ def test_one_answer_per_request_on_every_path(tiny_gguf, servers, pairs, tmp_pat
     # `judge` alone (one-shot), with and without drafts.
     ref = None
     for spec in ("--speculate", "--no-speculate"):
-        proc = run_cli("judge", gt, preds[0], *flags, "--json", spec)
+        proc = run_here("judge", gt, preds[0], *flags, "--json", spec)
         assert proc.returncode in (0, 7), proc.stderr[-2000:]
         got = json.loads(proc.stdout)
         assert got["deterministic"] is True
@@ -243,11 +232,11 @@ def test_one_answer_per_request_on_every_path(tiny_gguf, servers, pairs, tmp_pat
             for i, p in enumerate(preds)
         )  # fmt: skip
     )
-    proc = run_cli("judge", "--pairs", rows, *flags, "--parallel", "8", "-q")
+    proc = run_here("judge", "--pairs", rows, *flags, "--parallel", "8", "-q")
     assert proc.returncode in (0, 7), proc.stderr[-2000:]
     first = json.loads(proc.stdout.splitlines()[0])
     assert first["id"] == 0 and _comparable(first) == ref
-    # serve: /v1/judge alone and as one of 8 concurrent clients, drafts on and off.
+    # serve: /v1/judge alone and as one of 8 concurrent clients.
     body = {"gt": _data_url(gt), "pred": _data_url(preds[0]), "task": task, "max_errors": 2}
     p = profile(task)
     jr = build_request(gt, preds[0], p, sampling=decoding(p).with_(max_tokens=400),
@@ -264,22 +253,22 @@ def test_one_answer_per_request_on_every_path(tiny_gguf, servers, pairs, tmp_pat
     }  # fmt: skip
     if jr.request.sampling.repeat_penalty != 1.0:
         chat["repetition_penalty"] = jr.request.sampling.repeat_penalty
-    for server in servers:
-        assert _comparable(_post(server, "/v1/judge", body)) == ref
-        others = [{**body, "pred": _data_url(q)} for q in preds[1:]]
-        with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(_post, server, "/v1/judge", b) for b in [body, *others]]
-            crowd = [f.result() for f in futures]
-        assert _comparable(crowd[0]) == ref
-        # The same request as an OpenAI chat completion (the authors' layout, the answer's
-        # schema): the same answer, alone and with 7 others at once.
-        with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(_post, server, "/v1/chat/completions", chat) for _ in range(8)]
-            texts = [f.result()["choices"][0]["message"]["content"] for f in futures]
-        assert len(set(texts)) == 1
-        if ref["complete"]:
-            read = Judgement.from_answer(p, extract_json(texts[0]))
-            assert read.errors == [
-                type(e).model_validate(e) for e in Judgement.model_validate(crowd[0]).errors
-            ]
-            assert read.counts == ref["counts"]
+    # The server drafts (its default here); `judge --no-speculate` above did not.
+    assert _comparable(_post(served, "/v1/judge", body)) == ref
+    others = [{**body, "pred": _data_url(q)} for q in preds[1:]]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_post, served, "/v1/judge", b) for b in [body, *others]]
+        crowd = [f.result() for f in futures]
+    assert _comparable(crowd[0]) == ref
+    # The same request as an OpenAI chat completion (the authors' layout, the answer's
+    # schema): the same answer, alone and with 7 others at once.
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_post, served, "/v1/chat/completions", chat) for _ in range(8)]
+        texts = [f.result()["choices"][0]["message"]["content"] for f in futures]
+    assert len(set(texts)) == 1
+    if ref["complete"]:
+        read = Judgement.from_answer(p, extract_json(texts[0]))
+        assert read.errors == [
+            type(e).model_validate(e) for e in Judgement.model_validate(crowd[0]).errors
+        ]
+        assert read.counts == ref["counts"]

@@ -24,7 +24,7 @@ from verm_local.hardware import (
 )
 from verm_local.select import repack_decision, select_plan
 
-from .conftest import run_cli
+from .conftest import run_here
 
 DATA = Path(__file__).parent / "data" / "cpuinfo"
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,19 +133,19 @@ def test_environment_override_reaches_the_backend_choice(monkeypatch):
 def test_doctor_shows_the_decision_for_a_recorded_amx_machine(tmp_path):
     rec = tmp_path / "m7i.json"
     rec.write_text(json.dumps(record("sapphire-rapids-m7i").to_dict()))
-    proc = run_cli("doctor", "--json", "--hardware", rec)
+    proc = run_here("doctor", "--json", "--hardware", rec)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["decisions"]["repack"]["enabled"] is False
     assert "AMX" in out["decisions"]["repack"]["reason"]
     assert out["plan"]["repack"] is False
-    forced = json.loads(run_cli("doctor", "--json", "--hardware", rec, "--repack").stdout)
+    forced = json.loads(run_here("doctor", "--json", "--hardware", rec, "--repack").stdout)
     assert forced["decisions"]["repack"]["enabled"] is True
     env = json.loads(
-        run_cli("doctor", "--json", "--hardware", rec, env={"VERM_LOCAL_REPACK": "on"}).stdout
+        run_here("doctor", "--json", "--hardware", rec, env={"VERM_LOCAL_REPACK": "on"}).stdout
     )
     assert env["decisions"]["repack"]["enabled"] is True
-    text = run_cli("doctor", "--hardware", rec)
+    text = run_here("doctor", "--hardware", rec)
     assert "repack" in text.stdout and "AMX" in text.stdout
     assert any(r["variable"] == "VERM_LOCAL_REPACK" for r in out["settings"])
 

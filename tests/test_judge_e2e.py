@@ -12,13 +12,13 @@ from verm_local.prompts import default_prompt
 from verm_local.schema import judgement_schema
 from verm_local.tasks import profile
 
-from .conftest import run_cli
+from .conftest import run_here
 
 pytestmark = pytest.mark.slow
 
 
 def _judge_json(*args):
-    proc = run_cli("judge", *args, "--json")
+    proc = run_here("judge", *args, "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -35,10 +35,12 @@ def _check_judgement(out, task, quant):
         "complete",
         "problem",
         "prompt_source",
+        "deterministic",
         "model",
         "timings",
     }
     assert out["task"] == task and out["complete"] is True
+    assert out["deterministic"] is True  # this machine's build has the batch-invariant kernels
     assert set(out["counts"]) == set(CATEGORIES[task])
     # A table error has no location (the trained table answer has none).
     keys = {"category", "severity", "description"} | (
@@ -85,13 +87,13 @@ def test_greedy_is_reproducible_and_terminal_output_is_a_table(tiny_gguf, pair):
     args = [*pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "--task", "svg"]
     a, b = _judge_json(*args), _judge_json(*args)
     assert a["errors"] == b["errors"] and a["reward"] == b["reward"]
-    proc = run_cli("judge", *args)
+    proc = run_here("judge", *args)
     assert proc.returncode == 0, proc.stderr
     assert "total severity" in proc.stdout and "score" in proc.stdout
 
 
 def test_free_mode_reads_with_the_tolerant_parser_or_fails_cleanly(tiny_gguf, pair):
-    proc = run_cli(
+    proc = run_here(
         "judge",
         *pair,
         "--model",
@@ -149,7 +151,7 @@ def _bad_inputs(tmp_path):
 def test_bad_input_is_one_line_and_exit_2(tiny_gguf, pair, tmp_path, case, position):
     bad, expected = _bad_inputs(tmp_path)[case]
     gt, pred = (bad, pair[1]) if position == "gt" else (pair[0], bad)
-    proc = run_cli("judge", gt, pred, "--model", tiny_gguf)
+    proc = run_here("judge", gt, pred, "--model", tiny_gguf)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -167,11 +169,11 @@ def test_bad_model_paths_are_one_line(tiny_gguf, pair, tmp_path):
         ([], "verm-local pull gguf-q4_k_m"),  # an empty store names the command to run
     ]
     for extra, expected in cases:
-        proc = run_cli("judge", *pair, *extra, env={"VERM_LOCAL_HOME": str(tmp_path / "s")})
+        proc = run_here("judge", *pair, *extra, env={"VERM_LOCAL_HOME": str(tmp_path / "s")})
         assert proc.returncode == 3, (extra, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], proc.stderr
-    proc = run_cli("judge", *pair, "--model", tiny_gguf, "--task", "poster")
+    proc = run_here("judge", *pair, "--model", tiny_gguf, "--task", "poster")
     assert proc.returncode == 2 and "unknown task" in proc.stderr
 
 
@@ -195,16 +197,16 @@ def test_wrong_files_are_refused_before_llama_cpp_sees_them(tiny_gguf, pair, tmp
     assert meta["general.architecture"] == "qwen3vl"
     assert meta["qwen3vl.block_count"] == 4 and meta["qwen3vl.n_deepstack_layers"] == 3
     mm = tiny_gguf / "mmproj-f16.gguf"
-    swapped = run_cli("judge", *pair, "--model", mm, "--mmproj", tiny_gguf / "model-F16.gguf")
+    swapped = run_here("judge", *pair, "--model", mm, "--mmproj", tiny_gguf / "model-F16.gguf")
     assert swapped.returncode == 3 and "pass it as --mmproj" in swapped.stderr
     data = (tiny_gguf / "model-Q4_K_M.gguf").read_bytes()
     cut = tmp_path / "model-cut.gguf"
     cut.write_bytes(data[:200])  # inside the header: refused by our reader
-    proc = run_cli("judge", *pair, "--model", cut, "--mmproj", mm)
+    proc = run_here("judge", *pair, "--model", cut, "--mmproj", mm)
     assert proc.returncode == 3 and "truncated or corrupt" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     cut.write_bytes(data[: len(data) // 2])  # inside the tensors: llama.cpp refuses it
-    proc = run_cli("judge", *pair, "--model", cut, "--mmproj", mm)
+    proc = run_here("judge", *pair, "--model", cut, "--mmproj", mm)
     assert proc.returncode == 3 and "could not load the model" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -360,11 +362,16 @@ def test_one_shot_encodes_images_first_and_sizes_the_context(tiny_gguf, pair):
             n_ctx = engine.n_ctx
             need = out.timings.prompt_tokens + ANSWER_RESERVE + 1
             assert n_ctx == (need + 255) // 256 * 256 and engine.grown == 0
-            assert engine.settings == {"n_ubatch": 256, "flash_attn": True, "kv_type": "f16"}
+            assert engine.settings == {
+                "n_ubatch": 256,
+                "flash_attn": True,
+                "kv_type": "f16",
+                "batch_invariant": True,
+            }
             # A table's request (a longer prompt) gets a context that holds it.
             table = j.judge(*pair, task="table")
             assert engine.n_ctx >= table.timings.prompt_tokens + ANSWER_RESERVE + 1
-    # One-shot judges what a loaded model judges, token for token (here F16: repacked).
+    # One-shot judges what a loaded model judges, token for token.
     for quant in ("F16", "Q4_K_M"):
         with Judge(model=tiny_gguf, quant=quant, one_shot=True) as j:
             once = j.judge(*pair, task="svg")
@@ -427,7 +434,7 @@ def test_quantized_kv_cache_and_flash_attention_run(tiny_gguf, pair):
 
 
 def test_progress_goes_to_stderr_and_json_carries_stage_timings(tiny_gguf, pair):
-    proc = run_cli(
+    proc = run_here(
         "judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "--json", "--progress"
     )
     assert proc.returncode == 0, proc.stderr
@@ -444,10 +451,10 @@ def test_progress_goes_to_stderr_and_json_carries_stage_timings(tiny_gguf, pair)
     t = json.loads(proc.stdout)["timings"]
     assert t["ttft_s"] >= t["prefill_s"] > t["vision_s"] > 0 and t["image_tokens"] == 160
     # Without a terminal (a pipe, as here) there is no progress by default, nor with -q.
-    quiet = run_cli("judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "--json")
+    quiet = run_here("judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "--json")
     assert "encode image" not in quiet.stderr
-    quieter = run_cli("-q", "judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M")
+    quieter = run_here("-q", "judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M")
     assert quieter.returncode == 0 and quieter.stderr == ""
     # The same after the verb, where people type it.
-    after = run_cli("judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "-q")
+    after = run_here("judge", *pair, "--model", tiny_gguf, "--quant", "Q4_K_M", "-q")
     assert after.returncode == 0 and after.stderr == "", after.stderr

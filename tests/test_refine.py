@@ -187,29 +187,26 @@ def test_refine_cli_three_rounds_against_the_policy(tiny_gguf, gt, tmp_path):
 
 
 @pytest.mark.slow
-def test_critique_endpoint(tiny_gguf, gt, tmp_path):
-    from .test_serve import Served, _url
+def test_critique_endpoint(served, gt):
+    from .test_serve import _url
 
-    s = Served(tiny_gguf, "--parallel", "1")
-    try:
-        code, res = s.request(
-            "POST",
-            "/v1/critique",
-            json.dumps({"gt": _url(gt), "code": GOOD, "max_errors": 2}).encode(),
-        )
-        assert code == 200, res
-        assert res["render_error"] is None and res["judgement"]["task"] == "chart"
-        assert res["reward"] == res["judgement"]["reward"]
-        assert "```python" in res["revision_message"]
-        code, res = s.request(
-            "POST", "/v1/critique", json.dumps({"gt": _url(gt), "code": BROKEN}).encode()
-        )
-        assert code == 200 and res["judgement"] is None and res["reward"] == 0.0
-        assert "did not render" in res["revision_message"]
-        code, res = s.request("POST", "/v1/critique", json.dumps({"gt": _url(gt)}).encode())
-        assert code == 400
-    finally:
-        assert s.stop() == 0
+    s = served
+    code, res = s.request(
+        "POST",
+        "/v1/critique",
+        json.dumps({"gt": _url(gt), "code": GOOD, "max_errors": 2}).encode(),
+    )
+    assert code == 200, res
+    assert res["render_error"] is None and res["judgement"]["task"] == "chart"
+    assert res["reward"] == res["judgement"]["reward"]
+    assert "```python" in res["revision_message"]
+    code, res = s.request(
+        "POST", "/v1/critique", json.dumps({"gt": _url(gt), "code": BROKEN}).encode()
+    )
+    assert code == 200 and res["judgement"] is None and res["reward"] == 0.0
+    assert "did not render" in res["revision_message"]
+    code, res = s.request("POST", "/v1/critique", json.dumps({"gt": _url(gt)}).encode())
+    assert code == 400
 
 
 def test_report_wraps_long_answers_in_chromium(gt, tmp_path):

@@ -19,7 +19,7 @@ from verm_local import sandbox
 from verm_local.errors import RenderError, SandboxError
 from verm_local.render import render_code, run_renderer
 
-from .conftest import run_cli
+from .conftest import run_here
 
 CHART = "import matplotlib.pyplot as plt\nplt.bar([1, 2, 3], [3, 1, 2])\nplt.title('ok')\n"
 
@@ -175,12 +175,12 @@ def test_render_cli_and_doctor(tmp_path):
     code = tmp_path / "chart.py"
     code.write_text(CHART)
     out = tmp_path / "chart.png"
-    proc = run_cli("render", code, "--task", "chart", "--out", out)
+    proc = run_here("render", code, "--task", "chart", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes().startswith(b"\x89PNG")
     bad = tmp_path / "bad.py"
     bad.write_text("raise SystemExit('no chart today')\n")
-    proc = run_cli("render", bad, "--task", "chart", "--out", tmp_path / "bad.png")
+    proc = run_here("render", bad, "--task", "chart", "--out", tmp_path / "bad.png")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "no chart today" in lines[0], proc.stderr
     assert not (tmp_path / "bad.png").exists()
@@ -189,9 +189,9 @@ def test_render_cli_and_doctor(tmp_path):
         '<svg xmlns="http://www.w3.org/2000/svg" width="20" height="20">'
         '<circle cx="10" cy="10" r="8"/></svg>'
     )
-    proc = run_cli(
+    proc = run_here(
         "render", "-", "--task", "svg", "--out", tmp_path / "icon.png", input_text=svg.read_text()
     )
     assert proc.returncode == 0, proc.stderr
-    doctor = json.loads(run_cli("doctor", "--json").stdout)
+    doctor = json.loads(run_here("doctor", "--json").stdout)
     assert doctor["sandbox"]["name"] in sandbox.LEVELS and doctor["sandbox"]["reason"]

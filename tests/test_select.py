@@ -19,7 +19,7 @@ from verm_local.hardware import (
 )
 from verm_local.select import select_plan
 
-from .conftest import run_cli
+from .conftest import run_here
 
 GiB = 2**30
 
@@ -179,10 +179,10 @@ def test_real_probe_and_plan_on_this_machine():
 
 
 def test_doctor_prints_plan_and_reads_recorded_machines(tmp_path):
-    proc = run_cli("doctor")
+    proc = run_here("doctor")
     assert proc.returncode == 0, proc.stderr
     assert "plan" in proc.stdout and "why" in proc.stdout
-    proc = run_cli("doctor", "--json")
+    proc = run_here("doctor", "--json")
     out = json.loads(proc.stdout)
     assert set(out) == {"hardware", "plan", "store", "decisions", "memory", "settings", "sandbox"}
     assert out["plan"]["reasons"]
@@ -190,10 +190,10 @@ def test_doctor_prints_plan_and_reads_recorded_machines(tmp_path):
     assert out["sandbox"]["name"] in ("bwrap", "limited", "none") and out["sandbox"]["reason"]
     recorded = tmp_path / "m2.json"
     recorded.write_text(json.dumps(M2_16GB.to_dict()))
-    out = json.loads(run_cli("doctor", "--json", "--hardware", recorded).stdout)
+    out = json.loads(run_here("doctor", "--json", "--hardware", recorded).stdout)
     assert (out["plan"]["variant"], out["plan"]["device"]) == ("gguf-q8_0", "metal")
     recorded.write_text(json.dumps(TINY_4GB.to_dict()))
-    proc = run_cli("doctor", "--hardware", recorded)
+    proc = run_here("doctor", "--hardware", recorded)
     assert proc.returncode == 5 and "needs" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -149,11 +149,10 @@ def images(tmp_path_factory):
     return gt, preds
 
 
-@pytest.fixture(scope="module")
-def server(tiny_gguf):
-    s = Served(tiny_gguf, "--parallel", "4", "--api-key", "k", "--max-image-bytes", "200000")
-    yield s
-    assert s.stop() == 0
+@pytest.fixture
+def server(served):
+    """The session's served tiny model (conftest.served)."""
+    return served
 
 
 def _rl_message(gt: Path, pred: Path) -> list[dict]:

@@ -11,7 +11,7 @@ import pytest
 from verm_local.backends.base import Sampling
 from verm_local.judge import Judge
 
-from .conftest import draw_chart, run_cli
+from .conftest import draw_chart, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -157,8 +157,8 @@ def test_sampling_distribution_on_a_small_grammar(judge):
 def test_json_timings_and_no_speculate(tiny_gguf, pair):
     args = [*pair, "-m", tiny_gguf, "--quant", "Q8_0", "--vision", "gguf", "--json"]
     args += ["--image-tokens", "64", "--max-errors", "2"]
-    on = run_cli("judge", *args)
-    off = run_cli("judge", *args, "--no-speculate")
+    on = run_here("judge", *args)
+    off = run_here("judge", *args, "--no-speculate")
     assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
     a, b = json.loads(on.stdout), json.loads(off.stdout)
     assert a["errors"] == b["errors"] and a["reward"] == b["reward"]

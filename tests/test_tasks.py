@@ -23,7 +23,7 @@ from verm_local.reward import NEGATIVE_SEVERITY, RENDER_BASE, with_settings
 from verm_local.schema import Judgement
 from verm_local.tasks import PROFILES, decoding, profile
 
-from .conftest import run_cli
+from .conftest import run_cli, run_here
 
 # ---------------------------------------------------------------- profiles
 
@@ -342,7 +342,7 @@ def test_tampered_store_prompts_are_ignored(prompt_server, tmp_path):
 
 
 def _dry_run(*args, env=None):
-    proc = run_cli("judge", *args, "--dry-run", "--json", env=env)
+    proc = run_here("judge", *args, "--dry-run", "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

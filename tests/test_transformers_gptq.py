@@ -13,13 +13,13 @@ from verm_local.prompts import default_prompt
 from verm_local.schema import judgement_schema
 from verm_local.tasks import profile
 
-from .conftest import FORCED_ANSWER, run_cli
+from .conftest import FORCED_ANSWER, run_cli, run_here
 
 pytestmark = pytest.mark.slow
 
 
 def _judge(model, pair, *extra):
-    proc = run_cli("judge", *pair, "--model", model, "--json", "--max-errors", "1", *extra)
+    proc = run_here("judge", *pair, "--model", model, "--json", "--max-errors", "1", *extra)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     jsonschema.validate(out, judgement_schema())
@@ -39,7 +39,7 @@ def test_transformers_backend_judges_the_hf_checkpoint(tiny_hf, tiny_gguf, pair)
 
 
 def test_backend_must_match_the_format(tiny_hf, pair):
-    proc = run_cli("judge", *pair, "--model", tiny_hf, "--backend", "llamacpp")
+    proc = run_here("judge", *pair, "--model", tiny_hf, "--backend", "llamacpp")
     assert proc.returncode == 3 and "runs on the transformers backend" in proc.stderr
 
 

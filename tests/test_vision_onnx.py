@@ -21,7 +21,7 @@ from verm_local.vision_onnx import (
     rotary_positions,
 )
 
-from .conftest import FORCED_ANSWER, draw_chart, run_cli
+from .conftest import FORCED_ANSWER, draw_chart, run_here
 
 
 def test_choice_of_vision_path_is_a_pure_function(tmp_path):
@@ -124,7 +124,7 @@ def test_onnx_fp32_matches_the_f32_mmproj(tiny_gguf_f32_mmproj, tiny_onnx, pair)
 
 @pytest.mark.slow
 def test_judge_with_onnx_vision_end_to_end(tiny_gguf, tiny_onnx, pair, tmp_path):
-    proc = run_cli(
+    proc = run_here(
         "judge",
         *pair,
         "--model",
@@ -143,12 +143,12 @@ def test_judge_with_onnx_vision_end_to_end(tiny_gguf, tiny_onnx, pair, tmp_path)
     # auto uses a tower kept in <model>/onnx; without one, the mmproj.
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_gguf, model_dir)
-    proc = run_cli("judge", *pair, "--model", model_dir, "--quant", "Q4_K_M", "--json")
+    proc = run_here("judge", *pair, "--model", model_dir, "--quant", "Q4_K_M", "--json")
     assert json.loads(proc.stdout)["model"]["vision"] == "mmproj-f16"
     shutil.copytree(tiny_onnx / "fp32", model_dir / "onnx")
-    proc = run_cli("judge", *pair, "--model", model_dir, "--quant", "Q4_K_M", "--json")
+    proc = run_here("judge", *pair, "--model", model_dir, "--quant", "Q4_K_M", "--json")
     assert json.loads(proc.stdout)["model"]["vision"] == "onnx-fp32"
-    proc = run_cli("judge", *pair, "--model", tiny_gguf, "--vision", "onnx")
+    proc = run_here("judge", *pair, "--model", tiny_gguf, "--vision", "onnx")
     assert proc.returncode == 3 and "no ONNX vision tower" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 

@@ -258,23 +258,16 @@ def pull_gguf(
             raise type(exc)(f"{ref}: {exc}") from None
         wanted = [*files, mmproj]
         source = {"repository": ref.repo, "revision": commit, "tag": tag}
-        if stored is not None:
-            origin = stored.get("store", {})
-            same = origin.get("repository") == ref.repo and origin.get("revision") == commit
-            same = same and sorted(e["file"] for e in stored.get("files", [])) == sorted(
-                n.rsplit("/", 1)[-1] for n in wanted
-            )
-            if same and not check_files(final, stored, full=True):
-                log.info("%s from %s is in the store and verified: %s", variant.name, ref, final)
-                return final
-            if not same and not force:
-                raise ModelError(
-                    f"{variant.name} is in the store from {origin.get('source', '?')}; "
-                    f"pulling {ref} would replace it: add --force to replace it (the one "
-                    "there stays until the new files are verified), or `verm-local rm "
-                    f"{variant.name}` first"
-                )
-        # The headers first, read from the hub: a wrong repository costs no download.
+        origin = (stored or {}).get("store", {})
+        same = stored is not None and origin.get("repository") == ref.repo
+        same = same and origin.get("revision") == commit
+        same = same and sorted(e["file"] for e in stored.get("files", [])) == sorted(
+            n.rsplit("/", 1)[-1] for n in wanted
+        )
+        if same and not check_files(final, stored, full=True):
+            log.info("%s from %s is in the store and verified: %s", variant.name, ref, final)
+            return final
+        # The headers, read from the hub: a wrong repository costs no download.
         width = None
         text_meta = _remote_header(ref, commit, files[0], endpoint)
         if text_meta is not None:
@@ -283,6 +276,13 @@ def pull_gguf(
         proj_meta = _remote_header(ref, commit, mmproj, endpoint)
         if proj_meta is not None:
             check_projector_header(proj_meta, f"{ref}: {mmproj}", width)
+        if stored is not None and not same and not force:
+            raise ModelError(
+                f"{variant.name} is in the store from {origin.get('source', '?')}; "
+                f"pulling {ref} would replace it: add --force to replace it (the one "
+                "there stays until the new files are verified), or `verm-local rm "
+                f"{variant.name}` first"
+            )
         staging = home / ".staging" / variant.name
         digests = _download(ref, commit, siblings, wanted, staging, endpoint)
         try:

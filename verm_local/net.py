@@ -162,32 +162,17 @@ def get_bytes(
 ) -> bytes:
     """The body of a GET (retried by `policy`), read in chunks so that more than
     `max_bytes` stops the read: FetchError for any failure, naming the URL."""
-    attempt = 0
-    while True:
-        try:
-            with client().stream(
-                "GET", url, timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
-            ) as r:
-                if retryable_status(r.status_code) and attempt < policy.retries:
-                    wait = policy.delay(attempt, retry_after(r))
-                else:
-                    if r.status_code >= 400:
-                        raise FetchError(f"{url}: HTTP {r.status_code}")
-                    chunks, size = [], 0
-                    for chunk in r.iter_bytes():
-                        size += len(chunk)
-                        if max_bytes is not None and size > max_bytes:
-                            raise TooLargeError(f"{url}: over {max_bytes} bytes")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
-        except httpx.TransportError as exc:
-            if attempt >= policy.retries:
-                raise FetchError(f"{url}: cannot fetch ({exc.__class__.__name__}: {exc})") from None
-            wait = policy.delay(attempt)
-        except httpx.InvalidURL as exc:
-            raise FetchError(f"{url}: not a URL ({exc})") from None
-        sleep(wait)
-        attempt += 1
+
+    def take(chunks: Any) -> bytes:
+        out, size = [], 0
+        for chunk in chunks:
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise TooLargeError(f"{url}: over {max_bytes} bytes")
+            out.append(chunk)
+        return b"".join(out)
+
+    return _stream(url, take, timeout=timeout, policy=policy)
 
 
 def get_head(
@@ -199,26 +184,50 @@ def get_head(
 ) -> bytes:
     """At most the first `nbytes` of a URL (ask with a Range header; a server that sends
     the whole body is read no further): FetchError for any failure, naming the URL."""
+
+    def take(chunks: Any) -> bytes:
+        out, size = [], 0
+        for chunk in chunks:
+            out.append(chunk)
+            size += len(chunk)
+            if size >= nbytes:
+                break
+        return b"".join(out)[:nbytes]
+
+    return _stream(url, take, headers=headers, policy=policy)
+
+
+def _stream(
+    url: str,
+    take: Callable[[Any], bytes],
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float | None = None,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> bytes:
+    """A GET whose body `take` reads from its chunks, retried by `policy` on a transport
+    failure, 429 or 5xx; FetchError for any failure left, naming the URL."""
     attempt = 0
     while True:
         try:
-            with client().stream("GET", url, headers=headers) as r:
+            with client().stream(
+                "GET",
+                url,
+                headers=headers,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            ) as r:
                 if retryable_status(r.status_code) and attempt < policy.retries:
                     wait = policy.delay(attempt, retry_after(r))
                 else:
                     if r.status_code >= 400:
                         raise FetchError(f"{url}: HTTP {r.status_code}")
-                    chunks, size = [], 0
-                    for chunk in r.iter_bytes():
-                        chunks.append(chunk)
-                        size += len(chunk)
-                        if size >= nbytes:
-                            break
-                    return b"".join(chunks)[:nbytes]
+                    return take(r.iter_bytes())
         except httpx.TransportError as exc:
             if attempt >= policy.retries:
                 raise FetchError(f"{url}: cannot fetch ({exc.__class__.__name__}: {exc})") from None
             wait = policy.delay(attempt)
+        except httpx.InvalidURL as exc:
+            raise FetchError(f"{url}: not a URL ({exc})") from None
         sleep(wait)
         attempt += 1
 

@@ -12,6 +12,7 @@ import typer
 from ..errors import ExitCode
 from ..stdio import stdout_to_stderr
 from .app import (
+    DeterministicOpt,
     ImageTokensOpt,
     MaxTokensOpt,
     ModelOpt,
@@ -306,6 +307,7 @@ def bench_serve_cmd(
     ] = None,
     threads: ThreadsOpt = None,
     repack: RepackOpt = None,
+    deterministic: DeterministicOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="FILE.json.")] = None,
     replicas: Annotated[
         int,
@@ -325,6 +327,7 @@ def bench_serve_cmd(
 
     report = run_serve_bench(
         model,
+        deterministic=deterministic,
         workloads=split_list(workloads),
         clients=clients,
         requests=requests,
@@ -338,6 +341,24 @@ def bench_serve_cmd(
         ray_address=ray_address,
     )
     _report(report, out, markdown)
+
+
+@bench_app.command("llama-server")
+def bench_llama_server_cmd(
+    cmake_args: Annotated[
+        str,
+        typer.Option("--cmake-args", help='llama.cpp build flags, e.g. "-DGGML_CUDA=on".'),
+    ] = "",
+) -> None:
+    """Build llama.cpp's own llama-server once from the runtime's sdist (the baseline of
+    `bench serve`), cached by version, flags and CPU; print its path. scripts/install.sh
+    runs it, so no benchmark or test waits for the build."""
+    show_progress()
+    from ..convert.llama_sources import llama_server
+
+    with stdout_to_stderr():
+        path = llama_server(cmake_args)
+    typer.echo(str(path))
 
 
 def _report(report: dict, out: Optional[Path], markdown, plot=None) -> None:
