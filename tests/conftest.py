@@ -107,6 +107,20 @@ def draw_chart(
 
 
 @pytest.fixture(scope="session")
+def chart_group(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """One ground truth and 8 predictions of it (other values and colours): an RL step's
+    rollouts against one reference, for the batching, drafting and serving tests."""
+    root = tmp_path_factory.mktemp("group")
+    gt = draw_chart(root / "gt.png", [3, 5, 2, 6])
+    colours = ["orange", "steelblue", "green", "red"]
+    preds = [
+        draw_chart(root / f"p{i}.png", [3, 5 - i % 3, 2 + i % 2, 6], colour=colours[i % 4])
+        for i in range(8)
+    ]
+    return gt, preds
+
+
+@pytest.fixture(scope="session")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("pair")
     gt = draw_chart(root / "gt.png", [3, 5, 2, 6])

@@ -19,7 +19,7 @@ import pytest
 
 from verm_local.select import decode_path, determinism_decision
 
-from .conftest import draw_chart, run_here
+from .conftest import run_here
 
 TASKS = ("chart", "table", "svg")
 QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
@@ -99,18 +99,6 @@ def quants(tiny_gguf, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("det")
-    gt = draw_chart(root / "gt.png", [3, 5, 2, 6])
-    colours = ["orange", "steelblue", "green", "red"]
-    preds = [
-        draw_chart(root / f"p{i}.png", [3, 5 - i % 3, 2 + i % 2, 6], colour=colours[i % 4])
-        for i in range(8)
-    ]
-    return gt, preds
-
-
 def _traced(j, gt, pred, task="chart", reuse_prefix=False):
     req = j.request(gt, pred, task, max_errors=2).request
     return dataclasses.replace(req, trace=True, reuse_prefix=reuse_prefix)
@@ -133,10 +121,10 @@ def _same_logits(a, b, what: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", QUANTS)
-def test_logits_are_bitwise_equal_on_every_path(quants, pairs, quant):
+def test_logits_are_bitwise_equal_on_every_path(quants, chart_group, quant):
     from verm_local.judge import Judge
 
-    gt, preds = pairs
+    gt, preds = chart_group
     model = str(quants / f"model-{quant}.gguf")
     common = dict(vision="gguf", image_tokens=64, max_tokens=48)
     with Judge(model, parallel=8, prefix_cache=2, speculate=False, **common) as j:
@@ -169,10 +157,10 @@ def test_logits_are_bitwise_equal_on_every_path(quants, pairs, quant):
 
 
 @pytest.mark.slow
-def test_off_says_so_and_drafts_stay_off(tiny_gguf, pairs):
+def test_off_says_so_and_drafts_stay_off(tiny_gguf, chart_group):
     from verm_local.judge import Judge
 
-    gt, preds = pairs
+    gt, preds = chart_group
     with Judge(
         str(tiny_gguf / "model-Q4_K_M.gguf"), vision="gguf", image_tokens=64, max_tokens=24,
         deterministic=False,
@@ -205,13 +193,13 @@ def _post(server, path: str, body: dict) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
-def test_one_answer_per_request_on_every_path(tiny_gguf, served, pairs, tmp_path, task):
+def test_one_answer_per_request_on_every_path(tiny_gguf, served, chart_group, tmp_path, task):
     from verm_local.answer import answer_schema
     from verm_local.judge import build_request
     from verm_local.schema import Judgement, extract_json
     from verm_local.tasks import decoding, profile
 
-    gt, preds = pairs
+    gt, preds = chart_group
     model = tiny_gguf / "model-Q8_0.gguf"
     flags = ["-m", model, "--vision", "gguf", "--max-tokens", "400", "--image-tokens", "64",
              "--task", task, "--max-errors", "2"]  # fmt: skip

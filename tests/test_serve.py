@@ -135,18 +135,9 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    gt = draw_chart(root / "gt.png", [3, 5, 2, 6])
-    preds = [
-        draw_chart(
-            root / f"pred{i}.png",
-            [3, 5 - i % 3, 2, 6],
-            colour=["orange", "steelblue", "green", "red"][i % 4],
-        )
-        for i in range(8)
-    ]
-    return gt, preds
+def images(chart_group):
+    """The session's ground truth and its 8 predictions."""
+    return chart_group
 
 
 @pytest.fixture

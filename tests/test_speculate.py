@@ -11,7 +11,7 @@ import pytest
 from verm_local.backends.base import Sampling
 from verm_local.judge import Judge
 
-from .conftest import draw_chart, run_here
+from .conftest import run_here
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +28,10 @@ def judge(tiny_gguf):
 
 
 @pytest.fixture(scope="module")
-def charts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spec")
-    gt = draw_chart(root / "gt.png", [3, 5, 2, 6])
-    colours = ["orange", "steelblue", "green", "red"]
-    preds = [
-        draw_chart(root / f"p{i}.png", [3, 5 - i, 2 + i, 6], colour=colours[i]) for i in range(4)
-    ]
-    return gt, preds
+def charts(chart_group):
+    """The session's ground truth and four of its predictions."""
+    gt, preds = chart_group
+    return gt, preds[:4]
 
 
 def _with_and_without(j: Judge, run):
