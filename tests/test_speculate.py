@@ -97,21 +97,33 @@ def test_greedy_judgements_are_unchanged_alone_and_batched(judge, charts, task):
 
 def test_sampled_judgements_run_with_drafts(judge, charts):
     """The authors' RL sampling (temperature, top-k/top-p, penalties), seeded, with
-    drafts: complete judgements, drafts kept. Seed by seed the answers may differ from
-    decoding without drafts: a decode of several rows rounds the logits a little
-    differently from a decode of one (about 0.02 on logits of the tiny model), which
-    moves a draw that falls near a boundary, as running in a batch of `serve --parallel`
-    does too; the distribution stays the model's (next test)."""
+    drafts: complete judgements, drafts kept, and seed by seed the answers decoded without
+    drafts. A draft is kept only where the sequence's own sampler picks it, so the sampler
+    draws at the same positions; with the batch-invariant kernels the logits it draws from
+    do not depend on the drafted rows beside them."""
+    assert judge.backend.determinism.on
     gt, preds = charts
-    for task in TASKS:
-        runs = judge.judge_many(
+    engine = judge.backend.batch
+
+    def sampled(task):
+        return judge.judge_many(
             [(gt, p, task) for p in preds],
             sampling=lambda p: judge.sampling(p, "rl", 7),
             max_errors=3,
             unreadable="score",
         )
+
+    for task in TASKS:
+        runs = sampled(task)
         assert all(not isinstance(r, Exception) for r in runs), runs
         assert sum(r.timings.accepted for r in runs) > 0
+        engine.speculate = False
+        try:
+            plain = sampled(task)
+        finally:
+            engine.speculate = True
+        for a, b in zip(runs, plain):
+            _same(a, b)
 
 
 def test_sampling_distribution_on_a_small_grammar(judge):
@@ -164,3 +176,17 @@ def test_json_timings_and_no_speculate(tiny_gguf, pair):
     # One decode step fewer per drafted token kept.
     assert t["forward_passes"] == u["forward_passes"] - t["accepted"]
     assert {"forward_passes", "drafted", "accepted"} <= set(t)
+
+
+def test_threads_sharing_a_judge_take_turns(judge, charts):
+    """A Judge shared by threads (an RL reward function in a thread pool): the calls take
+    turns on the model (two decoding at once would abort the process), and each answer is
+    the one judged alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gt, preds = charts
+    alone = [judge.judge(gt, p, "chart", max_errors=2) for p in preds[:3]]
+    with ThreadPoolExecutor(3) as pool:
+        shared = list(pool.map(lambda p: judge.judge(gt, p, "chart", max_errors=2), preds[:3]))
+    for a, b in zip(alone, shared):
+        _same(a, b)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +315,7 @@ class Judge:
         self.resolved: ResolvedModel | None = None  # the files behind the model
         self.plan = None
         self.last_generation: Generation | None = None
+        self._lock = threading.Lock()  # one call at a time into the model (_generate)
         if backend is not None:
             self.backend = backend
             return
@@ -525,7 +527,11 @@ class Judge:
         return self._generate(requests)
 
     def _generate(self, requests: list[Request]) -> list[Generation | VermError]:
-        gens = self.backend.generate_all(requests)
+        # One call at a time into the model: llama.cpp's context is not thread-safe (two
+        # threads decoding at once abort the process). Threads sharing a Judge wait their
+        # turn; judge_many (or `serve`) is the way to decode them together.
+        with self._lock:
+            gens = self.backend.generate_all(requests)
         if len(gens) == 1 and not isinstance(gens[0], Exception):
             self.last_generation = gens[0]  # the raw answer, for benchmarks scoring its tokens
         return gens
