@@ -106,6 +106,36 @@ def draw_chart(
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_prompt_mirror():
+    """These machines reach no GitHub: `pull` would spend its backoff (about 2.4 s) on
+    every fetch of the authors' prompt files. For the session, VERM_LOCAL_PROMPTS_URL
+    points at a local server that answers 404 at once (not retried), so a pull warns
+    and goes on as it does without a network. Tests of the prompt fetch set their own."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    saved = os.environ.get("VERM_LOCAL_PROMPTS_URL")
+    os.environ["VERM_LOCAL_PROMPTS_URL"] = f"http://127.0.0.1:{server.server_port}"
+    yield
+    server.shutdown()
+    if saved is None:
+        os.environ.pop("VERM_LOCAL_PROMPTS_URL", None)
+    else:
+        os.environ["VERM_LOCAL_PROMPTS_URL"] = saved
+
+
 @pytest.fixture(scope="session")
 def chart_group(tmp_path_factory) -> tuple[Path, list[Path]]:
     """One ground truth and 8 predictions of it (other values and colours): an RL step's

@@ -220,7 +220,7 @@ def test_cli_pull_then_judge_and_the_errors(hub, tmp_path, pair):
     one line each with their exit codes."""
     env = {
         "HF_ENDPOINT": hub.url, "VERM_LOCAL_HOME": str(tmp_path / "home"),
-        "HF_HOME": str(tmp_path / "hf"), "VERM_LOCAL_PROMPTS_URL": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path / "hf"),
     }  # fmt: skip
     proc = run_cli("pull", "hf.co/community/split-GGUF:Q8_0", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

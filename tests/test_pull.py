@@ -37,14 +37,12 @@ def env(hub, tmp_path):
     hub.drop_once.clear()
     hub.corrupt.clear()
     hub.fail.clear()
-    # The training prompts come from GitHub, which these machines cannot reach: a closed
-    # port makes pull's (non-fatal) prompt fetch fail at once.
+    # The training prompts: conftest's session mirror answers 404 at once (no GitHub here).
     return {
         "HF_ENDPOINT": hub.url,
         "VERM_LOCAL_HOME": str(tmp_path / "home"),
         "HF_HOME": str(tmp_path / "hf"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
-        "VERM_LOCAL_PROMPTS_URL": "http://127.0.0.1:9",
     }
 
 
