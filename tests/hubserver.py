@@ -166,7 +166,9 @@ def _handler(hub: Hub):
                 if name not in repo.files:
                     self._error(404, "EntryNotFound")
                     return
-                if name in hub.fail:
+                # The file's body fails (its HEAD answers): huggingface_hub retries a 5xx
+                # only on the HEAD, so the body's retries are verm-local's own.
+                if name in hub.fail and self.command == "GET":
                     self._send(hub.fail[name], b"upstream trouble", {"Retry-After": "0"})
                     return
                 self._file(repo, name)

@@ -82,10 +82,6 @@ def hub_call(repo: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     from . import net
 
     policy = net.DEFAULT_POLICY
-    # huggingface_hub's downloads already retry 429 and 5xx answers (http_backoff: 5
-    # tries, up to 23 s of waiting); trying those again here would multiply the wait
-    # (4 x 5 tries). Their dropped connections are still tried again (and resumed).
-    backed_off = getattr(fn, "__name__", "") in ("hf_hub_download", "snapshot_download")
     for attempt in range(policy.retries + 1):
         try:
             try:
@@ -97,7 +93,7 @@ def hub_call(repo: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
                 raise cause from None
         except hub.HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
-            final = attempt == policy.retries or not net.retryable_status(status) or backed_off
+            final = attempt == policy.retries or not net.retryable_status(status)
             if final or isinstance(exc, (hub.RepositoryNotFoundError, hub.EntryNotFoundError)):
                 raise hub_error(exc, repo) from None
             wait = net.retry_after(exc.response) if exc.response is not None else None
