@@ -23,6 +23,7 @@ from verm_local.constants import (
 from verm_local.errors import InputError, ModelError
 from verm_local.fileio import atomic_output, manifest_entry, write_json_atomic
 from verm_local.gguf_meta import check_depth
+from verm_local.hardware import default_threads
 
 from .llama_sources import llama_cpp_dir, runtime_version
 
@@ -186,7 +187,7 @@ def quantize_gguf(
     llama_cpp, _ = native.init()  # llama.cpp's log goes to logging, not the terminal
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[quant]
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or default_threads()
     with atomic_output(dst) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from verm_local.constants import MANIFEST_NAME, MODEL_ARCHITECTURE
 from verm_local.errors import InputError, ModelError
 from verm_local.fileio import atomic_directory, manifest_entry, write_json_atomic
+from verm_local.hardware import gptq_cpu_workers
 from verm_local.settings import export_default
 
 from .calibration import directory_conversations, synthetic_conversations
@@ -62,8 +62,7 @@ def convert_gptq(
     hidden = int(config["text_config"]["hidden_size"])
     if group_size != -1 and (group_size <= 0 or hidden % group_size):
         raise InputError(f"--group-size {group_size} does not divide the hidden size {hidden}")
-    # GPTQModel's default worker count fails on small machines; one per core works.
-    export_default("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    export_default("GPTQMODEL_CPU_WORKERS", str(gptq_cpu_workers()))
     try:
         from gptqmodel import GPTQModel, QuantizeConfig
     except ImportError:

@@ -13,6 +13,50 @@ from PIL import Image, ImageDraw
 
 CLI = Path(sys.executable).parent / "verm-local"
 
+# The suite runs on pytest-xdist's workers (pyproject's addopts: `-n auto --dist loadfile`,
+# a test file per worker at a time). The workers share this machine's CPUs: each one's
+# llama.cpp, torch and ONNX Runtime get an equal share of threads (llama.cpp threads past
+# the CPUs wait on one another: two 2-thread decodes on 2 CPUs ran 5.5x slower than one),
+# set before any library reads it, so the programs the tests start inherit it too.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "VERM_LOCAL_THREADS" not in os.environ:
+    from verm_local.hardware import default_threads as _threads
+
+    _share = str(max(1, _threads() // _WORKERS))
+    os.environ["VERM_LOCAL_THREADS"] = _share
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per CPU this process may use, at most 4 (the slow tests are
+    few and long; more workers would each build the session's models for nothing)."""
+    from verm_local.hardware import probe_cpus_usable
+
+    return max(1, min(4, probe_cpus_usable()))
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(path)` once for the test run, whichever worker asks first; the others wait
+    on a file lock and take the same folder (pytest-xdist's workers share the parent of
+    their temporary roots). A build that failed is tried again by the next to ask."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out = root / "built-once" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = out.parent / f"{name}.done"
+    with FileLock(str(out.parent / f"{name}.lock")):
+        if not done.exists():
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            build(out)
+            done.touch()
+    return out
+
 
 def run_cli(
     *args: str, timeout: float = 600, env: dict | None = None, input_text: str | None = None
@@ -158,27 +202,36 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
     return gt, pred
 
 
+def _cli_ok(*args: object, timeout: float = 600) -> None:
+    proc = run_cli(*args, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hf") / "tiny"
-    proc = run_cli("convert", "tiny-model", out, "--seed", "0")
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return built_once(
+        tmp_path_factory, "tiny", lambda out: _cli_ok("convert", "tiny-model", out, "--seed", "0")
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory, tiny_hf) -> Path:
-    out = tmp_path_factory.mktemp("gguf") / "tiny-gguf"
-    proc = run_cli("convert", "gguf", tiny_hf, out, "--quant", "Q8_0,Q4_K_M")
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return built_once(
+        tmp_path_factory,
+        "tiny-gguf",
+        lambda out: _cli_ok("convert", "gguf", tiny_hf, out, "--quant", "Q8_0,Q4_K_M"),
+    )
 
 
 def _gptq(tmp_path_factory, tiny_hf, bits: int) -> Path:
-    out = tmp_path_factory.mktemp("gptq") / f"tiny-gptq{bits}"
-    proc = run_cli("convert", "gptq", tiny_hf, out, "--bits", bits, "--samples", "4", timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    """In this process: the GPTQ tests load GPTQModel and transformers here anyway (10 s
+    of imports a process)."""
+
+    def build(out: Path) -> None:
+        proc = run_here("convert", "gptq", tiny_hf, out, "--bits", bits, "--samples", "4")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return built_once(tmp_path_factory, f"tiny-gptq{bits}", build)
 
 
 @pytest.fixture(scope="session")
@@ -204,19 +257,21 @@ FORCED_ANSWER = (
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory, tiny_hf) -> Path:
     """The tiny model's vision tower in ONNX fp32 and int8."""
-    out = tmp_path_factory.mktemp("onnx")
-    for precision in ("fp32", "int8"):
-        proc = run_cli("convert", "onnx", tiny_hf, out / precision, "--precision", precision)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
+
+    def build(out: Path) -> None:
+        for precision in ("fp32", "int8"):
+            _cli_ok("convert", "onnx", tiny_hf, out / precision, "--precision", precision)
+
+    return built_once(tmp_path_factory, "onnx", build)
 
 
 @pytest.fixture(scope="session")
 def tiny_gguf_f32_mmproj(tmp_path_factory, tiny_hf) -> Path:
-    out = tmp_path_factory.mktemp("gguf32") / "tiny-gguf-f32"
-    proc = run_cli("convert", "gguf", tiny_hf, out, "--quant", "", "--mmproj-type", "f32")
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return built_once(
+        tmp_path_factory,
+        "tiny-gguf-f32",
+        lambda out: _cli_ok("convert", "gguf", tiny_hf, out, "--quant", "", "--mmproj-type", "f32"),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from verm_local.benchmarks import data as bdata
 from verm_local.benchmarks import metrics
 
-from .conftest import run_cli
+from .conftest import run_cli, run_here
 
 
 def err(cat, loc, desc, sev=2):
@@ -130,7 +129,7 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
         "--top-k",
         "0",
     ]
-    proc = run_cli(*args, timeout=900)
+    proc = run_here(*args)  # in this process: torch and transformers are imported once
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "agreement.json").read_text())
     f16, q4 = (report["candidates"][c] for c in cands.split(","))
@@ -160,7 +159,7 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     assert proc.returncode == 0, proc.stderr
     assert "comparable: false" in proc.stdout and "| overall |" in proc.stdout
     # The reference's answers and top-k are cached: a second run reuses them.
-    proc = run_cli(*args[:5], str(tiny_gguf / "model-Q8_0.gguf"), *args[6:], timeout=900)
+    proc = run_here(*args[:5], str(tiny_gguf / "model-Q8_0.gguf"), *args[6:])
     assert proc.returncode == 0 and "reusing the cache" in proc.stderr
 
     lat = tmp_path / "lat" / "latency.json"
@@ -199,37 +198,21 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     assert m["vision_s"]["median"] > 0 and m["decode_tok_s"]["median"] > 0
     assert m["peak_rss"] > 50e6 and lat.with_suffix(".png").is_file()
 
-    # The gate on the CLI (2 rounds: the fewest with an interval): a baseline no real run
-    # can match (ratios a millionth of today's) is a regression, exit 1; one no real run
-    # can miss passes. Timing noise between two runs cannot flip either outcome.
-    def gate(scale: float, *extra) -> subprocess.CompletedProcess:
-        doctored = json.loads(lat.read_text())
-        for mm in doctored["models"].values():
-            mm["overhead_ratio"] *= scale
-        base = tmp_path / f"base-{scale}.json"
-        base.write_text(json.dumps(doctored))
-        return run_cli(
-            "bench",
-            "latency",
-            "--models",
-            str(tiny_gguf / "model-Q4_K_M.gguf"),
-            "--images",
-            *pair,
-            "--repeat",
-            "2",
-            "--baseline",
-            base,
-            "--no-memory",  # the verdict is what this checks; the memory run is above
-            *extra,
-            timeout=600,
-        )
-
-    proc = gate(1e-6, "--max-tokens", "48")
+    # This report as a gate's baseline (no rounds' logs in it: a report, not one made with
+    # --update-baseline), its ratios a millionth of today's, which no real run can match:
+    # a regression, exit 1, in 2 rounds (the fewest with an interval). An answer cut at
+    # --max-tokens (random weights at real size ramble) is timed as generated and
+    # reported, not a failure. Passing, inconclusive and made baselines: test_ci_gate.py.
+    doctored = json.loads(lat.read_text())
+    for mm in doctored["models"].values():
+        mm["overhead_ratio"] *= 1e-6
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(doctored))
+    proc = run_cli(
+        "bench", "latency", "--models", str(tiny_gguf / "model-Q4_K_M.gguf"), "--images", *pair,
+        "--repeat", "2", "--baseline", base, "--no-memory", "--max-tokens", "8", timeout=600,
+    )  # fmt: skip
     assert proc.returncode == 1 and "regression" in proc.stderr, proc.stderr[-2000:]
-    # An answer cut at --max-tokens (random weights at real size ramble) is timed as
-    # generated and reported, not a failure: the overhead is still gated.
-    proc = gate(1e6, "--max-tokens", "8")
-    assert proc.returncode == 0 and "no regression" in proc.stdout, proc.stderr[-2000:]
     assert "Answers cut at --max-tokens 8" in proc.stdout
 
 

@@ -201,12 +201,12 @@ def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
     assert proc.returncode == 2 and "needs --baseline" in proc.stderr
 
     # A baseline on purpose (rounds until it is known to a third of the tolerance, from a
-    # first look at 6, or until its budget: 30 s here, where the tiny model's noise never
+    # first look at 6, or until its budget: 15 s here, where the tiny model's noise never
     # gets that close), then the same build against it: pass.
     budget = ("--budget-s", "90", "--max-repeat", "40")
     proc = _latency(
         tiny_gguf, pair, "--repeat", "6", "--baseline", base, "--update-baseline",
-        "--budget-s", "30", "--max-repeat", "40",
+        "--budget-s", "15", "--max-repeat", "40",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     made = json.loads(base.read_text())
@@ -368,7 +368,7 @@ def test_github_workflow_runs_here_as_a_script(tmp_path, tiny_gguf):
             "--env",
             f"VERM_LOCAL_HOME={store}",
             "--env",
-            "BUDGET_S=30",
+            "BUDGET_S=10",
             "--env",
             "MAX_TOKENS=32",
             "--env",

@@ -13,9 +13,30 @@ pytestmark = pytest.mark.slow
 
 
 def _tensor_types(path):
+    """The ggml types of a GGUF's tensors, by name (gguf's enum), from verm-local's header
+    reader: gguf's own GGUFReader parses the 151k-token vocabulary (15 s a file here); the
+    reader is checked against it on the projector, which has no vocabulary."""
+    from gguf import GGMLQuantizationType
+
+    from verm_local.gguf_meta import read_tensor_types
+
+    return {GGMLQuantizationType(t).name for t in read_tensor_types(path).values()}
+
+
+def test_the_tensor_list_reads_as_gguf_reads_it(tiny_gguf, tmp_path):
     from gguf import GGUFReader
 
-    return {t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    from verm_local.errors import ModelError
+    from verm_local.gguf_meta import read_tensor_types
+
+    mm = tiny_gguf / "mmproj-f16.gguf"
+    want = {t.name: int(t.tensor_type) for t in GGUFReader(str(mm)).tensors}
+    assert read_tensor_types(mm) == want and len(want) > 10
+    assert {1, 0} <= set(want.values())  # F16 weights, F32 norms and biases
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(mm.read_bytes()[:5000])
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        read_tensor_types(cut)
 
 
 def test_manifest_lists_every_file_with_sha256(tiny_gguf):

@@ -6,6 +6,7 @@ AWS Graviton3 (ARM); the Apple machine is a hardware record (no /proc/cpuinfo on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,14 @@ from verm_local.errors import InputError
 from verm_local.hardware import (
     AMX_FLAGS,
     Hardware,
+    gptq_cpu_workers,
     has_amx,
     isa_flags,
+    parse_cpu_quota,
     parse_cpuinfo,
     patches_digest,
+    probe_cpus_usable,
+    usable_cpus,
     wheel_key,
 )
 from verm_local.select import repack_decision, select_plan
@@ -76,6 +81,43 @@ def test_recorded_cpus_are_read():
     arm = record("graviton3-arm64")
     assert "neon" in arm.cpu_flags and "sve" in arm.cpu_flags and not arm.amx
     assert not APPLE_M2.amx
+
+
+def test_threads_stay_within_the_cpus_a_process_may_use():
+    """A container's CPU quota or a process's affinity mask caps the thread count: more
+    llama.cpp threads than CPUs wait on one another (measured: two 2-thread decodes on 2
+    CPUs ran 5.5x slower than one)."""
+    assert parse_cpu_quota("200000 100000\n") == 2.0  # cgroup v2 cpu.max
+    assert parse_cpu_quota("150000 100000") == 1.5
+    assert parse_cpu_quota("max 100000") is None
+    assert parse_cpu_quota("50000\n", "100000\n") == 0.5  # cgroup v1 quota, period
+    assert parse_cpu_quota("-1", "100000") is None
+    assert parse_cpu_quota("garbage") is None and parse_cpu_quota("") is None
+    assert usable_cpus(64, None, 64) == 64
+    assert usable_cpus(64, 1.5, 64) == 2  # a quota of 1.5 CPUs keeps two busy part-time
+    assert usable_cpus(3, 8.0, 64) == 3  # taskset -c 0-2
+    assert usable_cpus(None, 0.25, 8) == 1
+    # A 32-core (64 logical) host seen from a container given 4 CPUs: 4 threads.
+    host = record("sapphire-rapids-m7i", cores_logical=64, cores_physical=32)
+    assert host.threads == 32
+    assert Hardware.from_dict({**host.to_dict(), "cpus_usable": 4}).threads == 4
+    assert Hardware.from_dict({**host.to_dict(), "cpus_usable": 48}).threads == 32
+    # A record from before the field reads as all CPUs usable.
+    old = host.to_dict()
+    del old["cpus_usable"]
+    assert Hardware.from_dict(old).threads == 32
+    # This process, pinned to one CPU in a child: the probe and llama.cpp's default follow.
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from verm_local.hardware import default_threads, probe_cpus_usable; "
+        "print(probe_cpus_usable(), default_threads())"
+    )
+    if hasattr(os, "sched_setaffinity"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.stdout.split() == ["1", "1"], out.stderr
+    assert 1 <= probe_cpus_usable() <= (os.cpu_count() or 1)
+    # GPTQModel's loader takes 2 workers from its CPU pool: never fewer, even on 1 CPU.
+    assert gptq_cpu_workers(1) == 2 and gptq_cpu_workers(8) == 8
 
 
 def test_amx_cpu_loads_without_extra_buffer_types():

@@ -190,6 +190,23 @@ def test_python_api_reuses_a_loaded_model(tiny_gguf, pair):
     assert one_shot.errors == first.errors
 
 
+def test_thread_count_from_the_argument_the_environment_or_the_machine(tiny_gguf, monkeypatch):
+    """--threads wins, then VERM_LOCAL_THREADS, then one per physical core within the CPUs
+    this process may use; a backend's name is taken where a backend object would be."""
+    import verm_local
+    from verm_local.hardware import default_threads
+
+    model = tiny_gguf / "model-Q4_K_M.gguf"
+    monkeypatch.delenv("VERM_LOCAL_THREADS", raising=False)  # the suite's workers set it
+    with verm_local.Judge(model=model) as j:
+        assert j.backend.threads == default_threads() >= 1
+    monkeypatch.setenv("VERM_LOCAL_THREADS", "1")
+    with verm_local.Judge(model=model) as j:
+        assert j.backend.threads == 1
+    with verm_local.Judge(model=model, threads=3, backend="llamacpp") as j:
+        assert j.backend.threads == 3
+
+
 def test_wrong_files_are_refused_before_llama_cpp_sees_them(tiny_gguf, pair, tmp_path):
     from verm_local.gguf_meta import read_metadata
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from verm_local.backends.base import Sampling
+from verm_local.backends.base import Request, Sampling, user_turn
 from verm_local.judge import Judge
 
 from .conftest import run_here
@@ -140,11 +140,12 @@ def test_sampling_distribution_on_a_small_grammar(judge):
     sampling = Sampling(temperature=1.0, top_k=20, top_p=0.95, max_tokens=60)
     n = 120
 
-    def draw(seeds):
-        return [
-            judge.backend.generate([], "Name one chart error.", sampling.with_(seed=s), gbnf)
-            for s in seeds
-        ]
+    def draw(seeds):  # in batches of `parallel` (each draw is the one it would be alone)
+        b = judge.backend
+        turn = user_turn([], "Name one chart error.")
+        out = b.generate_all([Request([], turn, sampling.with_(seed=s), gbnf) for s in seeds])
+        assert not [g for g in out if isinstance(g, Exception)]
+        return out
 
     engine = judge.backend.batch
     engine.speculate = False

@@ -98,3 +98,58 @@ def test_gptq_refuses_bad_input(tmp_path, tiny_hf):
     assert proc.returncode == 3 and "is not Qwen3VLForConditionalGeneration" in proc.stderr
     proc = run_cli("convert", "gptq", tiny_hf, tmp_path / "out", "--bits", "3")
     assert proc.returncode == 2 and "--bits must be 4 or 8" in proc.stderr
+
+
+def test_greedy_grammar_shortcut_picks_what_the_full_mask_picks(tiny_hf):
+    """The transformers backend's grammar under greedy decoding checks the scores' own
+    argmax first and builds the vocabulary's mask only when the grammar refuses it: step by
+    step on random scores, the tokens chosen equal those of xgrammar's full mask (its own
+    processor), over answers with bounded strings both short and long, and most steps
+    inside strings take the shortcut."""
+    import torch
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    from verm_local.answer import answer_grammar
+    from verm_local.backends.transformers import STOP_IDS, _GrammarMask
+    from verm_local.decoding import Sampling
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_hf))
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=151936, stop_token_ids=[*STOP_IDS])
+    compiler = xgr.GrammarCompiler(info)
+    gen = torch.Generator().manual_seed(0)
+    shortcuts = 0
+    for task, max_tokens in (("chart", 300), ("table", 400), ("svg", 600)):
+        compiled = compiler.compile_grammar(answer_grammar(profile(task), max_tokens, 2))
+        fast = _GrammarMask(compiled, Sampling(temperature=0.0))
+        full = LogitsProcessor(compiled)
+        filled = 0
+        original = fast.matcher.fill_next_token_bitmask
+
+        def counting(*a, _orig=original):
+            nonlocal filled
+            filled += 1
+            return _orig(*a)
+
+        fast.matcher.fill_next_token_bitmask = counting
+        ids = torch.tensor([[1, 2, 3]])
+        for step in range(300):
+            scores = torch.randn(1, 151936, generator=gen)
+            # Text-like scores: a few ordinary tokens score high, as a model's would.
+            scores[0, torch.randint(0, 150000, (40,), generator=gen)] += 6.0
+            a = fast(ids, scores.clone()).argmax(-1)
+            b = full(ids, scores.clone()).argmax(-1)
+            assert int(a) == int(b), (task, step)
+            ids = torch.cat([ids, b[:, None]], dim=1)
+            if int(b) in STOP_IDS:
+                break
+        fast(ids, scores)  # the last token accepted, as the next step would
+        assert fast.matcher.is_terminated() == (int(b) in STOP_IDS)
+        shortcuts += step + 1 - filled
+    assert shortcuts > 10  # inside strings the argmax was allowed, no mask built
+    # Sampling always masks in full: the draw is over the allowed tokens.
+    sampled = _GrammarMask(compiled, Sampling(temperature=0.7))
+    out = sampled(torch.tensor([[1]]), torch.zeros(1, 151936))
+    allowed = (out[0] > float("-inf")).nonzero().flatten().tolist()
+    assert allowed and all(tok.decode([t]).startswith("{") for t in allowed)

@@ -71,6 +71,37 @@ def _skip_array(f: BinaryIO, etype: int, n: int) -> None:
             _value(f, etype)
 
 
+def read_tensor_types(path: str | Path) -> dict[str, int]:
+    """Each tensor's name and ggml type id (gguf's GGMLQuantizationType: 1 F16, 8 Q8_0,
+    12 Q4_K, 14 Q6_K, ...), read from the header's tensor list without loading any data
+    (the vocabulary arrays are skipped, not parsed). Raises ModelError if unreadable."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"{path}: not a GGUF file (corrupt or wrong file)")
+            _read(f, "<I")  # version
+            n_tensors, n_kv = _read(f, "<Q"), _read(f, "<Q")
+            for _ in range(n_kv):
+                _string(f)
+                vtype = _read(f, "<I")
+                if vtype == _ARRAY:
+                    _skip_array(f, _read(f, "<I"), _read(f, "<Q"))
+                else:
+                    _value(f, vtype)
+            types = {}
+            for _ in range(n_tensors):
+                name = _string(f)
+                f.seek(8 * _read(f, "<I"), 1)  # the dimensions
+                types[name] = _read(f, "<I")
+                _read(f, "<Q")  # the data's offset
+            return types
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (EOFError, ValueError, struct.error, UnicodeDecodeError):
+        raise ModelError(f"{path}: GGUF header is truncated or corrupt") from None
+
+
 def read_metadata(path: str | Path, stop_at: str = "tokenizer.ggml.tokens") -> dict[str, Any]:
     """Header key/values up to (not including) `stop_at`. Raises ModelError if unreadable."""
     path = Path(path)

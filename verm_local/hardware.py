@@ -7,6 +7,7 @@ pure function of that text, so the selection can be tested on recorded machines
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import platform
 import shutil
@@ -133,6 +134,9 @@ class Hardware:
     gptqmodel: bool = False
     onnxruntime_providers: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    # The CPUs this process may use: its affinity mask, capped by a container's CPU quota
+    # (cgroup cpu.max); None: not known (a record from before this field), all of them.
+    cpus_usable: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,11 +156,45 @@ class Hardware:
 
     @property
     def threads(self) -> int:
-        """llama.cpp is fastest with one thread per physical core."""
-        return max(1, self.cores_physical or self.cores_logical)
+        """llama.cpp is fastest with one thread per physical core, and no more threads than
+        the CPUs this process may run on: past them its threads wait on one another (two
+        processes of 2 threads on 2 CPUs decode 5x slower than one)."""
+        return thread_count(self.cores_physical, self.cores_logical, self.cpus_usable)
+
+
+def thread_count(physical: int | None, logical: int, usable: int | None) -> int:
+    """One thread per physical core (logical CPUs where that is not known), capped by the
+    CPUs usable."""
+    cores = max(1, physical or logical)
+    return max(1, min(cores, usable or cores))
 
 
 # ---------------------------------------------------------------- parsers (pure)
+
+
+def parse_cpu_quota(text: str, period_text: str | None = None) -> float | None:
+    """A cgroup's CPU quota in CPUs: cgroup v2's cpu.max ("200000 100000": 2 CPUs; "max
+    100000": none), or cgroup v1's cpu.cfs_quota_us ("-1": none) with cpu.cfs_period_us
+    as `period_text`. None where there is no quota or the text is not one."""
+    parts = text.split()
+    if period_text is not None:
+        parts = parts[:1] + period_text.split()[:1]
+    if len(parts) != 2 or parts[0] in ("max", "-1"):
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def usable_cpus(affinity: int | None, quota: float | None, logical: int) -> int:
+    """How many CPUs a process can keep busy: its affinity mask's size (all logical CPUs
+    where the OS has none), capped by the quota rounded up."""
+    n = affinity or logical
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)
 
 
 def parse_nvidia_smi(text: str) -> tuple[GpuDevice, ...]:
@@ -291,6 +329,69 @@ def probe_cpu() -> tuple[str, tuple[str, ...], int | None]:
     return platform.processor(), (), None
 
 
+def probe_cpus_usable() -> int:
+    """The CPUs this process may use (`usable_cpus`): sched_getaffinity where the OS has
+    it, the cgroup quota of the process's own cgroup (v2, then v1) where there is one."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    return usable_cpus(affinity, _cgroup_quota(), os.cpu_count() or 1)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _cgroup_quota() -> float | None:
+    text = _read("/proc/self/cgroup")
+    if text is None:
+        return None
+    for line in text.splitlines():
+        hier, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hier == "0" and controllers == "":  # cgroup v2, mounted at /sys/fs/cgroup
+            cpu_max = _read(f"/sys/fs/cgroup{path.rstrip('/')}/cpu.max")
+            if cpu_max is None:  # a namespaced view: the process's cgroup is the root
+                cpu_max = _read("/sys/fs/cgroup/cpu.max")
+            if cpu_max is not None:
+                return parse_cpu_quota(cpu_max)
+        elif "cpu" in controllers.split(","):
+            for root in ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu"):
+                for base in (f"{root}{path.rstrip('/')}", root):
+                    quota = _read(f"{base}/cpu.cfs_quota_us")
+                    period = _read(f"{base}/cpu.cfs_period_us")
+                    if quota is not None and period is not None:
+                        return parse_cpu_quota(quota, period)
+    return None
+
+
+def default_threads() -> int:
+    """The thread count of llama.cpp, torch and ONNX Runtime when none is asked for:
+    VERM_LOCAL_THREADS, else one per physical core, no more than the CPUs this process
+    may use (cheap: no library is probed)."""
+    # Here, not at the top: scripts/wheel_key.py loads this file alone, with the stdlib.
+    from .settings import settings
+
+    chosen = settings().threads
+    if chosen:
+        return chosen
+    _, _, physical = probe_cpu()
+    return thread_count(physical, os.cpu_count() or 1, probe_cpus_usable())
+
+
+def gptq_cpu_workers(threads: int | None = None) -> int:
+    """GPTQModel's CPU worker pool (GPTQMODEL_CPU_WORKERS): one per thread, at least 2,
+    since its model loader takes 2 workers from that pool and fails with fewer ("Virtual
+    pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"), as its own
+    default of half the CPUs does on 1- and 2-CPU machines."""
+    return max(2, threads or default_threads())
+
+
 def probe_memory() -> tuple[int, int]:
     import psutil
 
@@ -394,4 +495,5 @@ def probe(with_torch: bool = True) -> Hardware:
         torch_cuda=torch_cuda,
         gptqmodel=importlib.util.find_spec("gptqmodel") is not None,
         onnxruntime_providers=probe_onnxruntime(),
+        cpus_usable=probe_cpus_usable(),
     )

@@ -22,6 +22,7 @@ from .modelref import ResolvedModel, resolve_model
 from .prompts import Prompt, resolve_prompt
 from .schema import Judgement, Timings, extract_json
 from .select import prefill_settings, task_context
+from .settings import settings
 from .tasks import ImagePrep, TaskProfile, decoding, profile
 
 log = logging.getLogger(__name__)
@@ -316,11 +317,13 @@ class Judge:
         self.plan = None
         self.last_generation: Generation | None = None
         self._lock = threading.Lock()  # one call at a time into the model (_generate)
+        threads = threads or settings().threads
+        if isinstance(backend, str):  # a backend's name, as the CLI's --backend takes it
+            backend_name, backend = backend, None
         if backend is not None:
             self.backend = backend
             return
         from .runtime import torch_device
-        from .settings import settings
 
         model = model or settings().model
         if not model:

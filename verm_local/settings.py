@@ -69,6 +69,13 @@ class Settings(BaseSettings):
         description="MTMD_CPP_LIB: the folder llama-cpp-python loads libmtmd (the vision "
         "projector) from instead of its own lib/.",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads (llama.cpp, torch, ONNX Runtime) when --threads is not "
+        "given (default: one per physical core, no more than the CPUs this process may "
+        "use: its affinity and the container's CPU quota).",
+    )
     api_key: str | None = Field(
         None, description="serve: require `Authorization: Bearer KEY` on /v1 and /metrics."
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError, VermError
+from .hardware import default_threads
 from .images import PreparedImage
 
 INPUTS = ("patches", "pos_indices", "pos_weights", "rot_pos")
@@ -149,8 +150,7 @@ class OnnxVision:
             raise ModelError(f"{model_dir}: no vision-{precision or '*'}.onnx in it")
         self.path = files[0]
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = threads or default_threads()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         chosen = [
             p

@@ -286,7 +286,7 @@ class BatchEngine:
                 self._decode_images(images)
                 for it in images:  # in the KV cache now: the embeddings can go
                     it.image = None
-                release_heap()
+                release_heap(collect=False)  # arrays, freed as their references go
             texts = [it for it in wave if it.tokens is not None]
             if texts:
                 stage("prefill", tokens=sum(len(it.tokens) for it in texts))

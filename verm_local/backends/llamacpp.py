@@ -9,7 +9,6 @@ alone is a batch of one."""
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..constants import SPECIAL_TOKENS
 from ..decoding import Sampling
 from ..errors import ModelError, VermError
 from ..events import stage
+from ..hardware import default_threads
 from ..images import PreparedImage
 from ..memory import release_heap
 from ..modelref import ResolvedModel
@@ -196,7 +196,7 @@ class LlamaCppBackend:
             repack=self.repack,
         )
         self._files = [model.path, vision.path if vision is not None else model.mmproj]
-        threads = threads or os.cpu_count() or 1
+        threads = threads or default_threads()
         self.threads = threads
         t0 = time.perf_counter()
         self._model_args = (model.path, gpu_layers, self.repack, model.quant)

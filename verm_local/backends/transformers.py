@@ -11,12 +11,12 @@ without native bf16). `dtype="bfloat16"` is available on a CPU for speed."""
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from ..decoding import Sampling
 from ..errors import ModelError, VermError
+from ..hardware import default_threads, gptq_cpu_workers
 from ..images import PreparedImage
 from ..modelref import ResolvedModel
 from ..schema import ModelInfo
@@ -80,11 +80,11 @@ class TransformersBackend:
         if not verbose:
             hf_logging.set_verbosity_error()
             hf_logging.disable_progress_bar()
-        if threads:
-            torch.set_num_threads(threads)
-        if model.format == "gptq":
-            export_default("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
         self.device = pick_device(device)
+        if threads or self.device == "cpu":
+            torch.set_num_threads(threads or default_threads())
+        if model.format == "gptq":
+            export_default("GPTQMODEL_CPU_WORKERS", str(gptq_cpu_workers(threads)))
         self.dtype = pick_dtype(self.device, dtype)
         self.torch = torch
         t0 = time.perf_counter()
@@ -197,9 +197,7 @@ class TransformersBackend:
         # Compiled before the clock starts: it is per grammar, not per judgement.
         grammar = None
         if request.grammar is not None:
-            from xgrammar.contrib.hf import LogitsProcessor
-
-            grammar = LogitsProcessor(self._compiled_grammar(request.grammar))
+            grammar = _GrammarMask(self._compiled_grammar(request.grammar), sampling)
         t0 = time.perf_counter()
         batch = self.inputs(request.images, request.messages)
         n_prompt = int(batch["input_ids"].shape[1])
@@ -295,6 +293,50 @@ class _FirstCall:
         if self.t is None:
             self.t = time.perf_counter()
         return scores
+
+
+class _GrammarMask:
+    """The grammar as a logits mask over one sequence (xgrammar's matcher): the token
+    chosen last step is accepted, then the next step's scores are masked to what the
+    grammar allows. Greedy decoding takes a shortcut with the same result: when the
+    scores' own argmax is allowed (the matcher accepts it), it is the masked argmax too
+    (masking only lowers other scores; ties keep the first index), so the full mask
+    over the vocabulary is not built. A bounded string (`char{0,N}`) makes the mask
+    depend on the count so far, and building it costs up to hundreds of milliseconds a
+    token with a large N; inside a string the argmax is almost always allowed. Sampling
+    always builds the mask (the draw is over the masked distribution)."""
+
+    def __init__(self, compiled: Any, sampling: Sampling):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+        self.greedy = sampling.temperature <= 0
+        self.started = False
+        self.accepted: int | None = None  # the greedy shortcut's token, accepted already
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[0] != 1:
+            raise VermError("grammar masking runs one sequence at a time")
+        m = self.matcher
+        if self.started and not m.is_terminated():
+            last = int(input_ids[0, -1])
+            if self.accepted is None and not m.accept_token(last):
+                raise VermError(f"the grammar refused token {last}, which it had allowed")
+        self.started, self.accepted = True, None
+        if m.is_terminated():
+            return scores
+        if self.greedy:
+            top = int(scores[0].argmax())
+            if m.accept_token(top):
+                self.accepted = top
+                return scores
+        m.fill_next_token_bitmask(self.bitmask, 0)
+        device = scores.device
+        scores = scores.to("cpu") if device.type not in ("cpu", "cuda") else scores
+        self.xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
+        return scores.to(device)
 
 
 class _VllmLogits:
