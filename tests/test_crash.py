@@ -45,6 +45,18 @@ def test_a_child_killed_by_a_signal_becomes_one_line(sig, tmp_path, monkeypatch,
     assert "step: decode" in text and "Fatal Python error" in text  # faulthandler's stack
 
 
+def test_a_library_crash_handler_does_not_reach_the_terminal(tmp_path, monkeypatch, capfd):
+    """xgrammar loads tvm_ffi, which takes SIGSEGV to print a 100-line backtrace on stderr;
+    a process that imported it before (a test worker, an API user) still gets one line."""
+    pytest.importorskip("xgrammar")
+    import xgrammar  # noqa: F401
+
+    monkeypatch.setenv("VERM_LOCAL_CACHE", str(tmp_path))
+    assert supervise(_die(signal.SIGSEGV), "verm-local judge") == 10
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "crashed in native code" in err[0], err[:3]
+
+
 def test_the_advice_follows_the_cause(tmp_path, monkeypatch, capfd):
     """The repack advice only where repacked weights were in use; an illegal instruction
     points at the wheel."""

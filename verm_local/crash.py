@@ -82,6 +82,30 @@ def new_log_path(what: str) -> Path:
     return d / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}-{os.getpid()}.log"
 
 
+# The signals a native crash ends with.
+FATAL_SIGNALS = tuple(
+    getattr(signal, n)
+    for n in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT")
+    if hasattr(signal, n)
+)
+
+
+def reclaim_fatal_signals() -> None:
+    """Take the crash signals back from libraries that install their own handler when they
+    load (tvm_ffi, which xgrammar loads, prints a 100-line backtrace on stderr at a
+    segfault): the default action again, behind the recorder's faulthandler when one is
+    active, so a crash stays one line on the terminal and its stack goes to the log."""
+    rec = _active.get("recorder")
+    faulthandler.disable()
+    for sig in FATAL_SIGNALS:
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):  # not settable here (a thread, a platform)
+            pass
+    if rec is not None and rec.file is not None:
+        faulthandler.enable(file=rec.file, all_threads=True)
+
+
 class Recorder:
     """Writes a crash log: a header now, a line per stage, faulthandler's stacks at a
     crash. `close(keep=False)` removes it."""
@@ -91,10 +115,10 @@ class Recorder:
         self.file: TextIO | None = open(path, "w", encoding="utf-8")  # noqa: SIM115
         self.file.write(_header(what))
         self.file.flush()
-        faulthandler.enable(file=self.file, all_threads=True)
+        _active["recorder"] = self
+        reclaim_fatal_signals()  # enables faulthandler on this log
         self._injected = False
         events.add_listener(self._step)
-        _active["recorder"] = self
 
     def _step(self, name: str, detail: dict[str, Any]) -> None:
         if self.file is None:

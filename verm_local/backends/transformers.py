@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..crash import reclaim_fatal_signals
 from ..decoding import Sampling
 from ..errors import ModelError, VermError
 from ..hardware import default_threads, gptq_cpu_workers
@@ -155,6 +156,7 @@ class TransformersBackend:
                 "(pip install xgrammar), or pass --free"
             ) from None
         if self._grammar_compiler is None:
+            reclaim_fatal_signals()  # xgrammar's tvm_ffi took SIGSEGV as it loaded
             info = xgr.TokenizerInfo.from_huggingface(
                 self.processor.tokenizer,
                 vocab_size=self.model.config.text_config.vocab_size,
