@@ -58,13 +58,12 @@ def run_latency(
     verm-local's side that much slower (checking the gate)."""
     from verm_local.hardware import default_threads
     from verm_local.modelref import resolve_model
-    from verm_local.settings import settings
 
     from .agreement import model_path
 
     # One count for both sides: llama-cpp-python's own default is half the logical CPUs,
     # verm-local's one per physical core, which would time them on different threads.
-    threads = threads or settings().threads or default_threads()
+    threads = threads or default_threads()  # VERM_LOCAL_THREADS, else the machine's
     args = {
         "gt": str(gt),
         "pred": str(pred),

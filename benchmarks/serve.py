@@ -225,10 +225,9 @@ def run_serve_bench(
 
     from verm_local.backends.llamacpp import path_choice
     from verm_local.convert.llama_sources import llama_server as build_llama_server
-    from verm_local.hardware import probe
+    from verm_local.hardware import default_threads, probe
     from verm_local.modelref import resolve_model
     from verm_local.select import context_size
-    from verm_local.settings import settings
 
     bad = [w for w in workloads if w not in WORKLOADS]
     if bad:
@@ -237,7 +236,7 @@ def run_serve_bench(
     if resolved.format != "gguf":
         raise InputError(f"{model}: bench serve compares GGUF models on llama.cpp engines")
     hw = probe(with_torch=False)
-    threads = threads or settings().threads or hw.threads
+    threads = threads or default_threads()  # VERM_LOCAL_THREADS, else hw.threads
     det, use_repack, _ = path_choice(repack, resolved.quant, deterministic)
     binary = llama_server or (build_llama_server() if replicas == 1 else None)
     tokens = -(-image_size[0] // 32) * -(-image_size[1] // 32)

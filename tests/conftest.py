@@ -246,8 +246,8 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
     return gt, pred
 
 
-def _cli_ok(*args: object, timeout: float = 600) -> None:
-    proc = run_cli(*args, timeout=timeout)
+def _cli_ok(*args: object, in_process: bool = False) -> None:
+    proc = run_here(*args) if in_process else run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -270,12 +270,13 @@ def tiny_gguf(tmp_path_factory, tiny_hf) -> Path:
 def _gptq(tmp_path_factory, tiny_hf, bits: int) -> Path:
     """In this process: the GPTQ tests load GPTQModel and transformers here anyway (10 s
     of imports a process)."""
-
-    def build(out: Path) -> None:
-        proc = run_here("convert", "gptq", tiny_hf, out, "--bits", bits, "--samples", "4")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
-    return built_once(tmp_path_factory, f"tiny-gptq{bits}", build)
+    return built_once(
+        tmp_path_factory,
+        f"tiny-gptq{bits}",
+        lambda out: _cli_ok(
+            "convert", "gptq", tiny_hf, out, "--bits", bits, "--samples", "4", in_process=True
+        ),
+    )
 
 
 @pytest.fixture(scope="session")
