@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -75,30 +76,26 @@ def convert_gptq(
     else:
         data = directory_conversations(calibration, samples)
 
-    _log(f"[2/4] loading {hf_dir} for {bits}-bit GPTQ (group size {group_size})", quiet)
-    qcfg = QuantizeConfig(bits=bits, group_size=group_size)
-    try:
-        model = GPTQModel.load(str(hf_dir), qcfg)
-    except Exception as exc:  # noqa: BLE001 - GPTQModel raises many types; one line out
-        raise ModelError(f"GPTQModel could not load {hf_dir}: {_first_line(exc)}") from None
+    # GPTQModel offloads each quantized module to disk; left to itself it makes a temporary
+    # folder that only an atexit hook removes, which never runs when the CLI's forked worker
+    # ends with os._exit (a folder of the quantized layers left in /tmp per conversion, GBs
+    # for the 8B). Ours sits beside the output, on the disk chosen for it, and always goes.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.offload-", dir=out_dir.parent) as off:
+        qcfg = QuantizeConfig(bits=bits, group_size=group_size, offload_to_disk_path=off)
+        _log(f"[2/4] loading {hf_dir} for {bits}-bit GPTQ (group size {group_size})", quiet)
+        try:
+            model = GPTQModel.load(str(hf_dir), qcfg)
+        except Exception as exc:  # noqa: BLE001 - GPTQModel raises many types; one line out
+            raise ModelError(f"GPTQModel could not load {hf_dir}: {_first_line(exc)}") from None
 
-    _log("[3/4] quantizing the language model (vision tower stays 16-bit)", quiet)
-    try:
-        model.quantize(data, batch_size=1)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"GPTQ quantization failed: {_first_line(exc)}") from None
+        _log("[3/4] quantizing the language model (vision tower stays 16-bit)", quiet)
+        try:
+            model.quantize(data, batch_size=1)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"GPTQ quantization failed: {_first_line(exc)}") from None
 
-    _log("[4/4] saving with a sha256 manifest", quiet)
-    with atomic_directory(out_dir) as tmp:
-        model.save(str(tmp))
-        for name in _SIDE_FILES:
-            if (hf_dir / name).is_file() and not (tmp / name).exists():
-                shutil.copy2(hf_dir / name, tmp / name)
-        entries = [
-            manifest_entry(p, _kind(p), f"gptq-int{bits}")
-            for p in sorted(tmp.iterdir())
-            if p.is_file() and p.name != MANIFEST_NAME
-        ]
+        _log("[4/4] saving with a sha256 manifest", quiet)
         manifest = {
             "format": "gptq",
             "architecture": MODEL_ARCHITECTURE,
@@ -107,11 +104,26 @@ def convert_gptq(
             "group_size": group_size,
             "calibration": {"source": calibration, "samples": samples, "seed": seed},
             "quantized": "language model linear layers; vision tower, embeddings, lm_head 16-bit",
-            "files": entries,
         }
-        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        _save(model, hf_dir, out_dir, manifest)
     _log(f"      done in {time.perf_counter() - t0:.0f} s -> {out_dir}", quiet)
     return manifest
+
+
+def _save(model: Any, hf_dir: Path, out_dir: Path, manifest: dict[str, Any]) -> None:
+    """The quantized checkpoint, the processor files it needs, and `manifest` with every
+    file's sha256 (filled in here), written as one directory that appears whole."""
+    with atomic_directory(out_dir) as tmp:
+        model.save(str(tmp))
+        for name in _SIDE_FILES:
+            if (hf_dir / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(hf_dir / name, tmp / name)
+        manifest["files"] = [
+            manifest_entry(p, _kind(p), f"gptq-int{manifest['bits']}")
+            for p in sorted(tmp.iterdir())
+            if p.is_file() and p.name != MANIFEST_NAME
+        ]
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
 
 
 def _kind(path: Path) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 from verm_local.constants import MODEL_ARCHITECTURE, SPECIAL_TOKENS, VOCAB_SIZE
@@ -119,17 +117,62 @@ IMAGE_PROCESSOR = {
 }
 
 
+# Qwen2's pre-tokenizer split (transformers' qwen2 PRETOKENIZE_REGEX; llama.cpp's "qwen2").
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
+
+
+def qwen2_tokenizer_json(gguf: Path) -> dict:
+    """tokenizer.json of the byte-level BPE in llama.cpp's vocabulary file, as transformers'
+    GGUF loader builds it (tokens, merges, control tokens special, user-defined ones
+    added), from the header read directly: gguf's reader takes 25 s over the 151k
+    entries, element by element."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+
+    from verm_local.gguf_meta import read_values
+
+    keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+    values = read_values(gguf, set(keys))
+    if set(values) != set(keys):
+        raise VermError(f"{gguf}: no BPE vocabulary in it")
+    tokens, types, merges = (values[k] for k in keys)
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=[tuple(m.split(" ")) for m in merges],
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = TemplateProcessing(single="$A", pair="$A $B:1")
+    by_type = {_CONTROL: True, _USER_DEFINED: False}
+    for kind, special in by_type.items():
+        added = [
+            AddedToken(t, normalized=False, special=special)
+            for t, ty in zip(tokens, types)
+            if ty == kind
+        ]
+        (tok.add_special_tokens if special else tok.add_tokens)(added)
+    return json.loads(tok.to_str())
+
+
 def build_tokenizer(out_dir: Path) -> None:
     """Write tokenizer.json/tokenizer_config.json: llama.cpp's Qwen2 vocabulary with the
     Qwen-VL special tokens placed in the [PAD1516xx] slots at their real ids."""
-    from transformers import AutoTokenizer
-
     gguf, _, _ = qwen2_vocab()
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(gguf, Path(tmp) / gguf.name)
-        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-        tok.save_pretrained(tmp + "/out")
-        data = json.loads(Path(tmp, "out", "tokenizer.json").read_text(encoding="utf-8"))
+    data = qwen2_tokenizer_json(gguf)
     by_id = {a["id"]: a for a in data["added_tokens"]}
     vocab = data["model"]["vocab"]
     for content, tid in SPECIAL_TOKENS.items():

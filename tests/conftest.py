@@ -269,14 +269,19 @@ def tiny_gguf(tmp_path_factory, tiny_hf) -> Path:
 
 def _gptq(tmp_path_factory, tiny_hf, bits: int) -> Path:
     """In this process: the GPTQ tests load GPTQModel and transformers here anyway (10 s
-    of imports a process)."""
-    return built_once(
-        tmp_path_factory,
-        f"tiny-gptq{bits}",
-        lambda out: _cli_ok(
-            "convert", "gptq", tiny_hf, out, "--bits", bits, "--samples", "4", in_process=True
-        ),
-    )
+    of imports a process). The conversion must leave no scratch behind: GPTQModel's own
+    offload folder in the temporary directory outlives a CLI run (its cleanup is an atexit
+    hook, skipped by the supervisor's os._exit), so the converter gives it one of its own."""
+    import tempfile
+
+    def build(out: Path) -> None:
+        scratch = Path(tempfile.gettempdir())
+        before = set(scratch.glob("gptqmodel_*"))
+        _cli_ok("convert", "gptq", tiny_hf, out, "--bits", bits, "--samples", "4", in_process=True)
+        assert set(scratch.glob("gptqmodel_*")) == before
+        assert not list(out.parent.glob(f".{out.name}.offload-*"))
+
+    return built_once(tmp_path_factory, f"tiny-gptq{bits}", build)
 
 
 @pytest.fixture(scope="session")

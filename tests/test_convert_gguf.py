@@ -27,16 +27,25 @@ def test_the_tensor_list_reads_as_gguf_reads_it(tiny_gguf, tmp_path):
     from gguf import GGUFReader
 
     from verm_local.errors import ModelError
-    from verm_local.gguf_meta import read_tensor_types
+    from verm_local.gguf_meta import read_tensor_types, read_values
 
     mm = tiny_gguf / "mmproj-f16.gguf"
-    want = {t.name: int(t.tensor_type) for t in GGUFReader(str(mm)).tensors}
+    reader = GGUFReader(str(mm))
+    want = {t.name: int(t.tensor_type) for t in reader.tensors}
     assert read_tensor_types(mm) == want and len(want) > 10
     assert {1, 0} <= set(want.values())  # F16 weights, F32 norms and biases
+    # Every key's value, arrays in full (the tokenizer builder reads the vocabulary so).
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert any(isinstance(v, list) for v in fields.values())
+    assert read_values(mm, set(fields)) == fields
+    assert read_values(mm, {"no.such.key"}) == {}
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(mm.read_bytes()[:5000])
     with pytest.raises(ModelError, match="truncated or corrupt"):
         read_tensor_types(cut)
+    cut.write_bytes(mm.read_bytes()[:600])  # within the key/values
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        read_values(cut, set(fields))
 
 
 def test_manifest_lists_every_file_with_sha256(tiny_gguf):

@@ -71,6 +71,45 @@ def _skip_array(f: BinaryIO, etype: int, n: int) -> None:
             _value(f, etype)
 
 
+def _array(f: BinaryIO, etype: int, n: int) -> list[Any]:
+    """A whole array: numbers in one unpack, strings one by one (151k of them in 0.2 s)."""
+    if etype in _SCALARS:
+        fmt = _SCALARS[etype]
+        data = f.read(struct.calcsize(fmt) * n)
+        return list(struct.unpack(f"<{n}{fmt[1:]}", data))
+    return [_value(f, etype) for _ in range(n)]
+
+
+def read_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
+    """The values of the header keys named in `keys`, arrays in full (the vocabulary's
+    tokens, types and merges), the others skipped. Raises ModelError if unreadable."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"{path}: not a GGUF file (corrupt or wrong file)")
+            _read(f, "<I")  # version
+            _read(f, "<Q")  # tensor count
+            found: dict[str, Any] = {}
+            for _ in range(_read(f, "<Q")):
+                key, vtype = _string(f), _read(f, "<I")
+                if vtype == _ARRAY:
+                    etype, n = _read(f, "<I"), _read(f, "<Q")
+                    if key in keys:
+                        found[key] = _array(f, etype, n)
+                    else:
+                        _skip_array(f, etype, n)
+                else:
+                    value = _value(f, vtype)
+                    if key in keys:
+                        found[key] = value
+            return found
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (EOFError, ValueError, struct.error, UnicodeDecodeError):
+        raise ModelError(f"{path}: GGUF header is truncated or corrupt") from None
+
+
 def read_tensor_types(path: str | Path) -> dict[str, int]:
     """Each tensor's name and ggml type id (gguf's GGMLQuantizationType: 1 F16, 8 Q8_0,
     12 Q4_K, 14 Q6_K, ...), read from the header's tensor list without loading any data
