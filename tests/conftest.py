@@ -128,8 +128,8 @@ def run_here(
     one-line errors, exit codes) but without an interpreter's start-up or the crash
     supervisor's fork: for commands whose subprocess adds nothing to what a test checks.
     stdout and stderr are caught at the file-descriptor level too (native libraries
-    write there); `env` is set for the call (read through the settings module, not at
-    import: huggingface_hub's endpoint is not, so pulls stay in `run_cli`)."""
+    write there); `env` is set for the call (verm-local reads its settings, and the hub's
+    HF_ENDPOINT and HF_HUB_OFFLINE, when called, not at import)."""
     import io
     import logging
     import tempfile

@@ -13,7 +13,7 @@ import pytest
 from verm_local.errors import FetchError
 from verm_local.fileio import read_manifest, sha256_file
 
-from .conftest import CLI, run_cli
+from .conftest import CLI, run_cli, run_here
 from .hubserver import Hub, start
 
 QUANT_REPO = "test/verm-quants"
@@ -56,7 +56,7 @@ def one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) ->
 
 
 def store_rows(env) -> list[dict]:
-    proc = run_cli("models", "--json", "--verify", env=env)
+    proc = run_here("models", "--json", "--verify", env=env)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -96,7 +96,7 @@ def test_readme_flow_pull_then_judge(hub, env, tiny_gguf, pair):
 
 
 def test_unpublished_variant_is_built_from_bf16(hub, env, pair):
-    proc = run_cli("pull", "gguf-q6_k", "--repo", QUANT_REPO, env=env, timeout=900)
+    proc = run_here("pull", "gguf-q6_k", "--repo", QUANT_REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "does not publish gguf-q6_k" in proc.stderr
     assert "[1/4] text model -> F16" in proc.stderr  # progress of the build
@@ -113,7 +113,7 @@ def test_unpublished_variant_is_built_from_bf16(hub, env, pair):
     ]  # no F16 intermediate left
     assert not list((Path(env["VERM_LOCAL_HOME"]) / ".staging").glob("*/*.gguf"))
     gt, pred = pair
-    proc = run_cli(
+    proc = run_here(
         "judge", gt, pred, "--variant", "gguf-q6_k", "--json", "--max-tokens", "200", env=env
     )
     assert proc.returncode == 0, proc.stderr
@@ -126,7 +126,7 @@ def test_dropped_connection_resumes(hub, env, tiny_gguf):
     # huggingface_hub reads 10 MB chunks: drop after two and a half of them.
     hub.drop_once[name] = 25_000_000
     assert size > 30_000_000
-    proc = run_cli("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
+    proc = run_here("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     gets = hub.gets(name)
     assert len(gets) == 2, gets
@@ -137,18 +137,18 @@ def test_dropped_connection_resumes(hub, env, tiny_gguf):
 
 
 def test_wrong_hash_is_refused_and_store_untouched(hub, env, tiny_gguf):
-    proc = run_cli("pull", "gguf-q8_0", "--from", tiny_gguf, env=env)
+    proc = run_here("pull", "gguf-q8_0", "--from", tiny_gguf, env=env)
     assert proc.returncode == 0, proc.stderr
     before = store_rows(env)
     hub.corrupt.add("model-Q4_K_M.gguf")
-    proc = run_cli("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
+    proc = run_here("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
     one_line_error(proc, 6, "model-Q4_K_M.gguf", "integrity check failed")
     home = Path(env["VERM_LOCAL_HOME"])
     assert not (home / "gguf-q4_k_m").exists()
     assert not list(home.rglob("model-Q4_K_M.gguf"))
     assert store_rows(env) == before  # the other variant is still there and verified
     hub.corrupt.clear()
-    proc = run_cli("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
+    proc = run_here("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -156,7 +156,7 @@ def test_a_hub_server_error_is_an_error_and_stores_nothing(hub, env):
     """manifest.json answering 500 (a hub hiccup that outlasts the retries) must not be
     read as an empty manifest: the repository's own checks would be skipped."""
     hub.fail["manifest.json"] = 500
-    proc = run_cli("pull", "gguf-q8_0", "--repo", QUANT_REPO, env=env)
+    proc = run_here("pull", "gguf-q8_0", "--repo", QUANT_REPO, env=env)
     one_line_error(proc, 6, QUANT_REPO, "HTTP 500")
     home = Path(env["VERM_LOCAL_HOME"])
     assert not (home / "gguf-q8_0").exists()
@@ -164,12 +164,12 @@ def test_a_hub_server_error_is_an_error_and_stores_nothing(hub, env):
     tries = hub.gets("manifest.json")
     assert len(tries) >= 2, tries  # tried again before giving up
     hub.fail.clear()
-    proc = run_cli("pull", "gguf-q8_0", "--repo", QUANT_REPO, env=env)
+    proc = run_here("pull", "gguf-q8_0", "--repo", QUANT_REPO, env=env)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_corrupted_store_file_is_fetched_again(hub, env):
-    proc = run_cli("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
+    proc = run_here("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     path = Path(proc.stdout.strip()) / "model-Q4_K_M.gguf"
     with open(path, "r+b") as f:
@@ -179,7 +179,7 @@ def test_corrupted_store_file_is_fetched_again(hub, env):
         f.write(bytes([byte[0] ^ 1]))
     assert "fails its sha256 check" in store_rows(env)[0]["state"]
     hub.log.clear()
-    proc = run_cli("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
+    proc = run_here("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "corrupt" in proc.stderr
     assert len(hub.gets("model-Q4_K_M.gguf")) == 1
@@ -218,6 +218,8 @@ def test_offline_mode(hub, env, pair):
     assert proc.returncode == 0 and "verified" in proc.stderr
     proc = run_cli("pull", "gguf-q8_0", "--repo", QUANT_REPO, env=offline)
     one_line_error(proc, 6, "HF_HUB_OFFLINE")
+    # Set after huggingface_hub was imported (a notebook, a trainer's worker): still honoured.
+    one_line_error(run_here("pull", "gguf-q8_0", "--repo", QUANT_REPO, env=offline), 6, "OFFLINE")
     gt, pred = pair
     proc = run_cli("judge", gt, pred, "--json", "--max-tokens", "200", env=offline)
     assert proc.returncode == 0, proc.stderr
@@ -225,9 +227,9 @@ def test_offline_mode(hub, env, pair):
 
 
 def test_token_is_honoured(hub, env):
-    proc = run_cli("pull", "gguf-q4_k_m", "--repo", "test/private-quants", env=env)
+    proc = run_here("pull", "gguf-q4_k_m", "--repo", "test/private-quants", env=env)
     one_line_error(proc, 6, "test/private-quants", "HF_TOKEN")
-    proc = run_cli(
+    proc = run_here(
         "pull", "gguf-q4_k_m", "--repo", "test/private-quants", env=dict(env, HF_TOKEN="hf_secret")
     )
     assert proc.returncode == 0, proc.stderr
@@ -235,20 +237,20 @@ def test_token_is_honoured(hub, env):
 
 def test_missing_variant_names_the_command_and_rm(hub, env, pair):
     gt, pred = pair
-    proc = run_cli("judge", gt, pred, env=env)
+    proc = run_here("judge", gt, pred, env=env)
     one_line_error(proc, 3, "not in the store", "verm-local pull gguf-q4_k_m")
-    proc = run_cli("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
+    proc = run_here("pull", "gguf-q4_k_m", "--repo", QUANT_REPO, env=env)
     assert proc.returncode == 0
-    proc = run_cli("rm", "gguf-q4_k_m", env=env)
+    proc = run_here("rm", "gguf-q4_k_m", env=env)
     assert proc.returncode == 0, proc.stderr
     assert store_rows(env) == []
-    one_line_error(run_cli("rm", "gguf-q4_k_m", env=env), 3, "not in the store")
-    one_line_error(run_cli("rm", "gguf-q3", env=env), 2, "unknown variant")
-    one_line_error(run_cli("pull", "gguf-q3", env=env), 2, "unknown variant")
+    one_line_error(run_here("rm", "gguf-q4_k_m", env=env), 3, "not in the store")
+    one_line_error(run_here("rm", "gguf-q3", env=env), 2, "unknown variant")
+    one_line_error(run_here("pull", "gguf-q3", env=env), 2, "unknown variant")
 
 
 def test_import_from_dir_verifies(env, tiny_gguf, tmp_path):
-    proc = run_cli("pull", "gguf-q8_0", "--from", tiny_gguf, env=env)
+    proc = run_here("pull", "gguf-q8_0", "--from", tiny_gguf, env=env)
     assert proc.returncode == 0, proc.stderr
     stored = Path(proc.stdout.strip())
     assert sha256_file(stored / "model-Q8_0.gguf") == sha256_file(tiny_gguf / "model-Q8_0.gguf")
@@ -261,8 +263,8 @@ def test_import_from_dir_verifies(env, tiny_gguf, tmp_path):
     with open(bad / "model-Q4_K_M.gguf", "r+b") as f:
         f.seek(5000)
         f.write(b"\0\0\0\0")
-    one_line_error(run_cli("pull", "gguf-q4_k_m", "--from", bad, env=env), 6, "sha256")
-    one_line_error(run_cli("pull", "gguf-q6_k", "--from", tiny_gguf, env=env), 3, "Q6_K")
+    one_line_error(run_here("pull", "gguf-q4_k_m", "--from", bad, env=env), 6, "sha256")
+    one_line_error(run_here("pull", "gguf-q6_k", "--from", tiny_gguf, env=env), 3, "Q6_K")
     assert [r["variant"] for r in store_rows(env)] == ["gguf-q8_0"]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,24 @@ from .errors import FetchError, VermError
 from .fileio import sha256_file
 
 _log = logging.getLogger("verm_local.store")
+
+
+def hub_endpoint(given: str | None = None) -> str | None:
+    """The hub to talk to: `given`, else HF_ENDPOINT as the environment says it now.
+    huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, when it is first imported;
+    a process that sets them later (a notebook, an RL trainer's worker, a harness calling
+    the CLI in-process) would still reach hf.co. None: huggingface_hub's default."""
+    value = given or os.environ.get("HF_ENDPOINT")
+    return value.rstrip("/") if value else None
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as the environment says it now, or as
+    huggingface_hub read it at import."""
+    from huggingface_hub.constants import is_offline_mode
+
+    said = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return is_offline_mode() or said.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def git_blob_sha1(path: Path) -> str:
@@ -77,7 +96,6 @@ def hub_call(repo: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     is one FetchError line (exit 6), and the caller stores nothing."""
     import httpx
     from huggingface_hub import errors as hub
-    from huggingface_hub.constants import is_offline_mode
 
     from . import net
 
@@ -88,7 +106,7 @@ def hub_call(repo: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
                 return fn(*args, **kwargs)
             except hub.LocalEntryNotFoundError as exc:
                 cause = root_cause(exc)
-                if cause is exc or is_offline_mode():
+                if cause is exc or offline():
                     raise
                 raise cause from None
         except hub.HfHubHTTPError as exc:
@@ -114,9 +132,8 @@ def repo_files(repo: str, revision: str | None, endpoint: str | None) -> tuple[s
     """(commit, {path: sibling}) with sizes, git blob ids and LFS sha256 from the hub."""
     from huggingface_hub import HfApi
 
-    info = hub_call(
-        repo, HfApi(endpoint=endpoint).model_info, repo, revision=revision, files_metadata=True
-    )
+    api = HfApi(endpoint=hub_endpoint(endpoint))
+    info = hub_call(repo, api.model_info, repo, revision=revision, files_metadata=True)
     return info.sha, {s.rfilename: s for s in info.siblings or []}
 
 
@@ -129,8 +146,9 @@ def download_json(repo: str, commit: str, name: str, endpoint: str | None) -> di
 
     with tempfile.TemporaryDirectory() as tmp:
         path = hub_call(
-            repo, hf_hub_download, repo, name, revision=commit, local_dir=tmp, endpoint=endpoint
-        )
+            repo, hf_hub_download, repo, name, revision=commit, local_dir=tmp,
+            endpoint=hub_endpoint(endpoint),
+        )  # fmt: skip
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

@@ -25,7 +25,7 @@ from .constants import MANIFEST_NAME
 from .errors import FetchError, InputError, ModelError
 from .fileio import atomic_directory, read_manifest, write_json_atomic
 from .gguf_meta import check_depth, parse_metadata, read_metadata
-from .hub import glob_escape, hub_call, repo_files, verify_download
+from .hub import glob_escape, hub_call, hub_endpoint, offline, repo_files, verify_download
 from .paths import home_dir, variant_dir
 from .store import check_files, ensure_free, variant_lock
 
@@ -216,7 +216,7 @@ def _remote_header(ref: HubRef, commit: str, name: str, endpoint: str | None) ->
 
     from . import net
 
-    url = hf_hub_url(ref.repo, name, revision=commit, endpoint=endpoint)
+    url = hf_hub_url(ref.repo, name, revision=commit, endpoint=hub_endpoint(endpoint))
     headers = {**build_hf_headers(), "Range": f"bytes=0-{HEADER_BYTES - 1}"}
     try:
         data = net.get_head(url, HEADER_BYTES, headers=headers)
@@ -237,15 +237,13 @@ def pull_gguf(
 ) -> Path:
     """Make the repository's model of `ref.tag` (else `plan_quant`) a verified variant in
     the store; return its directory."""
-    from huggingface_hub.constants import is_offline_mode
-
     tag = (ref.tag or plan_quant).upper()
     home = home or home_dir()
     variant = gguf_variant(tag)
     final = variant_dir(variant.name, home)
     with variant_lock(variant.name, home):
         stored = read_manifest(final) if final.is_dir() else None
-        if is_offline_mode():
+        if offline():
             if stored and _same_repo(stored, ref) and not check_files(final, stored, True):
                 log.info("%s (%s) is in the store and verified: %s", variant.name, ref, final)
                 return final
@@ -323,7 +321,7 @@ def _download(
         ref.repo,
         revision=commit,
         local_dir=staging,
-        endpoint=endpoint,
+        endpoint=hub_endpoint(endpoint),
         allow_patterns=sorted(glob_escape(n) for n in wanted),
         max_workers=4,
     )

@@ -93,8 +93,10 @@ def find_rows(source: str | Path) -> Path:
 def _hub_dataset(repo: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    from .hub import hub_endpoint
+
     try:
-        return Path(snapshot_download(repo, repo_type="dataset"))
+        return Path(snapshot_download(repo, repo_type="dataset", endpoint=hub_endpoint()))
     except Exception as exc:  # noqa: BLE001 - one line for any hub failure
         raise InputError(
             f"{repo}: not a local path, and the hub dataset could not be fetched "

@@ -31,6 +31,8 @@ from .hub import (
     download_json,
     glob_escape,
     hub_call,
+    hub_endpoint,
+    offline,
     repo_files,
     verify_download,
 )
@@ -160,8 +162,6 @@ def pull_prompts(required: bool = False, home: Path | None = None) -> Path | Non
     store unless they are there (always with `required`); returns the training prompts'
     file. Without `required` a failure (offline, no network) is a warning: judge then
     says it uses the built-in prompts, bench score that its figures are not comparable."""
-    from huggingface_hub.constants import is_offline_mode
-
     from .prompts import (
         fetch_matcher,
         fetch_trained,
@@ -173,7 +173,7 @@ def pull_prompts(required: bool = False, home: Path | None = None) -> Path | Non
     have = trained_record(home) is not None and stored_matcher(home) is not None
     if not required and have:
         return prompts_path(home)
-    if is_offline_mode():
+    if offline():
         if required:
             raise FetchError("HF_HUB_OFFLINE is set; the training prompts cannot be fetched")
         return None
@@ -236,9 +236,7 @@ def pull(
             _reclaim(final, staging, set(problems))
         if from_dir is not None:
             return _import(variant, Path(from_dir), staging, final)
-        from huggingface_hub.constants import is_offline_mode
-
-        if is_offline_mode():
+        if offline():
             raise FetchError(
                 f"{variant.name} is not in the store and HF_HUB_OFFLINE is set; "
                 "pull it online, or import files with --from DIR"
@@ -370,7 +368,7 @@ def _fetch(
         repo,
         revision=commit,
         local_dir=staging,
-        endpoint=endpoint,
+        endpoint=hub_endpoint(endpoint),
         allow_patterns=sorted(glob_escape(n) for n in wanted),
         max_workers=4,
     )
