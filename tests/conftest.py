@@ -306,11 +306,15 @@ FORCED_ANSWER = (
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory, tiny_hf) -> Path:
-    """The tiny model's vision tower in ONNX fp32 and int8."""
+    """The tiny model's vision tower in ONNX fp32 and int8, exported in this process: the
+    ONNX tests load torch and the PyTorch tower here anyway (5 s of imports a process)."""
 
     def build(out: Path) -> None:
         for precision in ("fp32", "int8"):
-            _cli_ok("convert", "onnx", tiny_hf, out / precision, "--precision", precision)
+            _cli_ok(
+                "convert", "onnx", tiny_hf, out / precision, "--precision", precision,
+                in_process=True,
+            )  # fmt: skip
 
     return built_once(tmp_path_factory, "onnx", build)
 

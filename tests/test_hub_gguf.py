@@ -19,7 +19,7 @@ from verm_local.errors import FetchError, InputError, ModelError
 from verm_local.fileio import read_manifest, sha256_file
 from verm_local.hub_gguf import HubRef, choose_mmproj, choose_model, parse_ref, pull_gguf
 
-from .conftest import run_cli
+from .conftest import run_cli, run_here
 from .hubserver import Hub, Repo, start
 
 COMMUNITY = "community/Visual-ERM-GGUF"
@@ -215,9 +215,10 @@ def test_a_dropped_download_resumes(hub, home, tiny_gguf):
 
 @pytest.mark.slow
 def test_cli_pull_then_judge_and_the_errors(hub, tmp_path, pair):
-    """The whole flow as a user runs it: a split model pulled by tag, listed with its
-    source, judged by `--variant`; the plan's quant judged with no flag; the refusals as
-    one line each with their exit codes."""
+    """The whole flow as a user runs it (the pulls and the first judgement through the
+    console script): a split model pulled by tag, listed with its source, judged by
+    `--variant`; the plan's quant judged with no flag; the refusals as one line each with
+    their exit codes."""
     env = {
         "HF_ENDPOINT": hub.url, "VERM_LOCAL_HOME": str(tmp_path / "home"),
         "HF_HOME": str(tmp_path / "hf"),
@@ -228,7 +229,7 @@ def test_cli_pull_then_judge_and_the_errors(hub, tmp_path, pair):
     assert len(list(stored.glob("Visual-ERM-Q8_0-*-of-*.gguf"))) >= 2
     proc = run_cli("pull", f"hf.co/{COMMUNITY}", "--no-check", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(run_cli("models", "--json", env=env).stdout)
+    rows = json.loads(run_here("models", "--json", env=env).stdout)
     assert {r["variant"]: r["source"].split("@")[0] for r in rows} == {
         "gguf-q4_k_m": f"hf.co/{COMMUNITY}:Q4_K_M",
         "gguf-q8_0": "hf.co/community/split-GGUF:Q8_0",
@@ -238,16 +239,16 @@ def test_cli_pull_then_judge_and_the_errors(hub, tmp_path, pair):
     proc = run_cli("judge", gt, pred, "--variant", "gguf-q8_0", *flags, env=env)
     assert proc.returncode in (0, 7), proc.stderr[-2000:]
     assert json.loads(proc.stdout)["model"]["quant"] == "Q8_0"
-    proc = run_cli("judge", gt, pred, *flags, env=env)  # the plan's quant: Q4_K_M
+    proc = run_here("judge", gt, pred, *flags, env=env)  # the plan's quant: Q4_K_M
     assert proc.returncode in (0, 7), proc.stderr[-2000:]
-    doctor = json.loads(run_cli("doctor", "--json", env=env).stdout)
+    doctor = json.loads(run_here("doctor", "--json", env=env).stdout)
     assert doctor["store"]["source"].startswith(f"hf.co/{COMMUNITY}:Q4_K_M@")
     for args, code, words in (
         (["hf.co/someone/Llama-GGUF:Q4_K_M"], 3, ("architecture 'llama'",)),
         ([f"hf.co/{COMMUNITY}:IQ2_XXS"], 2, ("IQ2_XXS", "Q4_K_M, Q8_0")),
         (["hf.co/other/Visual-ERM-GGUF:Q4_K_M"], 3, ("--force",)),
     ):
-        proc = run_cli("pull", *args, env=env)
+        proc = run_here("pull", *args, env=env)  # the same refusals in-process: no start-up
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("verm-local: error")]
         assert proc.returncode == code and len(errors) == 1, proc.stderr[-2000:]
         assert all(w in errors[0] for w in words), errors[0]

@@ -8,32 +8,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from .errors import FetchError, VermError
 from .fileio import sha256_file
+from .settings import hub_endpoint, hub_offline_now
 
 _log = logging.getLogger("verm_local.store")
 
 
-def hub_endpoint(given: str | None = None) -> str | None:
-    """The hub to talk to: `given`, else HF_ENDPOINT as the environment says it now.
-    huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, when it is first imported;
-    a process that sets them later (a notebook, an RL trainer's worker, a harness calling
-    the CLI in-process) would still reach hf.co. None: huggingface_hub's default."""
-    value = given or os.environ.get("HF_ENDPOINT")
-    return value.rstrip("/") if value else None
-
-
 def offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as the environment says it now, or as
-    huggingface_hub read it at import."""
+    """HF_HUB_OFFLINE as the environment says it now, or as huggingface_hub read it at
+    import (settings.hub_endpoint says why both)."""
     from huggingface_hub.constants import is_offline_mode
 
-    said = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return is_offline_mode() or said.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return is_offline_mode() or hub_offline_now()
 
 
 def git_blob_sha1(path: Path) -> str:

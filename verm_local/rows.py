@@ -93,7 +93,7 @@ def find_rows(source: str | Path) -> Path:
 def _hub_dataset(repo: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    from .hub import hub_endpoint
+    from .settings import hub_endpoint
 
     try:
         return Path(snapshot_download(repo, repo_type="dataset", endpoint=hub_endpoint()))

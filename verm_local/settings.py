@@ -199,3 +199,18 @@ def export_default(name: str, value: str) -> None:
 def environ(name: str) -> str | None:
     """A variable of another program, read for a child's command line (PYTHONPATH)."""
     return os.environ.get(name)
+
+
+def hub_endpoint(given: str | None = None) -> str | None:
+    """The hub to talk to: `given`, else HF_ENDPOINT as the environment says it now.
+    huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, when it is first imported;
+    a process that sets them later (a notebook, an RL trainer's worker, a harness calling
+    the CLI in-process) would still reach hf.co. None: huggingface_hub's default."""
+    value = given or os.environ.get("HF_ENDPOINT")
+    return value.rstrip("/") if value else None
+
+
+def hub_offline_now() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as the environment says it now."""
+    said = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return said.strip().upper() in {"1", "ON", "YES", "TRUE"}
