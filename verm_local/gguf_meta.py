@@ -5,8 +5,9 @@ before it is loaded. Pure Python, reads only the header."""
 from __future__ import annotations
 
 import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 from .errors import ModelError
 
@@ -80,65 +81,61 @@ def _array(f: BinaryIO, etype: int, n: int) -> list[Any]:
     return [_value(f, etype) for _ in range(n)]
 
 
-def read_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
-    """The values of the header keys named in `keys`, arrays in full (the vocabulary's
-    tokens, types and merges), the others skipped. Raises ModelError if unreadable."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ModelError(f"{path}: not a GGUF file (corrupt or wrong file)")
-            _read(f, "<I")  # version
-            _read(f, "<Q")  # tensor count
-            found: dict[str, Any] = {}
-            for _ in range(_read(f, "<Q")):
-                key, vtype = _string(f), _read(f, "<I")
-                if vtype == _ARRAY:
-                    etype, n = _read(f, "<I"), _read(f, "<Q")
-                    if key in keys:
-                        found[key] = _array(f, etype, n)
-                    else:
-                        _skip_array(f, etype, n)
-                else:
-                    value = _value(f, vtype)
-                    if key in keys:
-                        found[key] = value
-            return found
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    except (EOFError, ValueError, struct.error, UnicodeDecodeError):
-        raise ModelError(f"{path}: GGUF header is truncated or corrupt") from None
-
-
-def read_tensor_types(path: str | Path) -> dict[str, int]:
-    """Each tensor's name and ggml type id (gguf's GGMLQuantizationType: 1 F16, 8 Q8_0,
-    12 Q4_K, 14 Q6_K, ...), read from the header's tensor list without loading any data
-    (the vocabulary arrays are skipped, not parsed). Raises ModelError if unreadable."""
-    path = Path(path)
+@contextmanager
+def _header(path: Path) -> Iterator[tuple[BinaryIO, int, int]]:
+    """The file open past its magic and version, with its tensor and key/value counts;
+    an unreadable, cut or corrupt header is one ModelError."""
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelError(f"{path}: not a GGUF file (corrupt or wrong file)")
             _read(f, "<I")  # version
             n_tensors, n_kv = _read(f, "<Q"), _read(f, "<Q")
-            for _ in range(n_kv):
-                _string(f)
-                vtype = _read(f, "<I")
-                if vtype == _ARRAY:
-                    _skip_array(f, _read(f, "<I"), _read(f, "<Q"))
-                else:
-                    _value(f, vtype)
-            types = {}
-            for _ in range(n_tensors):
-                name = _string(f)
-                f.seek(8 * _read(f, "<I"), 1)  # the dimensions
-                types[name] = _read(f, "<I")
-                _read(f, "<Q")  # the data's offset
-            return types
+            yield f, n_tensors, n_kv
     except OSError as exc:
         raise ModelError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except (EOFError, ValueError, struct.error, UnicodeDecodeError):
         raise ModelError(f"{path}: GGUF header is truncated or corrupt") from None
+
+
+def _key_values(f: BinaryIO, n_kv: int, keys: set[str]) -> dict[str, Any]:
+    """Reads all `n_kv` key/values; returns those named in `keys`, arrays in full."""
+    found: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key, vtype = _string(f), _read(f, "<I")
+        if vtype == _ARRAY:
+            etype, n = _read(f, "<I"), _read(f, "<Q")
+            if key in keys:
+                found[key] = _array(f, etype, n)
+            else:
+                _skip_array(f, etype, n)
+        else:
+            value = _value(f, vtype)
+            if key in keys:
+                found[key] = value
+    return found
+
+
+def read_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
+    """The values of the header keys named in `keys`, arrays in full (the vocabulary's
+    tokens, types and merges), the others skipped. Raises ModelError if unreadable."""
+    with _header(Path(path)) as (f, _, n_kv):
+        return _key_values(f, n_kv, keys)
+
+
+def read_tensor_types(path: str | Path) -> dict[str, int]:
+    """Each tensor's name and ggml type id (gguf's GGMLQuantizationType: 1 F16, 8 Q8_0,
+    12 Q4_K, 14 Q6_K, ...), read from the header's tensor list without loading any data
+    (the vocabulary arrays are skipped, not parsed). Raises ModelError if unreadable."""
+    with _header(Path(path)) as (f, n_tensors, n_kv):
+        _key_values(f, n_kv, set())
+        types = {}
+        for _ in range(n_tensors):
+            name = _string(f)
+            f.seek(8 * _read(f, "<I"), 1)  # the dimensions
+            types[name] = _read(f, "<I")
+            _read(f, "<Q")  # the data's offset
+        return types
 
 
 def read_metadata(path: str | Path, stop_at: str = "tokenizer.ggml.tokens") -> dict[str, Any]:
