@@ -218,8 +218,11 @@ def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
     summary = tmp_path / "summary.md"
     junit = tmp_path / "junit.xml"
     env = {"GITHUB_STEP_SUMMARY": str(summary)}
-    # Tolerance 25%: rounds go on until the interval clears the limit.
-    args = ("--repeat", "6", "--tolerance", "0.25", "--junit", junit, *budget)
+    # Tolerance 50%: the interval clears the limit within the budget even on a loaded
+    # machine (the tiny model's rounds vary by tens of percent when the other test worker
+    # runs; at 25% a run took from 30 to 90 s). How many rounds a given noise needs, and
+    # that a 30% slowdown is caught: test_sequential_gate_decides_and_keeps_its_false_alarm_rate.
+    args = ("--repeat", "6", "--tolerance", "0.5", "--junit", junit, *budget)
     proc = _latency(tiny_gguf, pair, *args, "--baseline", base, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "pass: no regression" in proc.stdout
@@ -230,12 +233,13 @@ def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
     assert {c.get("name") for c in cases} == {"overhead_ratio"}
     assert not ET.parse(junit).getroot().findall(".//failure")
 
-    # A baseline whose ratios are 30% better: a regression, with the numbers in both
-    # reports (the default tolerance, 10%: the limit is 0.77 of the measured ratio, so
-    # the whole interval is above it unless the noise is over 20%).
+    # A baseline whose ratios are half today's: a regression, with the numbers in both
+    # reports (the default tolerance, 10%: the limit is 0.55 of the measured ratio, so the
+    # whole interval is above it unless the noise is over 45%; at 0.7, a loaded machine's
+    # interval once straddled the limit for the whole budget).
     better = json.loads(base.read_text())
     for mm in better["models"].values():
-        mm["overhead_ratio"] *= 0.7
+        mm["overhead_ratio"] *= 0.5
     doctored = tmp_path / "better.json"
     doctored.write_text(json.dumps(better))
     summary.write_text("")
