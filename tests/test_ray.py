@@ -132,18 +132,21 @@ def test_no_request_is_lost_when_a_replica_dies(replicas, tmp_path):
     assert len(alive) == 2 and pids[0] not in alive
 
 
-def test_rl_integrations_against_a_served_model(tiny_gguf, tmp_path, monkeypatch):
+def test_rl_integrations_against_a_served_model(served, tmp_path, monkeypatch):
     """verl's async compute_score, OpenRLHF's reward_func file and TRL's async reward
-    function, each against `verm-local serve` with the tiny model."""
+    function, each against `verm-local serve` with the tiny model (the session's server,
+    which wants an API key: the integrations send VERM_LOCAL_API_KEY)."""
     from verm_local import integrations
+    from verm_local.errors import EndpointError
     from verm_local.integrations import openrlhf, trl, verl
 
-    from .test_serve import Served
-
     gt = draw_chart(tmp_path / "gt.png", [3, 5, 2, 6])
-    s = Served(tiny_gguf, "--parallel", "2")
+    monkeypatch.setenv("VERM_LOCAL_REWARD_URL", served.base)
+    integrations.client.cache_clear()
     try:
-        monkeypatch.setenv("VERM_LOCAL_REWARD_URL", s.base)
+        with pytest.raises(EndpointError, match="401"):  # no key: refused, never a reward
+            asyncio.run(verl.compute_score("chart2code", CHART, str(gt)))
+        monkeypatch.setenv("VERM_LOCAL_API_KEY", "k")
         integrations.client.cache_clear()
         score = asyncio.run(verl.compute_score("chart2code", CHART, str(gt)))
         assert 1.0 <= score <= 2.0  # rendered: 1 + clip(1 - S/50)
@@ -161,4 +164,3 @@ def test_rl_integrations_against_a_served_model(tiny_gguf, tmp_path, monkeypatch
         assert 1.0 <= got[0] <= 2.0 and got[1] == 0.0
     finally:
         integrations.client.cache_clear()
-        assert s.stop() == 0

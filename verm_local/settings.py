@@ -77,7 +77,9 @@ class Settings(BaseSettings):
         "use: its affinity and the container's CPU quota).",
     )
     api_key: str | None = Field(
-        None, description="serve: require `Authorization: Bearer KEY` on /v1 and /metrics."
+        None,
+        description="serve: require `Authorization: Bearer KEY` on /v1 and /metrics; the "
+        "RL integrations send it to VERM_LOCAL_REWARD_URL.",
     )
     prompts_url: str = Field(
         "https://raw.githubusercontent.com/InternLM/Visual-ERM",

@@ -7,7 +7,8 @@ authors' reward per task: render in the sandbox, judge on a verm-local or vLLM s
 - `verm_local.integrations.trl`: an async reward function for TRL's GRPOTrainer.
 
 The server(s) come from `VERM_LOCAL_REWARD_URL` (one Ray Serve URL, or a comma-separated
-list of plain servers) unless a function is given them."""
+list of plain servers) unless a function is given them; a server started with an API key
+gets the one in `VERM_LOCAL_API_KEY`."""
 
 from __future__ import annotations
 
@@ -28,4 +29,5 @@ def client(urls: str | None = None) -> Any:
             "no reward server: set VERM_LOCAL_REWARD_URL (a `verm-local serve` URL, or a "
             "comma-separated list)"
         )
-    return RewardClient([u.strip() for u in spec.split(",") if u.strip()])
+    urls_list = [u.strip() for u in spec.split(",") if u.strip()]
+    return RewardClient(urls_list, api_key=settings().api_key)
