@@ -157,14 +157,13 @@ def qwen2_tokenizer_json(gguf: Path) -> dict:
     )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = TemplateProcessing(single="$A", pair="$A $B:1")
-    by_type = {_CONTROL: True, _USER_DEFINED: False}
-    for kind, special in by_type.items():
-        added = [
-            AddedToken(t, normalized=False, special=special)
-            for t, ty in zip(tokens, types)
-            if ty == kind
-        ]
-        (tok.add_special_tokens if special else tok.add_tokens)(added)
+    typed = list(zip(tokens, types))
+    tok.add_special_tokens(
+        [AddedToken(t, normalized=False, special=True) for t, ty in typed if ty == _CONTROL]
+    )
+    tok.add_tokens(
+        [AddedToken(t, normalized=False, special=False) for t, ty in typed if ty == _USER_DEFINED]
+    )
     return json.loads(tok.to_str())
 
 

@@ -29,5 +29,5 @@ def client(urls: str | None = None) -> Any:
             "no reward server: set VERM_LOCAL_REWARD_URL (a `verm-local serve` URL, or a "
             "comma-separated list)"
         )
-    urls_list = [u.strip() for u in spec.split(",") if u.strip()]
-    return RewardClient(urls_list, api_key=settings().api_key)
+    endpoints = [u.strip() for u in spec.split(",") if u.strip()]
+    return RewardClient(endpoints, api_key=settings().api_key)
