@@ -261,6 +261,36 @@ def evaluate(report: dict[str, Any], baseline: dict[str, Any], tolerance: float)
     return GateResult(tolerance, checks, missing)
 
 
+def regate(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """A stored run's gated ratios looked at once against `plan`'s baseline (a report
+    gated after it was measured, `bench gate`): each interval recomputed from the run's
+    pairs against the baseline's (`against_baseline`, at the plan's confidence: one look,
+    so no Bonferroni split), as the run itself would have at that look. A ratio stored
+    without its pairs keeps its interval."""
+    import copy
+
+    out = copy.deepcopy(report)
+    for name, entry in out.get("models", {}).items():
+        for ratio, stored in (entry.get("intervals") or {}).items():
+            target = plan.targets.get(f"{name}|{ratio}")
+            if target is None or not stored.get("logs"):
+                continue
+            iv = against_baseline(
+                list(stored["logs"]), Interval.from_dict(target["baseline"]), plan.confidence
+            )
+            finite = math.isfinite(iv.high) and iv.low > 0
+            detectable = (1 + plan.tolerance) * math.sqrt(iv.high / iv.low) - 1 if finite else None
+            found = {
+                **iv.to_dict(),
+                "rounds": stored.get("rounds"),
+                "seconds": stored.get("seconds"),
+                "detectable": detectable,
+            }
+            entry["intervals"][ratio] = found
+            entry[ratio] = iv.value
+    return out
+
+
 def junit_xml(result: GateResult, *, suite: str = "verm-local bench latency") -> str:
     """One test case per gated ratio: a failure carries the numbers; inconclusive is
     `skipped` with the numbers (neither pass nor regression)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import run_cli
+from .conftest import run_cli, run_here
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = {
@@ -113,6 +113,39 @@ def test_evaluate_junit_and_summary():
     assert evaluate(cur, {"models": {}}, 0.1).verdict == "inconclusive"
 
 
+def test_a_stored_run_gated_again():
+    """`bench gate`: a run's intervals taken again from its stored rounds against another
+    baseline's (one look, at 95%); a ratio stored without its rounds keeps its interval."""
+    from verm_local.benchmarks.gate import Interval, against_baseline, evaluate, gate_plan, regate
+
+    logs = [math.log(x) for x in (0.50, 0.52, 0.49, 0.51, 0.50, 0.53)]
+    stored = {"value": 0.5, "low": 0.0, "high": None, "n": 6, "logs": logs}
+    report = {
+        "models": {
+            "m": {"overhead_ratio": 0.5, "intervals": {"overhead_ratio": {**stored, "rounds": 6}}},
+            "old": {"overhead_ratio": 0.5, "intervals": {"overhead_ratio": {**stored, "logs": []}}},
+        }
+    }
+    base_logs = [math.log(x) for x in (0.40, 0.41, 0.39, 0.40, 0.42, 0.40)]
+    base = {
+        "models": {
+            "m": {"overhead_ratio": 0.4, "intervals": {"overhead_ratio": {"logs": base_logs}}},
+            "old": {"overhead_ratio": 0.4},
+        }
+    }
+    plan = gate_plan(base, 0.10)
+    got = regate(report, plan)
+    iv = got["models"]["m"]["intervals"]["overhead_ratio"]
+    want = against_baseline(logs, Interval.from_dict(plan.targets["m|overhead_ratio"]["baseline"]))
+    assert (iv["value"], iv["low"], iv["high"]) == (want.value, want.low, want.high)
+    assert iv["level"] == 0.95 and iv["rounds"] == 6 and iv["detectable"] > 0.10
+    assert got["models"]["m"]["overhead_ratio"] == want.value
+    assert got["models"]["old"] == report["models"]["old"]  # no rounds stored: as it was
+    assert report["models"]["m"]["intervals"]["overhead_ratio"]["high"] is None  # untouched
+    verdicts = {c.name: c.verdict for c in evaluate(got, base, 0.10).checks}
+    assert verdicts == {"m: overhead_ratio": "regression", "old: overhead_ratio": "inconclusive"}
+
+
 # ------------------------------------------------------------------ sequential rounds
 
 
@@ -174,7 +207,11 @@ def test_sequential_gate_decides_and_keeps_its_false_alarm_rate():
 # ------------------------------------------------------------------ the gate on the tiny model
 
 
-def _latency(tiny_gguf: Path, pair, *extra, env: dict | None = None):
+def _latency(tiny_gguf: Path, pair, *extra, env: dict | None = None, here: bool = False):
+    """`bench latency` on the tiny model (`here`: in this process, for the refusals)."""
+    if here:
+        return run_here("bench", "latency", "--models", tiny_gguf / "model-Q4_K_M.gguf",
+                        "--images", *pair, *extra)  # fmt: skip
     return run_cli(
         "bench",
         "latency",
@@ -194,10 +231,10 @@ def _latency(tiny_gguf: Path, pair, *extra, env: dict | None = None):
 def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
     base = tmp_path / "ci" / "baseline.json"
     # Gating against a baseline that is not there is an error, never a silent creation.
-    proc = _latency(tiny_gguf, pair, "--repeat", "1", "--baseline", base)
+    proc = _latency(tiny_gguf, pair, "--repeat", "1", "--baseline", base, here=True)
     assert proc.returncode == 2 and "--update-baseline" in proc.stderr
     assert not base.exists()
-    proc = _latency(tiny_gguf, pair, "--repeat", "1", "--update-baseline")
+    proc = _latency(tiny_gguf, pair, "--repeat", "1", "--update-baseline", here=True)
     assert proc.returncode == 2 and "needs --baseline" in proc.stderr
 
     # A baseline on purpose (rounds until it is known to a third of the tolerance, from a
@@ -222,7 +259,8 @@ def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
     # machine (the tiny model's rounds vary by tens of percent when the other test worker
     # runs; at 25% a run took from 30 to 90 s). How many rounds a given noise needs, and
     # that a 30% slowdown is caught: test_sequential_gate_decides_and_keeps_its_false_alarm_rate.
-    args = ("--repeat", "6", "--tolerance", "0.5", "--junit", junit, *budget)
+    run = tmp_path / "run"
+    args = ("--repeat", "6", "--tolerance", "0.5", "--junit", junit, *budget, "--out", run)
     proc = _latency(tiny_gguf, pair, *args, "--baseline", base, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "pass: no regression" in proc.stdout
@@ -232,19 +270,23 @@ def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
     # One model: it is the reference of relative_e2e, so only its overhead is gated.
     assert {c.get("name") for c in cases} == {"overhead_ratio"}
     assert not ET.parse(junit).getroot().findall(".//failure")
+    # The same run gated again after the fact (`bench gate`, no measuring): one look at
+    # its rounds against the baseline's, the same verdict.
+    proc = run_here("bench", "gate", run, "--baseline", base, "--tolerance", "0.5")
+    assert proc.returncode == 0 and "pass: no regression" in proc.stdout, proc.stderr[-2000:]
 
     # A baseline whose ratios are half today's: a regression, with the numbers in both
     # reports (the default tolerance, 10%: the limit is 0.55 of the measured ratio, so the
-    # whole interval is above it unless the noise is over 45%; at 0.7, a loaded machine's
-    # interval once straddled the limit for the whole budget).
+    # whole interval is above it unless the noise is over 45%). The run above, gated
+    # against it after the fact; a measured run that regresses: test_bench.py.
     better = json.loads(base.read_text())
     for mm in better["models"].values():
         mm["overhead_ratio"] *= 0.5
     doctored = tmp_path / "better.json"
     doctored.write_text(json.dumps(better))
     summary.write_text("")
-    args = ("--repeat", "6", "--tolerance", "0.10", "--junit", junit, *budget)
-    proc = _latency(tiny_gguf, pair, *args, "--baseline", doctored, env=env)
+    args = ("--tolerance", "0.10", "--junit", junit)
+    proc = run_here("bench", "gate", run / "latency.json", *args, "--baseline", doctored, env=env)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "regression" in proc.stderr
     failure = ET.parse(junit).getroot().find(".//testcase[@name='overhead_ratio']/failure")
@@ -257,13 +299,18 @@ def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
 
     # Too few rounds for any interval: inconclusive, its own exit code (8), and with
     # --fail-inconclusive a failure.
-    one = ("--repeat", "1", "--max-repeat", "1")
+    one = ("--repeat", "1", "--max-repeat", "1", "--out", tmp_path / "one")
     proc = _latency(tiny_gguf, pair, *one, "--baseline", base, "--junit", junit)
     assert proc.returncode == 8, proc.stderr[-2000:]
     assert "inconclusive" in proc.stderr
     assert ET.parse(junit).getroot().findall(".//skipped")
-    proc = _latency(tiny_gguf, pair, *one, "--baseline", base, "--fail-inconclusive")
-    assert proc.returncode == 1
+    proc = run_here("bench", "gate", tmp_path / "one", "--baseline", base, "--fail-inconclusive")
+    assert proc.returncode == 1 and "inconclusive" in proc.stderr
+    # Gating needs a report and a baseline that are there.
+    proc = run_here("bench", "gate", tmp_path / "none.json", "--baseline", base)
+    assert proc.returncode == 2 and "no such latency report" in proc.stderr
+    proc = run_here("bench", "gate", run, "--baseline", tmp_path / "none.json")
+    assert proc.returncode == 2 and "--update-baseline" in proc.stderr
     assert json.loads(base.read_text()) == made  # the baseline was never touched
 
 
@@ -304,10 +351,10 @@ def test_workflow_parses_and_names_commands_that_exist(kind):
     text = "\n".join(scripts)
     assert "--update-baseline" in text and "--junit" in text and "install.sh" in text
     for cmd in sorted(commands):
-        proc = run_cli(*cmd, "--help", timeout=120)
+        proc = run_here(*cmd, "--help")
         assert proc.returncode == 0, f"verm-local {' '.join(cmd)} --help: {proc.stderr[-500:]}"
     # Every option a script gives `bench latency` is one it has.
-    help_text = run_cli("bench", "latency", "--help", timeout=120).stdout
+    help_text = run_here("bench", "latency", "--help").stdout
     for opt in set(re.findall(r"(--[a-z][a-z-]+)", text)):
         if "bench latency" in text and opt in (
             "--models",

@@ -20,6 +20,28 @@ from .app import (
     split_list,
 )
 
+GATE = "CI gate"
+ToleranceOpt = Annotated[
+    float,
+    typer.Option("--tolerance", min=0.0, help="Allowed slowdown of a ratio.", rich_help_panel=GATE),
+]
+JunitOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--junit",
+        help="Write the gate as JUnit XML (one test case per gated ratio).",
+        rich_help_panel=GATE,
+    ),
+]
+FailInconclusiveOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fail-inconclusive",
+        help="Exit 1 when the gate is inconclusive (default: exit 8, not a failure).",
+        rich_help_panel=GATE,
+    ),
+]
+
 
 @bench_app.command("latency")
 def bench_latency_cmd(
@@ -47,12 +69,7 @@ def bench_latency_cmd(
             rich_help_panel="CI gate",
         ),
     ] = None,
-    tolerance: Annotated[
-        float,
-        typer.Option(
-            "--tolerance", min=0.0, help="Allowed slowdown of a ratio.", rich_help_panel="CI gate"
-        ),
-    ] = 0.10,
+    tolerance: ToleranceOpt = 0.10,
     update_baseline: Annotated[
         bool,
         typer.Option(
@@ -61,14 +78,7 @@ def bench_latency_cmd(
             rich_help_panel="CI gate",
         ),
     ] = False,
-    junit: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--junit",
-            help="Write the gate as JUnit XML (one test case per gated ratio).",
-            rich_help_panel="CI gate",
-        ),
-    ] = None,
+    junit: JunitOpt = None,
     budget_s: Annotated[
         float,
         typer.Option(
@@ -98,14 +108,7 @@ def bench_latency_cmd(
             help="Checking the gate only: verm-local's judgement made this fraction slower.",
         ),
     ] = None,
-    fail_inconclusive: Annotated[
-        bool,
-        typer.Option(
-            "--fail-inconclusive",
-            help="Exit 1 when the gate is inconclusive (default: exit 8, not a failure).",
-            rich_help_panel="CI gate",
-        ),
-    ] = False,
+    fail_inconclusive: FailInconclusiveOpt = False,
     threads: ThreadsOpt = None,
     image_tokens: ImageTokensOpt = None,
     max_tokens: MaxTokensOpt = None,
@@ -174,7 +177,6 @@ def bench_latency_cmd(
     show_progress()
     from ..benchmarks.latency import run_latency
     from ..benchmarks.latency_report import markdown, write_reports
-    from ..benchmarks.latency_summary import load_baseline
     from ..images import check_image
     from ..tasks import profile
 
@@ -188,13 +190,7 @@ def bench_latency_cmd(
         if not timed:
             fail("--update-baseline needs the timed runs (not --no-timed)", ExitCode.INPUT)
     elif baseline is not None:
-        if not baseline.is_file():
-            fail(
-                f"{baseline}: no such baseline; make one on purpose with "
-                f"--baseline {baseline} --update-baseline",
-                ExitCode.INPUT,
-            )
-        base = load_baseline(baseline)
+        base = _stored_baseline(baseline)
         if out is not None and out.resolve() in (baseline.resolve(), baseline.resolve().parent):
             fail("--out would overwrite the --baseline file; use --update-baseline", ExitCode.INPUT)
     plan = None
@@ -244,6 +240,54 @@ def bench_latency_cmd(
     if base is None:
         return
     _latency_gate(report, base, baseline, tolerance, table, junit, fail_inconclusive)
+
+
+@bench_app.command("gate")
+def bench_gate_cmd(
+    report: Annotated[
+        Path,
+        typer.Argument(
+            help="A report of `bench latency --out` (FILE.json, or its directory).",
+            show_default=False,
+        ),
+    ],
+    baseline: Annotated[
+        Path, typer.Option("--baseline", help="The stored latency.json to gate against.")
+    ],
+    tolerance: ToleranceOpt = 0.10,
+    junit: JunitOpt = None,
+    fail_inconclusive: FailInconclusiveOpt = False,
+) -> None:
+    """Gate a latency report measured earlier against a baseline, without measuring again.
+
+    For a CI that measures in one step (or job) and gates in another, or to check one run
+    against another baseline or tolerance. Each gated ratio's interval is taken again from
+    the run's stored rounds against the baseline's, as one look (a run gated while it
+    measures, `bench latency --baseline`, also decides when to stop). Exit codes as
+    `bench latency --baseline`: 0 pass, 1 regression, 8 inconclusive, 2 bad input."""
+    from ..benchmarks.gate import gate_plan, regate
+    from ..benchmarks.latency_report import markdown
+    from ..benchmarks.latency_summary import load_baseline
+
+    base = _stored_baseline(baseline)
+    path = report / "latency.json" if report.is_dir() else report
+    if not path.is_file():
+        fail(f"{path}: no such latency report (`bench latency --out` writes one)", ExitCode.INPUT)
+    measured = regate(load_baseline(path), gate_plan(base, tolerance))
+    _latency_gate(measured, base, baseline, tolerance, markdown(measured), junit, fail_inconclusive)
+
+
+def _stored_baseline(baseline: Path) -> dict:
+    """The --baseline file, which must be there: a gate never makes its own."""
+    from ..benchmarks.latency_summary import load_baseline
+
+    if not baseline.is_file():
+        fail(
+            f"{baseline}: no such baseline; make one on purpose with "
+            f"`bench latency --baseline {baseline} --update-baseline`",
+            ExitCode.INPUT,
+        )
+    return load_baseline(baseline)
 
 
 def _latency_gate(
