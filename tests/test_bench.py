@@ -109,7 +109,7 @@ def test_synthetic_is_deterministic_and_rendered(tmp_path):
 @pytest.mark.slow
 def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pair):
     data = tmp_path / "data"
-    proc = run_cli("bench", "data", "synthetic", data, "--n", "3", "--seed", "1")
+    proc = run_here("bench", "data", "synthetic", data, "--n", "3", "--seed", "1")
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "agree"
     cands = f"{tiny_gguf / 'model-F16.gguf'},{tiny_gguf / 'model-Q4_K_M.gguf'}"
@@ -153,7 +153,7 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     rows = json.loads(results[0].read_text())
     assert len(rows) == 3 and all({"id", "category", "pred_json"} <= set(r) for r in rows)
     # Each model's predictions are the authors' evaluation input: bench score takes them.
-    proc = run_cli(
+    proc = run_here(
         "bench", "score", results[0], "--matcher", "lexical", "--out", tmp_path / "s.json"
     )
     assert proc.returncode == 0, proc.stderr
@@ -177,6 +177,8 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
         "--predictions",
         "3",
         "--rl-sampling",
+        "--max-tokens",
+        "96",  # sampled answers of random weights run long; their length adds nothing here
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -270,7 +272,7 @@ def test_predict_then_score_like_the_authors(tmp_path, tiny_gguf, monkeypatch):
     from .test_score import MatcherLLM
 
     data = tmp_path / "vcrb"
-    proc = run_cli("bench", "data", "synthetic", data, "--n", "4", "--seed", "3")
+    proc = run_here("bench", "data", "synthetic", data, "--n", "4", "--seed", "3")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(ln) for ln in (data / "VC-RewardBench.jsonl").read_text().splitlines()]
     rows.append(dict(rows[0], id="lost", gt_img_path="images/nowhere.png"))
@@ -280,7 +282,7 @@ def test_predict_then_score_like_the_authors(tmp_path, tiny_gguf, monkeypatch):
         "bench", "predict", data, "--out", preds, "-m", tiny_gguf / "model-Q8_0.gguf",
         "--image-tokens", "64", "--max-tokens", "400", "--max-errors", "2",
     ]  # fmt: skip
-    proc = run_cli(*args, timeout=900)
+    proc = run_here(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 judged" in proc.stdout and "1 skipped" in proc.stdout
     assert "skipped lost:" in proc.stderr and "nowhere.png" in proc.stderr
@@ -297,19 +299,19 @@ def test_predict_then_score_like_the_authors(tmp_path, tiny_gguf, monkeypatch):
         assert isinstance(r["reward"], float) and r["timings"]["prefill_s"] > 0
     # Resumed: the rows already there are kept and skipped, a lost one judged again.
     preds.write_text(json.dumps(written[:3]))
-    proc = run_cli(*args, timeout=900)
+    proc = run_here(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 judged" in proc.stdout and "3 already in" in proc.stdout
     again = json.loads(preds.read_text())
     assert again[:3] == written[:3] and [r["id"] for r in again] == [r["id"] for r in written]
-    strict = run_cli(*args, "--strict", timeout=300)
+    strict = run_here(*args, "--strict")
     assert strict.returncode == 2 and "nowhere.png" in strict.stderr
 
     llm = MatcherLLM()
     try:
         score_out = tmp_path / "score.json"
         env = {"VERM_LOCAL_CACHE": str(tmp_path / "cache"), "VERM_LOCAL_HOME": str(tmp_path / "h")}
-        proc = run_cli(
+        proc = run_here(
             "bench", "score", preds, "--matcher-url", llm.url, "--matcher-model", "m",
             "--out", score_out, env=env,
         )  # fmt: skip
