@@ -1,6 +1,6 @@
 """Past one machine on Ray: `serve --replicas` behind one URL (no request lost while a
 replica is killed), `judge --pairs --ray` equal to the local run on a two-node cluster
-(`ray.cluster_utils.Cluster`, started once for the session), and the RL integrations
+(`ray.cluster_utils.Cluster`, started once for this file), and the RL integrations
 (verl, OpenRLHF, TRL) against a served tiny model."""
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ pytestmark = pytest.mark.slow
 CHART = "```python\nimport matplotlib.pyplot as plt\nplt.bar([0, 1, 2, 3], [3, 5, 2, 6])\n```"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
-    """Two Ray nodes on this machine, for the whole session (Ray starts once)."""
+    """Two Ray nodes on this machine, started once for this file's tests (the only ones
+    that use it) and stopped after them: an idle two-node cluster with its dashboard takes
+    about 8% of a CPU, which the rest of a session would pay for nothing."""
     from ray.cluster_utils import Cluster
 
     c = Cluster(
