@@ -66,7 +66,7 @@ def bench_latency_cmd(
             "--baseline",
             help="A stored latency.json to gate against: each ratio's interval against "
             "baseline x (1 + tolerance).",
-            rich_help_panel="CI gate",
+            rich_help_panel=GATE,
         ),
     ] = None,
     tolerance: ToleranceOpt = 0.10,
@@ -75,7 +75,7 @@ def bench_latency_cmd(
         typer.Option(
             "--update-baseline",
             help="Write this run as the new --baseline file (on purpose: no gate is run).",
-            rich_help_panel="CI gate",
+            rich_help_panel=GATE,
         ),
     ] = False,
     junit: JunitOpt = None,
@@ -86,7 +86,7 @@ def bench_latency_cmd(
             min=1.0,
             help="With --baseline (or --update-baseline): interleaved rounds go on until "
             "every gated ratio is decided, or this many seconds have passed.",
-            rich_help_panel="CI gate",
+            rich_help_panel=GATE,
         ),
     ] = 300.0,
     max_repeat: Annotated[
@@ -96,7 +96,7 @@ def bench_latency_cmd(
             min=1,
             max=1000,
             help="... or this many rounds.",
-            rich_help_panel="CI gate",
+            rich_help_panel=GATE,
         ),
     ] = 64,
     slowdown: Annotated[
