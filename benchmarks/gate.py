@@ -261,6 +261,15 @@ def evaluate(report: dict[str, Any], baseline: dict[str, Any], tolerance: float)
     return GateResult(tolerance, checks, missing)
 
 
+def detectable(iv: Interval, tolerance: float) -> float | None:
+    """The smallest slowdown a gate with an interval this wide flags: the limit's
+    (1 + tolerance) times the interval's half-width on the ratio scale; None without an
+    interval."""
+    if not (math.isfinite(iv.high) and iv.low > 0):
+        return None
+    return (1 + tolerance) * math.sqrt(iv.high / iv.low) - 1
+
+
 def regate(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
     """A stored run's gated ratios looked at once against `plan`'s baseline (a report
     gated after it was measured, `bench gate`): each interval recomputed from the run's
@@ -278,15 +287,12 @@ def regate(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
             iv = against_baseline(
                 list(stored["logs"]), Interval.from_dict(target["baseline"]), plan.confidence
             )
-            finite = math.isfinite(iv.high) and iv.low > 0
-            detectable = (1 + plan.tolerance) * math.sqrt(iv.high / iv.low) - 1 if finite else None
-            found = {
+            entry["intervals"][ratio] = {
                 **iv.to_dict(),
                 "rounds": stored.get("rounds"),
                 "seconds": stored.get("seconds"),
-                "detectable": detectable,
+                "detectable": detectable(iv, plan.tolerance),
             }
-            entry["intervals"][ratio] = found
             entry[ratio] = iv.value
     return out
 
@@ -484,19 +490,12 @@ class Sequential:
             if key in self.decided:
                 continue
             iv = self.interval(key, pair_logs(cand, ref))
-            half = (
-                math.log(iv.high / iv.low) / 2
-                if math.isfinite(iv.high) and iv.low > 0
-                else math.inf
-            )
             info = {
                 **iv.to_dict(),
                 "rounds": n,
                 "seconds": round(elapsed, 2),
                 "looks": self.looks,
-                "detectable": (1 + self.plan.tolerance) * math.exp(half) - 1
-                if math.isfinite(half)
-                else None,
+                "detectable": detectable(iv, self.plan.tolerance),
             }
             self.last[key] = info
             if self.verdict(key, iv) != INCONCLUSIVE:

@@ -209,23 +209,9 @@ def test_sequential_gate_decides_and_keeps_its_false_alarm_rate():
 
 def _latency(tiny_gguf: Path, pair, *extra, env: dict | None = None, here: bool = False):
     """`bench latency` on the tiny model (`here`: in this process, for the refusals)."""
-    if here:
-        return run_here("bench", "latency", "--models", tiny_gguf / "model-Q4_K_M.gguf",
-                        "--images", *pair, *extra)  # fmt: skip
-    return run_cli(
-        "bench",
-        "latency",
-        "--models",
-        tiny_gguf / "model-Q4_K_M.gguf",
-        "--images",
-        *pair,
-        "--max-tokens",
-        "48",
-        "--no-memory",
-        *extra,
-        timeout=900,
-        env=env,
-    )
+    args = ("bench", "latency", "--models", tiny_gguf / "model-Q4_K_M.gguf", "--images", *pair,
+            "--max-tokens", "48", "--no-memory", *extra)  # fmt: skip
+    return run_here(*args, env=env) if here else run_cli(*args, timeout=900, env=env)
 
 
 def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
