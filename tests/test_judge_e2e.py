@@ -302,6 +302,40 @@ def test_grammar_argmax_is_the_best_allowed_token(tiny_gguf):
         assert pick.full_passes > 10
 
 
+def test_a_reloaded_file_reuses_its_token_index(tiny_gguf, tmp_path):
+    """The picker's token index is built once per file a process loads (each build walks
+    the whole vocabulary): the same file loaded again takes the same index, another file
+    (a copy, a changed file) builds its own, equal to it where the vocabulary is."""
+    import shutil
+
+    import numpy as np
+
+    from verm_local.backends import native
+    from verm_local.backends.sampling import GrammarArgmax, _TokenPrefixes
+
+    def index(path):
+        m = native.Model(path, vocab_only=True)
+        try:
+            ix = GrammarArgmax(m.lc, m.vocab, m.n_vocab, m.source).index
+            fresh = _TokenPrefixes(m.lc, m.vocab, m.n_vocab)
+        finally:
+            m.close()
+        for name in ("first", "pair", "order", "start", "eog", "single", "always"):
+            assert np.array_equal(getattr(ix, name), getattr(fresh, name)), name
+        return ix
+
+    src = tiny_gguf / "model-Q4_K_M.gguf"
+    first = index(src)
+    assert index(src) is first
+    copy = tmp_path / "copy.gguf"
+    shutil.copy(src, copy)
+    other = index(copy)
+    assert other is not first
+    with copy.open("ab") as f:  # the same path, another file: built again
+        f.write(b"\0" * 32)
+    assert index(copy) is not other
+
+
 def test_answer_grammar_keeps_strings_json(tiny_gguf):
     """The answer grammar refuses a raw newline or tab inside a string (no strict JSON
     reader takes one) and allows the escaped ones; llama-cpp-python's own conversion of the

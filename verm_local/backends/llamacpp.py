@@ -265,7 +265,9 @@ class LlamaCppBackend:
         """The grammar picker over the loaded model's vocabulary (the weights' model)."""
         self.ensure_weights()
         if self._picker is None:
-            self._picker = GrammarArgmax(self.lc, self.model.vocab, self.model.n_vocab)
+            self._picker = GrammarArgmax(
+                self.lc, self.model.vocab, self.model.n_vocab, self.model.source
+            )
         return self._picker
 
     def _ensure_vision(self) -> None:

@@ -151,6 +151,13 @@ class Model:
         if not vocab_only:  # the advice after a crash depends on it
             note_state("repack", "on" if repack else "off")
         _state["errors"] = []
+        # The file as loaded, by what identifies its content without reading it: what is
+        # derived from the vocabulary alone is kept per process by it (`sampling`).
+        self.source: tuple | None = None
+        if self.path.is_file():
+            st = self.path.stat()
+            self.source = (str(self.path.resolve()), st.st_dev, st.st_ino, st.st_size,
+                           st.st_mtime_ns)  # fmt: skip
         self.ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             why = last_error() or "corrupt, truncated or not a llama.cpp model"
