@@ -320,12 +320,18 @@ def tiny_onnx(tmp_path_factory, tiny_hf) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_gguf_f32_mmproj(tmp_path_factory, tiny_hf) -> Path:
-    return built_once(
-        tmp_path_factory,
-        "tiny-gguf-f32",
-        lambda out: _cli_ok("convert", "gguf", tiny_hf, out, "--quant", "", "--mmproj-type", "f32"),
-    )
+def tiny_mmproj_f32(tmp_path_factory, tiny_hf) -> Path:
+    """The tiny model's vision projector in f32, from llama.cpp's converter as `convert
+    gguf --mmproj-type f32` runs it (the text model is the session's: no second
+    conversion of it)."""
+    from verm_local.convert.gguf import _run_converter, mmproj_file_name
+    from verm_local.fileio import atomic_output
+
+    def build(out: Path) -> None:
+        with atomic_output(out / mmproj_file_name("f32")) as tmp:
+            _run_converter(tiny_hf, tmp, "f32", mmproj=True, verbose=False)
+
+    return built_once(tmp_path_factory, "tiny-mmproj-f32", build) / mmproj_file_name("f32")
 
 
 @pytest.fixture(scope="session")

@@ -88,12 +88,12 @@ def test_onnx_fp32_matches_the_pytorch_tower_on_any_grid(tiny_hf, tiny_onnx, tmp
 
 
 @pytest.mark.slow
-def test_onnx_fp32_matches_the_f32_mmproj(tiny_gguf_f32_mmproj, tiny_onnx, pair):
+def test_onnx_fp32_matches_the_f32_mmproj(tiny_gguf, tiny_mmproj_f32, tiny_onnx, pair):
     from verm_local.backends.llamacpp import LlamaCppBackend
     from verm_local.modelref import resolve_model
     from verm_local.vision_onnx import OnnxVision
 
-    model = resolve_model(tiny_gguf_f32_mmproj)
+    model = resolve_model(tiny_gguf / "model-F16.gguf", mmproj=tiny_mmproj_f32)
     assert model.mmproj.name == "mmproj-f32.gguf"
     images = [load_image(p) for p in pair]
     mm = LlamaCppBackend(model, n_ctx=2048)
