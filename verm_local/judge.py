@@ -607,7 +607,8 @@ def _vision_encoder(
     tower = Path(vision_model) if vision_model else find_tower(model_dir)
     if vision_model and not (tower / "vision_spec.json").is_file():
         raise ModelError(f"{tower}: not an ONNX vision tower written by `verm-local convert onnx`")
-    ok = onnxruntime_available()
+    # Importing onnxruntime takes a while (0.15 s): only where there is a tower to run.
+    ok = tower is not None and mode != "gguf" and onnxruntime_available()
     path, reason = choose_vision(mode, tower, ok, gpu)
     if mode == "auto" and tower is not None and not ok:
         log.warning("%s", reason)
