@@ -202,9 +202,11 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
 
     # This report as a gate's baseline (no rounds' logs in it: a report, not one made with
     # --update-baseline), its ratios a millionth of today's, which no real run can match:
-    # a regression, exit 1, in 2 rounds (the fewest with an interval). An answer cut at
-    # --max-tokens (random weights at real size ramble) is timed as generated and
-    # reported, not a failure. Passing, inconclusive and made baselines: test_ci_gate.py.
+    # a regression, exit 1, in 8 rounds (the baseline taken as exact, the median's
+    # interval needs 8 rounds at the level of the 4 looks --max-repeat 8 allows; the
+    # default 64 allows 10 looks, and 12 rounds). An answer cut at --max-tokens (random
+    # weights at real size ramble) is timed as generated and reported, not a failure.
+    # Passing, inconclusive and made baselines: test_ci_gate.py.
     doctored = json.loads(lat.read_text())
     for mm in doctored["models"].values():
         mm["overhead_ratio"] *= 1e-6
@@ -212,7 +214,8 @@ def test_bench_agreement_and_latency_end_to_end(tmp_path, tiny_hf, tiny_gguf, pa
     base.write_text(json.dumps(doctored))
     proc = run_cli(
         "bench", "latency", "--models", str(tiny_gguf / "model-Q4_K_M.gguf"), "--images", *pair,
-        "--repeat", "2", "--baseline", base, "--no-memory", "--max-tokens", "8", timeout=600,
+        "--repeat", "2", "--max-repeat", "8", "--baseline", base, "--no-memory",
+        "--max-tokens", "8", timeout=600,
     )  # fmt: skip
     assert proc.returncode == 1 and "regression" in proc.stderr, proc.stderr[-2000:]
     assert "Answers cut at --max-tokens 8" in proc.stdout
