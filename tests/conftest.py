@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,16 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     return out
 
 
+def serve_in_thread(server):
+    """Serve a test HTTP server on a daemon thread. Its `shutdown()` returns within 50 ms:
+    `serve_forever` looks for it every 0.5 s by default, and each test server's teardown
+    waited that long."""
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
+    return server
+
+
 def run_cli(
     *args: str, timeout: float = 600, env: dict | None = None, input_text: str | None = None
 ) -> subprocess.CompletedProcess:
@@ -213,7 +224,6 @@ def no_prompt_mirror():
     every fetch of the authors' prompt files. For the session, VERM_LOCAL_PROMPTS_URL
     points at a local server that answers 404 at once (not retried), so a pull warns
     and goes on as it does without a network. Tests of the prompt fetch set their own."""
-    import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class NotFound(BaseHTTPRequestHandler):
@@ -225,8 +235,7 @@ def no_prompt_mirror():
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_in_thread(ThreadingHTTPServer(("127.0.0.1", 0), NotFound))
     saved = os.environ.get("VERM_LOCAL_PROMPTS_URL")
     os.environ["VERM_LOCAL_PROMPTS_URL"] = f"http://127.0.0.1:{server.server_port}"
     yield

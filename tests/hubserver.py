@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from .conftest import serve_in_thread
 
 LFS_SUFFIXES = (".gguf", ".safetensors")
 
@@ -222,5 +223,5 @@ def start(hub: Hub) -> tuple[ThreadingHTTPServer, Hub]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
     server.daemon_threads = True
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    serve_in_thread(server)
     return server, hub

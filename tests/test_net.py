@@ -16,6 +16,8 @@ from PIL import Image
 from verm_local import net
 from verm_local.errors import FetchError, InputError, TooLargeError
 
+from .conftest import serve_in_thread
+
 
 class _Scripted(BaseHTTPRequestHandler):
     """Answers each request with the next (status, headers, body) of the server's script
@@ -49,7 +51,7 @@ def scripted():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
     srv.daemon_threads = True
     srv.script, srv.calls, srv.ports = [(200, {}, b"{}")], 0, []
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    serve_in_thread(srv)
     yield srv, f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
 

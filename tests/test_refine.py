@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from verm_local.schema import JudgedError, Judgement
 from verm_local.tasks import profile
 
-from .conftest import draw_chart, run_cli
+from .conftest import draw_chart, run_cli, serve_in_thread
 
 GOOD = "```python\nimport matplotlib.pyplot as plt\nplt.bar([0, 1, 2, 3], [3, 5, 2, 6])\n```"
 BETTER = "```python\nimport matplotlib.pyplot as plt\nplt.bar([0, 1, 2, 3], [3, 4, 2, 6])\n```"
@@ -63,7 +62,7 @@ class PolicyServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        serve_in_thread(self.server)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def close(self):

@@ -10,6 +10,8 @@ import pytest
 
 from verm_local.benchmarks import score
 
+from .conftest import serve_in_thread
+
 
 def _e(t: str, sev=1, key: str = "type", desc: str = "d") -> dict:
     return {key: t, "severity": sev, "description": desc}
@@ -240,7 +242,6 @@ GT:
 def mirror(tmp_path):
     """The authors' files at their pinned commits on a local server (a fake evaluation)."""
     import functools
-    import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     from verm_local.prompts import MATCHER_SOURCE
@@ -255,7 +256,7 @@ def mirror(tmp_path):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    serve_in_thread(server)
     yield f"http://127.0.0.1:{server.server_address[1]}", f
     server.shutdown()
 
@@ -301,7 +302,6 @@ class MatcherLLM:
     counts calls, and answers 503 to the first `busy` of them."""
 
     def __init__(self, busy: int = 0):
-        import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.calls, self.busy, self.prompts = 0, busy, []
@@ -353,7 +353,7 @@ class MatcherLLM:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        serve_in_thread(self.server)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     @staticmethod

@@ -74,7 +74,7 @@ class Served:
                 self.health = self.get("/health")
                 return
             except (OSError, AssertionError):  # not listening yet, or not ready (Ray)
-                time.sleep(0.5)
+                time.sleep(0.1)
         raise AssertionError(f"server did not come up: {self.output()[-3000:]}")
 
     def output(self) -> str:

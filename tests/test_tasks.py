@@ -8,7 +8,6 @@ import functools
 import hashlib
 import json
 import logging
-import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from verm_local.reward import NEGATIVE_SEVERITY, RENDER_BASE, with_settings
 from verm_local.schema import Judgement
 from verm_local.tasks import PROFILES, decoding, profile
 
-from .conftest import run_cli, run_here
+from .conftest import run_cli, run_here, serve_in_thread
 
 # ---------------------------------------------------------------- profiles
 
@@ -266,7 +265,7 @@ def prompt_server(tmp_path):
     f.write_text(FAKE_EVALUATION)
     handler = functools.partial(_Quiet, directory=str(root))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    serve_in_thread(server)
     yield f"http://127.0.0.1:{server.server_address[1]}", root
     server.shutdown()
 
