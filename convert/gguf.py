@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from verm_local.constants import (
     GGUF_QUANTS,
@@ -124,58 +124,85 @@ class _Steps:
         if not self.quiet:
             log.info("[%d/%d] %s ...", self.n, self.total, what)
 
-    def done(self, path: Path) -> None:
+    def done(self, path: Path, name: str | None = None) -> None:
         if not self.quiet:
             mb = path.stat().st_size / 1e6
             dt = time.perf_counter() - self.t
-            log.info("      %s: %.1f MB in %.1f s", path.name, mb, dt)
+            log.info("      %s: %.1f MB in %.1f s", name or path.name, mb, dt)
 
 
-def _run_converter(hf_dir: Path, out: Path, outtype: str, mmproj: bool, verbose: bool) -> None:
+# Runs llama.cpp's converter once per job in one interpreter: torch, transformers and the
+# converter's own modules are imported once (about 4 CPU-seconds a run), and a line with
+# the marker after each job says it is written.
+_DONE = "@@verm-local converted "
+_DRIVER = f"""
+import json, os, runpy, sys
+script, jobs = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, os.path.dirname(script))
+for i, args in enumerate(jobs):
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise
+    print({_DONE!r} + str(i), flush=True)
+"""
+
+
+def _run_converter(
+    hf_dir: Path,
+    jobs: list[tuple[Path, str, bool]],
+    verbose: bool,
+    on_done: Callable[[int], None] | None = None,
+) -> None:
+    """llama.cpp's converter on `hf_dir` for each (out, outtype, mmproj) job, in order, in
+    one process; `on_done(i)` when job i's file is written."""
     src = llama_cpp_dir()
     from verm_local.crash import crash_report, new_log_path
     from verm_local.errors import NativeCrash
     from verm_local.settings import child_env, environ
 
-    cmd = [
-        sys.executable,
-        "-X",
-        "faulthandler",
-        str(src / "convert_hf_to_gguf.py"),
-        str(hf_dir),
-        "--outfile",
-        str(out),
-        "--outtype",
-        outtype,
+    script = src / "convert_hf_to_gguf.py"
+    argvs = [
+        [str(hf_dir), "--outfile", str(out), "--outtype", outtype, *(["--mmproj"] if mm else [])]
+        for out, outtype, mm in jobs
     ]
-    if mmproj:
-        cmd.append("--mmproj")
+    cmd = [sys.executable, "-X", "faulthandler", "-c", _DRIVER, str(script), json.dumps(argvs)]
     # The converter wants its own gguf-py, not a newer one from PyPI.
     env = child_env(PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), environ("PYTHONPATH") or ""]))
-    proc = subprocess.run(
-        cmd,
-        env=env,
-        text=True,
-        stdout=None if verbose else subprocess.PIPE,
-        stderr=None if verbose else subprocess.STDOUT,
-    )
+    printed: list[str] = []
+    done = 0
+    with subprocess.Popen(
+        cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(_DONE):
+                out = jobs[done][0]
+                if not out.is_file():  # it names an mmproj output itself when not given one
+                    proc.kill()
+                    raise ModelError(f"llama.cpp converter wrote no {out.name}")
+                if on_done is not None:
+                    on_done(done)
+                done += 1
+            else:
+                printed.append(line)
+                if verbose:
+                    sys.stderr.write(line)
+    if proc.returncode == 0 and done == len(jobs):
+        return
+    _, outtype, mmproj = jobs[min(done, len(jobs) - 1)]
+    what = f"{outtype}{', mmproj' if mmproj else ''}"
     if proc.returncode < 0:  # torch or numpy died in native code: keep its stack
         log_path = new_log_path("convert")
-        log_path.write_text(f"command: {' '.join(cmd)}\n{proc.stdout or ''}", encoding="utf-8")
+        log_path.write_text(f"command: {' '.join(cmd)}\n{''.join(printed)}", encoding="utf-8")
         raise NativeCrash(
-            crash_report(
-                f"llama.cpp's converter ({outtype}{', mmproj' if mmproj else ''})",
-                -proc.returncode,
-                log_path,
-            )
+            crash_report(f"llama.cpp's converter ({what})", -proc.returncode, log_path)
         )
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stdout or "").splitlines() if ln.strip()]
-        last = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise ModelError(f"llama.cpp converter failed on {hf_dir}: {last}")
-    # The converter names an mmproj output itself when given a path; find what it wrote.
-    if not out.is_file():
-        raise ModelError(f"llama.cpp converter wrote no {out.name}")
+    lines = [ln for ln in printed if ln.strip()]
+    last = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+    raise ModelError(f"llama.cpp converter failed on {hf_dir} ({what}): {last}")
 
 
 def quantize_gguf(
@@ -222,17 +249,20 @@ def convert_gguf(
     entries: list[dict[str, Any]] = []
 
     f16 = out_dir / text_file_name("F16")
-    steps.start(f"text model -> F16 (llama.cpp converter {runtime_version()})")
-    with atomic_output(f16) as tmp:
-        _run_converter(hf_dir, tmp, "f16", mmproj=False, verbose=verbose)
-    steps.done(f16)
-    entries.append(manifest_entry(f16, "text", "F16"))
-
     mmproj = out_dir / mmproj_file_name(mmproj_type)
-    steps.start(f"vision projector -> mmproj {mmproj_type}")
-    with atomic_output(mmproj) as tmp:
-        _run_converter(hf_dir, tmp, mmproj_type, mmproj=True, verbose=verbose)
-    steps.done(mmproj)
+    steps.start(f"text model -> F16 (llama.cpp converter {runtime_version()})")
+    with atomic_output(f16) as text_tmp, atomic_output(mmproj) as mmproj_tmp:
+
+        def written(job: int) -> None:  # the text model first, then the projector
+            if job == 0:
+                steps.done(text_tmp, f16.name)
+                steps.start(f"vision projector -> mmproj {mmproj_type}")
+            else:
+                steps.done(mmproj_tmp, mmproj.name)
+
+        jobs = [(text_tmp, "f16", False), (mmproj_tmp, mmproj_type, True)]
+        _run_converter(hf_dir, jobs, verbose, written)
+    entries.append(manifest_entry(f16, "text", "F16"))
     entries.append(manifest_entry(mmproj, "mmproj", mmproj_type))
 
     for quant in quants:

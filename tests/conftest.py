@@ -351,7 +351,7 @@ def tiny_mmproj_f32(tmp_path_factory, tiny_hf) -> Path:
 
     def build(out: Path) -> None:
         with atomic_output(out / mmproj_file_name("f32")) as tmp:
-            _run_converter(tiny_hf, tmp, "f32", mmproj=True, verbose=False)
+            _run_converter(tiny_hf, [(tmp, "f32", True)], verbose=False)
 
     return built_once(tmp_path_factory, "tiny-mmproj-f32", build) / mmproj_file_name("f32")
 

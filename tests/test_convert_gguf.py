@@ -7,7 +7,7 @@ import pytest
 
 from verm_local.fileio import sha256_file
 
-from .conftest import run_cli
+from .conftest import run_cli, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -123,3 +123,18 @@ def test_refuses_a_text_model_with_no_layer_after_its_deepstack_layers(tmp_path,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "text depth 3 leaves no layer after its 3 deepstack" in lines[0]
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_converter_failure_is_one_line_and_leaves_nothing(tmp_path, tiny_hf):
+    """The checkpoint passes the checks, llama.cpp's converter fails on it (a tokenizer.json
+    without a vocabulary): one line naming the step, and no file written, the text model's
+    included (the converter's runs share one process)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_hf, broken)
+    (broken / "tokenizer.json").write_text("{}")
+    out = tmp_path / "out"
+    proc = run_here("convert", "gguf", broken, out, "--quant", "Q8_0")
+    assert proc.returncode == 3, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"verm-local: error: llama.cpp converter failed on {broken} (f16): ")
+    assert "Traceback" not in proc.stderr and not list(out.iterdir())
