@@ -26,11 +26,6 @@ if _WORKERS > 1 and "VERM_LOCAL_THREADS" not in os.environ:
     _share = str(max(1, _threads() // _WORKERS))
     os.environ["VERM_LOCAL_THREADS"] = _share
     os.environ.setdefault("OMP_NUM_THREADS", _share)
-    # torch.compile's kernels (GPTQModel compiles its int8 layers on the CPU) are built by
-    # a pool of compiler processes, one per CPU, each importing torch: on a worker's share
-    # of one CPU they compile in the worker itself (measured on the int8 judging test, cold
-    # cache: 98 CPU-seconds with the pool, 90 without).
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", _share)
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
