@@ -180,7 +180,7 @@ def _run_converter(
         for line in proc.stdout:
             if line.startswith(_DONE):
                 out = jobs[done][0]
-                if not out.is_file():  # it names an mmproj output itself when not given one
+                if not out.is_file():  # written under a name of the converter's own
                     proc.kill()
                     raise ModelError(f"llama.cpp converter wrote no {out.name}")
                 if on_done is not None:
