@@ -59,7 +59,7 @@ def pick_dtype(device: str, requested: str | None = None):
     return torch.float32 if device == "cpu" else torch.bfloat16
 
 
-def eager_gptq_layers(model: Any) -> int:
+def eager_gptq_layers(model: Any) -> None:
     """Run GPTQModel's quantized layers without torch.compile (on the CPU). GPTQModel 7.7
     wraps its TorchLinear dequantizer (the CPU's int8 kernel) in torch.compile as each
     layer loads; that graph breaks in its zero-point cache and guards on each layer's own
@@ -68,13 +68,10 @@ def eager_gptq_layers(model: Any) -> int:
     widths: 35 s) and dynamo stops compiling after 128 variants. Compiled, a layer at 8B
     widths is then faster (0.34 s a pass against 0.53 s eager), but a token through the
     8B model's 252 such layers takes over a minute either way. The layers' own method,
-    eager, computes the same dequantization. Returns how many layers were changed."""
-    n = 0
+    eager, computes the same dequantization."""
     for module in model.modules():
         if "dequantize_weight" in vars(module):  # the compiled wrapper set on the instance
             del module.dequantize_weight
-            n += 1
-    return n
 
 
 class TransformersBackend:
