@@ -45,6 +45,26 @@ def test_determinism_is_on_where_the_build_and_device_allow():
         determinism_decision(1, override="sometimes")
 
 
+def test_doctor_says_which_kernels_the_build_has():
+    """doctor's build line, from recorded machines: none, revision 1 (the same answers,
+    batched Q8_0 one vec_dot at a time: rebuild for speed), revision 2 (the tile, which
+    is x86 AVX2's: an Apple M2 keeps vec_dot, and no rebuild gives it more)."""
+    from verm_local.doctor import build_guarantees
+
+    from .test_select import LAPTOP_8GB, M2_16GB
+
+    def line(revision: int, machine=LAPTOP_8GB) -> str:
+        return build_guarantees(dataclasses.replace(machine, llama_batch_invariant=revision))
+
+    assert "no batch-invariant kernels" in line(0) and "install.sh" in line(0)
+    assert "revision 1" in line(1) and "batches slower" in line(1) and "install.sh" in line(1)
+    assert "revision 2" in line(2) and "tile kernel with vec_dot's sums" in line(2)
+    assert "install.sh" not in line(2)
+    for revision in (1, 2):
+        arm = line(revision, M2_16GB)
+        assert "x86 AVX2's" in arm and "install.sh" not in arm and "GPU backend" in arm
+
+
 def test_weights_load_plain_where_decoding_is_deterministic():
     det, repack, why = decode_path(1, AMD, quant="Q8_0")
     assert det.on and repack is False and "deterministic" in why
@@ -77,10 +97,11 @@ def test_the_wheel_key_follows_the_patches(tmp_path):
 
 
 def test_the_installed_build_has_the_kernels():
-    """scripts/install.sh builds llama-cpp-python with scripts/patches/ applied."""
+    """scripts/install.sh builds llama-cpp-python with scripts/patches/ applied, this
+    revision of them (2: the Q8_0 tile kernel), so a wheel cached before is not taken."""
     from verm_local.hardware import probe_batch_invariant
 
-    assert probe_batch_invariant() >= 1
+    assert probe_batch_invariant() >= 2
 
 
 # ---------------------------------------------------------------- logits, bitwise

@@ -62,10 +62,20 @@ def build_guarantees(hw: Hardware) -> str:
         if hw.llama_gpu_offload
         else ""
     )
+    revision = hw.llama_batch_invariant
+    if "avx2" not in hw.cpu_flags:
+        q8_0 = "Q8_0 matmuls one vec_dot at a time (the tile kernel is x86 AVX2's), "
+    elif revision >= 2:
+        q8_0 = "Q8_0 matmuls take a tile kernel with vec_dot's sums, "
+    else:
+        q8_0 = (
+            "Q8_0 matmuls one vec_dot at a time (a wheel from before the tile kernel: "
+            "the same answers, batches slower; scripts/install.sh rebuilds it), "
+        )
     return (
-        f"batch-invariant CPU kernels, revision {hw.llama_batch_invariant}: K-quant "
-        "matmuls sum as the tiled kernel does for every row count, tinyBLAS, repacked "
-        "weights and flash attention's split/tiled paths are left out on request" + gpu
+        f"batch-invariant CPU kernels, revision {revision}: K-quant matmuls sum as the "
+        f"tiled kernel does for every row count, {q8_0}tinyBLAS, repacked weights and "
+        "flash attention's split/tiled paths are left out on request" + gpu
     )
 
 
