@@ -39,8 +39,9 @@ def pytest_xdist_auto_num_workers(config) -> int:
 # The order files are handed to the workers (pyproject: --no-loadscope-reorder keeps it).
 # First the file that builds the tiny model, beside files that need no model (the other
 # worker runs them meanwhile), then the file that converts it to GGUF; then the longest
-# files first (seconds measured on the 2-core AMD machine), so the run does not end on a
-# long file alone; then the rest. A file not named here goes in the middle.
+# files first (each file's busy CPU-seconds, its subprocesses' included, measured with the
+# suite in one process on the 2-core AMD machine), so the run does not end on a long file
+# alone; then the rest. A file not named here goes in the middle.
 _FIRST = [
     "test_tiny_model.py",
     "test_sandbox.py",
@@ -51,22 +52,22 @@ _FIRST = [
     "test_net.py",
 ]
 _SECONDS = {
-    "test_determinism.py": 137,
-    "test_transformers_gptq.py": 125,
+    "test_determinism.py": 126,
     "test_ray.py": 125,
-    "test_bench.py": 102,
-    "test_speculate.py": 96,
-    "test_judge_e2e.py": 91,
-    "test_ci_gate.py": 91,
-    "test_pull.py": 82,
+    "test_judge_e2e.py": 104,
+    "test_transformers_gptq.py": 93,
+    "test_bench.py": 86,
+    "test_speculate.py": 77,
     "test_serve.py": 76,
-    "test_vision_onnx.py": 45,
+    "test_pull.py": 75,
+    "test_ci_gate.py": 61,
     "test_hub_gguf.py": 38,
     "test_fidelity.py": 32,
-    "test_refine.py": 21,
-    "test_crash.py": 17,
-    "test_mcp_server.py": 17,
-    "test_bench_serve.py": 15,
+    "test_vision_onnx.py": 28,
+    "test_refine.py": 20,
+    "test_mcp_server.py": 16,
+    "test_bench_serve.py": 14,
+    "test_crash.py": 11,
     # Files of pure logic, a second or two: last, so that both workers finish together.
     "test_architecture.py": 2,
     "test_cli.py": 1,
