@@ -264,13 +264,17 @@ def test_gate_on_the_tiny_model(tmp_path, tiny_gguf, pair):
     proc = run_here("bench", "gate", run, "--baseline", base, "--tolerance", "0.5")
     assert proc.returncode == 0 and "pass: no regression" in proc.stdout, proc.stderr[-2000:]
 
-    # A baseline whose ratios are half today's: a regression, with the numbers in both
-    # reports (the default tolerance, 10%: the limit is 0.55 of the measured ratio, so the
-    # whole interval is above it unless the noise is over 45%). The run above, gated
-    # against it after the fact; a measured run that regresses: test_bench.py.
+    # A baseline whose ratios are a quarter of today's: a regression, with the numbers in
+    # both reports (the default tolerance, 10%: the limit is 0.275 of the baseline made
+    # above, so the whole interval is above it unless the noise nears 70%; half, as
+    # before, left 45%, and the 6 rounds of a loaded machine once spread 57%: [0.321, 0.673]
+    # around 0.562). What this checks is the verdict and its report; how small a slowdown
+    # the gate catches: test_sequential_gate_decides_and_keeps_its_false_alarm_rate. The
+    # run above, gated against it after the fact; a measured run that regresses:
+    # test_bench.py.
     better = json.loads(base.read_text())
     for mm in better["models"].values():
-        mm["overhead_ratio"] *= 0.5
+        mm["overhead_ratio"] *= 0.25
     doctored = tmp_path / "better.json"
     doctored.write_text(json.dumps(better))
     summary.write_text("")
