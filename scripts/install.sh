@@ -4,6 +4,7 @@
 # llama-cpp-python 0.3.36 built once from its sdist (about 4-7 minutes on 2 cores) and
 # kept as a wheel under the cache, so later installs take seconds. The same sdist is where
 # `verm-local convert` finds llama.cpp's converter, so converter and runtime match.
+# GPTQModel's CPU kernels are compiled once too, into GPTQModel's own cache.
 #
 # Environment: VENV (target venv), PYTHON (interpreter for a new venv),
 # VERM_LOCAL_CACHE (cache dir, default ~/.cache/verm-local), CMAKE_ARGS (e.g.
@@ -109,6 +110,13 @@ step "verm-local and its dependencies"
 "${PIP[@]}" install -q --no-deps --force-reinstall "$WHEEL"
 "${PIP[@]}" install -q -e ".[convert,gptq,onnx,bench,test,ray]"
 "$VENV/bin/verm-local" version
+
+# GPTQModel compiles its CPU kernels (torch C++ extensions) on first use, into its own
+# cache (~/.cache/gptqmodel): the packer of `convert gptq` and, on AVX512-BF16 CPUs, the
+# fused int4 kernel its loader compiles as it loads any GPTQ checkpoint. Built here once
+# (about 75 s on 2 cores), not silently inside a user's first GPTQ judgement.
+step "GPTQModel's CPU kernels for this machine (once)"
+"$VENV/bin/python" -m verm_local.backends.gptq_kernels
 
 # llama.cpp's own llama-server, the baseline `bench serve` measures verm-local's engine
 # against (and its test): built once from the same sdist, unpatched, and cached by version,

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from verm_local.errors import InputError
 from verm_local.hardware import (
     AMX_FLAGS,
     Hardware,
+    gptq_cpu_kernels,
     gptq_cpu_workers,
     has_amx,
     isa_flags,
@@ -118,6 +120,27 @@ def test_threads_stay_within_the_cpus_a_process_may_use():
     assert 1 <= probe_cpus_usable() <= (os.cpu_count() or 1)
     # GPTQModel's loader takes 2 workers from its CPU pool: never fewer, even on 1 CPU.
     assert gptq_cpu_workers(1) == 2 and gptq_cpu_workers(8) == 8
+
+
+def test_gptq_kernels_to_build_follow_the_cpu():
+    """scripts/install.sh builds the GPTQModel CPU kernels the machine loads: the packer
+    everywhere, the fused int4 kernel only where GPTQModel's loader takes it (Linux x86-64
+    with AVX512-BF16 and the AVX-512 parts it is compiled for)."""
+    both = ("pack_block_cpu", "int4_qzero_group_scaled_cpu")
+    assert gptq_cpu_kernels(record("amd-epyc-dev")) == both
+    assert gptq_cpu_kernels(record("sapphire-rapids-m7i")) == both
+    assert gptq_cpu_kernels(record("graviton3-arm64")) == ("pack_block_cpu",)
+    assert gptq_cpu_kernels(APPLE_M2) == ("pack_block_cpu",)
+    amd = record("amd-epyc-dev")
+    avx2_laptop = replace(amd, cpu_flags=("avx", "avx2", "fma", "f16c"))
+    assert gptq_cpu_kernels(avx2_laptop) == ("pack_block_cpu",)
+    # AVX-512 without BF16 (Skylake-X, Ice Lake) or without VBMI: not that kernel.
+    no_bf16 = tuple(f for f in amd.cpu_flags if f != "avx512_bf16")
+    no_vbmi = tuple(f for f in amd.cpu_flags if f != "avx512vbmi")
+    assert gptq_cpu_kernels(replace(amd, cpu_flags=no_bf16)) == ("pack_block_cpu",)
+    assert gptq_cpu_kernels(replace(amd, cpu_flags=no_vbmi)) == ("pack_block_cpu",)
+    # Windows on the same CPU: GPTQModel's kernel is Linux's.
+    assert gptq_cpu_kernels(replace(amd, os="windows")) == ("pack_block_cpu",)
 
 
 def test_amx_cpu_loads_without_extra_buffer_types():

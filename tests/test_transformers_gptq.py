@@ -6,8 +6,10 @@ import jsonschema
 import pytest
 from safetensors import safe_open
 
+from verm_local.backends.gptq_kernels import build_gptq_kernels
 from verm_local.benchmarks.kld import kl_per_token, summarize
 from verm_local.fileio import sha256_file
+from verm_local.hardware import GPTQ_AVX512_BF16, gptq_cpu_kernels, probe
 from verm_local.images import load_image
 from verm_local.prompts import default_prompt
 from verm_local.schema import judgement_schema
@@ -24,6 +26,20 @@ def _judge(model, pair, *extra):
     out = json.loads(proc.stdout)
     jsonschema.validate(out, judgement_schema())
     return out
+
+
+def test_the_gptq_kernels_this_cpu_loads_are_built():
+    """scripts/install.sh builds GPTQModel's CPU kernels that this machine loads
+    (`hardware.gptq_cpu_kernels`): each loads from GPTQModel's cache (or is built now, on
+    an install from before that step), and the fused int4 kernel is chosen by the CPU
+    features GPTQModel's own check reads."""
+    from gptqmodel.utils.cpu_features import _REQUIRED_AVX512_BF16_FLAGS, has_avx512_bf16
+
+    names = gptq_cpu_kernels(probe(with_torch=False))
+    assert set(GPTQ_AVX512_BF16) == _REQUIRED_AVX512_BF16_FLAGS - {"xsave"}
+    assert ("int4_qzero_group_scaled_cpu" in names) == has_avx512_bf16()
+    results = build_gptq_kernels(names)
+    assert [(name, why) for name, _, why in results] == [(name, None) for name in names]
 
 
 def test_transformers_backend_judges_the_hf_checkpoint(tiny_hf, tiny_gguf, pair):
@@ -84,6 +100,9 @@ def test_gptq_judges_and_reports_kl_against_the_reference(request, tiny_hf, pair
     # GPTQModel sets on its int8 kernel's dequantizer as it loads (eager_gptq_layers).
     layers = [m for m in cand.model.modules() if hasattr(m, "qweight")]
     assert layers and not [m for m in layers if "dequantize_weight" in vars(m)]
+    if bits == 4 and "int4_qzero_group_scaled_cpu" in gptq_cpu_kernels(probe(with_torch=False)):
+        # The fused kernel that install.sh builds for this CPU is the one the loader took.
+        assert {type(m).__name__ for m in layers} == {"TorchCpuAvx512Linear"}
     stats = summarize(kl_per_token(ref_lp, cand.answer_logprobs(images, prompt, answer)))
     print(f"GPTQ int{bits} vs HF fp32: {stats}")
     assert stats["tokens"] == len(answer) and stats["mean"] == stats["mean"]

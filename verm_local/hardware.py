@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 # The CPU features llama.cpp's kernels are built for (and a wheel built with GGML_NATIVE
-# depends on), as /proc/cpuinfo names them; "neon" stands for ARM's asimd.
+# depends on), and those GPTQModel's fused CPU kernel needs (GPTQ_AVX512_BF16), as
+# /proc/cpuinfo names them; "neon" stands for ARM's asimd.
 CPU_FLAGS = (
     "sse4_2",
     "avx",
@@ -28,8 +29,10 @@ CPU_FLAGS = (
     "bmi2",
     "avx_vnni",
     "avx512f",
+    "avx512dq",
     "avx512bw",
     "avx512vl",
+    "avx512vbmi",
     "avx512_vnni",
     "avx512_bf16",
     "amx_tile",
@@ -38,6 +41,10 @@ CPU_FLAGS = (
     "neon",
     "sve",
 )
+# GPTQModel's fused int4 CPU kernel (its torch_cpu_avx512 layers) is compiled for these,
+# on Linux x86-64 only (gptqmodel.utils.cpu_features.has_avx512_bf16; XSAVE, which it
+# also asks for, comes with every AVX-512 CPU).
+GPTQ_AVX512_BF16 = ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16")
 # Intel Advanced Matrix Extensions (Sapphire Rapids and later): llama.cpp's AMX kernel.
 AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
 # Instruction-set extensions a compiler may use when it builds for the machine it runs on
@@ -390,6 +397,22 @@ def gptq_cpu_workers(threads: int | None = None) -> int:
     pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"), as its own
     default of half the CPUs does on 1- and 2-CPU machines."""
     return max(2, threads or default_threads())
+
+
+def gptq_cpu_kernels(hw: Hardware) -> tuple[str, ...]:
+    """The GPTQModel CPU extensions (C++ it compiles on first use) that verm-local's GPTQ
+    paths load on this machine: the packer for every `convert gptq`, and on Linux x86-64
+    with AVX512-BF16 the fused int4 kernel, which GPTQModel's loader checks, and so
+    compiles, as it loads any GPTQ checkpoint on the CPU (its own priority order, float32
+    included)."""
+    kernels = ["pack_block_cpu"]
+    if (
+        hw.os == "linux"
+        and hw.arch == "x86_64"
+        and all(f in hw.cpu_flags for f in GPTQ_AVX512_BF16)
+    ):
+        kernels.append("int4_qzero_group_scaled_cpu")
+    return tuple(kernels)
 
 
 def probe_memory() -> tuple[int, int]:
