@@ -42,6 +42,39 @@ def test_the_gptq_kernels_this_cpu_loads_are_built():
     assert [(name, why) for name, _, why in results] == [(name, None) for name in names]
 
 
+def test_the_install_step_goes_on_where_a_kernel_does_not_build(tmp_path):
+    """`python -m verm_local.backends.gptq_kernels`, as install.sh runs it, where the C++
+    compiler fails: one line per kernel saying why, exit 0 (GPTQModel works without them),
+    and nothing built in the cache it was given."""
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("c++", "g++"):
+        (bin_dir / name).write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "CXX": str(bin_dir / "c++"),
+        "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "verm_local.backends.gptq_kernels"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        f"GPTQModel kernel {name}" for name in gptq_cpu_kernels(probe(with_torch=False))
+    ]
+    assert all("not built, GPTQModel falls back (" in line for line in lines)
+    assert all("build_root" not in line and len(line) < 300 for line in lines), lines
+    assert not list((tmp_path / "ext").rglob("*.so"))
+
+
 def test_transformers_backend_judges_the_hf_checkpoint(tiny_hf, tiny_gguf, pair):
     out = _judge(tiny_hf, pair, "--backend", "transformers", "--task", "table")
     assert out["model"]["quant"] == "bf16@float32"

@@ -26,8 +26,12 @@ def build_gptq_kernels(names: Iterable[str]) -> list[tuple[str, float, str | Non
         try:
             extension.load(name)
         except Exception as exc:  # noqa: BLE001 - any compile failure: reported, GPTQModel falls back
+            # GPTQModel's message: "Extension load failed:\n- NAME: NAME: why | build_root=..."
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            why = lines[-1].removeprefix(f"- {name}:").strip() if lines else type(exc).__name__
+            why = lines[-1] if lines else type(exc).__name__
+            for prefix in (f"- {name}:", f"{name}:"):
+                why = why.removeprefix(prefix).strip()
+            why = why.split(" | ")[0]
             results.append((name, time.perf_counter() - t0, why))
         else:
             results.append((name, time.perf_counter() - t0, None))
