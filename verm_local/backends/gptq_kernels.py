@@ -46,6 +46,7 @@ def main() -> int:
     import importlib.util
 
     from ..hardware import gptq_cpu_kernels, probe
+    from ..hub import first_line
 
     if importlib.util.find_spec("gptqmodel") is None:
         print("GPTQModel is not installed: no GPTQ kernels to build")
@@ -54,7 +55,7 @@ def main() -> int:
         with contextlib.redirect_stdout(sys.stderr):
             results = build_gptq_kernels(gptq_cpu_kernels(probe(with_torch=False)))
     except Exception as exc:  # noqa: BLE001 - GPTQModel does not import: the install goes on
-        print(f"GPTQModel kernels not built: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        print(f"GPTQModel kernels not built ({first_line(exc)})")
         return 0
     for name, seconds, why in results:
         if why is None:
