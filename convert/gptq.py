@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from verm_local.constants import MANIFEST_NAME, MODEL_ARCHITECTURE
-from verm_local.errors import InputError, ModelError
+from verm_local.errors import InputError, ModelError, first_line
 from verm_local.fileio import atomic_directory, manifest_entry, write_json_atomic
 from verm_local.hardware import gptq_cpu_workers
 from verm_local.settings import export_default
@@ -87,13 +87,13 @@ def convert_gptq(
         try:
             model = GPTQModel.load(str(hf_dir), qcfg)
         except Exception as exc:  # noqa: BLE001 - GPTQModel raises many types; one line out
-            raise ModelError(f"GPTQModel could not load {hf_dir}: {_first_line(exc)}") from None
+            raise ModelError(f"GPTQModel could not load {hf_dir}: {first_line(exc)}") from None
 
         _log("[3/4] quantizing the language model (vision tower stays 16-bit)", quiet)
         try:
             model.quantize(data, batch_size=1)
         except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"GPTQ quantization failed: {_first_line(exc)}") from None
+            raise ModelError(f"GPTQ quantization failed: {first_line(exc)}") from None
 
         _log("[4/4] saving with a sha256 manifest", quiet)
         manifest = {
@@ -128,11 +128,6 @@ def _save(model: Any, hf_dir: Path, out_dir: Path, manifest: dict[str, Any]) -> 
 
 def _kind(path: Path) -> str:
     return "weights" if path.suffix == ".safetensors" else "config"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def quantization_config(model_dir: Path) -> dict[str, Any]:

@@ -102,3 +102,10 @@ class NativeCrash(VermError):
     """A native library killed a process that ran part of the work (a worker, a child)."""
 
     exit_code = ExitCode.NATIVE_CRASH
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line for an error message: its first line, or its type
+    where it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

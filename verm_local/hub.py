@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .errors import FetchError, VermError
+from .errors import FetchError, VermError, first_line
 from .fileio import sha256_file
 from .settings import hub_endpoint, hub_offline_now
 
@@ -73,11 +73,6 @@ def hub_error(exc: Exception, repo: str) -> VermError:
         status = exc.response.status_code if exc.response is not None else "?"
         return FetchError(f"cannot download from {repo}: HTTP {status} ({first_line(exc)})")
     return FetchError(f"cannot download from {repo}: {first_line(exc)}")
-
-
-def first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
 
 
 def hub_call(repo: str, fn: Any, *args: Any, **kwargs: Any) -> Any:

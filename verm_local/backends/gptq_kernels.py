@@ -45,8 +45,8 @@ def main() -> int:
     import contextlib
     import importlib.util
 
+    from ..errors import first_line
     from ..hardware import gptq_cpu_kernels, probe
-    from ..hub import first_line
 
     if importlib.util.find_spec("gptqmodel") is None:
         print("GPTQModel is not installed: no GPTQ kernels to build")

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..crash import reclaim_fatal_signals
 from ..decoding import Sampling
-from ..errors import ModelError, VermError
+from ..errors import ModelError, VermError, first_line
 from ..hardware import default_threads, gptq_cpu_workers
 from ..images import PreparedImage
 from ..modelref import ResolvedModel
@@ -112,9 +112,8 @@ class TransformersBackend:
                 .eval()
             )
         except (OSError, ValueError, ImportError, RuntimeError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
-                f"{model.path}: transformers could not load the model ({msg})"
+                f"{model.path}: transformers could not load the model ({first_line(exc)})"
             ) from None
         if model.format == "gptq" and self.device == "cpu":
             eager_gptq_layers(self.model)
